@@ -1,0 +1,55 @@
+"""lit-p3o: Pairwise Proximal Policy Optimization and the RLHF pipeline, in PyTorch Lightning."""
+
+from lit_p3o.buffer import Group, ReplayBuffer, RolloutBatch
+from lit_p3o.data.preferences import EmbeddedPreferenceSpec, PreferenceDataModule
+from lit_p3o.data.sft import SFTDataModule
+from lit_p3o.evaluation import CompletionReport
+from lit_p3o.generation import SamplingSpec
+from lit_p3o.models import (
+    FrozenReference,
+    LoraSpec,
+    ModelSpec,
+    QuantizationSpec,
+    build_causal_lm,
+    build_reward_model,
+    load_tokenizer,
+)
+from lit_p3o.optim import OptimizerSpec
+from lit_p3o.rollout import KLSpec, RolloutCallback, RolloutSpec
+from lit_p3o.scoring import GoldScorer, RewardScorer
+from lit_p3o.stages.dpo import OnlineDPOModule
+from lit_p3o.stages.p3o import P3OModule
+from lit_p3o.stages.ppo import PPOModule
+from lit_p3o.stages.reward import RewardModule
+from lit_p3o.stages.rloo import RLOOModule
+from lit_p3o.stages.sft import SFTModule
+
+__all__ = [
+    "CompletionReport",
+    "EmbeddedPreferenceSpec",
+    "FrozenReference",
+    "GoldScorer",
+    "Group",
+    "KLSpec",
+    "LoraSpec",
+    "ModelSpec",
+    "OnlineDPOModule",
+    "OptimizerSpec",
+    "P3OModule",
+    "PPOModule",
+    "PreferenceDataModule",
+    "QuantizationSpec",
+    "RLOOModule",
+    "ReplayBuffer",
+    "RewardModule",
+    "RewardScorer",
+    "RolloutBatch",
+    "RolloutCallback",
+    "RolloutSpec",
+    "SFTDataModule",
+    "SFTModule",
+    "SamplingSpec",
+    "build_causal_lm",
+    "build_reward_model",
+    "load_tokenizer",
+]

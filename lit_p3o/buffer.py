@@ -1,0 +1,186 @@
+"""The replay buffer: whole groups of K responses to one prompt, kept on CPU.
+
+A *group* is never split: minibatches are lists of groups, padded on the fly into one
+``[G·K, T]`` batch, group-major (rows ``g·K … g·K+K−1`` belong to group ``g``), which is the
+layout the pairwise losses reshape to ``[G, K]``.
+
+The buffer also owns the *update schedule* of the current rollout (``update_epochs`` passes,
+each a seeded shuffle of the groups cut into minibatches) and counts consumed minibatches,
+so a run resumed from a checkpoint taken mid-rollout continues with the next minibatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset
+
+from lit_p3o.data.encoding import Batch, Encoded, collate
+
+
+@dataclass
+class Group:
+    """K responses to one prompt with everything the losses need, per response.
+
+    ``logp_old``/``logp_ref`` hold one float32 tensor of per-token log-probs per response;
+    ``extras`` holds per-token tensors an algorithm adds at rollout time (PPO's values).
+    """
+
+    prompt_ids: list[int]
+    responses: list[list[int]]
+    logp_old: list[Tensor]
+    logp_ref: list[Tensor]
+    scores: Tensor
+    kl: Tensor
+    rewards: Tensor
+    ended: Tensor
+    extras: dict[str, list[Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        k = len(self.responses)
+        sizes = {len(self.logp_old), len(self.logp_ref), len(self.scores), len(self.kl), len(self.rewards), len(self.ended)}
+        if sizes != {k} or any(len(v) != k for v in self.extras.values()):
+            raise ValueError(f"Group: inconsistent sizes for {k} responses")
+
+
+@dataclass
+class RolloutBatch:
+    """A minibatch of G groups: the padded batch plus per-token and per-response tensors.
+
+    Per-token tensors are ``[G·K, R]`` (R = response width), aligned with
+    ``batch.input_ids[:, batch.prompt_width:]``; per-response tensors are ``[G, K]``.
+    """
+
+    batch: Batch
+    logp_old: Tensor
+    logp_ref: Tensor
+    scores: Tensor
+    kl: Tensor
+    rewards: Tensor
+    ended: Tensor
+    extras: dict[str, Tensor]
+
+    @property
+    def response_mask(self) -> Tensor:
+        return self.batch.response_mask[:, self.batch.prompt_width :]
+
+    @property
+    def num_groups(self) -> int:
+        return self.scores.shape[0]
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        return RolloutBatch(
+            self.batch.to(device),
+            *(t.to(device) for t in (self.logp_old, self.logp_ref, self.scores, self.kl, self.rewards, self.ended)),
+            {k: v.to(device) for k, v in self.extras.items()},
+        )
+
+
+def _pad_rows(rows: list[Tensor], width: int) -> Tensor:
+    out = torch.zeros(len(rows), width, dtype=rows[0].dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def collate_groups(groups: list[Group], pad_token_id: int) -> RolloutBatch:
+    """Pad a list of groups into one group-major :class:`RolloutBatch`."""
+    if not groups:
+        raise ValueError("cannot collate an empty list of groups")
+    k = len(groups[0].responses)
+    if any(len(g.responses) != k for g in groups):
+        raise ValueError("all groups of a minibatch must have the same number of responses")
+    examples = [Encoded(g.prompt_ids, r) for g in groups for r in g.responses]
+    batch = collate(examples, pad_token_id)
+    width = batch.input_ids.shape[1] - batch.prompt_width
+
+    def per_token(get: Any) -> Tensor:
+        return _pad_rows([t for g in groups for t in get(g)], width)
+
+    return RolloutBatch(
+        batch=batch,
+        logp_old=per_token(lambda g: g.logp_old),
+        logp_ref=per_token(lambda g: g.logp_ref),
+        scores=torch.stack([g.scores for g in groups]),
+        kl=torch.stack([g.kl for g in groups]),
+        rewards=torch.stack([g.rewards for g in groups]),
+        ended=torch.stack([g.ended for g in groups]),
+        extras={name: per_token(lambda g, n=name: g.extras[n]) for name in groups[0].extras},
+    )
+
+
+class ReplayBuffer:
+    """Groups of the latest rollout and the schedule of minibatches that replays them."""
+
+    def __init__(self, update_epochs: int, minibatch_groups: int, seed: int = 0) -> None:
+        if update_epochs < 1:
+            raise ValueError(f"update_epochs: must be >= 1, got {update_epochs}")
+        if minibatch_groups < 1:
+            raise ValueError(f"minibatch_groups: must be >= 1, got {minibatch_groups}")
+        self.update_epochs = update_epochs
+        self.minibatch_groups = minibatch_groups
+        self.seed = seed
+        self.groups: list[Group] = []
+        self.rollouts = 0  # how many times the buffer was filled: seeds each schedule
+        self.consumed = 0  # minibatches of the current schedule already trained on
+        self.beta = 0.0  # the KL coefficient the rollout used (PPO rebuilds token rewards with it)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def fill(self, groups: list[Group], beta: float) -> None:
+        """Replace the contents with a new rollout's groups and restart the schedule."""
+        if not groups:
+            raise ValueError("ReplayBuffer.fill: a rollout produced no groups")
+        self.groups = list(groups)
+        self.beta = beta
+        self.rollouts += 1
+        self.consumed = 0
+
+    def schedule(self) -> list[list[int]]:
+        """Group indices of every minibatch of this rollout, ``update_epochs`` shuffled passes."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rollouts)
+        minibatches = []
+        for _ in range(self.update_epochs):
+            order = torch.randperm(len(self.groups), generator=generator).tolist()
+            minibatches += [order[i : i + self.minibatch_groups] for i in range(0, len(order), self.minibatch_groups)]
+        return minibatches
+
+    def num_minibatches(self, num_groups: int | None = None) -> int:
+        """Length of a schedule over ``num_groups`` groups (default: the current contents)."""
+        num_groups = len(self.groups) if num_groups is None else num_groups
+        return self.update_epochs * -(-num_groups // self.minibatch_groups)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"groups": self.groups, "rollouts": self.rollouts, "consumed": self.consumed, "beta": self.beta}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.groups = list(state["groups"])
+        self.rollouts = state["rollouts"]
+        self.consumed = state["consumed"]
+        self.beta = state["beta"]
+
+
+class BufferDataset(IterableDataset):
+    """Iterates the buffer's remaining minibatches; one pass of this is one Lightning epoch.
+
+    The iterator is created after ``on_train_epoch_start`` (when the rollout callback has
+    refilled the buffer), so it always sees the current rollout. ``len`` is the length of a
+    full schedule over ``groups_per_rollout`` groups: Lightning reads it once, before the
+    first rollout, for the progress bar and for schedulers that need the total step count.
+    """
+
+    def __init__(self, buffer: ReplayBuffer, pad_token_id: int, groups_per_rollout: int) -> None:
+        self.buffer = buffer
+        self.pad_token_id = pad_token_id
+        self.groups_per_rollout = groups_per_rollout
+
+    def __len__(self) -> int:
+        return self.buffer.num_minibatches(self.groups_per_rollout)
+
+    def __iter__(self) -> Iterator[RolloutBatch]:
+        for indices in self.buffer.schedule()[self.buffer.consumed :]:
+            yield collate_groups([self.buffer.groups[i] for i in indices], self.pad_token_id)

@@ -1,0 +1,217 @@
+"""Pairwise preference data for reward modelling.
+
+Real data goes through one parser per format (:mod:`lit_p3o.data.formats`: Anthropic HH,
+TL;DR comparisons, TRL standard and conversational) into ``(prompt, chosen, rejected)``
+records. The embedded task instead samples two responses per prompt from the SFT policy and
+labels them like noisy people would: ``P(a ≻ b) = σ((gold(a) − gold(b)) / T)``. The best any
+reward model can do on such labels is the Bayes accuracy ``mean σ(|Δgold| / T)``, reported
+as :attr:`PreferenceDataModule.label_accuracy_ceiling`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from functools import partial
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from lit_p3o.data.encoding import Batch, Encoded, ResponseTooLong, TruncationStats, collate, encode_example
+from lit_p3o.data.formats import PreferenceRecord, load_rows, parse_preferences
+from lit_p3o.data.issues import RowIssues
+from lit_p3o.generation import SamplingSpec, sample_responses
+from lit_p3o.models import ModelSpec, build_causal_lm, load_tokenizer
+from lit_p3o.tasks import Task, resolve_embedded
+
+log = logging.getLogger(__name__)
+
+Pair = tuple[Encoded, Encoded]  # (chosen, rejected)
+
+
+@dataclass
+class EmbeddedPreferenceSpec:
+    """How the embedded task's preference pairs are made.
+
+    ``policy`` is the saved SFT model that writes the responses; ``label_temperature`` T sets
+    the labelling noise (smaller = more decisive labellers).
+    """
+
+    policy: str = "outputs/demo/sft"
+    train_pairs: int = 4000
+    val_pairs: int = 500
+    label_temperature: float = 0.5
+    max_new_tokens: int = 32
+    generation_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.label_temperature <= 0:
+            raise ValueError(f"EmbeddedPreferenceSpec.label_temperature: must be > 0, got {self.label_temperature}")
+        if self.train_pairs < 1 or self.val_pairs < 1:
+            raise ValueError("EmbeddedPreferenceSpec: train_pairs and val_pairs must be >= 1")
+
+
+def collate_pairs(pairs: list[Pair], pad_token_id: int) -> Batch:
+    """One batch for one forward pass: all chosen rows first, then all rejected rows."""
+    return collate([c for c, _ in pairs] + [r for _, r in pairs], pad_token_id)
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """(prompt, chosen, rejected) pairs, tokenized with the reward model's tokenizer.
+
+    ``train``/``val`` accept ``"embedded:<task>"``, ``.jsonl``/``.json`` files, directories
+    written by ``datasets.save_to_disk``, or names/directories for ``datasets.load_dataset``.
+    ``format`` is ``auto`` or one of ``hh``, ``tldr``, ``trl``, ``trl_conversational``. With
+    ``strict`` the first bad row raises an error naming it; otherwise bad rows are skipped,
+    counted and logged.
+    """
+
+    def __init__(
+        self,
+        train: str = "embedded:reviews",
+        val: str | None = None,
+        train_split: str = "train",
+        val_split: str = "test",
+        format: str = "auto",
+        val_fraction: float = 0.05,
+        max_length: int = 512,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        strict: bool = False,
+        seed: int = 0,
+        embedded: EmbeddedPreferenceSpec | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"PreferenceDataModule.val_fraction: must be in [0, 1), got {val_fraction}")
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.embedded = embedded or EmbeddedPreferenceSpec()
+        self.tokenizer = tokenizer
+        self.train_pairs: list[Pair] = []
+        self.val_pairs: list[Pair] = []
+        self.truncation = TruncationStats()
+        self.label_accuracy_ceiling: float | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_pairs:
+            return
+        if self.tokenizer is None:
+            self.tokenizer = self.trainer.lightning_module.tokenizer
+        hp = self.hparams
+        task = resolve_embedded(hp.train)
+        if task is not None:
+            self._setup_embedded(task)
+            return
+        train = self._read(hp.train, hp.train_split)
+        if hp.val is not None:
+            val = self._read(hp.val, hp.val_split)
+        else:
+            shuffled = random.Random(hp.seed).sample(train, len(train))
+            n_val = int(round(len(train) * hp.val_fraction))
+            train, val = shuffled[n_val:], shuffled[:n_val]
+        self.train_pairs = self._encode(train, f"{hp.train} [{hp.train_split}]")
+        self.val_pairs = self._encode(val, f"{hp.val or hp.train} [validation]")
+        if self.truncation.truncated_prompts:
+            log.warning("preference data: %s", self.truncation.describe())
+
+    def _read(self, source: str, split: str) -> list[PreferenceRecord]:
+        rows, origin = load_rows(source, split)
+        return parse_preferences(rows, origin, format=self.hparams.format, tokenizer=self.tokenizer, strict=self.hparams.strict)
+
+    def _encode(self, records: list[PreferenceRecord], origin: str) -> list[Pair]:
+        issues = RowIssues(origin, strict=self.hparams.strict)
+        pairs = []
+        for row, r in enumerate(records):
+            try:
+                chosen = encode_example(self.tokenizer, r.prompt, r.chosen, self.hparams.max_length, self.truncation)
+                rejected = encode_example(self.tokenizer, r.prompt, r.rejected, self.hparams.max_length)
+            except ResponseTooLong as err:
+                issues.add(row, "chosen/rejected", str(err))
+                continue
+            pairs.append((chosen, rejected))
+        issues.report(total=len(records))
+        return pairs
+
+    def _setup_embedded(self, task: Task) -> None:
+        spec = self.embedded
+        vocab = self.tokenizer.get_vocab()
+        self.train_pairs, _ = sample_labelled_pairs(task, spec, "train", spec.train_pairs, self.hparams.seed, vocab)
+        self.val_pairs, self.label_accuracy_ceiling = sample_labelled_pairs(
+            task, spec, "test", spec.val_pairs, self.hparams.seed + 1, vocab
+        )
+        print(
+            f"[lit-p3o] embedded preferences: {len(self.train_pairs)} train / {len(self.val_pairs)} val pairs, "
+            f"labels at T={spec.label_temperature}; Bayes-optimal val accuracy {self.label_accuracy_ceiling:.1%}"
+        )
+
+    def _loader(self, pairs: list[Pair], shuffle: bool) -> DataLoader:
+        if not pairs:
+            raise ValueError("PreferenceDataModule: no pairs left after reading and filtering the data")
+        return DataLoader(
+            pairs,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            collate_fn=partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_pairs, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_pairs, shuffle=False)
+
+
+def sample_labelled_pairs(
+    task: Task,
+    spec: EmbeddedPreferenceSpec,
+    split: str,
+    n_pairs: int,
+    seed: int,
+    expected_vocab: dict[str, int] | None = None,
+) -> tuple[list[Pair], float]:
+    """Sample two distinct responses per prompt from ``spec.policy``, label them by a
+    Bradley–Terry draw on the gold reward; return the pairs and their Bayes accuracy."""
+    model_spec = ModelSpec(name_or_path=spec.policy)
+    tokenizer = load_tokenizer(model_spec)
+    if expected_vocab is not None and tokenizer.get_vocab() != expected_vocab:
+        raise ValueError(
+            f"EmbeddedPreferenceSpec.policy: {spec.policy!r} uses another tokenizer than the reward model"
+        )
+    policy = build_causal_lm(model_spec, tokenizer)
+    sampling = SamplingSpec(max_new_tokens=spec.max_new_tokens)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    pairs: list[Pair] = []
+    ceiling = 0.0
+    prompts = task.prompts(split, n_pairs)
+    for attempt in range(4):  # identical pairs are dropped; top up a few times
+        need = n_pairs - len(pairs)
+        if need == 0:
+            break
+        batch_prompts = [prompts[(attempt * n_pairs + i) % len(prompts)] for i in range(need)]
+        ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in batch_prompts for _ in range(2)]
+        examples, ended = [], []
+        for start in range(0, len(ids), spec.generation_batch_size):
+            sampled = sample_responses(policy, tokenizer, ids[start : start + spec.generation_batch_size], sampling)
+            examples += sampled.examples
+            ended += sampled.ended
+        for i, prompt in enumerate(batch_prompts):
+            a, b = examples[2 * i], examples[2 * i + 1]
+            if a.response_ids == b.response_ids:
+                continue
+            gold = [
+                task.gold_reward(prompt, tokenizer.decode(e.response_ids, skip_special_tokens=True), stop)
+                for e, stop in ((a, ended[2 * i]), (b, ended[2 * i + 1]))
+            ]
+            p_a = 1.0 / (1.0 + math.exp(-(gold[0] - gold[1]) / spec.label_temperature))
+            ceiling += max(p_a, 1.0 - p_a)
+            pairs.append((a, b) if rng.random() < p_a else (b, a))
+    if not pairs:
+        raise RuntimeError(f"{spec.policy}: every sampled pair was identical; the SFT policy is degenerate")
+    return pairs, ceiling / len(pairs)

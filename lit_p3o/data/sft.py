@@ -1,0 +1,116 @@
+"""Supervised fine-tuning data: the embedded corpus, JSONL files or HF datasets."""
+
+from __future__ import annotations
+
+import logging
+import random
+from functools import partial
+
+import lightning as L
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from lit_p3o.data.encoding import Encoded, ResponseTooLong, TruncationStats, collate, encode_example
+from lit_p3o.data.formats import SFTRecord, load_rows, parse_sft
+from lit_p3o.data.issues import RowIssues
+from lit_p3o.tasks import resolve_embedded
+
+log = logging.getLogger(__name__)
+
+
+class SFTDataModule(L.LightningDataModule):
+    """(prompt, completion) pairs, tokenized with the model's tokenizer and fitted to ``max_length``.
+
+    ``train`` is ``"embedded:reviews"`` (the embedded task's corpus), a ``.jsonl`` file, a
+    directory written by ``datasets.save_to_disk``, or a dataset name/directory for
+    ``datasets.load_dataset``; rows hold ``prompt``/``completion`` or ``messages``. Without
+    ``val``, a seeded ``val_fraction`` of the training rows is held out. With ``strict`` a
+    bad row raises an error naming it; otherwise bad rows are skipped, counted and logged.
+    The tokenizer is the trained module's (``trainer.lightning_module.tokenizer``) unless one
+    is passed for use outside a Trainer.
+    """
+
+    def __init__(
+        self,
+        train: str = "embedded:reviews",
+        val: str | None = None,
+        train_split: str = "train",
+        val_split: str = "test",
+        val_fraction: float = 0.05,
+        embedded_size: int = 4000,
+        max_length: int = 512,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        strict: bool = True,
+        seed: int = 0,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"SFTDataModule.val_fraction: must be in [0, 1), got {val_fraction}")
+        if max_length < 2:
+            raise ValueError(f"SFTDataModule.max_length: must be >= 2, got {max_length}")
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer = tokenizer
+        self.train_examples: list[Encoded] = []
+        self.val_examples: list[Encoded] = []
+        self.truncation = TruncationStats()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_examples:
+            return
+        if self.tokenizer is None:
+            self.tokenizer = self.trainer.lightning_module.tokenizer
+        train, val = self._records()
+        self.train_examples = self._encode(train, f"{self.hparams.train} [{self.hparams.train_split}]")
+        self.val_examples = self._encode(val, f"{self.hparams.val or self.hparams.train} [validation]")
+        if self.truncation.truncated_prompts:
+            log.warning("SFT data: %s", self.truncation.describe())
+
+    def _records(self) -> tuple[list[SFTRecord], list[SFTRecord]]:
+        hp = self.hparams
+        task = resolve_embedded(hp.train)
+        if task is not None:
+            corpus = task.sft_corpus(hp.embedded_size + max(1, int(hp.embedded_size * hp.val_fraction)), seed=hp.seed)
+            records = [SFTRecord(r["prompt"], r["completion"]) for r in corpus]
+            return records[: hp.embedded_size], records[hp.embedded_size :]
+        train = self._read(hp.train, hp.train_split)
+        if hp.val is not None:
+            return train, self._read(hp.val, hp.val_split)
+        shuffled = random.Random(hp.seed).sample(train, len(train))
+        n_val = int(round(len(train) * hp.val_fraction))
+        return shuffled[n_val:], shuffled[:n_val]
+
+    def _read(self, source: str, split: str) -> list[SFTRecord]:
+        rows, origin = load_rows(source, split)
+        return parse_sft(rows, origin, tokenizer=self.tokenizer, strict=self.hparams.strict)
+
+    def _encode(self, records: list[SFTRecord], origin: str) -> list[Encoded]:
+        issues = RowIssues(origin, strict=self.hparams.strict)
+        examples = []
+        for row, record in enumerate(records):
+            try:
+                examples.append(
+                    encode_example(self.tokenizer, record.prompt, record.completion, self.hparams.max_length, self.truncation)
+                )
+            except ResponseTooLong as err:
+                issues.add(row, "completion", str(err))
+        issues.report(total=len(records))
+        return examples
+
+    def _loader(self, examples: list[Encoded], shuffle: bool) -> DataLoader:
+        if not examples:
+            raise ValueError("SFTDataModule: no examples left after reading and filtering the data")
+        return DataLoader(
+            examples,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_examples, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_examples, shuffle=False)

@@ -1,0 +1,123 @@
+"""Sampling responses and scoring their tokens: the two model calls every RL stage makes.
+
+``sample_responses`` wraps ``generate()`` (KV cache on) and returns responses cut at the
+first generated EOS. ``response_logprobs`` is the *only* function that turns a batch into
+per-token log-probs: the rollout (``logp_old``, ``logp_ref``), the updates and the evaluation
+all call it, so at the first update step the trajectory ratio is 1 up to float error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from lit_p3o.data.encoding import Batch, Encoded, collate
+from lit_p3o.losses import token_logprobs
+
+
+@dataclass
+class SamplingSpec:
+    """Generation settings (defaults: plain sampling at temperature 1, as the paper)."""
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    synced_gpus: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingSpec.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"SamplingSpec.temperature: must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingSpec.top_p: must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingSpec.top_k: must be >= 0 (0 = off), got {self.top_k}")
+
+    def generation_config(self, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+        """A config built from scratch so a model's own defaults (e.g. top_k=50) never leak in."""
+        return GenerationConfig(
+            do_sample=True,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
+        )
+
+
+@dataclass
+class Sampled:
+    """Sampled responses: ids (EOS included when generated) and whether EOS was generated."""
+
+    examples: list[Encoded]
+    ended: list[bool]
+
+
+@torch.no_grad()
+def sample_responses(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    spec: SamplingSpec,
+) -> Sampled:
+    """Sample one response per prompt id list (repeat prompts for K responses each)."""
+    batch = collate([Encoded(p) for p in prompts], tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            generation_config=spec.generation_config(tokenizer),
+            synced_gpus=spec.synced_gpus,
+        )
+    finally:
+        model.train(was_training)
+    new_tokens = out[:, batch.prompt_width :].cpu()
+    examples, ended = [], []
+    for prompt, row in zip(prompts, new_tokens.tolist()):
+        stop = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else None
+        examples.append(Encoded(prompt, row[:stop] if stop else row))
+        ended.append(stop is not None)
+    return Sampled(examples, ended)
+
+
+def response_logprobs(model: nn.Module, batch: Batch) -> Tensor:
+    """Per-token ``log π(y_t | x, y_<t)`` on response positions, float32, zero elsewhere.
+
+    Shape ``[B, R]`` with ``R`` the batch's response width; only the logits that predict
+    response tokens are computed (``logits_to_keep``), which skips the LM head on prompts.
+    """
+    return response_logprobs_and_states(model, batch, with_states=False)[0]
+
+
+def response_logprobs_and_states(model: nn.Module, batch: Batch, with_states: bool = True) -> tuple[Tensor, Tensor | None]:
+    """:func:`response_logprobs` plus the last hidden states that predict each response
+    token, ``[B, R, H]`` (for value heads), from the same single forward pass."""
+    width = batch.input_ids.shape[1] - batch.prompt_width
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=width + 1,
+        output_hidden_states=with_states,
+        use_cache=False,
+    )
+    tokens = batch.input_ids[:, batch.prompt_width :]
+    mask = batch.response_mask[:, batch.prompt_width :]
+    logp = token_logprobs(out.logits[:, :-1], tokens) * mask
+    states = out.hidden_states[-1][:, batch.prompt_width - 1 : -1] if with_states else None
+    return logp, states
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    """Text of a response without special tokens (EOS, padding)."""
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()

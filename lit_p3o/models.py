@@ -1,0 +1,325 @@
+"""The model factory: the one place that turns configuration into models.
+
+Every stage describes its network with a :class:`ModelSpec` (a typed dataclass, so
+``lit-p3o fit --print_config`` documents each field) and calls :func:`build_causal_lm`,
+:func:`build_reward_model` or :func:`load_tokenizer`. Only this module knows about peft
+(LoRA) and bitsandbytes (4-/8-bit weights).
+
+Memory note on the frozen reference π_ref (:class:`FrozenReference`): with LoRA the
+reference *is* the policy with its adapters switched off, so it costs no extra weights;
+without LoRA it is a frozen deep copy, which doubles the weight memory of the policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import logging
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lit_p3o.tasks import resolve_embedded
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSpec:
+    """The fields of ``peft.LoraConfig`` that users tune.
+
+    ``target_modules=None`` lets peft pick its default projections for the architecture.
+    """
+
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: list[str] | str | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] | None = None
+
+
+@dataclass
+class QuantizationSpec:
+    """The fields of ``transformers.BitsAndBytesConfig`` that users tune.
+
+    Quantized weights cannot be trained, so quantization requires ``lora``.
+    """
+
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = False
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class ModelSpec:
+    """Which network to build and how.
+
+    Give either ``name_or_path`` (a hub id or a local directory written by
+    ``save_pretrained``, including a directory of LoRA adapters) or ``architecture``
+    (keyword arguments of ``AutoConfig.for_model``, e.g. ``{"model_type": "llama",
+    "hidden_size": 128, ...}``) to build a fresh, randomly initialised model.
+    ``tokenizer`` defaults to ``name_or_path``; ``"embedded:reviews"`` builds the embedded
+    task's tokenizer locally.
+    """
+
+    name_or_path: str | None = None
+    architecture: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    lora: LoraSpec | None = None
+    quantization: QuantizationSpec | None = None
+    gradient_checkpointing: bool = False
+    extra_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.name_or_path is None) == (self.architecture is None):
+            raise ValueError("ModelSpec: give exactly one of `name_or_path` or `architecture`")
+        if self.architecture is not None and "model_type" not in self.architecture:
+            raise ValueError("ModelSpec.architecture: needs a `model_type` key (e.g. 'llama')")
+        if self.quantization is not None and self.lora is None:
+            raise ValueError(
+                "ModelSpec.quantization: quantized weights cannot be trained; add a `lora` section"
+            )
+        if self.quantization is not None and self.architecture is not None:
+            raise ValueError(
+                "ModelSpec.quantization: bitsandbytes quantizes weights while loading; save the "
+                "model first and point `name_or_path` at it"
+            )
+
+
+def as_spec(spec: ModelSpec | dict[str, Any]) -> ModelSpec:
+    """Accept plain dicts (handy outside the CLI) as well as specs."""
+    if isinstance(spec, ModelSpec):
+        return spec
+    spec = dict(spec)
+    if isinstance(spec.get("lora"), dict):
+        spec["lora"] = LoraSpec(**spec["lora"])
+    if isinstance(spec.get("quantization"), dict):
+        spec["quantization"] = QuantizationSpec(**spec["quantization"])
+    return ModelSpec(**spec)
+
+
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    """The tokenizer for a spec, with a pad token guaranteed (EOS when the model has none)."""
+    source = spec.tokenizer or spec.name_or_path
+    if source is None:
+        raise ValueError("ModelSpec.tokenizer: required when the model is built from `architecture`")
+    task = resolve_embedded(source)
+    if task is not None:
+        tokenizer = task.build_tokenizer()
+    else:
+        _check_local_path(source, "tokenizer")
+        tokenizer = _from_pretrained(
+            AutoTokenizer,
+            source if Path(source, "tokenizer_config.json").is_file() else _adapter_base(source) or source,
+            "tokenizer",
+            revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code,
+        )
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {source!r} has no EOS token; responses could never end")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A causal LM ready to train: loaded or built, then quantized/LoRA-wrapped as asked."""
+    model = _load_or_build(spec, tokenizer, AutoModelForCausalLM)
+    return _finish(spec, model, task_type="CAUSAL_LM")
+
+
+def build_reward_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A scalar-head model (``AutoModelForSequenceClassification`` with one label).
+
+    Initialising from a causal LM (e.g. the SFT policy) keeps its backbone and adds a new
+    head, which is how reward models are usually started.
+    """
+    model = _load_or_build(spec, tokenizer, AutoModelForSequenceClassification, num_labels=1)
+    return _finish(spec, model, task_type="SEQ_CLS")
+
+
+def has_adapters(model: nn.Module) -> bool:
+    """True for a peft-wrapped model (its reference view is 'adapters off')."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Zero every dropout rate: RL stages need ``logp_old`` and the update's log-probs to come
+    from the same deterministic function, or the trajectory ratio is noise from the start."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+class FrozenReference(nn.Module):
+    """π_ref as a view on the policy.
+
+    With LoRA, calling it runs the policy with adapters disabled (no extra memory). Without
+    LoRA it holds a frozen deep copy taken at construction time (twice the weights), with
+    dropout disabled so that train/eval mode does not change its outputs.
+    """
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self._policy = [policy]  # a list keeps the policy out of this module's parameters
+        self.copy: nn.Module | None = None
+        if not has_adapters(policy):
+            self.copy = disable_dropout(copy.deepcopy(policy)).requires_grad_(False)
+
+    @contextmanager
+    def active(self) -> Iterator[nn.Module]:
+        """Yield a module that computes π_ref's forward."""
+        if self.copy is not None:
+            yield self.copy
+            return
+        policy = self._policy[0]
+        with policy.disable_adapter():
+            yield policy
+
+
+def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
+    """Write model (or its adapters) and tokenizer so plain transformers/peft load them."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _load_or_build(
+    spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, auto_class: Any, **head_kwargs: Any
+) -> PreTrainedModel:
+    dtype = _DTYPES[spec.dtype]
+    special = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    if spec.architecture is not None:
+        arch = dict(spec.architecture)
+        config = AutoConfig.for_model(
+            arch.pop("model_type"), vocab_size=len(tokenizer), **special, **head_kwargs, **arch
+        )
+        return auto_class.from_config(config, dtype=dtype)
+
+    source = spec.name_or_path
+    _check_local_path(source, "name_or_path")
+    kwargs: dict[str, Any] = dict(
+        revision=spec.revision,
+        trust_remote_code=spec.trust_remote_code,
+        dtype=dtype,
+        **head_kwargs,
+        **spec.extra_kwargs,
+    )
+    if spec.quantization is not None:
+        kwargs["quantization_config"] = _bnb_config(spec.quantization)
+        kwargs.setdefault("device_map", {"": _quantization_device()})
+    base = _adapter_base(source)
+    if base is None:
+        model = _from_pretrained(auto_class, source, "name_or_path", **kwargs)
+    else:
+        model = _load_merged_adapters(source, base, auto_class, kwargs)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _finish(spec: ModelSpec, model: PreTrainedModel, task_type: str) -> PreTrainedModel:
+    model.train()  # from_pretrained returns eval mode; Lightning expects modules to train
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if spec.lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    if spec.gradient_checkpointing:
+        model.enable_input_require_grads()
+    config = LoraConfig(task_type=task_type, **asdict(spec.lora))
+    return get_peft_model(model, config)
+
+
+def _bnb_config(q: QuantizationSpec) -> Any:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            "ModelSpec.quantization: needs the `bitsandbytes` package "
+            "(pip install 'lit-p3o[quant]'), or remove the `quantization` section"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=_DTYPES[q.compute_dtype],
+    )
+
+
+def _quantization_device() -> str:
+    return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+
+
+def _adapter_base(source: str) -> str | None:
+    """The base model of a LoRA adapter directory, or None for an ordinary model."""
+    config = Path(source) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config}: no `base_model_name_or_path`; cannot find the adapters' base model")
+    return base
+
+
+def _load_merged_adapters(source: str, base: str, auto_class: Any, kwargs: dict[str, Any]) -> PreTrainedModel:
+    """Load base + saved adapters; merge them unless the base is quantized (then keep them)."""
+    from peft import PeftModel
+
+    model = _from_pretrained(auto_class, base, "name_or_path (adapter base)", **kwargs)
+    model = PeftModel.from_pretrained(model, source)
+    if "quantization_config" in kwargs:
+        return model
+    return model.merge_and_unload()
+
+
+def _check_local_path(source: str, field_name: str) -> None:
+    """Fail early and clearly on a local path that does not exist (hub ids pass through)."""
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_local and not Path(source).expanduser().exists():
+        raise FileNotFoundError(f"ModelSpec.{field_name}: no such directory {source!r}")
+
+
+def _from_pretrained(auto_class: Any, source: str, field_name: str, **kwargs: Any) -> Any:
+    """``from_pretrained`` with an error that names the config field and the source."""
+    try:
+        return auto_class.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"ModelSpec.{field_name}: {source!r} is neither a local model directory nor a "
+            f"reachable hub model ({err})"
+        ) from err

@@ -1,0 +1,49 @@
+"""Optimizer settings shared by every stage, so each YAML has the same ``optimizer`` block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+
+@dataclass
+class OptimizerSpec:
+    """AdamW with linear warm-up, then constant or cosine decay to zero."""
+
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ValueError(f"OptimizerSpec.learning_rate: must be > 0, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"OptimizerSpec.warmup_steps: must be >= 0, got {self.warmup_steps}")
+
+
+def configure_adamw(module: L.LightningModule, spec: OptimizerSpec) -> dict[str, Any]:
+    """AdamW over the trainable parameters only (LoRA, value heads), plus the schedule."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=spec.learning_rate, weight_decay=spec.weight_decay, betas=spec.betas, eps=spec.eps
+    )
+    total = None
+    if spec.schedule == "cosine":
+        total = max(1, int(module.trainer.estimated_stepping_batches))
+
+    def factor(step: int) -> float:
+        if step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        if total is None:
+            return 1.0
+        progress = min(1.0, (step - spec.warmup_steps) / max(1, total - spec.warmup_steps))
+        return 0.5 * (1.0 + torch.cos(torch.tensor(progress * torch.pi)).item())
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

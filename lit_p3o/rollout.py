@@ -1,0 +1,300 @@
+"""The rollout, written once for every RL stage (ALGORITHMS.md §3).
+
+Order of events in one Lightning epoch of an RL stage (tested in ``tests/test_rollout.py``):
+
+1. ``RolloutCallback.on_train_epoch_start`` draws this rank's prompts, samples K responses
+   per prompt with ``generate()`` (KV cache on), computes per-token ``logp_old`` and
+   ``logp_ref`` with :func:`lit_p3o.generation.response_logprobs`, scores the responses with
+   the reward model (minus the missing-EOS penalty), the sequence KL and the KL-regularised
+   reward ``r̃ = score − β·kl``, lets the stage add per-token extras (PPO's values) and
+   refills the stage's :class:`~lit_p3o.buffer.ReplayBuffer`; then it updates β.
+2. The stage's ``train_dataloader`` (a :class:`~lit_p3o.buffer.BufferDataset`) replays the
+   buffer for ``update_epochs`` passes of minibatches of whole groups.
+3. The stage's ``training_step`` turns each minibatch into a loss from ``lit_p3o.losses``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from lit_p3o.buffer import Group, ReplayBuffer
+from lit_p3o.data.encoding import Encoded, collate, encode_prompt, fit_prompt
+from lit_p3o.data.prompts import load_prompts
+from lit_p3o.generation import SamplingSpec, decode, response_logprobs, sample_responses
+from lit_p3o.losses import adaptive_kl_beta, kl_regularized_rewards
+
+if TYPE_CHECKING:
+    from lit_p3o.models import FrozenReference
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RolloutSpec:
+    """What one rollout draws and samples, and how its buffer is replayed.
+
+    ``num_prompts`` prompts per device per rollout, ``num_responses`` (K ≥ 2) responses each;
+    ``update_epochs`` passes over the buffer in minibatches of ``minibatch_groups`` groups.
+    ``prompt_pool`` caps how many prompts are read from ``prompts`` (required for embedded
+    tasks, which can generate any number). ``missing_eos_penalty`` is subtracted from the
+    score of responses that did not end within ``sampling.max_new_tokens``.
+    """
+
+    prompts: str = "embedded:reviews"
+    split: str = "train"
+    prompt_pool: int | None = 2000
+    num_prompts: int = 64
+    num_responses: int = 2
+    update_epochs: int = 4
+    minibatch_groups: int = 8
+    max_prompt_tokens: int = 256
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    missing_eos_penalty: float | None = None
+    generation_batch_size: int = 64
+    forward_batch_size: int = 32
+    log_samples: int = 2
+
+    def __post_init__(self) -> None:
+        if self.num_responses < 2:
+            raise ValueError(f"RolloutSpec.num_responses: pairwise methods need K >= 2, got {self.num_responses}")
+        for name in ("num_prompts", "update_epochs", "minibatch_groups", "max_prompt_tokens",
+                     "generation_batch_size", "forward_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RolloutSpec.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            raise ValueError("RolloutSpec.missing_eos_penalty: it is subtracted, give a value >= 0")
+
+
+@dataclass
+class KLSpec:
+    """KL coefficient β: fixed, or adaptive towards ``target`` (Ziegler et al. 2019) when set."""
+
+    beta: float = 0.05
+    target: float | None = None
+    horizon: int = 10000
+
+    def __post_init__(self) -> None:
+        if self.beta < 0:
+            raise ValueError(f"KLSpec.beta: must be >= 0, got {self.beta}")
+        if self.target is not None and self.target <= 0:
+            raise ValueError(f"KLSpec.target: must be > 0 when set, got {self.target}")
+        if self.horizon < 1:
+            raise ValueError(f"KLSpec.horizon: must be >= 1, got {self.horizon}")
+
+
+class KLController:
+    """Holds β between rollouts and updates it after each one when a target is set."""
+
+    def __init__(self, spec: KLSpec) -> None:
+        self.spec = spec
+        self.beta = spec.beta
+
+    def update(self, kl: float, n_samples: int) -> None:
+        if self.spec.target is not None:
+            self.beta = adaptive_kl_beta(self.beta, kl, self.spec.target, n_samples, self.spec.horizon)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.beta = state["beta"]
+
+
+class PromptSampler:
+    """Endless seeded passes over a prompt list; a rank sees only its own shard."""
+
+    def __init__(self, prompts: list[str], seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.prompts = prompts[rank::world_size]
+        if not self.prompts:
+            raise ValueError(f"rank {rank} of {world_size} has no prompts: give more prompts than devices")
+        self.seed, self.epoch, self.position = seed, 0, 0
+        self._order = self._shuffled()
+
+    def _shuffled(self) -> list[int]:
+        return random.Random(self.seed * 7919 + self.epoch).sample(range(len(self.prompts)), len(self.prompts))
+
+    def draw(self, n: int) -> list[str]:
+        out = []
+        while len(out) < n:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._shuffled()
+            out.append(self.prompts[self._order[self.position]])
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._shuffled()
+
+
+class Scorer(Protocol):
+    """Anything that scores tokenized (prompt, response) pairs: a reward model or a gold reward."""
+
+    def score_examples(self, examples: list[Encoded], ended: list[bool]) -> Tensor: ...
+
+
+class RolloutStage(Protocol):
+    """What the callback needs from a stage (see :class:`lit_p3o.stages.base.RLStage`)."""
+
+    policy: nn.Module
+    reference: FrozenReference
+    tokenizer: PreTrainedTokenizerBase
+    scorer: Scorer
+    buffer: ReplayBuffer
+    rollout_spec: RolloutSpec
+
+    def rollout_extras(self, batch: Any) -> dict[str, Tensor]: ...
+
+    def log_rollout(self, stats: dict[str, float]) -> None: ...
+
+
+class RolloutCallback(L.Callback):
+    """Refills the stage's replay buffer at the start of every epoch (one epoch = one rollout)."""
+
+    def __init__(self, spec: RolloutSpec, kl: KLSpec, seed: int = 0) -> None:
+        self.spec = spec
+        self.kl = KLController(kl)
+        self.seed = seed
+        self.sampler: PromptSampler | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "RolloutCallback"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.sampler is None:
+            prompts = load_prompts(self.spec.prompts, self.spec.split, self.spec.prompt_pool, pl_module.tokenizer)
+            self.sampler = PromptSampler(prompts, self.seed, trainer.global_rank, trainer.world_size)
+        if self._pending_state is not None:
+            self.sampler.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.buffer.groups and pl_module.buffer.consumed < pl_module.buffer.num_minibatches():
+            return  # resumed mid-rollout: finish replaying the restored buffer first
+        prompts = self.sampler.draw(self.spec.num_prompts)
+        groups = rollout(pl_module, prompts, self.kl.beta, self.spec, show_progress=trainer.is_global_zero)
+        pl_module.buffer.fill(groups, self.kl.beta)
+        stats = rollout_stats(groups, self.kl.beta)
+        mean_kl = float(trainer.strategy.reduce(torch.tensor(stats["kl_mean"]), reduce_op="mean"))
+        pl_module.log_rollout(stats)
+        self.kl.update(mean_kl, len(groups) * self.spec.num_responses * trainer.world_size)
+        if self.spec.log_samples and trainer.is_global_zero:
+            tok = pl_module.tokenizer
+            for g in groups[: self.spec.log_samples]:
+                rank_zero_info(
+                    f"[rollout {pl_module.buffer.rollouts}] {decode(tok, g.prompt_ids)!r} -> "
+                    f"{decode(tok, g.responses[0])!r} (score {g.scores[0]:.3f})"
+                )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kl": self.kl.state_dict(),
+            "sampler": self.sampler.state_dict() if self.sampler else None,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kl.load_state_dict(state["kl"])
+        self._pending_state = state["sampler"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+
+
+def rollout(
+    stage: RolloutStage, prompts: list[str], beta: float, spec: RolloutSpec, show_progress: bool = False
+) -> list[Group]:
+    """Sample, score and log-prob K responses per prompt; return one :class:`Group` per prompt."""
+    tok = stage.tokenizer
+    k = spec.num_responses
+    prompt_ids = [fit_prompt(encode_prompt(tok, p), spec.max_prompt_tokens, tok.bos_token_id) for p in prompts]
+    repeated = [ids for ids in prompt_ids for _ in range(k)]  # group-major: K copies in a row
+    examples: list[Encoded] = []
+    ended: list[bool] = []
+    chunks = range(0, len(repeated), spec.generation_batch_size)
+    for start in tqdm(chunks, desc="rollout: generate", leave=False, disable=not show_progress):
+        sampled = sample_responses(stage.policy, tok, repeated[start : start + spec.generation_batch_size], spec.sampling)
+        examples += sampled.examples
+        ended += sampled.ended
+    for e in examples:
+        if not e.response_ids:  # generate() always emits at least one token; guard anyway
+            raise RuntimeError("rollout: an empty response was sampled")
+
+    logp_old, logp_ref, extras = _forward_passes(stage, examples, spec.forward_batch_size)
+    scores = stage.scorer.score_examples(examples, ended).float()
+    if spec.missing_eos_penalty is not None:
+        scores = scores - spec.missing_eos_penalty * (~torch.tensor(ended)).float()
+    kl = torch.stack([(o - r).sum() for o, r in zip(logp_old, logp_ref)])
+    rewards = kl_regularized_rewards(scores, kl, beta)
+    ended_t = torch.tensor(ended)
+    return [
+        Group(
+            prompt_ids=prompt_ids[g],
+            responses=[e.response_ids for e in examples[g * k : (g + 1) * k]],
+            logp_old=logp_old[g * k : (g + 1) * k],
+            logp_ref=logp_ref[g * k : (g + 1) * k],
+            scores=scores[g * k : (g + 1) * k],
+            kl=kl[g * k : (g + 1) * k],
+            rewards=rewards[g * k : (g + 1) * k],
+            ended=ended_t[g * k : (g + 1) * k],
+            extras={name: values[g * k : (g + 1) * k] for name, values in extras.items()},
+        )
+        for g in range(len(prompts))
+    ]
+
+
+@torch.no_grad()
+def _forward_passes(
+    stage: RolloutStage, examples: list[Encoded], batch_size: int
+) -> tuple[list[Tensor], list[Tensor], dict[str, list[Tensor]]]:
+    """Per-token ``logp_old``, ``logp_ref`` and the stage's extras, trimmed to each response."""
+    device = next(stage.policy.parameters()).device
+    logp_old: list[Tensor] = []
+    logp_ref: list[Tensor] = []
+    extras: dict[str, list[Tensor]] = {}
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = collate(chunk, stage.tokenizer.pad_token_id).to(device)
+        old = response_logprobs(stage.policy, batch).cpu()
+        with stage.reference.active() as reference:
+            ref = response_logprobs(reference, batch).cpu()
+        more = {name: t.float().cpu() for name, t in stage.rollout_extras(batch).items()}
+        for i, e in enumerate(chunk):
+            n = len(e.response_ids)
+            logp_old.append(old[i, :n].clone())
+            logp_ref.append(ref[i, :n].clone())
+            for name, t in more.items():
+                extras.setdefault(name, []).append(t[i, :n].clone())
+    return logp_old, logp_ref, extras
+
+
+def rollout_stats(groups: list[Group], beta: float) -> dict[str, float]:
+    """Score, KL, length and EOS-rate summaries of a rollout (this rank)."""
+    scores = torch.cat([g.scores for g in groups])
+    kl = torch.cat([g.kl for g in groups])
+    lengths = torch.tensor([float(len(r)) for g in groups for r in g.responses])
+    ended = torch.cat([g.ended for g in groups]).float()
+    return {
+        "score_mean": scores.mean().item(),
+        "score_std": scores.std().item() if scores.numel() > 1 else 0.0,
+        "kl_mean": kl.mean().item(),
+        "reward_mean": torch.cat([g.rewards for g in groups]).mean().item(),
+        "response_length": lengths.mean().item(),
+        "eos_rate": ended.mean().item(),
+        "beta": beta,
+    }

@@ -1,0 +1,147 @@
+"""Scoring (prompt, response) pairs with a reward model: the one function every stage uses.
+
+A reward model here is an ``AutoModelForSequenceClassification`` with one label (optionally
+LoRA-wrapped). We read its scalar head at the last non-padding token, found from the
+attention mask rather than from token ids: HF's own pooling looks for the last token that
+differs from ``pad_token_id``, which is wrong whenever the pad token is also EOS and the
+response ends with it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lit_p3o.data.encoding import (
+    Batch,
+    Encoded,
+    collate,
+    encode_example,
+    encode_prompt,
+    encode_response,
+    fit_prompt,
+)
+from lit_p3o.models import ModelSpec, build_reward_model, disable_dropout, load_tokenizer
+from lit_p3o.tasks import resolve_embedded
+
+
+def _hf_model(model: nn.Module) -> PreTrainedModel:
+    """The transformers model under an optional peft wrapper (LoRA layers stay injected)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def reward_scores(model: nn.Module, batch: Batch) -> Tensor:
+    """Scalar reward per row, read at each row's last attended token; shape ``[B]``, float32."""
+    hf = _hf_model(model)
+    backbone = getattr(hf, hf.base_model_prefix)
+    hidden = backbone(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).last_hidden_state
+    columns = torch.arange(batch.attention_mask.shape[1], device=hidden.device)
+    last = (batch.attention_mask * columns).argmax(dim=1)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return hf.score(pooled).squeeze(-1).float()
+
+
+class RewardScorer:
+    """A frozen reward model plus its tokenizer, scoring text or token ids in batches.
+
+    >>> scorer = RewardScorer.from_pretrained("outputs/demo/reward")
+    >>> scorer.score(["review the pizza :"], ["the pizza is great ."])  # tensor([...])
+    """
+
+    def __init__(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int = 1024, batch_size: int = 32
+    ) -> None:
+        self.model = disable_dropout(model).requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.source_tokenizer: PreTrainedTokenizerBase | None = None
+
+    def accept_ids_from(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Score ids made by ``tokenizer`` (the policy's): used as they are when the vocabularies
+        match, otherwise decoded and re-encoded with this scorer's tokenizer."""
+        self.source_tokenizer = None if tokenizer.get_vocab() == self.tokenizer.get_vocab() else tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> RewardScorer:
+        """Load a reward model saved by :class:`lit_p3o.RewardModule` (or any 1-label model)."""
+        spec = ModelSpec(name_or_path=str(path))
+        tokenizer = load_tokenizer(spec)
+        return cls(build_reward_model(spec, tokenizer), tokenizer, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def score_examples(self, examples: list[Encoded], ended: list[bool] | None = None) -> Tensor:
+        """Scores of tokenized pairs, in batches; ``[N]`` float32 on CPU.
+
+        ``ended`` says which responses end with a generated EOS; it matters only when ids
+        must be re-encoded for a reward model with another tokenizer.
+        """
+        if self.source_tokenizer is not None:
+            examples = self._reencode(examples, ended or [True] * len(examples))
+        out = []
+        for start in range(0, len(examples), self.batch_size):
+            batch = collate(examples[start : start + self.batch_size], self.tokenizer.pad_token_id)
+            out.append(reward_scores(self.model, batch.to(self.device)).cpu())
+        return torch.cat(out) if out else torch.empty(0)
+
+    def _reencode(self, examples: list[Encoded], ended: list[bool]) -> list[Encoded]:
+        src = self.source_tokenizer
+        out = []
+        for e, stop in zip(examples, ended):
+            response = src.decode(e.response_ids, skip_special_tokens=True)
+            prompt = src.decode(e.prompt_ids, skip_special_tokens=True)
+            ids = encode_response(self.tokenizer, response, add_eos=stop)
+            out.append(Encoded(fit_prompt(encode_prompt(self.tokenizer, prompt), max(1, self.max_length - len(ids)), self.tokenizer.bos_token_id), ids))
+        return out
+
+    def score(self, prompts: list[str], responses: list[str]) -> Tensor:
+        """Scores of text pairs; responses get EOS appended as in training. ``[N]`` on CPU."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
+        examples = [encode_example(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses)]
+        return self.score_examples(examples)
+
+
+class GoldScorer:
+    """An embedded task's gold reward used as the RL reward (``reward_model: embedded:<task>``):
+    no reward model to train, and the reward is the one evaluation reports."""
+
+    def __init__(self, task, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.task = task
+        self.tokenizer = tokenizer
+
+    def score_examples(self, examples: list[Encoded], ended: list[bool] | None = None) -> Tensor:
+        ended = ended if ended is not None else [True] * len(examples)
+        return torch.tensor(
+            [
+                self.task.gold_reward(
+                    self.tokenizer.decode(e.prompt_ids, skip_special_tokens=True),
+                    self.tokenizer.decode(e.response_ids, skip_special_tokens=True),
+                    stop,
+                )
+                for e, stop in zip(examples, ended)
+            ],
+            dtype=torch.float32,
+        )
+
+
+def build_scorer(source: str, policy_tokenizer: PreTrainedTokenizerBase) -> RewardScorer | GoldScorer:
+    """``"embedded:<task>"`` → that task's gold reward; otherwise a saved reward model's path."""
+    task = resolve_embedded(source)
+    if task is not None:
+        return GoldScorer(task, policy_tokenizer)
+    scorer = RewardScorer.from_pretrained(source)
+    scorer.accept_ids_from(policy_tokenizer)
+    return scorer

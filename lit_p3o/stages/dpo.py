@@ -1,0 +1,59 @@
+"""Online DPO (ALGORITHMS.md §7): two fresh samples per prompt, labelled by the reward model.
+
+Of each pair the response with the higher reward-model ``score`` is chosen; the DPO loss
+then pushes the policy's log-ratio to the reference apart for chosen and rejected. Groups
+whose two scores tie carry no preference and are left out of the loss.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lit_p3o.buffer import RolloutBatch
+from lit_p3o.generation import response_logprobs
+from lit_p3o.losses import dpo_loss
+from lit_p3o.models import ModelSpec
+from lit_p3o.optim import OptimizerSpec
+from lit_p3o.rollout import KLSpec, RolloutSpec
+from lit_p3o.stages.base import RLStage
+
+
+class OnlineDPOModule(RLStage):
+    """DPO on on-policy pairs; ``beta_dpo`` is DPO's own β (the KL block only shapes r̃ logs)."""
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        reward_model: str,
+        beta_dpo: float = 0.1,
+        rollout: RolloutSpec | None = None,
+        kl: KLSpec | None = None,
+        optimizer: OptimizerSpec | None = None,
+        save_dir: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        rollout = rollout or RolloutSpec(update_epochs=1)
+        if rollout.num_responses != 2:
+            raise ValueError(f"OnlineDPOModule: rollout.num_responses must be 2, got {rollout.num_responses}")
+        if beta_dpo <= 0:
+            raise ValueError(f"OnlineDPOModule.beta_dpo: must be > 0, got {beta_dpo}")
+        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed)
+        self.beta_dpo = beta_dpo
+
+    def compute_loss(self, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        logp = response_logprobs(self.policy, batch.batch).sum(-1).view_as(batch.scores)
+        logp_ref = batch.logp_ref.sum(-1).view_as(batch.scores)
+        decided = batch.scores[:, 0] != batch.scores[:, 1]
+        if not decided.any():  # a zero that keeps the graph, so every rank still runs backward
+            return logp.sum() * 0.0, {"decided_fraction": decided.float().mean()}
+        winner = batch.scores.argmax(dim=1, keepdim=True)
+        loser = 1 - winner
+
+        def pick(x: Tensor, idx: Tensor) -> Tensor:
+            return x.gather(1, idx).squeeze(1)[decided]
+
+        loss = dpo_loss(pick(logp, winner), pick(logp, loser), pick(logp_ref, winner), pick(logp_ref, loser), self.beta_dpo)
+        margin = (pick(logp, winner) - pick(logp_ref, winner)) - (pick(logp, loser) - pick(logp_ref, loser))
+        return loss, {"decided_fraction": decided.float().mean(), "implicit_margin": margin.detach().mean()}
+
+

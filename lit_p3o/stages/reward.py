@@ -1,0 +1,87 @@
+"""Reward modelling: a Bradley–Terry scalar head on pairwise preferences (ALGORITHMS.md §2).
+
+The model is ``AutoModelForSequenceClassification`` with one label, usually initialised from
+the SFT policy: it is the standard HF shape for reward models (plain transformers can load
+and run it), and the backbone starts from a network that already reads the task's language.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from lit_p3o.data.encoding import Batch
+from lit_p3o.losses import bradley_terry_loss
+from lit_p3o.models import ModelSpec, as_spec, build_reward_model, load_tokenizer, save_pretrained
+from lit_p3o.optim import OptimizerSpec, configure_adamw
+from lit_p3o.scoring import reward_scores
+
+
+class RewardModule(L.LightningModule):
+    """Trains ``r(x, y)`` so that ``σ(r(x, y_w) − r(x, y_l))`` is the preference probability.
+
+    Batches hold chosen rows first, then rejected rows (one forward for both). Logs loss,
+    accuracy (share of pairs with ``r_w > r_l``) and mean margin ``r_w − r_l``. At the end of
+    ``fit`` the model is written to ``save_dir`` for :class:`lit_p3o.RewardScorer`.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        optimizer: OptimizerSpec | None = None,
+        center_coef: float = 0.0,
+        save_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if center_coef < 0:
+            raise ValueError(f"RewardModule.center_coef: must be >= 0, got {center_coef}")
+        self.save_hyperparameters()
+        self.model_spec = as_spec(model)
+        self.optimizer_spec = optimizer or OptimizerSpec()
+        self.center_coef = center_coef
+        self.save_dir = save_dir
+        self.tokenizer = load_tokenizer(self.model_spec)
+        self.reward_model = build_reward_model(self.model_spec, self.tokenizer)
+        self.metrics = torch.nn.ModuleDict(
+            {f"{split}_{name}": MeanMetric() for split in ("train", "val") for name in ("accuracy", "margin")}
+        )
+
+    def _step(self, batch: Batch, split: str) -> torch.Tensor:
+        scores = reward_scores(self.reward_model, batch)
+        chosen, rejected = scores.chunk(2)
+        loss = bradley_terry_loss(chosen, rejected, self.center_coef)
+        margin = (chosen - rejected).detach()
+        self.metrics[f"{split}_accuracy"]((margin > 0).float())
+        self.metrics[f"{split}_margin"](margin)
+        n = chosen.shape[0]
+        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=n, sync_dist=split == "val")
+        for name in ("accuracy", "margin"):
+            self.log(f"{split}/{name}", self.metrics[f"{split}_{name}"], prog_bar=name == "accuracy", batch_size=n)
+        return loss
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self) -> Any:
+        return configure_adamw(self, self.optimizer_spec)
+
+    def on_train_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        accuracy = self.trainer.callback_metrics.get("val/accuracy")
+        ceiling = getattr(self.trainer.datamodule, "label_accuracy_ceiling", None)
+        if accuracy is not None:
+            line = f"[lit-p3o] reward model held-out accuracy {float(accuracy):.1%}"
+            if ceiling is not None:
+                line += f" (Bayes-optimal for these noisy labels: {ceiling:.1%})"
+            print(line)
+        if self.save_dir is not None:
+            path = save_pretrained(self.reward_model, self.tokenizer, self.save_dir)
+            print(f"[lit-p3o] saved the reward model to {Path(path).resolve()}")

@@ -1,0 +1,42 @@
+"""RLOO: REINFORCE with a leave-one-out baseline over K responses per prompt.
+
+The baseline users know from TRL. On-policy its gradient equals P3O's all-pairs gradient up
+to a constant factor (ALGORITHMS.md §4, property 4); with ``clip_epsilon`` set, the
+trajectory ratio is clipped PPO-style when replaying the buffer.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lit_p3o.buffer import RolloutBatch
+from lit_p3o.losses import rloo_advantages, rloo_loss
+from lit_p3o.models import ModelSpec
+from lit_p3o.optim import OptimizerSpec
+from lit_p3o.rollout import KLSpec, RolloutSpec
+from lit_p3o.stages.base import RLStage
+
+
+class RLOOModule(RLStage):
+    """REINFORCE leave-one-out on trajectory ratios; ``clip_epsilon=None`` means unclipped."""
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        reward_model: str,
+        clip_epsilon: float | None = 0.2,
+        rollout: RolloutSpec | None = None,
+        kl: KLSpec | None = None,
+        optimizer: OptimizerSpec | None = None,
+        save_dir: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        if clip_epsilon is not None and not 0 < clip_epsilon < 1:
+            raise ValueError(f"RLOOModule.clip_epsilon: must be in (0, 1) or null, got {clip_epsilon}")
+        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed)
+        self.clip_epsilon = clip_epsilon
+
+    def compute_loss(self, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        token_logratio, logratio = self.trajectory_logratio(batch)
+        loss = rloo_loss(logratio, rloo_advantages(batch.rewards), self.clip_epsilon)
+        return loss, self.ratio_stats(token_logratio, logratio, batch.response_mask)

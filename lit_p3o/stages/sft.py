@@ -1,0 +1,70 @@
+"""Supervised fine-tuning: prompt-masked cross-entropy (ALGORITHMS.md §1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from lit_p3o.data.encoding import Batch
+from lit_p3o.losses import sft_loss
+from lit_p3o.models import ModelSpec, as_spec, build_causal_lm, load_tokenizer, save_pretrained
+from lit_p3o.optim import OptimizerSpec, configure_adamw
+
+
+class SFTModule(L.LightningModule):
+    """Fine-tunes a causal LM on (prompt, completion) pairs; the loss sees completions only.
+
+    At the end of ``fit`` the model (or its LoRA adapters) and tokenizer are written to
+    ``save_dir`` with ``save_pretrained``, so the next stage's ``name_or_path`` can point there.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        optimizer: OptimizerSpec | None = None,
+        save_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_spec = as_spec(model)
+        self.optimizer_spec = optimizer or OptimizerSpec()
+        self.save_dir = save_dir
+        self.tokenizer = load_tokenizer(self.model_spec)
+        self.policy = build_causal_lm(self.model_spec, self.tokenizer)
+        self.val_loss = MeanMetric()
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        logits = self.policy(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).logits
+        return sft_loss(logits, batch.labels())
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.input_ids.shape[0])
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        # weight by response tokens so the epoch value is the per-token loss of the whole set
+        self.val_loss.update(self._loss(batch), weight=batch.response_mask[:, 1:].sum())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log_dict({"val/loss": loss, "val/perplexity": torch.exp(loss)}, prog_bar=True, sync_dist=False)
+
+    def configure_optimizers(self) -> Any:
+        return configure_adamw(self, self.optimizer_spec)
+
+    def on_train_end(self) -> None:
+        if self.save_dir is not None and self.trainer.is_global_zero:
+            path = save_pretrained(self.policy, self.tokenizer, self.save_dir)
+            print(f"[lit-p3o] saved the SFT model to {Path(path).resolve()}")
+
