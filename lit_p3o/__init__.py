@@ -1,5 +1,7 @@
 """lit-p3o: Pairwise Proximal Policy Optimization and the RLHF pipeline, in PyTorch Lightning."""
 
+import torch
+
 from lit_p3o.buffer import Group, ReplayBuffer, RolloutBatch
 from lit_p3o.data.preferences import EmbeddedPreferenceSpec, PreferenceDataModule
 from lit_p3o.data.sft import SFTDataModule
@@ -23,6 +25,12 @@ from lit_p3o.stages.ppo import PPOModule
 from lit_p3o.stages.reward import RewardModule
 from lit_p3o.stages.rloo import RLOOModule
 from lit_p3o.stages.sft import SFTModule
+
+# Checkpoints hold these config/buffer classes (hyperparameters, replay buffer); allow them
+# so that `trainer.fit(ckpt_path=...)` works with torch.load(weights_only=True).
+torch.serialization.add_safe_globals(
+    [Group, KLSpec, LoraSpec, ModelSpec, OptimizerSpec, QuantizationSpec, RolloutSpec, SamplingSpec, EmbeddedPreferenceSpec]
+)
 
 __all__ = [
     "CompletionReport",

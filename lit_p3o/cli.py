@@ -6,6 +6,7 @@ work under any user's LightningCLI; ``lit-p3o fit --print_config`` documents eve
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
@@ -23,7 +24,17 @@ class LitP3OCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lit-p3o`` console script and ``python -m lit_p3o``."""
+    """Entry point of the ``lit-p3o`` console script and ``python -m lit_p3o``.
+
+    ``lit-p3o frontier …`` and ``lit-p3o winrate …`` compare finished runs
+    (:mod:`lit_p3o.commands`); every other subcommand (``fit``, ``validate``, …) is LightningCLI's.
+    """
+    from lit_p3o.commands import COMMANDS
+
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in COMMANDS:
+        COMMANDS[argv[0]](argv[1:])
+        return
     import lit_p3o  # noqa: F401  (registers the classes' import paths for short names)
 
     LitP3OCLI(args=args)

@@ -1,8 +1,9 @@
-"""Every loss and advantage of lit-p3o, as pure functions of tensors (ALGORITHMS.md).
+"""Every loss and advantage of lit-p3o, as pure functions of tensors.
 
-Conventions: groups of K responses to one prompt are ``[G, K]`` tensors; per-token tensors
-are ``[B, T]`` with a ``mask`` that is 1 on response tokens. Nothing here knows about
-models, tokenizers or Lightning; the stages call these functions.
+Conventions: the K responses to one prompt form a row of a ``[G, K]`` tensor (groups are
+never split); per-token tensors are ``[B, T]`` with a ``mask`` that is 1 on response tokens
+and 0 on prompt and padding. Nothing here knows about models, tokenizers or Lightning: the
+stages call these functions.
 """
 
 from __future__ import annotations
@@ -13,17 +14,18 @@ from torch import Tensor
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """``log softmax(logits)[tokens]`` in float32, ``[B, T]``.
+    """``log softmax(logits)[tokens]`` in float32, ``[B, T, V]`` and ``[B, T]`` → ``[B, T]``.
 
-    ``logits[:, t]`` must predict ``tokens[:, t]``. The softmax runs in float32 even for bf16
-    logits: trajectory ratios sum these over whole responses, which amplifies tiny drift.
+    ``logits[:, t]`` must already predict ``tokens[:, t]``. The softmax runs in float32 even
+    for bf16 logits: trajectory ratios sum these over whole responses, which amplifies tiny
+    per-token drift into visible ratio errors.
     """
     logp = torch.log_softmax(logits.float(), dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Mean of ``x`` over entries where ``mask`` is 1 (over ``dim``, or all entries)."""
+    """``Σ x·m / Σ m`` over ``dim`` (or all entries); an empty 0/1 mask gives 0, not NaN."""
     mask = mask.to(x.dtype)
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp(min=1)
@@ -31,9 +33,11 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 
 
 def sft_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Cross-entropy on response tokens only: mean over ``t`` with ``labels[t] ≠ ignore`` of
-    ``−log p(labels[t] | tokens_<t)``; logits are shifted inside (``logits[:, t-1]`` predicts
-    ``labels[:, t]``). Prompt and padding carry ``ignore_index``."""
+    """Causal-LM cross-entropy on response tokens: ``mean_t −log p(labels[t] | labels[<t])``.
+
+    Shifted inside (``logits[:, t−1]`` predicts ``labels[:, t]``); prompt and padding carry
+    ``ignore_index`` so only the response is learned. Computed in float32.
+    """
     shifted_logits, shifted_labels = logits[:, :-1], labels[:, 1:]
     if not (shifted_labels != ignore_index).any():
         raise ValueError("sft_loss: no response token to learn from (all labels are ignore_index)")
@@ -47,55 +51,60 @@ def sft_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor
 def bradley_terry_loss(chosen: Tensor, rejected: Tensor, center_coef: float = 0.0) -> Tensor:
     """``mean(−log σ(r_w − r_l)) + c · mean((r_w + r_l)²)``.
 
-    Only reward differences are identified by preferences; the optional centering term pins
-    the free offset near zero so rewards stay comparable across runs.
+    Preferences identify only reward differences; the optional centering term pins the free
+    offset near zero so reward scales stay comparable across runs. ``logsigmoid`` keeps large
+    margins finite.
     """
-    loss = -F.logsigmoid(chosen - rejected).mean()
-    if center_coef:
-        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
-    return loss
+    return -F.logsigmoid(chosen - rejected).mean() + center_coef * ((chosen + rejected) ** 2).mean()
 
 
 def pair_indices(k: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-    """Indices ``(i, j)`` of the K(K−1)/2 unordered pairs ``i < j`` of a group."""
+    """Indices ``(i, j)`` of the K(K−1)/2 unordered pairs ``i < j`` of a group of K."""
     i, j = torch.triu_indices(k, k, offset=1, device=device)
     return i, j
 
 
 def _check_groups(logratio: Tensor, rewards: Tensor) -> None:
+    """Both ``[G, K]`` with the same shape and ``K >= 2``; raise ``ValueError`` otherwise."""
     if logratio.shape != rewards.shape or logratio.dim() != 2:
         raise ValueError(f"expected matching [G, K] tensors, got {tuple(logratio.shape)} and {tuple(rewards.shape)}")
     if logratio.shape[1] < 2:
-        raise ValueError(f"pairwise losses need K >= 2 responses per group, got K={logratio.shape[1]}")
+        raise ValueError(f"pairwise and leave-one-out losses need K >= 2 responses per group, got K={logratio.shape[1]}")
+
+
+def _check_epsilon(clip_epsilon: float) -> None:
+    if not 0 < clip_epsilon < 1:
+        raise ValueError(f"clip_epsilon must be in (0, 1), got {clip_epsilon}")
 
 
 def _clipped_surrogate(ratio: Tensor, advantage: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """``min(ρ·A, clip(ρ, 1−ε, 1+ε)·A)`` and whether the clipped branch is the smaller one."""
+    """``min(ρA, clip(ρ, 1−ε, 1+ε)A)`` and a detached mask of where the clipped branch is
+    strictly smaller (there the term is constant in ρ, so its gradient is zero)."""
     unclipped = ratio * advantage
     clipped = ratio.clamp(1 - eps, 1 + eps) * advantage
     return torch.minimum(unclipped, clipped), (clipped < unclipped).detach()
 
 
 def p3o_loss(logratio: Tensor, rewards: Tensor, clip_epsilon: float = 0.2, variant: str = "v1") -> tuple[Tensor, Tensor]:
-    """Pairwise Proximal Policy Optimization over all pairs of every group.
+    """Pairwise Proximal Policy Optimization over all pairs ``i < j`` of every group.
 
-    ``logratio[g, k] = ℓ = Σ_t (log π_θ − log π_old)``, ``rewards[g, k] = r̃`` (constant).
-    For each pair ``i < j``: ``δ = r̃_i − r̃_j`` and
+    ``logratio[g, k] = ℓ = Σ_t (log π_θ − log π_old)`` and ``rewards[g, k] = r̃`` (treated as a
+    constant). With ``δ = r̃_i − r̃_j`` and ``clip(·) = clip(·, 1−ε, 1+ε)``:
 
-    - V1 (separate clipping, ``ρ = exp ℓ``):
-      ``L = −½ [min(ρ_i δ, clip(ρ_i) δ) + min(ρ_j (−δ), clip(ρ_j)(−δ))]``
-    - V2 (joint clipping, ``ρ_ij = exp(ℓ_i − ℓ_j)``):
-      ``L = −¼ [min(ρ_ij δ, clip(ρ_ij) δ) + min(ρ_ij⁻¹ (−δ), clip(ρ_ij⁻¹)(−δ))]``
+    - V1, separate clipping, ``ρ = exp ℓ``:
+      ``L_ij = −½ [min(ρ_i δ, clip(ρ_i) δ) + min(ρ_j (−δ), clip(ρ_j)(−δ))]``
+    - V2, joint clipping, ``ρ_ij = exp(ℓ_i − ℓ_j)``:
+      ``L_ij = −¼ [min(ρ_ij δ, clip(ρ_ij) δ) + min(ρ_ij⁻¹ (−δ), clip(ρ_ij⁻¹)(−δ))]``
 
-    with ``clip(·) = clip(·, 1−ε, 1+ε)``. Returns the mean of ``L`` over all pairs and the
-    share of min-terms whose clipped branch is active. Only δ enters, so adding any
-    per-prompt constant to the rewards changes nothing.
+    Only δ enters, so any per-prompt reward offset cancels (no value baseline is needed), and
+    at ``θ = θ_old`` both variants have the gradient of ``−½ δ (ℓ_i − ℓ_j)``. Returns the mean
+    of ``L_ij`` over all pairs and the (detached) share of the two min-terms per pair whose
+    clipped branch is active.
     """
     _check_groups(logratio, rewards)
     if variant not in ("v1", "v2"):
         raise ValueError(f"p3o_loss: variant must be 'v1' or 'v2', got {variant!r}")
-    if not 0 < clip_epsilon < 1:
-        raise ValueError(f"p3o_loss: clip_epsilon must be in (0, 1), got {clip_epsilon}")
+    _check_epsilon(clip_epsilon)
     i, j = pair_indices(logratio.shape[1], logratio.device)
     delta = (rewards[:, i] - rewards[:, j]).detach()
     if variant == "v1":
@@ -112,8 +121,9 @@ def p3o_loss(logratio: Tensor, rewards: Tensor, clip_epsilon: float = 0.2, varia
 
 
 def pairwise_policy_gradient_loss(logprobs: Tensor, rewards: Tensor) -> Tensor:
-    """The unclipped on-policy surrogate of the pairwise policy gradient (PPG):
-    mean over pairs of ``−½ · δ_ij · (log π(y_i) − log π(y_j))``, ``δ`` constant."""
+    """Unclipped on-policy pairwise policy gradient surrogate:
+    ``mean_{pairs} −½ · δ_ij · (log π(y_i) − log π(y_j))`` with ``δ_ij = r̃_i − r̃_j`` constant.
+    Its gradient is the pairwise policy gradient that P3O clips."""
     _check_groups(logprobs, rewards)
     i, j = pair_indices(logprobs.shape[1], logprobs.device)
     delta = (rewards[:, i] - rewards[:, j]).detach()
@@ -121,79 +131,104 @@ def pairwise_policy_gradient_loss(logprobs: Tensor, rewards: Tensor) -> Tensor:
 
 
 def rloo_advantages(rewards: Tensor) -> Tensor:
-    """Leave-one-out advantages ``A_i = r̃_i − mean_{j≠i} r̃_j`` over each group ``[G, K]``."""
+    """Leave-one-out advantages ``A_i = r̃_i − mean_{j≠i} r̃_j`` within each ``[G, K]`` row.
+
+    The baseline excludes ``y_i`` itself, so it is independent of ``y_i`` and the estimator
+    stays unbiased. Detached.
+    """
+    _check_groups(rewards, rewards)
     k = rewards.shape[1]
-    if k < 2:
-        raise ValueError(f"rloo_advantages: need K >= 2 responses per group, got K={k}")
     others = (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
     return (rewards - others).detach()
 
 
 def rloo_loss(logratio: Tensor, advantages: Tensor, clip_epsilon: float | None = None) -> Tensor:
-    """REINFORCE with leave-one-out baseline on trajectory ratios ``ρ = exp ℓ``:
-    ``−mean(ρ A)``, or ``−mean(min(ρ A, clip(ρ, 1−ε, 1+ε) A))`` when ``clip_epsilon`` is set."""
+    """REINFORCE with leave-one-out baseline on trajectory ratios ``ρ = exp ℓ``, ``[G, K]``:
+    ``−mean(ρA)``, or the PPO-style ``−mean(min(ρA, clip(ρ, 1−ε, 1+ε)A))`` when
+    ``clip_epsilon`` is given. At ``ρ = 1`` the gradient is ``−mean(A ∇ℓ)``."""
     _check_groups(logratio, advantages)
-    ratio = logratio.exp()
+    ratio, advantages = logratio.exp(), advantages.detach()
     if clip_epsilon is None:
-        return -(ratio * advantages.detach()).mean()
-    return -_clipped_surrogate(ratio, advantages.detach(), clip_epsilon)[0].mean()
+        return -(ratio * advantages).mean()
+    _check_epsilon(clip_epsilon)
+    return -_clipped_surrogate(ratio, advantages, clip_epsilon)[0].mean()
 
 
 def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """``(x − mean) / std`` over the masked entries (mean kept when ``shift_mean=False``):
-    PPO normalises advantages per batch so the step size does not depend on reward scale."""
+    """``(x − μ) / sqrt(σ² + eps)`` with μ, σ² the masked mean and (biased) variance over the
+    whole batch; ``shift_mean=False`` adds μ back, rescaling without recentering. Zero
+    outside the mask. PPO whitens advantages so its step size ignores the reward scale.
+    """
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
-    return out if shift_mean else out + mean
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(out.dtype)
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over response tokens, ``[B, T]`` each.
 
     ``δ_t = r_t + γ V_{t+1} − V_t`` and ``A_t = δ_t + γλ A_{t+1}``, where ``t+1`` is the next
-    *response* token of the row (masked positions are skipped, the value after the last one
-    is 0). Returns ``(advantages, returns = advantages + values)``, zero outside the mask.
+    *response* token of the row: masked positions (prompt, left or right padding) are
+    skipped, and the value and advantage after the last response token are 0 (the episode
+    ends there). Returns detached ``(advantages, returns = advantages + values)``, both zero
+    outside the mask.
     """
+    present = mask.bool()
     mask = mask.to(values.dtype)
     rewards, values = rewards.detach() * mask, values.detach() * mask
     advantages = torch.zeros_like(values)
     next_value = torch.zeros_like(values[:, 0])
     next_advantage = torch.zeros_like(values[:, 0])
     for t in reversed(range(values.shape[1])):
-        m = mask[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         advantage = delta + gamma * lam * next_advantage
-        advantages[:, t] = advantage * m
-        next_value = torch.where(m.bool(), values[:, t], next_value)
-        next_advantage = torch.where(m.bool(), advantage, next_advantage)
+        advantages[:, t] = advantage * mask[:, t]
+        next_value = values[:, t]
+        next_advantage = torch.where(present[:, t], advantage, next_advantage)
     return advantages, (advantages + values) * mask
 
 
 def ppo_token_rewards(scores: Tensor, logp_old: Tensor, logp_ref: Tensor, mask: Tensor, beta: float | Tensor) -> Tensor:
-    """Per-token rewards ``r_t = −β (logp_old_t − logp_ref_t)`` on response tokens, plus the
-    sequence score on each row's last response token."""
+    """Per-token PPO rewards, ``[B, T]``: ``r_t = −β (logp_old_t − logp_ref_t)`` on response
+    tokens (a per-token KL penalty estimate) plus ``scores[b]`` on the last response token of
+    row ``b`` (the sequence reward arrives when the episode ends); zero elsewhere. Detached.
+    Every row needs at least one response token, else its score would have nowhere to go.
+    """
     mask = mask.to(logp_old.dtype)
-    rewards = -beta * (logp_old - logp_ref) * mask
-    positions = torch.arange(mask.shape[1], device=mask.device)
+    if scores.shape != mask.shape[:1]:
+        raise ValueError(f"ppo_token_rewards: scores must be [B]={tuple(mask.shape[:1])}, got {tuple(scores.shape)}")
+    if not mask.any(dim=1).all():
+        raise ValueError("ppo_token_rewards: a row has no response token")
+    positions = torch.arange(mask.shape[1], device=mask.device, dtype=mask.dtype)
     last = (mask * positions).argmax(dim=1)
-    rewards[torch.arange(mask.shape[0], device=mask.device), last] += scores.to(rewards.dtype)
+    at_last = F.one_hot(last, mask.shape[1]).to(mask.dtype)
+    rewards = -beta * (logp_old - logp_ref) * mask + scores.to(mask.dtype)[:, None] * at_last
     return rewards.detach()
 
 
 def ppo_policy_loss(
     logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor, clip_epsilon: float = 0.2
 ) -> tuple[Tensor, Tensor]:
-    """Token-level clipped surrogate ``−min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t)``, ``ρ_t =
-    exp(logp − logp_old)``, averaged over response tokens; also the clipped share."""
+    """Token-level clipped surrogate ``−min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t)`` with
+    ``ρ_t = exp(logp_t − logp_old_t)``, averaged over response tokens. Returns the loss and the
+    (detached) share of response tokens whose clipped branch is active."""
+    _check_epsilon(clip_epsilon)
     ratio = (logp - logp_old.detach()).exp()
     surrogate, clipped = _clipped_surrogate(ratio, advantages.detach(), clip_epsilon)
     return -masked_mean(surrogate, mask), masked_mean(clipped.float(), mask)
 
 
 def ppo_value_loss(values: Tensor, values_old: Tensor, returns: Tensor, mask: Tensor, clip_epsilon: float = 0.2) -> Tensor:
-    """``½ · mean_t max((V − R)², (clip(V, V_old − ε, V_old + ε) − R)²)`` over response tokens:
-    the value function may not move further than ε from its rollout-time prediction for free."""
+    """``½ · mean_t max((V − R)², (clip(V, V_old − ε, V_old + ε) − R)²)`` over response tokens.
+
+    The pessimistic max removes the incentive to move V further than ε from its rollout-time
+    prediction ``V_old`` in one update. ε is in value units, so it only has to be positive.
+    """
+    if clip_epsilon <= 0:
+        raise ValueError(f"ppo_value_loss: clip_epsilon must be > 0, got {clip_epsilon}")
     returns, values_old = returns.detach(), values_old.detach()
     clipped = values_old + (values - values_old).clamp(-clip_epsilon, clip_epsilon)
     return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
@@ -202,19 +237,24 @@ def ppo_value_loss(values: Tensor, values_old: Tensor, returns: Tensor, mask: Te
 def dpo_loss(
     policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float = 0.1
 ) -> Tensor:
-    """``mean(−log σ(β [(log π_w − log π_ref,w) − (log π_l − log π_ref,l)]))`` on sequence log-probs."""
+    """``mean(−log σ(β [(log π_w − log π_ref,w) − (log π_l − log π_ref,l)]))`` on sequence
+    log-probs ``[N]``: the Bradley–Terry loss with the implicit reward ``β log(π/π_ref)``."""
     margin = (policy_chosen - ref_chosen.detach()) - (policy_rejected - ref_rejected.detach())
     return -F.logsigmoid(beta * margin).mean()
 
 
 def kl_regularized_rewards(scores: Tensor, kl: Tensor, beta: float | Tensor) -> Tensor:
-    """``r̃ = score − β · kl``, the reward the RL objective maximises."""
+    """``r̃ = score − β · kl``: the KL-regularised reward the RL objective maximises, which
+    keeps the policy near the reference where the reward model is trustworthy."""
     return scores - beta * kl
 
 
 def adaptive_kl_beta(beta: float, kl: float, target: float, n_samples: int, horizon: int) -> float:
-    """Ziegler et al. (2019): ``β ← β · (1 + clip(kl/target − 1, −0.2, 0.2) · n / horizon)``,
-    raising β when the policy drifts past the target KL and lowering it when it stays below."""
+    """Ziegler et al. (2019): ``β ← β · (1 + clip(kl/target − 1, −0.2, 0.2) · n / horizon)``.
+
+    Raises β when the measured KL overshoots the target and lowers it when it undershoots;
+    the clip bounds how fast β can move per ``n`` samples.
+    """
     if target <= 0 or horizon <= 0:
         raise ValueError(f"adaptive_kl_beta: target and horizon must be > 0, got {target}, {horizon}")
     error = min(max(kl / target - 1.0, -0.2), 0.2)

@@ -165,10 +165,17 @@ def has_adapters(model: nn.Module) -> bool:
 
 def disable_dropout(model: nn.Module) -> nn.Module:
     """Zero every dropout rate: RL stages need ``logp_old`` and the update's log-probs to come
-    from the same deterministic function, or the trajectory ratio is noise from the start."""
+    from the same deterministic function, or the trajectory ratio is noise from the start.
+
+    Besides dropout modules this zeroes float rates that attention layers keep as plain
+    attributes (Llama, Mistral, Qwen: ``self.attention_dropout``, passed to the attention
+    kernel in train mode)."""
     for module in model.modules():
-        if isinstance(module, nn.Dropout):
+        if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if name.endswith("dropout") and isinstance(value, float):
+                setattr(module, name, 0.0)
     return model
 
 
@@ -199,9 +206,17 @@ class FrozenReference(nn.Module):
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
-    """Write model (or its adapters) and tokenizer so plain transformers/peft load them."""
+    """Write model (or its adapters) and tokenizer so plain transformers/peft load them.
+
+    LoRA adapters are saved alone when their base model can be loaded again (a hub id or a
+    directory, recorded as ``base_model_name_or_path``); adapters on a base built from
+    ``architecture`` are merged into a copy that is saved whole, or the base weights would be lost.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if has_adapters(model) and not all(c.base_model_name_or_path for c in model.peft_config.values()):
+        log.info("the adapters' base model exists only in memory; saving the merged model to %s", directory)
+        model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

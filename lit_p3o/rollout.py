@@ -210,8 +210,12 @@ class RolloutCallback(L.Callback):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Lightning restores callbacks after ``setup``; the sampler may already exist."""
         self.kl.load_state_dict(state["kl"])
-        self._pending_state = state["sampler"]
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        else:
+            self._pending_state = state["sampler"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
 

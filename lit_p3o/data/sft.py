@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.encoding import Encoded, ResponseTooLong, TruncationStats, collate, encode_example
 from lit_p3o.data.formats import SFTRecord, load_rows, parse_sft
-from lit_p3o.data.issues import RowIssues
+from lit_p3o.data.issues import DataFormatError, RowIssues
 from lit_p3o.tasks import resolve_embedded
 
 log = logging.getLogger(__name__)
@@ -24,8 +24,8 @@ class SFTDataModule(L.LightningDataModule):
     ``train`` is ``"embedded:reviews"`` (the embedded task's corpus), a ``.jsonl`` file, a
     directory written by ``datasets.save_to_disk``, or a dataset name/directory for
     ``datasets.load_dataset``; rows hold ``prompt``/``completion`` or ``messages``. Without
-    ``val``, a seeded ``val_fraction`` of the training rows is held out. With ``strict`` a
-    bad row raises an error naming it; otherwise bad rows are skipped, counted and logged.
+    ``val``, a seeded ``val_fraction`` of the training rows is held out (none: no validation).
+    With ``strict`` a bad row raises an error naming it (its row number in the file); otherwise bad rows are skipped, counted and logged.
     The tokenizer is the trained module's (``trainer.lightning_module.tokenizer``) unless one
     is passed for use outside a Trainer.
     """
@@ -61,31 +61,41 @@ class SFTDataModule(L.LightningDataModule):
             return
         if self.tokenizer is None:
             self.tokenizer = self.trainer.lightning_module.tokenizer
-        train, val = self._records()
-        self.train_examples = self._encode(train, f"{self.hparams.train} [{self.hparams.train_split}]")
-        self.val_examples = self._encode(val, f"{self.hparams.val or self.hparams.train} [validation]")
-        if self.truncation.truncated_prompts:
-            log.warning("SFT data: %s", self.truncation.describe())
-
-    def _records(self) -> tuple[list[SFTRecord], list[SFTRecord]]:
         hp = self.hparams
         task = resolve_embedded(hp.train)
         if task is not None:
-            corpus = task.sft_corpus(hp.embedded_size + max(1, int(hp.embedded_size * hp.val_fraction)), seed=hp.seed)
+            n_val = max(1, int(hp.embedded_size * hp.val_fraction)) if hp.val_fraction > 0 else 0
+            corpus = task.sft_corpus(hp.embedded_size + n_val, seed=hp.seed)
             records = [SFTRecord(r["prompt"], r["completion"]) for r in corpus]
-            return records[: hp.embedded_size], records[hp.embedded_size :]
-        train = self._read(hp.train, hp.train_split)
-        if hp.val is not None:
-            return train, self._read(hp.val, hp.val_split)
-        shuffled = random.Random(hp.seed).sample(train, len(train))
-        n_val = int(round(len(train) * hp.val_fraction))
-        return shuffled[n_val:], shuffled[:n_val]
+            examples = self._encode(records, hp.train)
+            self.train_examples, self.val_examples = examples[: hp.embedded_size], examples[hp.embedded_size :]
+        else:
+            # encoded in file order, so that a bad row is named by its number in the file
+            train = self._encode(self._read(hp.train, hp.train_split), f"{hp.train} [{hp.train_split}]")
+            if hp.val is not None:
+                self.train_examples = train
+                self.val_examples = self._encode(self._read(hp.val, hp.val_split), f"{hp.val} [{hp.val_split}]")
+            else:
+                shuffled = random.Random(hp.seed).sample(train, len(train))
+                n_val = int(round(len(train) * hp.val_fraction))
+                self.train_examples, self.val_examples = shuffled[n_val:], shuffled[:n_val]
+        if self.truncation.truncated_prompts:
+            log.warning("SFT data: %s", self.truncation.describe())
+        if not self.val_examples:
+            log.info("SFT data: no validation examples; validation is skipped")
 
     def _read(self, source: str, split: str) -> list[SFTRecord]:
         rows, origin = load_rows(source, split)
-        return parse_sft(rows, origin, tokenizer=self.tokenizer, strict=self.hparams.strict)
+        try:
+            return parse_sft(rows, origin, tokenizer=self.tokenizer, strict=self.hparams.strict)
+        except DataFormatError as err:
+            if origin in str(err):
+                raise
+            raise DataFormatError(f"{origin}: {err}") from err
 
     def _encode(self, records: list[SFTRecord], origin: str) -> list[Encoded]:
+        """Rows are numbered in the order read; with ``strict=False``, rows the parser already
+        skipped are not counted."""
         issues = RowIssues(origin, strict=self.hparams.strict)
         examples = []
         for row, record in enumerate(records):
@@ -112,5 +122,7 @@ class SFTDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_examples, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_examples:  # e.g. val_fraction=0: an empty list makes Lightning skip validation
+            return []
         return self._loader(self.val_examples, shuffle=False)

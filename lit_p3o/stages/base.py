@@ -91,7 +91,8 @@ class RLStage(L.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = BufferDataset(self.buffer, self.tokenizer.pad_token_id, self.rollout_spec.num_prompts)
-        return DataLoader(dataset, batch_size=None)
+        # its own generator: creating the iterator must not consume the global RNG (resume equality)
+        return DataLoader(dataset, batch_size=None, generator=torch.Generator().manual_seed(self.seed))
 
     def configure_optimizers(self) -> Any:
         return configure_adamw(self, self.optimizer_spec)
@@ -137,7 +138,9 @@ class RLStage(L.LightningModule):
         self.log_dict({f"rollout/{k}": v for k, v in stats.items()}, sync_dist=True, batch_size=1)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.log("train/grad_norm", grad_norm(self.policy, norm_type=2)["grad_2.0_norm_total"], batch_size=1)
+        norms = grad_norm(self.policy, norm_type=2)
+        if norms:  # empty when the step was skipped (no gradients)
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"], batch_size=1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]

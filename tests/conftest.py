@@ -1,0 +1,42 @@
+"""Shared fixtures: a micro Llama (~17k parameters) on the embedded task's tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+
+MICRO_ARCH = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
+@pytest.fixture
+def micro_spec():
+    """A fresh ModelSpec that builds the micro model from ``architecture``."""
+    from lit_p3o.models import ModelSpec
+
+    return ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews")
+
+
+@pytest.fixture(scope="session")
+def micro_tokenizer():
+    from lit_p3o.models import ModelSpec, load_tokenizer
+
+    return load_tokenizer(ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews"))
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory, micro_tokenizer):
+    """A directory written by ``save_pretrained`` holding a seeded micro model and its tokenizer."""
+    import torch
+
+    from lit_p3o.models import ModelSpec, build_causal_lm, save_pretrained
+
+    torch.manual_seed(0)
+    model = build_causal_lm(ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews"), micro_tokenizer)
+    return save_pretrained(model, micro_tokenizer, tmp_path_factory.mktemp("micro") / "model")

@@ -1,0 +1,133 @@
+"""The ``lit-p3o`` LightningCLI: a micro SFT run from YAML, ``--print_config``, the shipped configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lit_p3o.cli import LitP3OCLI
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def plain_argv(monkeypatch):
+    """LightningCLI warns when ``args=`` and pytest's own command line are both present."""
+    monkeypatch.setattr(sys, "argv", ["lit-p3o"])
+
+
+def micro_config(tmp_path: Path) -> dict:
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 2,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "limit_val_batches": 1,
+            "default_root_dir": str(tmp_path / "logs"),
+        },
+        "model": {
+            "class_path": "lit_p3o.SFTModule",
+            "init_args": {
+                "model": {
+                    "tokenizer": "embedded:reviews",
+                    "architecture": {
+                        "model_type": "llama",
+                        "hidden_size": 32,
+                        "intermediate_size": 64,
+                        "num_hidden_layers": 1,
+                        "num_attention_heads": 2,
+                        "num_key_value_heads": 2,
+                        "max_position_embeddings": 64,
+                    },
+                },
+                "optimizer": {"learning_rate": 0.01, "warmup_steps": 1, "schedule": "cosine"},
+                "save_dir": str(tmp_path / "sft"),
+            },
+        },
+        "data": {
+            "class_path": "lit_p3o.SFTDataModule",
+            "init_args": {"train": "embedded:reviews", "embedded_size": 64, "batch_size": 8, "max_length": 48},
+        },
+    }
+
+
+def write_config(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_fit_from_a_micro_config(tmp_path):
+    config = write_config(tmp_path, micro_config(tmp_path))
+    cli = LitP3OCLI(args=["fit", "--config", str(config), "--model.init_args.model.lora.r=2"])
+    assert cli.trainer.global_step == 2
+    spec = cli.model.model_spec
+    assert spec.lora is not None and spec.lora.r == 2 and spec.lora.lora_alpha == 16  # dataclass defaults fill in
+    assert cli.model.optimizer_spec.learning_rate == 0.01 and cli.model.optimizer_spec.schedule == "cosine"
+    assert cli.datamodule.hparams.embedded_size == 64 and len(cli.datamodule.train_examples) == 64
+    saved = tmp_path / "sft"
+    assert (saved / "config.json").is_file() and (saved / "tokenizer.json").is_file()
+    assert (saved / "model.safetensors").is_file()  # adapters on a fresh architecture are saved merged
+    assert (tmp_path / "logs" / "config.yaml").is_file()  # the resolved config, next to the logs
+
+
+def test_print_config_shows_the_knobs(tmp_path, capsys):
+    config = write_config(tmp_path, micro_config(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        LitP3OCLI(args=["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    model_args = printed["model"]["init_args"]
+    assert model_args["optimizer"]["learning_rate"] == 0.01
+    assert "lora" in model_args["model"] and "quantization" in model_args["model"]
+    data_args = printed["data"]["init_args"]
+    assert data_args["max_length"] == 48 and data_args["strict"] is True and data_args["val_fraction"] == 0.05
+    assert not (tmp_path / "sft").exists()  # printing runs nothing
+
+
+@pytest.mark.parametrize("name", ["sft.yaml", "reward.yaml", "p3o.yaml"])
+def test_shipped_demo_configs_parse(name, capsys):
+    path = ROOT / "configs" / "demo" / name
+    with pytest.raises(SystemExit) as exit_info:
+        LitP3OCLI(args=["fit", "--config", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    shipped = yaml.safe_load(path.read_text())
+    assert printed["model"]["class_path"] == shipped["model"]["class_path"]
+    if name == "sft.yaml":
+        assert printed["model"]["init_args"]["model"]["architecture"]["hidden_size"] == 128
+        assert printed["data"]["init_args"]["max_length"] == 64
+
+
+def test_bad_config_value_is_rejected(tmp_path, capsys):
+    config = micro_config(tmp_path)
+    config["model"]["init_args"]["optimizer"]["schedule"] = "linear"  # not a known schedule
+    with pytest.raises(SystemExit) as exit_info:
+        LitP3OCLI(args=["fit", "--config", str(write_config(tmp_path, config))])
+    assert exit_info.value.code not in (0, None)
+    assert "schedule" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_python_m_lit_p3o_fit(tmp_path):
+    config = micro_config(tmp_path)
+    config["trainer"]["max_steps"] = 1
+    path = write_config(tmp_path, config)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lit_p3o", "fit", "--config", str(path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "saved the SFT model" in result.stdout
+    assert (tmp_path / "sft" / "model.safetensors").is_file()

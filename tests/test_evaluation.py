@@ -1,0 +1,249 @@
+"""Evaluation: win rates, the KL–reward frontier (evaluate_policy, FrontierCallback) and the
+``lit-p3o frontier`` / ``lit-p3o winrate`` commands."""
+
+import csv
+import struct
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from lit_p3o import FrozenReference, ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
+from lit_p3o.cli import main
+from lit_p3o.commands import _label_and_path, plot_frontier, win_rate, win_rate_matrix
+from lit_p3o.evaluation import FRONTIER_COLUMNS, FrontierCallback, evaluate_policy, sample_completions, seeded
+from lit_p3o.models import build_causal_lm, build_reward_model, load_tokenizer, save_pretrained
+from lit_p3o.scoring import build_scorer
+from lit_p3o.tasks import get_task
+
+MICRO = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+SPEC = ModelSpec(architecture=MICRO, tokenizer="embedded:reviews")
+TASK = get_task("reviews")
+
+
+def micro_policy(seed: int = 0):
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(SPEC)
+    return build_causal_lm(SPEC, tokenizer), tokenizer
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def png_width(path: Path) -> int:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">I", data[16:20])[0]
+
+
+# --------------------------------------------------------------------------- win rates
+
+
+def test_win_rate_counts_ties_as_half():
+    assert win_rate([1, 2, 3, 4], [0, 2, 5, 4]) == pytest.approx((1 + 0.5 * 2) / 4)
+    assert win_rate([3.0, 3.0, 1.0], [1.0, 2.0, 3.0]) == pytest.approx(2 / 3)
+    assert win_rate([1.0, 2.0, 3.0], [3.0, 3.0, 1.0]) == pytest.approx(1 / 3)
+    assert win_rate([0.5, 0.5], [0.5, 0.5]) == 0.5
+    assert win_rate(torch.tensor([2.0]), torch.tensor([1.0])) == 1.0
+    with pytest.raises(ValueError):
+        win_rate([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError):
+        win_rate([], [])
+
+
+def test_win_rate_matrix_has_half_diagonal_and_complements():
+    g = torch.Generator().manual_seed(0)
+    judged = {name: torch.randint(0, 4, (50,), generator=g).float() for name in ("p3o", "ppo", "dpo", "sft")}
+    names, m = win_rate_matrix(judged)
+    assert names == ["p3o", "ppo", "dpo", "sft"]
+    assert torch.allclose(m.diagonal(), torch.full((4,), 0.5, dtype=m.dtype))
+    assert torch.allclose(m + m.T, torch.ones_like(m))
+    assert m[0, 1].item() == pytest.approx(win_rate(judged["p3o"], judged["ppo"]))
+
+
+# --------------------------------------------------------------------------- evaluate_policy
+
+
+def test_seeded_restores_the_callers_random_stream():
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    with seeded(123):
+        inside = torch.rand(3)
+    assert torch.equal(torch.rand(3), expected)
+    with seeded(123):
+        assert torch.equal(torch.rand(3), inside)
+
+
+def test_kl_is_zero_against_itself_and_positive_after_a_perturbation():
+    policy, tokenizer = micro_policy()
+    reference = FrozenReference(policy)
+    scorer = build_scorer("embedded:reviews", tokenizer)
+    prompts = TASK.prompts("test", 24)
+    sampling = SamplingSpec(max_new_tokens=8)
+
+    def point():
+        with seeded(0):
+            return evaluate_policy(policy, reference, tokenizer, scorer, prompts, sampling, 16, TASK, batch_size=10)
+
+    same = point()
+    assert same["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert 1 <= same["response_length"] <= 8 and 0 <= same["eos_rate"] <= 1
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    assert point()["kl"] > 0.1
+
+
+def test_gold_is_the_task_reward_of_the_decoded_responses():
+    policy, tokenizer = micro_policy(seed=1)
+    prompts = TASK.prompts("test", 12)
+    sampling = SamplingSpec(max_new_tokens=8)
+    scorer = build_scorer("embedded:reviews", tokenizer)
+    with seeded(3):
+        point = evaluate_policy(policy, FrozenReference(policy), tokenizer, scorer, prompts, sampling, 16, TASK, batch_size=5)
+    with seeded(3):
+        out = sample_completions(policy, tokenizer, prompts, sampling, 16, batch_size=5)
+    direct = [TASK.gold_reward(p, r, e) for p, r, e in zip(prompts, out.responses, out.ended)]
+    assert point["gold"] == pytest.approx(sum(direct) / len(direct))
+    assert point["score"] == pytest.approx(point["gold"], abs=1e-5)  # the scorer is the gold reward here
+    assert point["eos_rate"] == pytest.approx(sum(out.ended) / len(prompts))
+    assert evaluate_policy(policy, FrozenReference(policy), tokenizer, scorer, prompts, sampling, 16)["gold"] is None
+
+
+# --------------------------------------------------------------------------- FrontierCallback
+
+
+def p3o_stage() -> P3OModule:
+    return P3OModule(
+        policy=SPEC,
+        reward_model="embedded:reviews",
+        rollout=RolloutSpec(prompt_pool=32, num_prompts=4, num_responses=2, update_epochs=1, minibatch_groups=2,
+                            max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=8)),
+        optimizer=OptimizerSpec(learning_rate=1e-2),
+    )  # fmt: skip
+
+
+def fit(tmp_path: Path, callbacks: list[L.Callback], **kwargs) -> P3OModule:
+    L.seed_everything(0)
+    stage = p3o_stage()
+    L.Trainer(
+        accelerator="cpu", devices=1, logger=CSVLogger(tmp_path), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, callbacks=callbacks, **kwargs,
+    ).fit(stage)  # fmt: skip
+    return stage
+
+
+def test_frontier_callback_writes_one_row_per_evaluated_step(tmp_path):
+    callback = FrontierCallback(num_prompts=8, eval_every=2, max_new_tokens=8)
+    # 2 minibatches per rollout and 2 per optimizer step: steps 1, 2, 3 at the ends of epochs
+    # 0, 1, 2; step 2 is still current at the first batch of epoch 2 and must not repeat.
+    stage = fit(tmp_path, [callback], max_epochs=3, accumulate_grad_batches=2)
+    assert stage.trainer.global_step == 3
+    path = Path(stage.trainer.log_dir) / "frontier.csv"
+    rows = read_rows(path)
+    assert list(rows[0]) == list(FRONTIER_COLUMNS)
+    assert [int(r["step"]) for r in rows] == [0, 2, 3]  # start, the multiple of 2, the end
+    assert float(rows[0]["kl"]) == pytest.approx(0.0, abs=1e-4)  # π_θ = π_ref before any update
+    assert all(r["gold"] != "" for r in rows)
+    assert [r["step"] for r in callback.rows] == [0, 2, 3]
+    metrics = read_rows(Path(stage.trainer.log_dir) / "metrics.csv")
+    logged = [(int(r["step"]), float(r["eval/kl"])) for r in metrics if r.get("eval/kl")]
+    assert logged == [(int(r["step"]), pytest.approx(float(r["kl"]))) for r in rows]
+
+
+def test_frontier_callback_leaves_the_training_randomness_alone(tmp_path):
+    plain = fit(tmp_path / "plain", [], max_epochs=2)
+    evaluated = fit(tmp_path / "evaluated", [FrontierCallback(num_prompts=4, eval_every=1, max_new_tokens=8)], max_epochs=2)
+    a, b = plain.policy.state_dict(), evaluated.policy.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], p3o_stage().policy.state_dict()[k]) for k in a)  # it did train
+
+
+def test_a_resumed_run_appends_without_repeating_its_last_step(tmp_path):
+    def run(max_epochs: int, ckpt_path: str | None = None) -> None:
+        L.seed_everything(0)
+        L.Trainer(
+            accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, default_root_dir=tmp_path,
+            enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[FrontierCallback(num_prompts=4, eval_every=1, max_new_tokens=8),
+                       ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+        ).fit(p3o_stage(), ckpt_path=ckpt_path)  # fmt: skip
+
+    run(max_epochs=1)
+    run(max_epochs=2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert [int(r["step"]) for r in read_rows(tmp_path / "frontier.csv")] == [0, 1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def write_frontier(path: Path, rows: list[tuple[float, float, float | None]]) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(FRONTIER_COLUMNS)
+        for step, (kl, score, gold) in enumerate(rows):
+            writer.writerow([step, kl, score, "" if gold is None else gold, 5.0, 1.0])
+    return path
+
+
+def test_plot_frontier_draws_a_gold_panel_only_with_gold(tmp_path):
+    with_gold = write_frontier(tmp_path / "a.csv", [(0.0, 0.1, -1.0), (0.5, 0.4, -0.6), (1.2, 0.9, -0.2)])
+    no_gold = write_frontier(tmp_path / "b.csv", [(0.0, 0.2, None), (0.8, 0.5, None)])
+    two = plot_frontier({"p3o-v1 beta=0.05 seed=0": with_gold, "ppo beta=0.05 seed=0": no_gold}, tmp_path / "two.png")
+    one = plot_frontier({"ppo beta=0.05 seed=0": no_gold}, tmp_path / "one.png")
+    assert two.stat().st_size > 0 and one.stat().st_size > 0
+    assert png_width(two) == 2 * png_width(one)
+
+
+def test_cli_dispatches_frontier(tmp_path):
+    a = write_frontier(tmp_path / "a.csv", [(0.0, 0.1, -1.0), (0.4, 0.3, -0.5)])
+    b = write_frontier(tmp_path / "b.csv", [(0.0, 0.1, -1.0), (0.9, 0.6, -0.4)])
+    out = tmp_path / "plots" / "frontier.png"
+    main(["frontier", f"p3o-v1 beta=0.05={a}", f"ppo beta=0.05={b}", "--out", str(out)])
+    assert out.stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main(["frontier", f"p3o={a}", f"p3o={b}", "--out", str(out)])  # duplicate labels
+
+
+def test_labels_may_contain_equals_signs(tmp_path):
+    csv_path = write_frontier(tmp_path / "beta=0.1.csv", [(0.0, 0.0, None)])
+    assert _label_and_path(f"p3o beta=0.1={csv_path}") == ("p3o beta=0.1", str(csv_path))
+    assert _label_and_path("sft=gpt2") == ("sft", "gpt2")
+
+
+def test_winrate_command_writes_complementary_matrices(tmp_path, capsys):
+    tokenizer = load_tokenizer(SPEC)
+    for seed in (0, 1):
+        policy, _ = micro_policy(seed)
+        save_pretrained(policy, tokenizer, tmp_path / f"policy{seed}")
+    torch.manual_seed(2)
+    save_pretrained(build_reward_model(SPEC, tokenizer), tokenizer, tmp_path / "rm")
+    out_dir = tmp_path / "winrates"
+    main([
+        "winrate", f"a={tmp_path / 'policy0'}", f"a again={tmp_path / 'policy0'}", f"b={tmp_path / 'policy1'}",
+        "--judge", str(tmp_path / "rm"), "--num-prompts", "12", "--max-new-tokens", "8", "--out-dir", str(out_dir),
+    ])  # fmt: skip
+    assert "win rate of row over column" in capsys.readouterr().out
+    rows = read_rows(out_dir / "winrates.csv")
+    table = {(r["judge"], r["policy_a"], r["policy_b"]): float(r["win_rate"]) for r in rows}
+    assert {judge for judge, _, _ in table} == {"rm", "gold"}  # embedded prompts add the gold judge
+    assert len(table) == 2 * 9
+    for (judge, a, b), value in table.items():
+        assert value + table[(judge, b, a)] == pytest.approx(1.0)
+    for judge in ("rm", "gold"):
+        assert table[(judge, "a", "a again")] == 0.5  # same weights and seed: identical samples
+        assert (out_dir / f"winrates_{judge}.png").stat().st_size > 0

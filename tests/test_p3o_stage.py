@@ -1,0 +1,162 @@
+"""P3O as a Lightning stage: the order of events, the non-finite guard, resume, learning."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lit_p3o import ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
+
+MICRO = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
+def make_stage(policy: ModelSpec | None = None, **rollout_kwargs) -> P3OModule:
+    kwargs = dict(prompt_pool=32, num_prompts=4, num_responses=2, update_epochs=2, minibatch_groups=2,
+                  max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6))
+    kwargs.update(rollout_kwargs)
+    return P3OModule(
+        policy or ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"),
+        "embedded:reviews",
+        rollout=RolloutSpec(**kwargs),
+        optimizer=OptimizerSpec(learning_rate=1e-2),
+    )
+
+
+def trainer(tmp_path: Path, max_epochs: int, **kwargs) -> L.Trainer:
+    kwargs.setdefault("enable_checkpointing", False)
+    return L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, **kwargs,
+    )
+
+
+def weights(stage: P3OModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in stage.policy.state_dict().items()}
+
+
+def test_one_epoch_is_one_rollout_then_update_epochs_passes(tmp_path):
+    L.seed_everything(0)
+    stage = make_stage()
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append((module.buffer.rollouts, batch.num_groups))
+
+    trainer(tmp_path, max_epochs=2, callbacks=[Spy()]).fit(stage)
+    # 4 groups, minibatches of 2, 2 passes -> 4 steps per rollout, 2 rollouts
+    assert seen == [(1, 2)] * 4 + [(2, 2)] * 4
+    assert stage.trainer.global_step == 8
+
+
+def varied_scores(examples, ended):
+    """Distinct scores per response, so every pair has δ ≠ 0 (a random micro policy earns the
+    same gold reward for all its gibberish)."""
+    return torch.arange(len(examples), dtype=torch.float32) * torch.tensor([1.0, -1.0]).repeat(len(examples))[: len(examples)]
+
+
+def test_non_finite_reward_skips_the_step_and_keeps_weights(tmp_path):
+    L.seed_everything(0)
+    stage = make_stage(minibatch_groups=4)  # every minibatch holds the poisoned group
+
+    def poisoned(examples, ended):
+        scores = varied_scores(examples, ended)
+        scores[1] = float("nan")
+        return scores
+
+    stage.scorer.score_examples = poisoned
+    before = weights(stage)
+    trainer(tmp_path, max_epochs=1).fit(stage)
+    assert stage.skipped_steps == 2  # update_epochs passes of one minibatch each
+    for name, value in weights(stage).items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_finite_rewards_do_change_weights(tmp_path):
+    L.seed_everything(0)
+    stage = make_stage(minibatch_groups=4)
+    stage.scorer.score_examples = varied_scores
+    before = weights(stage)
+    trainer(tmp_path, max_epochs=1).fit(stage)
+    assert stage.skipped_steps == 0
+    assert any(not torch.equal(v, before[k]) for k, v in weights(stage).items())
+
+
+def run_to_end(tmp_path: Path, epochs: int, resume_from: str | None = None, stop_after: int | None = None):
+    L.seed_everything(0)
+    stage = make_stage(update_epochs=2, minibatch_groups=2, num_responses=3)
+    stage.scorer.score_examples = lambda examples, ended: torch.randn(len(examples))  # uses the seeded RNG
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, every_n_epochs=1)
+    t = trainer(tmp_path, max_epochs=stop_after or epochs, callbacks=[checkpoint], enable_checkpointing=True)
+    t.fit(stage, ckpt_path=resume_from)
+    return stage, t
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
+    full, full_trainer = run_to_end(tmp_path / "full", epochs=4)
+    run_to_end(tmp_path / "cut", epochs=4, stop_after=2)
+    last = tmp_path / "cut" / "ckpt" / "last.ckpt"
+    assert last.is_file()
+    resumed, resumed_trainer = run_to_end(tmp_path / "resumed", epochs=4, resume_from=str(last))
+    assert resumed_trainer.global_step == full_trainer.global_step
+    assert resumed.buffer.rollouts == full.buffer.rollouts == 4
+    for name, value in weights(full).items():
+        torch.testing.assert_close(weights(resumed)[name], value, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        torch.stack([g.scores for g in resumed.buffer.groups]), torch.stack([g.scores for g in full.buffer.groups])
+    )
+
+
+def test_checkpoint_keeps_buffer_and_drops_frozen_copies(tmp_path):
+    _, t = run_to_end(tmp_path, epochs=1)
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert len(state["replay_buffer"]["groups"]) == 4
+    assert not [k for k in state["state_dict"] if k.startswith("reference.")]
+    assert "RolloutCallback" in state["callbacks"]
+    assert set(state["callbacks"]["RolloutCallback"]) == {"kl", "sampler", "rng"}
+
+
+@pytest.mark.slow
+def test_p3o_raises_reward_of_an_sft_policy(tmp_path):
+    """A short seeded P3O run on the embedded task beats the SFT policy it starts from."""
+    from lit_p3o import SFTDataModule, SFTModule
+    from lit_p3o.evaluation import sample_completions
+    from lit_p3o.generation import SamplingSpec as Sampling
+    from lit_p3o.tasks import get_task
+
+    L.seed_everything(0)
+    arch = dict(MICRO, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4)
+    sft = SFTModule(ModelSpec(architecture=arch, tokenizer="embedded:reviews"),
+                    optimizer=OptimizerSpec(learning_rate=3e-3), save_dir=str(tmp_path / "sft"))
+    data = SFTDataModule(embedded_size=2000, max_length=48, batch_size=32)
+    trainer(tmp_path, max_epochs=2, limit_val_batches=0).fit(sft, data)
+
+    task = get_task("reviews")
+    test_prompts = task.prompts("test", 64)
+
+    def mean_gold(policy, tokenizer) -> float:
+        torch.manual_seed(123)
+        out = sample_completions(policy, tokenizer, test_prompts, Sampling(max_new_tokens=24), 16)
+        return sum(task.gold_reward(p, r, e) for p, r, e in zip(out.prompts, out.responses, out.ended)) / len(test_prompts)
+
+    L.seed_everything(0)
+    stage = make_stage(
+        policy=ModelSpec(name_or_path=str(tmp_path / "sft")), prompt_pool=400, num_prompts=32,
+        minibatch_groups=8, sampling=SamplingSpec(max_new_tokens=24),
+    )
+    stage.optimizer_spec = OptimizerSpec(learning_rate=1e-3)
+    before = mean_gold(stage.policy, stage.tokenizer)
+    trainer(tmp_path, max_epochs=8, gradient_clip_val=1.0).fit(stage)
+    after = mean_gold(stage.policy, stage.tokenizer)
+    assert after > before + 0.1, (before, after)
