@@ -5,7 +5,7 @@ import torch
 from lit_p3o.buffer import Group, ReplayBuffer, RolloutBatch
 from lit_p3o.data.preferences import EmbeddedPreferenceSpec, PreferenceDataModule
 from lit_p3o.data.sft import SFTDataModule
-from lit_p3o.evaluation import CompletionReport
+from lit_p3o.evaluation import CompletionReport, FrontierCallback, evaluate_policy
 from lit_p3o.generation import SamplingSpec
 from lit_p3o.models import (
     FrozenReference,
@@ -35,6 +35,7 @@ torch.serialization.add_safe_globals(
 __all__ = [
     "CompletionReport",
     "EmbeddedPreferenceSpec",
+    "FrontierCallback",
     "FrozenReference",
     "GoldScorer",
     "Group",
@@ -59,5 +60,6 @@ __all__ = [
     "SamplingSpec",
     "build_causal_lm",
     "build_reward_model",
+    "evaluate_policy",
     "load_tokenizer",
 ]

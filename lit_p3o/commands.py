@@ -82,7 +82,9 @@ def win_rate(a: Sequence[float] | Tensor, b: Sequence[float] | Tensor) -> float:
     a = torch.as_tensor(a, dtype=torch.float64)
     b = torch.as_tensor(b, dtype=torch.float64)
     if a.ndim != 1 or a.shape != b.shape or a.numel() == 0:
-        raise ValueError(f"win_rate: needs two non-empty 1-d score lists of one length, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"win_rate: needs two non-empty 1-d score lists of one length, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     return ((a > b).sum() + 0.5 * (a == b).sum()).item() / a.numel()
 
 
@@ -172,7 +174,8 @@ def _scorer_for(
 def format_matrix(names: list[str], matrix: Tensor, means: list[float], title: str) -> str:
     """The matrix as text, rows beating columns, with each policy's mean judge score."""
     width = max(8, *(len(n) for n in names)) + 2
-    lines = [f"win rate of row over column ({title})", " " * width + "".join(f"{n:>{width}}" for n in names) + "   mean score"]
+    header = " " * width + "".join(f"{n:>{width}}" for n in names) + "   mean score"
+    lines = [f"win rate of row over column ({title})", header]
     for name, row, mean in zip(names, matrix.tolist(), means):
         lines.append(f"{name:<{width}}" + "".join(f"{v:>{width}.3f}" for v in row) + f"   {mean:10.4f}")
     return "\n".join(lines)

@@ -187,7 +187,7 @@ class FrontierCallback(L.Callback):
         return {"last_step": self.last_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        self.last_step = state["last_step"]
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         missing = [a for a in ("policy", "reference", "tokenizer", "scorer") if not hasattr(pl_module, a)]

@@ -186,7 +186,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         advantage = delta + gamma * lam * next_advantage
         advantages[:, t] = advantage * mask[:, t]
-        next_value = values[:, t]
+        next_value = torch.where(present[:, t], values[:, t], next_value)
         next_advantage = torch.where(present[:, t], advantage, next_advantage)
     return advantages, (advantages + values) * mask
 

@@ -253,11 +253,7 @@ def _load_or_build(
     if spec.quantization is not None:
         kwargs["quantization_config"] = _bnb_config(spec.quantization)
         kwargs.setdefault("device_map", {"": _quantization_device()})
-    base = _adapter_base(source)
-    if base is None:
-        model = _from_pretrained(auto_class, source, "name_or_path", **kwargs)
-    else:
-        model = _load_merged_adapters(source, base, auto_class, kwargs)
+    model = _load_pretrained(source, auto_class, kwargs, "name_or_path")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -311,15 +307,42 @@ def _adapter_base(source: str) -> str | None:
     return base
 
 
+def _load_pretrained(source: str, auto_class: Any, kwargs: dict[str, Any], field_name: str) -> PreTrainedModel:
+    """A model directory or hub id as is; an adapter directory merged into its base."""
+    base = _adapter_base(source)
+    if base is None:
+        return _from_pretrained(auto_class, source, field_name, **kwargs)
+    return _load_merged_adapters(source, base, auto_class, kwargs)
+
+
 def _load_merged_adapters(source: str, base: str, auto_class: Any, kwargs: dict[str, Any]) -> PreTrainedModel:
-    """Load base + saved adapters; merge them unless the base is quantized (then keep them)."""
+    """Load base + saved adapters and merge them into plain weights.
+
+    The base may itself be an adapter directory (LoRA SFT → LoRA RL): it is merged first. The
+    merged model is named after ``source``, so adapters trained on top of it record ``source``
+    (not the bare base) as their ``base_model_name_or_path``.
+
+    Adapters cannot be merged into quantized weights, and stacking the new ``lora`` on a
+    loaded peft model would overwrite the saved adapters (both are named ``default``). So for
+    a quantized load the merge happens in ``dtype`` first and the merged model is quantized
+    while loading from a temporary directory: the policy then starts at the saved model (up to
+    quantization), and π_ref (adapters off) is that model, not the bare base.
+    """
+    import tempfile
+
     from peft import PeftModel
 
-    model = _from_pretrained(auto_class, base, "name_or_path (adapter base)", **kwargs)
-    model = PeftModel.from_pretrained(model, source)
+    plain = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
+    model = _load_pretrained(base, auto_class, plain, "name_or_path (adapter base)")
+    model = PeftModel.from_pretrained(model, source).merge_and_unload()
     if "quantization_config" in kwargs:
-        return model
-    return model.merge_and_unload()
+        log.info("merging the adapters of %s into their base before quantizing it", source)
+        with tempfile.TemporaryDirectory(prefix="lit-p3o-merged-") as merged:
+            model.save_pretrained(merged)
+            del model
+            model = _from_pretrained(auto_class, merged, "name_or_path (merged adapters)", **kwargs)
+    model.name_or_path = model.config._name_or_path = source
+    return model
 
 
 def _check_local_path(source: str, field_name: str) -> None:

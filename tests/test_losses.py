@@ -386,6 +386,15 @@ def test_gae_padded_rows_match_unpadded():
     assert not adv.requires_grad and not ret.requires_grad
 
 
+def test_gae_skips_masked_gap_inside_response():
+    # A masked position between response tokens is absent: token 1's successor is token 3.
+    rewards, values = t([0.0, 0.0, 9.0, 1.0]), t([0.5, 0.6, 7.0, 0.7])
+    mask = torch.tensor([[1, 1, 0, 1]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    torch.testing.assert_close(adv, t([0.46575, 0.385, 0.0, 0.3]))
+    torch.testing.assert_close(ret, t([0.96575, 0.985, 0.0, 1.0]))
+
+
 def test_gae_discount():
     # γ = 0.5, λ = 1: A_t = Σ_k γ^k δ_{t+k} = discounted return − V_t. r = (1, 2), V = 0.
     adv, _ = gae(t([1.0, 2.0]), t([0.0, 0.0]), torch.ones(1, 2), gamma=0.5, lam=1.0)

@@ -211,6 +211,48 @@ def test_lora_adapters_round_trip_to_a_merged_model(micro_model_dir, tmp_path):
     torch.testing.assert_close(logits_of(reloaded.eval()), expected, rtol=1e-5, atol=1e-5)
 
 
+def _saved_adapters(micro_model_dir, tmp_path, name, seed=1):
+    spec = ModelSpec(name_or_path=str(micro_model_dir), lora=LoraSpec(r=2, target_modules=["q_proj"]))
+    tok = load_tokenizer(spec)
+    policy = build_causal_lm(spec, tok)
+    perturb_lora(policy, seed)
+    return save_pretrained(policy, tok, tmp_path / name), logits_of(policy.eval()), tok
+
+
+def test_lora_on_top_of_saved_adapters_chains(micro_model_dir, tmp_path):
+    """LoRA SFT → LoRA RL: the RL adapters' base is the SFT model, not the bare base."""
+    sft_dir, sft_logits, tok = _saved_adapters(micro_model_dir, tmp_path, "sft")
+    spec = ModelSpec(name_or_path=str(sft_dir), lora=LoraSpec(r=2, target_modules=["v_proj"]))
+    policy = build_causal_lm(spec, tok)
+    reference = FrozenReference(policy)
+    with reference.active() as ref:  # π_ref is the SFT model
+        torch.testing.assert_close(logits_of(ref.eval()), sft_logits, rtol=1e-5, atol=1e-5)
+    perturb_lora(policy, seed=2)
+    rl_logits = logits_of(policy.eval())
+    rl_dir = save_pretrained(policy, tok, tmp_path / "rl")
+    assert json.loads((rl_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(sft_dir)
+    reloaded = build_causal_lm(ModelSpec(name_or_path=str(rl_dir)), tok)
+    torch.testing.assert_close(logits_of(reloaded.eval()), rl_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_4bit_from_saved_adapters_starts_at_the_merged_model(micro_model_dir, tmp_path):
+    """QLoRA SFT → QLoRA RL: the saved adapters are merged, then quantized; not overwritten."""
+    pytest.importorskip("bitsandbytes")
+    sft_dir, sft_logits, tok = _saved_adapters(micro_model_dir, tmp_path, "sft")
+    lora, quant = LoraSpec(r=2, target_modules=["v_proj"]), QuantizationSpec()
+    policy = build_causal_lm(ModelSpec(name_or_path=str(sft_dir), lora=lora, quantization=quant), tok)
+    assert not any("q_proj.lora" in n for n, _ in policy.named_parameters())  # no nested adapters
+    # what a user gets by merging and saving by hand, then loading that in 4 bits
+    merged_dir = save_pretrained(build_causal_lm(ModelSpec(name_or_path=str(sft_dir)), tok), tok, tmp_path / "merged")
+    by_hand = build_causal_lm(ModelSpec(name_or_path=str(merged_dir), lora=lora, quantization=quant), tok)
+    bare = build_causal_lm(ModelSpec(name_or_path=str(micro_model_dir), lora=lora, quantization=quant), tok)
+    expected = logits_of(by_hand.eval())
+    torch.testing.assert_close(logits_of(policy.eval()), expected, rtol=0, atol=0)
+    assert (logits_of(bare.eval()) - expected).abs().max() > 1e-2  # the SFT adapters matter
+    with FrozenReference(policy).active() as ref:
+        torch.testing.assert_close(logits_of(ref), expected, rtol=0, atol=0)
+
+
 def test_saving_lora_on_a_fresh_architecture_keeps_the_weights(micro_spec, tmp_path):
     """Adapters alone are useless when the base was built from `architecture` (no base on disk)."""
     micro_spec.lora = LoraSpec(r=2, target_modules=["q_proj"])

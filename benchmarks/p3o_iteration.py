@@ -1,0 +1,177 @@
+"""Time P3O iterations at fixed shapes and split the time honestly.
+
+Shapes (issue 4): tiny Llama (2 layers, hidden 128, 4 heads), 8 prompts × K=2, 16-word
+prompts, 32 new tokens, update_epochs 1, a reward model of the same size. Prints
+completions/s, generated tokens/s, the split between generation, scoring, log-prob passes
+and the update inside real Lightning iterations, peak RSS, and the ratio of an iteration to
+the same model calls measured on their own (the target is ≤ 1.15).
+
+    python benchmarks/p3o_iteration.py [--iterations 10] [--device cpu|cuda] [--dtype float32|bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Iterator
+
+import lightning as L
+import torch
+
+import lit_p3o.rollout as rollout_module
+from lit_p3o import ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
+from lit_p3o.data.encoding import collate
+from lit_p3o.generation import response_logprobs, sample_responses
+from lit_p3o.models import build_reward_model, load_tokenizer, save_pretrained
+from lit_p3o.tasks import get_task
+
+ARCH = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128}
+PROMPTS, K, PROMPT_WORDS, NEW_TOKENS = 8, 2, 16, 32
+
+
+class Timer:
+    """Accumulates wall time per named phase (synchronising CUDA so the split is real)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.totals[name] += time.perf_counter() - start
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            with self.phase(name):
+                return fn(*args, **kwargs)
+
+        return timed
+
+
+def sixteen_word_prompts() -> list[str]:
+    words = [w for w in get_task("reviews").build_tokenizer().get_vocab() if not w.startswith("<")]
+    return [" ".join(words[(7 * i + j) % len(words)] for j in range(PROMPT_WORDS)) for i in range(64)]
+
+
+def build_stage(args: argparse.Namespace, workdir: str) -> P3OModule:
+    tokenizer = load_tokenizer(ModelSpec(architecture=ARCH, tokenizer="embedded:reviews"))
+    reward = build_reward_model(ModelSpec(architecture=ARCH, tokenizer="embedded:reviews"), tokenizer)
+    save_pretrained(reward, tokenizer, f"{workdir}/reward")
+    prompts_file = f"{workdir}/prompts.jsonl"
+    with open(prompts_file, "w") as f:
+        for p in sixteen_word_prompts():
+            f.write(f'{{"prompt": "{p}"}}\n')
+    return P3OModule(
+        ModelSpec(architecture=ARCH, tokenizer="embedded:reviews", dtype=args.dtype),
+        f"{workdir}/reward",
+        rollout=RolloutSpec(prompts=prompts_file, prompt_pool=None, num_prompts=PROMPTS, num_responses=K,
+                            update_epochs=1, minibatch_groups=PROMPTS, max_prompt_tokens=32,
+                            sampling=SamplingSpec(max_new_tokens=NEW_TOKENS), log_samples=0),
+        optimizer=OptimizerSpec(learning_rate=1e-5),
+    )
+
+
+class IterationClock(L.Callback):
+    """Wall time of each whole iteration (rollout + update) and of the update alone."""
+
+    def __init__(self, timer: Timer, warmup: int) -> None:
+        self.timer, self.warmup, self.iterations, self._start = timer, warmup, [], 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:  # runs before the rollout callback's
+        if trainer.current_epoch == self.warmup:
+            self.timer.totals.clear()  # the split covers measured iterations only
+        self._start = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._update_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.timer.totals["update (forward+backward+step)"] += time.perf_counter() - self._update_start
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.iterations.append(time.perf_counter() - self._start)
+
+
+def isolated_calls(stage: P3OModule, repeats: int) -> float:
+    """Generate + the forwards/backward an iteration needs, each timed on its own."""
+    tok = stage.tokenizer
+    prompts = [tok(p)["input_ids"] for p in sixteen_word_prompts()[:PROMPTS] for _ in range(K)]
+    timer = Timer()
+    for _ in range(repeats):
+        with timer.phase("generate"):
+            sampled = sample_responses(stage.policy, tok, prompts, stage.rollout_spec.sampling)
+        batch = collate(sampled.examples, tok.pad_token_id).to(stage.device)
+        with timer.phase("forwards"), torch.no_grad():
+            response_logprobs(stage.policy, batch)
+            with stage.reference.active() as ref:
+                response_logprobs(ref, batch)
+            stage.scorer.score_examples(sampled.examples, sampled.ended)
+        with timer.phase("update"):
+            loss = response_logprobs(stage.policy, batch).sum()
+            loss.backward()
+            stage.policy.zero_grad(set_to_none=True)
+    return sum(timer.totals.values()) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+    L.seed_everything(0)
+    timer = Timer()
+    with tempfile.TemporaryDirectory() as workdir:
+        stage = build_stage(args, workdir)
+        rollout_module.sample_responses = timer.wrap("generation", rollout_module.sample_responses)
+        rollout_module.response_logprobs = timer.wrap("logprob passes (old, ref)", rollout_module.response_logprobs)
+        stage.scorer.score_examples = timer.wrap("reward scoring", stage.scorer.score_examples)
+        clock = IterationClock(timer, args.warmup)
+        trainer = L.Trainer(accelerator=args.device, devices=1, max_epochs=args.warmup + args.iterations,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[clock])
+        generated: list[int] = []
+        real_fill = stage.buffer.fill
+
+        def counting_fill(groups, beta):
+            generated.append(sum(len(r) for g in groups for r in g.responses))
+            real_fill(groups, beta)
+
+        stage.buffer.fill = counting_fill
+        trainer.fit(stage)
+        measured = clock.iterations[args.warmup :]
+        per_iter = sum(measured) / len(measured)
+        tokens = sum(generated[args.warmup :]) / len(measured)
+        isolated = isolated_calls(stage, repeats=args.iterations)
+
+    print(f"device {args.device}, dtype {args.dtype}, torch threads {torch.get_num_threads()}")
+    print(f"shapes: {PROMPTS} prompts x K={K}, {PROMPT_WORDS}-word prompts, {NEW_TOKENS} new tokens, "
+          f"tiny Llama {ARCH['num_hidden_layers']}x{ARCH['hidden_size']}")
+    print(f"iteration: {per_iter * 1000:.1f} ms  |  completions/s {PROMPTS * K / per_iter:.1f}  |  "
+          f"generated tokens/s {tokens / per_iter:.1f} ({tokens:.0f} tokens/iteration)")
+    print("split per iteration:")
+    accounted = 0.0
+    for name, total in sorted(timer.totals.items(), key=lambda kv: -kv[1]):
+        share = total / len(measured)
+        accounted += share
+        print(f"  {name:<34} {share * 1000:8.1f} ms  {share / per_iter:6.1%}")
+    print(f"  {'other (Lightning, collation, logs)':<34} {(per_iter - accounted) * 1000:8.1f} ms  "
+          f"{(per_iter - accounted) / per_iter:6.1%}")
+    print(f"isolated generate + forwards + backward: {isolated * 1000:.1f} ms -> "
+          f"iteration / isolated = {per_iter / isolated:.2f} (target <= 1.15)")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

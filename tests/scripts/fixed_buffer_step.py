@@ -1,0 +1,58 @@
+"""Two P3O updates on a fixed buffer, on 1 process or under DDP (run by tests/test_ddp.py).
+
+The buffer is built deterministically and identically on every rank; under DDP each rank
+keeps its own half of the groups, as a real rollout would give it. Rank 0 writes the loss it
+logged (reduced across ranks) and the updated policy weights to OUT.
+"""
+
+import sys
+
+import lightning as L
+import torch
+
+from lit_p3o import ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
+from lit_p3o.data.prompts import load_prompts
+from lit_p3o.rollout import rollout
+
+MICRO = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
+GROUPS = 8
+
+
+class FixedBufferP3O(P3OModule):
+    """P3O without the rollout callback: the buffer is filled once before fit."""
+
+    def configure_callbacks(self):
+        return []
+
+    def setup(self, stage: str) -> None:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        torch.manual_seed(1234)  # same groups on every rank
+        groups = rollout(self, load_prompts("embedded:reviews", "train", GROUPS), 0.1, self.rollout_spec)
+        for g in groups:
+            g.scores.normal_()  # varied scores so every pair has a gradient
+            g.rewards.copy_(g.scores - 0.1 * g.kl)
+        self.buffer.fill(groups[rank::world], beta=0.1)
+
+
+def main(out: str, devices: int) -> None:
+    L.seed_everything(0)
+    per_rank = GROUPS // devices
+    stage = FixedBufferP3O(
+        ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"),
+        "embedded:reviews",
+        rollout=RolloutSpec(prompt_pool=GROUPS, num_prompts=per_rank, num_responses=2, update_epochs=2,
+                            minibatch_groups=per_rank, max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6)),
+        optimizer=OptimizerSpec(learning_rate=1e-2),
+    )
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(stage)
+    if trainer.is_global_zero:
+        torch.save({"loss": float(trainer.callback_metrics["train/loss"]),
+                    "weights": {k: v.detach().clone() for k, v in stage.policy.state_dict().items()}}, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
