@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/lit-p3o fit --config configs/demo/sft.yaml
+	bash scripts/demo.sh $(VENV)/bin/lit-p3o
 
 test: install
 	$(PY) -m pytest -q

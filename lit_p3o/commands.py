@@ -1,4 +1,4 @@
-"""Comparing finished runs: ``lit-p3o frontier`` and ``lit-p3o winrate`` (ALGORITHMS.md §8).
+"""Comparing finished runs: ``lit-p3o frontier``, ``winrate`` and ``report`` (ALGORITHMS.md §8).
 
 * ``frontier`` plots the (KL, reward) rows that :class:`~lit_p3o.evaluation.FrontierCallback`
   wrote for each run, one colour per algorithm and a least-squares line per run: a method is
@@ -6,6 +6,7 @@
 * ``winrate`` samples every saved policy on the same prompts and reports, for each pair, the
   probability that a judge (a reward model, or an embedded task's gold reward) prefers the
   row's response to the column's, ties counting one half (the paper's Figure 5).
+* ``report`` prints an RL run's before/after table and plots its evaluation rows over steps.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.prompts import load_prompts
-from lit_p3o.evaluation import read_frontier, sample_completions, seeded
+from lit_p3o.evaluation import evaluate_policy, read_frontier, sample_completions, seeded
 from lit_p3o.generation import SamplingSpec
-from lit_p3o.models import ModelSpec, build_causal_lm, load_tokenizer
+from lit_p3o.models import FrozenReference, ModelSpec, build_causal_lm, load_tokenizer
 from lit_p3o.scoring import GoldScorer, RewardScorer, build_scorer
 from lit_p3o.tasks import resolve_embedded
 
@@ -274,4 +275,84 @@ def winrate_main(argv: Sequence[str] | None = None) -> dict[str, tuple[list[str]
     )  # fmt: skip
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {"frontier": frontier_main, "winrate": winrate_main}
+# --------------------------------------------------------------------------- report
+
+
+def report(
+    reference: str | Path,
+    policy: str | Path,
+    judge: str,
+    frontier_csv: str | Path | None,
+    out: str | Path,
+    prompts: str = "embedded:reviews",
+    num_prompts: int = 200,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+) -> dict[str, dict[str, float | None]]:
+    """Before/after table of an RL run: the reference (SFT) policy and the trained policy on
+    the same held-out prompts, both measured against the reference; plus a PNG of the run's
+    evaluation rows (proxy and gold reward, KL) over optimizer steps."""
+    spec = ModelSpec(name_or_path=str(reference))
+    tokenizer = load_tokenizer(spec)
+    ref_model = build_causal_lm(spec, tokenizer).eval()
+    frozen = FrozenReference(ref_model)
+    task = resolve_embedded(prompts)
+    prompt_list = load_prompts(prompts, "test", num_prompts, tokenizer=tokenizer)
+    scorer = build_scorer(judge, tokenizer)
+    sampling = SamplingSpec(max_new_tokens=max_new_tokens)
+    rows: dict[str, dict[str, float | None]] = {}
+    for name, model in (("reference", ref_model), ("trained", build_causal_lm(ModelSpec(name_or_path=str(policy)), tokenizer))):
+        with seeded(seed):
+            rows[name] = evaluate_policy(model, frozen, tokenizer, scorer, prompt_list, sampling, 256, task)
+    header = f"{'':<22}{'proxy reward':>14}{'gold reward':>13}{'KL to ref':>11}{'length':>8}{'EOS':>7}"
+    print(f"\n[lit-p3o] {len(prompt_list)} held-out prompts, one sample each (judge: {judge_label(judge)})")
+    print(header)
+    for name, path in (("reference", reference), ("trained", policy)):
+        r = rows[name]
+        gold = "-" if r["gold"] is None else f"{r['gold']:.3f}"
+        print(f"{Path(path).name:<22}{r['score']:>14.3f}{gold:>13}{r['kl']:>11.3f}{r['response_length']:>8.1f}{r['eos_rate']:>7.0%}")
+    if frontier_csv is not None:
+        path = plot_training_curves(read_frontier(frontier_csv), Path(out))
+        print(f"[lit-p3o] wrote {path}")
+    return rows
+
+
+def plot_training_curves(rows: Mapping[str, list[float]], out: Path) -> Path:
+    """Reward (proxy, and gold when present) and KL against optimizer steps, side by side."""
+    figure = Figure(figsize=(10, 4))
+    reward_axes, kl_axes = figure.subplots(1, 2)
+    reward_axes.plot(rows["step"], rows["score"], marker="o", label="proxy reward (reward model)")
+    if any(not np.isnan(g) for g in rows["gold"]):
+        reward_axes.plot(rows["step"], rows["gold"], marker="s", label="gold reward")
+    reward_axes.set(xlabel="optimizer step", ylabel="mean reward on held-out prompts")
+    reward_axes.legend()
+    kl_axes.plot(rows["step"], rows["kl"], marker="o", color="tab:red")
+    kl_axes.set(xlabel="optimizer step", ylabel="sequence KL to the reference")
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    return out
+
+
+def report_main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float | None]]:
+    """``lit-p3o report --reference DIR --policy DIR --judge DIR_OR_EMBEDDED [--frontier CSV]``."""
+    parser = argparse.ArgumentParser(prog="lit-p3o report", description=report.__doc__.split("\n\n")[0])
+    parser.add_argument("--reference", required=True, help="the policy RL started from (e.g. the SFT model)")
+    parser.add_argument("--policy", required=True, help="the trained policy directory")
+    parser.add_argument("--judge", required=True, help="reward model directory, or embedded:<task>")
+    parser.add_argument("--frontier", default=None, help="the run's frontier.csv (FrontierCallback)")
+    parser.add_argument("--out", type=Path, default=Path("training_curves.png"))
+    parser.add_argument("--prompts", default="embedded:reviews")
+    parser.add_argument("--num-prompts", type=int, default=200)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    return report(args.reference, args.policy, args.judge, args.frontier, args.out, args.prompts,
+                  args.num_prompts, args.max_new_tokens, args.seed)  # fmt: skip
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
+    "frontier": frontier_main,
+    "winrate": winrate_main,
+    "report": report_main,
+}

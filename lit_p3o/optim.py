@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -43,7 +44,7 @@ def configure_adamw(module: L.LightningModule, spec: OptimizerSpec) -> dict[str,
         if total is None:
             return 1.0
         progress = min(1.0, (step - spec.warmup_steps) / max(1, total - spec.warmup_steps))
-        return 0.5 * (1.0 + torch.cos(torch.tensor(progress * torch.pi)).item())
+        return 0.5 * (1.0 + math.cos(progress * math.pi))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

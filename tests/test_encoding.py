@@ -137,3 +137,21 @@ def test_position_ids_from_mask():
 def test_collate_rejects_empty():
     with pytest.raises(ValueError, match="empty"):
         collate([], pad_token_id=PAD)
+
+
+def test_an_empty_prompt_becomes_one_start_token(micro_tokenizer):
+    """Otherwise the first response token would be predicted from a padding column."""
+    tok = micro_tokenizer
+    assert encode_prompt(tok, "") == [tok.bos_token_id]
+    enc = encode_example(tok, "", "it is good .", max_length=16)
+    assert enc.prompt_ids == [BOS] and len(enc.response_ids) == 5
+    batch = collate([enc, encode_example(tok, "rate the mug :", "it is good .", 16)], PAD)
+    assert batch.input_ids[0, batch.prompt_width - 1] == BOS and batch.attention_mask[0, batch.prompt_width - 1] == 1
+
+    class NoBos:
+        bos_token_id, eos_token_id = None, 1
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": []}
+
+    assert encode_prompt(NoBos(), "") == [1]

@@ -294,3 +294,29 @@ def test_module_accepts_a_plain_dict_spec():
     )
     assert isinstance(module.model_spec, ModelSpec)
     assert module.policy.config.vocab_size == len(module.tokenizer)
+
+
+def test_optimizer_covers_trainable_parameters_with_warmup_then_cosine(micro_spec):
+    from types import SimpleNamespace
+
+    from lit_p3o.models import LoraSpec
+    from lit_p3o.optim import OptimizerSpec, configure_adamw
+
+    micro_spec.lora = LoraSpec(r=2, target_modules=["q_proj"])
+    module = SFTModule(model=micro_spec)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=6)  # all configure_adamw reads
+    spec = OptimizerSpec(learning_rate=0.1, weight_decay=0.5, warmup_steps=2, schedule="cosine")
+    config = configure_adamw(module, spec)
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    (group,) = optimizer.param_groups
+    assert len(group["params"]) == 2 and group["weight_decay"] == 0.5  # lora_A and lora_B only
+    lrs = []
+    for _ in range(7):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # warm-up 0.5, 1.0; then 0.5 (1 + cos(pi * k / 4)) for k = 0..4
+    expected = [0.05, 0.1, 0.1, 0.1 * 0.5 * (1 + 2**-0.5), 0.05, 0.1 * 0.5 * (1 - 2**-0.5), 0.0]
+    assert lrs == pytest.approx(expected, abs=1e-9)
+    with pytest.raises(ValueError, match="learning_rate"):
+        OptimizerSpec(learning_rate=0.0)

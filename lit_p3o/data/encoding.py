@@ -51,8 +51,16 @@ class Encoded:
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Prompt ids with the tokenizer's own special tokens (e.g. Llama's BOS)."""
-    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    """Prompt ids with the tokenizer's own special tokens (e.g. Llama's BOS).
+
+    A prompt is never empty: with nothing to condition on (an empty prompt and a tokenizer
+    that adds no BOS) it is ``[BOS]``, or ``[EOS]`` (GPT-2's document separator) without a
+    BOS token, so the first response token is predicted from a real position rather than
+    from padding, and generation has a token to start from."""
+    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if not ids:
+        ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+    return ids
 
 
 def encode_response(tokenizer: PreTrainedTokenizerBase, response: str, add_eos: bool = True) -> list[int]:

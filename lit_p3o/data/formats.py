@@ -1,26 +1,91 @@
 """Raw rows of real datasets → uniform records, one small parser per format.
 
-Loading (:func:`load_rows`) accepts JSONL/JSON files (read line by line, so a malformed line
-is reported with its number), ``datasets.save_to_disk`` directories, and anything
-``datasets.load_dataset`` reads (hub names, local data directories). Parsers turn rows into
-:class:`SFTRecord` or :class:`PreferenceRecord`; a bad row raises :class:`DataFormatError`
-naming origin, row (0-based) and field when ``strict``, or is skipped, counted and logged.
+:func:`load_rows` reads a source into a list of dict rows plus an *origin* label for messages.
+The parsers turn rows into :class:`SFTRecord` or :class:`PreferenceRecord`:
+
+============================  =====================================================================
+SFT format                    columns
+============================  =====================================================================
+``prompt_completion``         ``prompt``/``completion`` text, or TRL conversational: ``prompt`` a
+                              list of messages and ``completion`` one assistant message
+``messages``                  ``messages``: a conversation ending with the assistant's reply
+============================  =====================================================================
+
+============================  =====================================================================
+preference format             columns
+============================  =====================================================================
+``hh``                        Anthropic HH-RLHF: ``chosen``/``rejected`` Human/Assistant transcripts
+``tldr``                      OpenAI summarize-from-feedback comparisons: ``info``, ``summaries``,
+                              ``choice``
+``trl``                       TRL standard preference: ``prompt``/``chosen``/``rejected`` text
+``trl_conversational``        TRL conversational: ``chosen``/``rejected`` message lists, with an
+                              explicit ``prompt`` list or an implicit one (their shared turns)
+============================  =====================================================================
+
+Every parser has the signature ``(rows, origin, [tokenizer,] strict=True)`` and returns
+:class:`Parsed`, a list of records whose ``issues`` attribute (a :class:`RowIssues`) holds the
+rows it skipped, by reason. With ``strict`` the first bad row raises :class:`DataFormatError`
+instead. Rows are numbered from 0 in the order read, so row ``n`` is ``rows[n]`` (and
+``dataset[n]``); only malformed JSON is named by its 1-based line in the file, as it never
+became a row. Problems of the whole source (no rows, a missing column, an unknown format, a
+tokenizer without chat template) always raise, whatever ``strict`` says.
+
+Conversational prompts are rendered with the tokenizer's chat template, ending with the
+generation prompt, so that ``prompt + response`` is what the model is trained on.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Generic, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.issues import DataFormatError, RowIssues
 
+__all__ = [
+    "HH_ASSISTANT",
+    "HH_HUMAN",
+    "PREFERENCE_FORMATS",
+    "SFT_FORMATS",
+    "TLDR_PROMPT_TEMPLATE",
+    "DataFormatError",
+    "Parsed",
+    "PreferenceRecord",
+    "RowIssues",
+    "SFTRecord",
+    "detect_preference_format",
+    "detect_sft_format",
+    "load_rows",
+    "parse_hh",
+    "parse_messages",
+    "parse_preferences",
+    "parse_prompt_completion",
+    "parse_sft",
+    "parse_tldr",
+    "parse_trl",
+    "parse_trl_conversational",
+]
+
+Row = Mapping[str, Any]
+Message = Mapping[str, Any]
+R = TypeVar("R")
+
 HH_ASSISTANT = "\n\nAssistant:"
-TLDR_TEMPLATE = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
+HH_HUMAN = "\n\nHuman:"
+#: How a TL;DR post becomes a prompt; the summaries follow ``TL;DR:`` after a space.
+TLDR_PROMPT_TEMPLATE = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
+SFT_FORMATS = ("prompt_completion", "messages")
+PREFERENCE_FORMATS = ("hh", "tldr", "trl", "trl_conversational")
+
+_JSON_FILES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+_FILE_SUFFIXES = (*_JSON_FILES, ".parquet")
+_SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes at the top
 
 
 @dataclass(frozen=True)
@@ -36,273 +101,440 @@ class PreferenceRecord:
     rejected: str
 
 
-class BadRow(ValueError):
-    """Raised by a row parser; carries the offending field."""
+class Parsed(list[R], Generic[R]):
+    """The records of one source; a plain list, so callers that only want records need not
+    care, plus :attr:`issues`, the skipped rows, for callers that report them."""
+
+    def __init__(self, records: Iterable[R], issues: RowIssues) -> None:
+        super().__init__(records)
+        self.issues = issues
+
+
+class _BadRow(Exception):
+    """One row cannot be used; ``reason`` is the same for all rows with the same fault, so
+    skips group into counts."""
 
     def __init__(self, field: str, reason: str) -> None:
-        super().__init__(reason)
+        super().__init__(f"{field}: {reason}")
         self.field = field
+        self.reason = reason
 
 
 # --------------------------------------------------------------------------- loading
 
 
 def load_rows(source: str, split: str = "train") -> tuple[list[dict[str, Any]], str]:
-    """Rows of ``source`` and a label naming it in messages."""
+    """The rows of ``source`` and a label naming it (and the split, where one was chosen).
+
+    ``source`` is a ``.jsonl``/``.json`` file (optionally ``.gz``) or a ``.parquet`` file; a
+    directory written by ``save_to_disk``; or anything ``datasets.load_dataset`` reads, such
+    as a directory of data files or a hub name. A missing source that is clearly a path
+    raises :class:`FileNotFoundError` instead of being looked up on the hub.
+    """
     path = Path(source).expanduser()
     if path.is_file():
-        if path.suffix not in (".jsonl", ".json"):
-            raise DataFormatError(f"{source}: expected a .jsonl or .json file")
-        return _read_json(path), str(path)
-    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()):
-        return _read_saved(path, split), f"{path} [{split}]"
-    if not path.exists() and (path.suffix or source.startswith((".", "/", "~")) or source.count("/") > 1):
-        raise FileNotFoundError(f"no such data file or directory: {source!r}")
+        return _read_file(path), str(path)
+    if path.is_dir() and any((path / marker).is_file() for marker in _SAVED_MARKERS):
+        return _read_saved(path, split)
+    if not path.exists() and _looks_like_path(source):
+        raise FileNotFoundError(f"no such data file or directory: {source}")
+    return _load_dataset(source, split), f"{source} [{split}]"
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub names are ``name`` or ``owner/name`` and may hold dots (``teknium/OpenHermes-2.5``),
+    so only a data-file suffix or more path structure than that marks a local path."""
+    return (
+        source.endswith(_FILE_SUFFIXES)
+        or source.startswith(("/", ".", "~"))
+        or "\\" in source
+        or source.count("/") > 1
+    )
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    if path.name.endswith(_JSON_FILES):
+        return _read_json(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise DataFormatError(f"{path}: unsupported file type; expected one of {', '.join(_FILE_SUFFIXES)}")
+
+
+def _open_text(path: Path) -> IO[str]:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return path.open(encoding="utf-8-sig")
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    """A JSON array of objects, or one object per line, whatever the suffix says: OpenAI's
+    TL;DR comparison files, for one, are JSON lines named ``.json``."""
+    with _open_text(path) as f:
+        first = next((line for line in f if line.strip()), "")
+        f.seek(0)
+        if first.lstrip().startswith("["):
+            return _json_array(path, f.read())
+        return _json_lines(path, f)
+
+
+def _json_array(path: Path, text: str) -> list[dict[str, Any]]:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{path}: line {err.lineno}: malformed JSON ({err.msg})") from err
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise DataFormatError(f"{path}: item {index}: expected a JSON object, got {type(item).__name__}")
+    return items
+
+
+def _json_lines(path: Path, lines: Iterable[str]) -> list[dict[str, Any]]:
+    """Read line by line (not ``str.splitlines``, which would also break lines at the U+2028
+    a JSON string may hold), naming a bad line by its 1-based number."""
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}: line {number}: malformed JSON ({err.msg}, column {err.colno})") from err
+        if not isinstance(row, dict):
+            raise DataFormatError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def _read_saved(path: Path, split: str) -> tuple[list[dict[str, Any]], str]:
+    """A ``save_to_disk`` directory; ``split`` picks from a ``DatasetDict`` and is otherwise moot."""
+    import datasets
+
+    saved = datasets.load_from_disk(str(path))
+    if not isinstance(saved, datasets.DatasetDict):
+        return saved.to_list(), str(path)
+    if split not in saved:
+        raise DataFormatError(f"{path}: no split {split!r}; available splits: {', '.join(saved)}")
+    return saved[split].to_list(), f"{path} [{split}]"
+
+
+def _load_dataset(source: str, split: str) -> list[dict[str, Any]]:
     import datasets
 
     try:
         dataset = datasets.load_dataset(source, split=split)
-    except ValueError as err:  # unknown split and friends
+    except ValueError as err:  # an unknown split, for one; datasets names the available ones
         raise DataFormatError(f"{source}: {err}") from err
-    return list(dataset), f"{source} [{split}]"
+    return dataset.to_list()
 
 
-def _read_json(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        rows = json.loads(text)
-    else:
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}: line {number}: malformed JSON ({err.msg})") from err
-    for number, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DataFormatError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}")
-    return rows
+# --------------------------------------------------------------------------- shared row logic
 
 
-def _read_saved(path: Path, split: str) -> list[dict[str, Any]]:
-    import datasets
-
-    saved = datasets.load_from_disk(str(path))
-    if isinstance(saved, datasets.DatasetDict):
-        if split not in saved:
-            raise DataFormatError(f"{path}: no split {split!r}; available splits: {', '.join(saved)}")
-        saved = saved[split]
-    return list(saved)
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def _parse_all(rows: list[dict[str, Any]], origin: str, strict: bool, parse_row: Callable[[dict], Any]) -> list[Any]:
-    """Run ``parse_row`` on every row with the strict/skip bookkeeping done once."""
+def _parse_rows(
+    rows: Sequence[Row], origin: str, strict: bool, columns: Sequence[str], parse_row: Callable[[Row], R]
+) -> Parsed[R]:
+    """Every row through ``parse_row``, with the checks and the strict/skip bookkeeping that
+    all formats share."""
+    _first_row(rows, origin)
+    present = set().union(*rows)  # JSON lines need not agree on their keys
+    missing = [column for column in columns if column not in present]
+    if missing:
+        raise DataFormatError(
+            f"{origin}: no column {', '.join(f'`{c}`' for c in missing)} "
+            f"(columns present: {', '.join(sorted(present))})"
+        )
     issues = RowIssues(origin, strict)
     records = []
     for number, row in enumerate(rows):
         try:
             records.append(parse_row(row))
-        except BadRow as err:
-            issues.add(number, err.field, str(err))
+        except _BadRow as bad:
+            issues.add(number, bad.field, bad.reason)
     issues.report(total=len(rows))
-    return records
+    return Parsed(records, issues)
 
 
-def _text(row: dict[str, Any], field: str, allow_empty: bool = False) -> str:
-    if field not in row or row[field] is None:
-        raise BadRow(field, f"missing (columns present: {', '.join(sorted(row))})")
-    value = row[field]
+def _first_row(rows: Sequence[Row], origin: str) -> Row:
+    """Formats are told from the first row, as TRL does; no rows is an error, not an empty dataset."""
+    if not rows:
+        raise DataFormatError(f"{origin}: no rows")
+    return rows[0]
+
+
+def _as_text(value: Any, field: str, allow_empty: bool = False) -> str:
+    if value is None:
+        raise _BadRow(field, "missing")
     if not isinstance(value, str):
-        raise BadRow(field, f"expected text, got {type(value).__name__}")
+        raise _BadRow(field, f"expected text, got {type(value).__name__}")
     if not allow_empty and not value.strip():
-        raise BadRow(field, "empty")
+        raise _BadRow(field, "empty")
     return value
 
 
-def _messages(row: dict[str, Any], field: str) -> list[dict[str, str]]:
-    value = row.get(field)
+def _as_messages(value: Any, field: str) -> list[Message]:
+    if value is None:
+        raise _BadRow(field, "missing")
     if not isinstance(value, list) or not value:
-        raise BadRow(field, "expected a non-empty list of {role, content} messages")
-    for m in value:
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise BadRow(field, "every message needs `role` and `content`")
+        raise _BadRow(field, "expected a non-empty list of messages")
+    for message in value:
+        if not (isinstance(message, Mapping) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+            raise _BadRow(field, "every message needs a text `role` and `content`")
     return value
 
 
-def _final_assistant(messages: list[dict[str, str]], field: str) -> str:
+def _assistant_reply(messages: list[Message], field: str) -> str:
+    """The final message's text, which must be a non-empty assistant turn."""
     if messages[-1]["role"] != "assistant":
-        raise BadRow(field, "the last message must be the assistant's")
-    if not str(messages[-1]["content"]).strip():
-        raise BadRow(field, "empty assistant response")
+        raise _BadRow(field, "the last message is not the assistant's")
+    if not messages[-1]["content"].strip():
+        raise _BadRow(field, "empty assistant reply")
     return messages[-1]["content"]
 
 
-def render_chat_prompt(tokenizer: PreTrainedTokenizerBase | None, messages: list[dict[str, str]]) -> str:
-    """Messages before the response, in the tokenizer's chat template, ready for the reply."""
+def _only_reply(messages: list[Message], field: str) -> str:
+    """A TRL completion list holds the reply alone; further turns would be silently lost."""
+    if len(messages) != 1:
+        raise _BadRow(field, "expected exactly one assistant message")
+    return _assistant_reply(messages, field)
+
+
+def _context(messages: list[Message], field: str) -> list[Message]:
+    """The turns before a conversation's final reply; there must be some to condition on."""
+    if len(messages) < 2:
+        raise _BadRow(field, "no turns before the final assistant reply")
+    return messages[:-1]
+
+
+def _require_chat_template(tokenizer: PreTrainedTokenizerBase | None, origin: str) -> None:
+    """Fail once, up front: a missing template is the setup's fault, not any row's."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise DataFormatError(
-            "conversational rows need a tokenizer with a chat template; this tokenizer has none "
-            "(use plain-text prompt/completion columns instead)"
+            f"{origin}: conversational rows (lists of messages) are rendered with the tokenizer's chat "
+            f"template, but {'no tokenizer was given' if tokenizer is None else 'this tokenizer has no chat template'}; "
+            "use a tokenizer that has one, or plain-text prompt/completion columns"
         )
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str:
+    """The conversation as the model sees it, ending where the assistant's reply begins."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _pair(prompt: str, chosen: str, rejected: str) -> PreferenceRecord:
+    """The checks all preference formats share: two non-empty responses that differ (beyond
+    surrounding whitespace), since an indistinguishable pair teaches a reward model nothing."""
+    for field, response in (("chosen", chosen), ("rejected", rejected)):
+        if not response.strip():
+            raise _BadRow(field, "empty response")
+    if chosen.strip() == rejected.strip():
+        raise _BadRow("chosen/rejected", "identical responses")
+    return PreferenceRecord(prompt, chosen, rejected)
 
 
 # --------------------------------------------------------------------------- SFT
 
 
-def detect_sft_format(columns: set[str] | list[str]) -> str:
-    """``"messages"`` or ``"prompt_completion"`` from the column names."""
+def detect_sft_format(columns: Iterable[str], origin: str = "the data") -> str:
+    """One of :data:`SFT_FORMATS`, from the column names; ``origin`` is named in the error."""
     columns = set(columns)
     if "messages" in columns:
         return "messages"
     if {"prompt", "completion"} <= columns:
         return "prompt_completion"
     raise DataFormatError(
-        f"cannot tell the SFT format from columns {sorted(columns)}: expected `prompt`+`completion` or `messages`"
+        f"cannot tell the SFT format of {origin} from its columns ({', '.join(sorted(columns))}): "
+        "expected `prompt` and `completion`, or `messages`"
     )
 
 
+def _text_prompt_completion(row: Row) -> SFTRecord:
+    return SFTRecord(_as_text(row.get("prompt"), "prompt", allow_empty=True), _as_text(row.get("completion"), "completion"))
+
+
+def _conversational_prompt_completion(row: Row, tokenizer: PreTrainedTokenizerBase) -> SFTRecord:
+    prompt = _as_messages(row.get("prompt"), "prompt")
+    completion = _only_reply(_as_messages(row.get("completion"), "completion"), "completion")
+    return SFTRecord(_render(tokenizer, prompt), completion)
+
+
+def _conversation(row: Row, tokenizer: PreTrainedTokenizerBase) -> SFTRecord:
+    messages = _as_messages(row.get("messages"), "messages")
+    completion = _assistant_reply(messages, "messages")
+    return SFTRecord(_render(tokenizer, _context(messages, "messages")), completion)
+
+
+def parse_prompt_completion(
+    rows: Sequence[Row], origin: str, tokenizer: PreTrainedTokenizerBase | None = None, strict: bool = True
+) -> Parsed[SFTRecord]:
+    """``prompt``/``completion`` rows: plain text (the prompt may be empty, the completion not),
+    or, when the first row's prompt is a message list, TRL conversational prompt-completion,
+    whose prompt is rendered with ``tokenizer``'s chat template."""
+    if isinstance(_first_row(rows, origin).get("prompt"), list):
+        _require_chat_template(tokenizer, origin)
+        parse_row = partial(_conversational_prompt_completion, tokenizer=tokenizer)
+    else:
+        parse_row = _text_prompt_completion
+    return _parse_rows(rows, origin, strict, ("prompt", "completion"), parse_row)
+
+
+def parse_messages(
+    rows: Sequence[Row], origin: str, tokenizer: PreTrainedTokenizerBase | None, strict: bool = True
+) -> Parsed[SFTRecord]:
+    """``messages`` conversations: the completion is the final assistant message, the prompt
+    everything before it in ``tokenizer``'s chat template."""
+    _require_chat_template(tokenizer, origin)
+    return _parse_rows(rows, origin, strict, ("messages",), partial(_conversation, tokenizer=tokenizer))
+
+
 def parse_sft(
-    rows: list[dict[str, Any]],
+    rows: Sequence[Row],
     origin: str,
     tokenizer: PreTrainedTokenizerBase | None = None,
     strict: bool = True,
     format: str = "auto",
-) -> list[SFTRecord]:
-    """SFT records from prompt/completion rows (text or message lists) or ``messages`` rows."""
-    if not rows:
-        raise DataFormatError(f"{origin}: no rows")
-    fmt = detect_sft_format(rows[0].keys()) if format == "auto" else format
-
-    def prompt_completion(row: dict[str, Any]) -> SFTRecord:
-        if isinstance(row.get("prompt"), list):  # TRL conversational prompt-completion
-            completion = _final_assistant(_messages(row, "completion"), "completion")
-            return SFTRecord(render_chat_prompt(tokenizer, _messages(row, "prompt")), completion)
-        return SFTRecord(_text(row, "prompt", allow_empty=True), _text(row, "completion"))
-
-    def messages(row: dict[str, Any]) -> SFTRecord:
-        turns = _messages(row, "messages")
-        completion = _final_assistant(turns, "messages")
-        return SFTRecord(render_chat_prompt(tokenizer, turns[:-1]), completion)
-
-    parsers = {"prompt_completion": prompt_completion, "messages": messages}
-    if fmt not in parsers:
-        raise DataFormatError(f"unknown SFT format {fmt!r}; known: auto, {', '.join(parsers)}")
-    if fmt == "messages" or isinstance(rows[0].get("prompt"), list):
-        render_chat_prompt(tokenizer, [{"role": "user", "content": "probe"}])  # fail once, early
-    return _parse_all(rows, origin, strict, parsers[fmt])
+) -> Parsed[SFTRecord]:
+    """SFT records in any of :data:`SFT_FORMATS`, told from the first row's columns unless
+    ``format`` names one (when a source has both ``messages`` and prompt/completion)."""
+    parsers = {"prompt_completion": parse_prompt_completion, "messages": parse_messages}
+    if format == "auto":
+        format = detect_sft_format(_first_row(rows, origin), origin)
+    elif format not in parsers:
+        raise DataFormatError(f"{origin}: unknown SFT format {format!r}; known: auto, {', '.join(SFT_FORMATS)}")
+    return parsers[format](rows, origin, tokenizer=tokenizer, strict=strict)
 
 
 # --------------------------------------------------------------------------- preferences
 
 
-def split_hh(transcript: str, field: str) -> tuple[str, str]:
-    """HH transcript → (prompt up to and including the last ``\\n\\nAssistant:``, response)."""
+def _split_hh(transcript: str, field: str) -> tuple[str, str]:
+    """(everything up to and including the last ``\\n\\nAssistant:``, the reply after it), so
+    that the two parts concatenate back to the transcript."""
     cut = transcript.rfind(HH_ASSISTANT)
     if cut < 0:
-        raise BadRow(field, "no '\\n\\nAssistant:' turn in the transcript")
+        raise _BadRow(field, "no '\\n\\nAssistant:' turn")
     cut += len(HH_ASSISTANT)
+    if HH_HUMAN in transcript[cut:]:
+        raise _BadRow(field, "ends with a Human turn, not an Assistant reply")
     return transcript[:cut], transcript[cut:]
 
 
-def _distinct(prompt: str, chosen: str, rejected: str) -> PreferenceRecord:
-    for field, text in (("chosen", chosen), ("rejected", rejected)):
-        if not text.strip():
-            raise BadRow(field, "empty final response")
-    if chosen == rejected:
-        raise BadRow("chosen/rejected", "identical chosen and rejected responses")
-    return PreferenceRecord(prompt, chosen, rejected)
+def _hh(row: Row) -> PreferenceRecord:
+    prompt, chosen = _split_hh(_as_text(row.get("chosen"), "chosen"), "chosen")
+    rejected_prompt, rejected = _split_hh(_as_text(row.get("rejected"), "rejected"), "rejected")
+    if rejected_prompt != prompt:
+        raise _BadRow("chosen/rejected", "the transcripts differ before the final Assistant reply")
+    return _pair(prompt, chosen, rejected)
 
 
-def _parse_hh(row: dict[str, Any]) -> PreferenceRecord:
-    prompt, chosen = split_hh(_text(row, "chosen"), "chosen")
-    other, rejected = split_hh(_text(row, "rejected"), "rejected")
-    if prompt != other:
-        raise BadRow("chosen/rejected", "the two transcripts do not share a prompt")
-    return _distinct(prompt, chosen, rejected)
-
-
-def _parse_tldr(row: dict[str, Any]) -> PreferenceRecord:
+def _tldr(row: Row) -> PreferenceRecord:
     info = row.get("info")
-    if not isinstance(info, dict):
-        raise BadRow("info", "missing or not an object")
-    fields = {}
-    for name in ("subreddit", "title", "post"):
-        if not isinstance(info.get(name), str):
-            raise BadRow(f"info.{name}", "missing or not text")
-        fields[name] = info[name]
+    if not isinstance(info, Mapping):
+        raise _BadRow("info", "missing" if info is None else "expected an object")
+    prompt = TLDR_PROMPT_TEMPLATE.format(
+        **{name: _as_text(info.get(name), f"info.{name}") for name in ("subreddit", "title", "post")}
+    )
     summaries = row.get("summaries")
-    if not isinstance(summaries, list) or len(summaries) < 2:
-        raise BadRow("summaries", "expected a list of two summaries")
+    if not isinstance(summaries, list) or len(summaries) != 2:
+        raise _BadRow("summaries", "expected a list of two summaries")
     texts = []
-    for i, s in enumerate(summaries[:2]):
-        if not isinstance(s, dict) or not isinstance(s.get("text"), str):
-            raise BadRow(f"summaries[{i}].text", "missing or not text")
-        texts.append(s["text"] if s["text"].startswith(" ") else " " + s["text"])
+    for index, summary in enumerate(summaries):
+        text = _as_text(summary.get("text") if isinstance(summary, Mapping) else None, f"summaries[{index}].text")
+        texts.append(text if text.startswith(" ") else " " + text)
     choice = row.get("choice")
-    if not isinstance(choice, int) or isinstance(choice, bool) or choice not in (0, 1):
-        raise BadRow("choice", f"expected 0 or 1, got {choice!r}")
-    return _distinct(TLDR_TEMPLATE.format(**fields), texts[choice], texts[1 - choice])
+    if choice is None:
+        raise _BadRow("choice", "missing")
+    if not isinstance(choice, int) or isinstance(choice, bool):
+        raise _BadRow("choice", "not an integer")
+    if choice not in (0, 1):
+        raise _BadRow("choice", "out of range (0 or 1)")
+    return _pair(prompt, texts[choice], texts[1 - choice])
 
 
-def _parse_trl(row: dict[str, Any]) -> PreferenceRecord:
-    return _distinct(_text(row, "prompt", allow_empty=True), _text(row, "chosen"), _text(row, "rejected"))
+def _trl(row: Row) -> PreferenceRecord:
+    return _pair(
+        _as_text(row.get("prompt"), "prompt", allow_empty=True),
+        _as_text(row.get("chosen"), "chosen", allow_empty=True),
+        _as_text(row.get("rejected"), "rejected", allow_empty=True),
+    )
 
 
-def _conversational_parser(tokenizer: PreTrainedTokenizerBase | None) -> Callable[[dict], PreferenceRecord]:
-    def parse(row: dict[str, Any]) -> PreferenceRecord:
-        chosen_turns, rejected_turns = _messages(row, "chosen"), _messages(row, "rejected")
-        if "prompt" in row:
-            prompt_turns = _messages(row, "prompt")
-        else:  # implicit prompt: the turns both conversations share
-            prompt_turns = chosen_turns[:-1]
-            if rejected_turns[:-1] != prompt_turns:
-                raise BadRow("chosen/rejected", "the two conversations do not share a prompt")
-        chosen = _final_assistant(chosen_turns, "chosen")
-        rejected = _final_assistant(rejected_turns, "rejected")
-        return _distinct(render_chat_prompt(tokenizer, prompt_turns), chosen, rejected)
-
-    return parse
+def _trl_conversational(row: Row, tokenizer: PreTrainedTokenizerBase) -> PreferenceRecord:
+    chosen = _as_messages(row.get("chosen"), "chosen")
+    rejected = _as_messages(row.get("rejected"), "rejected")
+    if row.get("prompt") is not None:
+        prompt = _as_messages(row["prompt"], "prompt")
+        return _pair(_render(tokenizer, prompt), _only_reply(chosen, "chosen"), _only_reply(rejected, "rejected"))
+    prompt = _context(chosen, "chosen")  # implicit prompt: the turns both conversations share
+    if rejected[:-1] != prompt:
+        raise _BadRow("chosen/rejected", "the conversations differ before the final assistant reply")
+    return _pair(_render(tokenizer, prompt), _assistant_reply(chosen, "chosen"), _assistant_reply(rejected, "rejected"))
 
 
-PREFERENCE_FORMATS = ("hh", "tldr", "trl", "trl_conversational")
+def parse_hh(rows: Sequence[Row], origin: str, strict: bool = True) -> Parsed[PreferenceRecord]:
+    """Anthropic HH-RLHF transcripts; the prompt is the part both share up to and including the
+    last ``\\n\\nAssistant:``, the responses what follows it (with their leading space)."""
+    return _parse_rows(rows, origin, strict, ("chosen", "rejected"), _hh)
 
 
-def detect_preference_format(row: dict[str, Any]) -> str:
-    """One of :data:`PREFERENCE_FORMATS`, from the first row."""
-    if {"info", "summaries", "choice"} <= set(row):
+def parse_tldr(rows: Sequence[Row], origin: str, strict: bool = True) -> Parsed[PreferenceRecord]:
+    """TL;DR comparisons; the prompt is :data:`TLDR_PROMPT_TEMPLATE` filled from ``info``, the
+    responses the two summaries (given a leading space if they lack one), ordered by ``choice``."""
+    return _parse_rows(rows, origin, strict, ("info", "summaries", "choice"), _tldr)
+
+
+def parse_trl(rows: Sequence[Row], origin: str, strict: bool = True) -> Parsed[PreferenceRecord]:
+    """TRL standard preference rows: ``prompt``, ``chosen`` and ``rejected`` as plain text."""
+    return _parse_rows(rows, origin, strict, ("prompt", "chosen", "rejected"), _trl)
+
+
+def parse_trl_conversational(
+    rows: Sequence[Row], origin: str, tokenizer: PreTrainedTokenizerBase | None, strict: bool = True
+) -> Parsed[PreferenceRecord]:
+    """TRL conversational preference rows. With a ``prompt`` message list, ``chosen`` and
+    ``rejected`` each hold one assistant message; without, they are whole conversations whose
+    turns before the final reply are the (shared) prompt. Prompts use ``tokenizer``'s chat template."""
+    _require_chat_template(tokenizer, origin)
+    return _parse_rows(rows, origin, strict, ("chosen", "rejected"), partial(_trl_conversational, tokenizer=tokenizer))
+
+
+def detect_preference_format(row: Row, origin: str = "the data") -> str:
+    """One of :data:`PREFERENCE_FORMATS`, from a (first) row: its columns, and whether
+    ``chosen`` is text or a message list; ``origin`` is named in the error."""
+    columns = set(row)
+    if {"info", "summaries", "choice"} <= columns:
         return "tldr"
-    if isinstance(row.get("chosen"), list):
-        return "trl_conversational"
-    if "prompt" in row and {"chosen", "rejected"} <= set(row):
-        return "trl"
-    if {"chosen", "rejected"} <= set(row):
-        return "hh"
+    if {"chosen", "rejected"} <= columns:
+        if isinstance(row["chosen"], list):
+            return "trl_conversational"
+        return "trl" if "prompt" in columns else "hh"
     raise DataFormatError(
-        f"cannot tell the preference format from columns {sorted(row)}; known formats: {', '.join(PREFERENCE_FORMATS)}"
+        f"cannot tell the preference format of {origin} from its columns ({', '.join(sorted(columns))}); "
+        "known formats: hh (chosen, rejected transcripts), tldr (info, summaries, choice), "
+        "trl (prompt, chosen, rejected text), trl_conversational (chosen, rejected messages, optional prompt)"
     )
 
 
 def parse_preferences(
-    rows: list[dict[str, Any]],
+    rows: Sequence[Row],
     origin: str,
     format: str = "auto",
     tokenizer: PreTrainedTokenizerBase | None = None,
     strict: bool = True,
-) -> list[PreferenceRecord]:
-    """Preference records from HH, TL;DR comparisons, TRL standard or conversational rows."""
-    if not rows:
-        raise DataFormatError(f"{origin}: no rows")
-    fmt = detect_preference_format(rows[0]) if format == "auto" else format
-    parsers = {"hh": _parse_hh, "tldr": _parse_tldr, "trl": _parse_trl}
-    if fmt == "trl_conversational":
-        render_chat_prompt(tokenizer, [{"role": "user", "content": "probe"}])  # fail once, early
-        return _parse_all(rows, origin, strict, _conversational_parser(tokenizer))
-    if fmt not in parsers:
-        raise DataFormatError(f"unknown preference format {fmt!r}; known: auto, {', '.join(PREFERENCE_FORMATS)}")
-    return _parse_all(rows, origin, strict, parsers[fmt])
+) -> Parsed[PreferenceRecord]:
+    """Preference records in any of :data:`PREFERENCE_FORMATS`, detected from the first row
+    unless ``format`` names one."""
+    parsers: dict[str, Callable[..., Parsed[PreferenceRecord]]] = {
+        "hh": parse_hh,
+        "tldr": parse_tldr,
+        "trl": parse_trl,
+        "trl_conversational": partial(parse_trl_conversational, tokenizer=tokenizer),
+    }
+    if format == "auto":
+        format = detect_preference_format(_first_row(rows, origin), origin)
+    elif format not in parsers:
+        raise DataFormatError(
+            f"{origin}: unknown preference format {format!r}; known: auto, {', '.join(PREFERENCE_FORMATS)}"
+        )
+    return parsers[format](rows, origin, strict=strict)

@@ -1,0 +1,146 @@
+"""The paper's baselines on the shared rollout: PPO, online DPO, RLOO (ALGORITHMS.md §4, §6, §7)."""
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+
+from lit_p3o import ModelSpec, OnlineDPOModule, P3OModule, PPOModule, RLOOModule, RolloutSpec, SamplingSpec
+from lit_p3o.buffer import RolloutBatch, collate_groups
+from lit_p3o.data.prompts import load_prompts
+from lit_p3o.losses import dpo_loss
+from lit_p3o.rollout import rollout
+
+MICRO = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
+
+
+def build(cls, k: int = 3, **kwargs):
+    L.seed_everything(0)
+    spec = RolloutSpec(prompt_pool=16, num_prompts=4, num_responses=k, update_epochs=1, minibatch_groups=4,
+                       max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6))
+    return cls(ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"), "embedded:reviews", rollout=spec, **kwargs)
+
+
+def fixed_batch(stage, shift: torch.Tensor | None = None) -> RolloutBatch:
+    """A seeded rollout with varied scores; ``shift[g]`` is added to group g's scores."""
+    torch.manual_seed(5)
+    groups = rollout(stage, load_prompts("embedded:reviews", "train", 4), 0.1, stage.rollout_spec)
+    stage.buffer.beta = 0.1
+    for g_index, g in enumerate(groups):
+        g.scores.copy_(torch.randn(len(g.responses)) + (0.0 if shift is None else shift[g_index]))
+        g.rewards.copy_(g.scores - 0.1 * g.kl)
+    return collate_groups(groups, stage.tokenizer.pad_token_id)
+
+
+def gradient(stage, batch: RolloutBatch) -> torch.Tensor:
+    stage.zero_grad(set_to_none=True)
+    loss, _ = stage.compute_loss(batch)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in stage.parameters() if p.grad is not None])
+    stage.zero_grad(set_to_none=True)
+    return grads
+
+
+def perturb(stage) -> None:
+    """Move θ away from θ_old so that ratios ≠ 1 (the replayed case)."""
+    torch.manual_seed(9)
+    with torch.no_grad():
+        for p in stage.policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+
+
+SHIFT = torch.tensor([100.0, -3.0, 7.5, 0.25])
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_p3o_update_is_invariant_to_per_prompt_reward_shifts(variant):
+    stage = build(P3OModule, variant=variant)
+    plain, shifted = fixed_batch(stage), fixed_batch(stage, SHIFT)
+    assert not torch.allclose(plain.rewards, shifted.rewards)
+    perturb(stage)
+    torch.testing.assert_close(gradient(stage, shifted), gradient(stage, plain), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stage.compute_loss(shifted)[0], stage.compute_loss(plain)[0])
+
+
+def test_rloo_and_dpo_updates_are_invariant_too():
+    rloo = build(RLOOModule)
+    plain, shifted = fixed_batch(rloo), fixed_batch(rloo, SHIFT)
+    perturb(rloo)
+    torch.testing.assert_close(gradient(rloo, shifted), gradient(rloo, plain), rtol=1e-5, atol=1e-6)
+    dpo = build(OnlineDPOModule, k=2)
+    plain, shifted = fixed_batch(dpo), fixed_batch(dpo, SHIFT)
+    perturb(dpo)
+    torch.testing.assert_close(gradient(dpo, shifted), gradient(dpo, plain))
+
+
+def test_ppo_update_changes_under_per_prompt_reward_shifts():
+    """Without whitening PPO's advantages carry the absolute reward level, so a per-prompt
+    shift changes its update: the failure mode P3O is built to avoid."""
+    stage = build(PPOModule, whiten_advantages=False)
+    plain, shifted = fixed_batch(stage), fixed_batch(stage, SHIFT)
+    perturb(stage)
+    g_plain, g_shifted = gradient(stage, plain), gradient(stage, shifted)
+    assert not torch.allclose(g_plain, g_shifted, rtol=1e-3, atol=1e-6)
+
+
+def test_rloo_and_p3o_agree_on_policy():
+    """Property 4 at the stage level: at θ = θ_old the all-pairs P3O gradient equals the RLOO
+    gradient (the constants of the two means cancel exactly, see tests/test_losses.py)."""
+    p3o = build(P3OModule)
+    batch = fixed_batch(p3o)
+    rloo = build(RLOOModule, clip_epsilon=None)
+    rloo.load_state_dict(p3o.state_dict())
+    torch.testing.assert_close(gradient(p3o, batch), gradient(rloo, batch), rtol=1e-5, atol=1e-8)
+
+
+def test_online_dpo_loss_picks_the_higher_score_and_drops_ties():
+    stage = build(OnlineDPOModule, k=2, beta_dpo=0.5)
+    batch = fixed_batch(stage)
+    batch.scores[0] = torch.tensor([1.0, 1.0])  # a tie carries no preference
+    batch.scores[1] = torch.tensor([-1.0, 2.0])  # response 1 wins
+    perturb(stage)
+    loss, stats = stage.compute_loss(batch)
+    with torch.no_grad():
+        from lit_p3o.generation import response_logprobs
+
+        logp = response_logprobs(stage.policy, batch.batch).sum(-1).view(4, 2)
+    ref = batch.logp_ref.sum(-1).view(4, 2)
+    winners = batch.scores.argmax(1)
+    keep = [1, 2, 3]
+    w = [int(winners[g]) for g in keep]
+    expected = dpo_loss(logp[keep, w], logp[keep, [1 - i for i in w]], ref[keep, w], ref[keep, [1 - i for i in w]], 0.5)
+    torch.testing.assert_close(loss, expected)
+    assert stats["decided_fraction"] == pytest.approx(0.75)
+    assert [int(winners[1])] == [1]
+
+
+def test_online_dpo_requires_two_responses():
+    with pytest.raises(ValueError, match="num_responses must be 2"):
+        build(OnlineDPOModule, k=3)
+
+
+def test_ppo_stores_rollout_values_and_separate_critic_works():
+    stage = build(PPOModule)
+    batch = fixed_batch(stage)
+    assert batch.extras["values"].shape == batch.logp_old.shape
+    assert torch.equal(batch.extras["values"], torch.zeros_like(batch.logp_old))  # zero-initialised head
+    critic = build(PPOModule, critic=ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"))
+    loss, stats = critic.compute_loss(fixed_batch(critic))
+    assert torch.isfinite(loss) and "value_loss" in stats
+    loss.backward()
+    assert critic.value_head.weight.grad is not None
+    assert any(p.grad is not None for p in critic.critic.parameters())
+
+
+@pytest.mark.parametrize("cls, k", [(PPOModule, 2), (OnlineDPOModule, 2), (RLOOModule, 3), (P3OModule, 3)])
+def test_every_stage_trains_through_the_shared_rollout(tmp_path, cls, k):
+    stage = build(cls, k=k)
+    real = stage.scorer.score_examples
+    stage.scorer.score_examples = lambda examples, ended: real(examples, ended) + torch.randn(len(examples))
+    before = copy.deepcopy(stage.policy.state_dict())
+    L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=tmp_path).fit(stage)
+    assert stage.buffer.rollouts == 1 and len(stage.buffer) == 4
+    assert any(not torch.equal(v, before[n]) for n, v in stage.policy.state_dict().items())
