@@ -134,9 +134,11 @@ def load_rows(source: str, split: str = "train") -> tuple[list[dict[str, Any]], 
     path = Path(source).expanduser()
     if path.is_file():
         return _read_file(path), str(path)
-    if path.is_dir() and any((path / marker).is_file() for marker in _SAVED_MARKERS):
-        return _read_saved(path, split)
-    if not path.exists() and _looks_like_path(source):
+    if path.is_dir():
+        if any((path / marker).is_file() for marker in _SAVED_MARKERS):
+            return _read_saved(path, split)
+        source = str(path)  # a directory of data files
+    elif _looks_like_path(source):
         raise FileNotFoundError(f"no such data file or directory: {source}")
     return _load_dataset(source, split), f"{source} [{split}]"
 
@@ -279,7 +281,7 @@ def _as_messages(value: Any, field: str) -> list[Message]:
     if not isinstance(value, list) or not value:
         raise _BadRow(field, "expected a non-empty list of messages")
     for message in value:
-        if not (isinstance(message, Mapping) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+        if not (isinstance(message, Mapping) and all(isinstance(message.get(k), str) for k in ("role", "content"))):
             raise _BadRow(field, "every message needs a text `role` and `content`")
     return value
 
@@ -310,10 +312,10 @@ def _context(messages: list[Message], field: str) -> list[Message]:
 def _require_chat_template(tokenizer: PreTrainedTokenizerBase | None, origin: str) -> None:
     """Fail once, up front: a missing template is the setup's fault, not any row's."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        lack = "no tokenizer was given" if tokenizer is None else "this tokenizer has no chat template"
         raise DataFormatError(
             f"{origin}: conversational rows (lists of messages) are rendered with the tokenizer's chat "
-            f"template, but {'no tokenizer was given' if tokenizer is None else 'this tokenizer has no chat template'}; "
-            "use a tokenizer that has one, or plain-text prompt/completion columns"
+            f"template, but {lack}; use a tokenizer that has one, or plain-text prompt/completion columns"
         )
 
 
@@ -350,7 +352,8 @@ def detect_sft_format(columns: Iterable[str], origin: str = "the data") -> str:
 
 
 def _text_prompt_completion(row: Row) -> SFTRecord:
-    return SFTRecord(_as_text(row.get("prompt"), "prompt", allow_empty=True), _as_text(row.get("completion"), "completion"))
+    prompt = _as_text(row.get("prompt"), "prompt", allow_empty=True)
+    return SFTRecord(prompt, _as_text(row.get("completion"), "completion"))
 
 
 def _conversational_prompt_completion(row: Row, tokenizer: PreTrainedTokenizerBase) -> SFTRecord:
@@ -399,7 +402,7 @@ def parse_sft(
     ``format`` names one (when a source has both ``messages`` and prompt/completion)."""
     parsers = {"prompt_completion": parse_prompt_completion, "messages": parse_messages}
     if format == "auto":
-        format = detect_sft_format(_first_row(rows, origin), origin)
+        format = detect_sft_format(_first_row(rows, origin).keys(), origin)
     elif format not in parsers:
         raise DataFormatError(f"{origin}: unknown SFT format {format!r}; known: auto, {', '.join(SFT_FORMATS)}")
     return parsers[format](rows, origin, tokenizer=tokenizer, strict=strict)
