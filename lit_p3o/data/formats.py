@@ -103,11 +103,16 @@ class PreferenceRecord:
 
 class Parsed(list[R], Generic[R]):
     """The records of one source; a plain list, so callers that only want records need not
-    care, plus :attr:`issues`, the skipped rows, for callers that report them."""
+    care, plus :attr:`issues`, the skipped rows, for callers that report them, and
+    :attr:`row_numbers`, each record's row number in the source (they differ from the
+    records' positions once rows were skipped)."""
 
-    def __init__(self, records: Iterable[R], issues: RowIssues) -> None:
+    def __init__(self, records: Iterable[R], issues: RowIssues, row_numbers: Iterable[int] | None = None) -> None:
         super().__init__(records)
         self.issues = issues
+        self.row_numbers = list(range(len(self))) if row_numbers is None else list(row_numbers)
+        if len(self.row_numbers) != len(self):
+            raise ValueError(f"Parsed: {len(self)} records but {len(self.row_numbers)} row numbers")
 
 
 class _BadRow(Exception):
@@ -199,8 +204,8 @@ def _json_lines(path: Path, lines: Iterable[str]) -> list[dict[str, Any]]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
+        try:  # without the line break, which json would count as a line of its own
+            row = json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as err:
             raise DataFormatError(f"{path}: line {number}: malformed JSON ({err.msg}, column {err.colno})") from err
         if not isinstance(row, dict):
@@ -248,14 +253,16 @@ def _parse_rows(
             f"(columns present: {', '.join(sorted(present))})"
         )
     issues = RowIssues(origin, strict)
-    records = []
+    records, numbers = [], []
     for number, row in enumerate(rows):
         try:
             records.append(parse_row(row))
         except _BadRow as bad:
             issues.add(number, bad.field, bad.reason)
+            continue
+        numbers.append(number)
     issues.report(total=len(rows))
-    return Parsed(records, issues)
+    return Parsed(records, issues, numbers)
 
 
 def _first_row(rows: Sequence[Row], origin: str) -> Row:

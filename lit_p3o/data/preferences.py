@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lit_p3o.data.encoding import Batch, Encoded, ResponseTooLong, TruncationStats, collate, encode_example
-from lit_p3o.data.formats import PreferenceRecord, load_rows, parse_preferences
+from lit_p3o.data.encoding import Batch, Encoded, TruncationStats, collate, encode_prompt, encode_response, fit_prompt
+from lit_p3o.data.formats import Parsed, PreferenceRecord, load_rows, parse_preferences
 from lit_p3o.data.issues import RowIssues
 from lit_p3o.generation import SamplingSpec, sample_responses
 from lit_p3o.models import ModelSpec, build_causal_lm, load_tokenizer
@@ -107,33 +107,46 @@ class PreferenceDataModule(L.LightningDataModule):
         if task is not None:
             self._setup_embedded(task)
             return
-        train = self._read(hp.train, hp.train_split)
+        # encoded in source order, before any split, so that a bad row is named by its row number
+        train = self._encode(*self._read(hp.train, hp.train_split))
         if hp.val is not None:
-            val = self._read(hp.val, hp.val_split)
+            self.train_pairs, self.val_pairs = train, self._encode(*self._read(hp.val, hp.val_split))
         else:
             shuffled = random.Random(hp.seed).sample(train, len(train))
             n_val = int(round(len(train) * hp.val_fraction))
-            train, val = shuffled[n_val:], shuffled[:n_val]
-        self.train_pairs = self._encode(train, f"{hp.train} [{hp.train_split}]")
-        self.val_pairs = self._encode(val, f"{hp.val or hp.train} [validation]")
+            self.train_pairs, self.val_pairs = shuffled[n_val:], shuffled[:n_val]
         if self.truncation.truncated_prompts:
             log.warning("preference data: %s", self.truncation.describe())
+        if not self.val_pairs:
+            log.info("preference data: no validation pairs; validation is skipped")
 
-    def _read(self, source: str, split: str) -> list[PreferenceRecord]:
+    def _read(self, source: str, split: str) -> tuple[Parsed[PreferenceRecord], str]:
         rows, origin = load_rows(source, split)
-        return parse_preferences(rows, origin, format=self.hparams.format, tokenizer=self.tokenizer, strict=self.hparams.strict)
+        records = parse_preferences(
+            rows, origin, format=self.hparams.format, tokenizer=self.tokenizer, strict=self.hparams.strict
+        )
+        return records, origin
 
-    def _encode(self, records: list[PreferenceRecord], origin: str) -> list[Pair]:
+    def _encode(self, records: Parsed[PreferenceRecord], origin: str) -> list[Pair]:
+        """Both sides of a pair get the same prompt ids, fitted next to the longer response: a
+        comparison of two responses must condition them on one context. A response that leaves
+        no room for a prompt token is a bad row, named by its row number in the source."""
+        tokenizer, max_length = self.tokenizer, self.hparams.max_length
         issues = RowIssues(origin, strict=self.hparams.strict)
         pairs = []
-        for row, r in enumerate(records):
-            try:
-                chosen = encode_example(self.tokenizer, r.prompt, r.chosen, self.hparams.max_length, self.truncation)
-                rejected = encode_example(self.tokenizer, r.prompt, r.rejected, self.hparams.max_length)
-            except ResponseTooLong as err:
-                issues.add(row, "chosen/rejected", str(err))
+        for row, r in zip(getattr(records, "row_numbers", range(len(records))), records):
+            chosen, rejected = encode_response(tokenizer, r.chosen), encode_response(tokenizer, r.rejected)
+            too_long = [field for field, ids in (("chosen", chosen), ("rejected", rejected)) if len(ids) >= max_length]
+            if too_long:
+                issues.add(
+                    row,
+                    too_long[0],
+                    f"response too long for max_length={max_length} (EOS included; a prompt token must fit too)",
+                )
                 continue
-            pairs.append((chosen, rejected))
+            budget = max_length - max(len(chosen), len(rejected))
+            prompt = fit_prompt(encode_prompt(tokenizer, r.prompt), budget, tokenizer.bos_token_id, self.truncation)
+            pairs.append((Encoded(prompt, chosen), Encoded(list(prompt), rejected)))
         issues.report(total=len(records))
         return pairs
 
@@ -163,7 +176,9 @@ class PreferenceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_pairs, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_pairs:  # e.g. val_fraction=0: an empty list makes Lightning skip validation
+            return []
         return self._loader(self.val_pairs, shuffle=False)
 
 
@@ -209,9 +224,17 @@ def sample_labelled_pairs(
                 task.gold_reward(prompt, tokenizer.decode(e.response_ids, skip_special_tokens=True), stop)
                 for e, stop in ((a, ended[2 * i]), (b, ended[2 * i + 1]))
             ]
-            p_a = 1.0 / (1.0 + math.exp(-(gold[0] - gold[1]) / spec.label_temperature))
+            p_a = _sigmoid((gold[0] - gold[1]) / spec.label_temperature)
             ceiling += max(p_a, 1.0 - p_a)
             pairs.append((a, b) if rng.random() < p_a else (b, a))
     if not pairs:
         raise RuntimeError(f"{spec.policy}: every sampled pair was identical; the SFT policy is degenerate")
     return pairs, ceiling / len(pairs)
+
+
+def _sigmoid(x: float) -> float:
+    """``1 / (1 + e^-x)`` without overflow: tiny label temperatures make ``|x|`` huge."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)

@@ -16,10 +16,12 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None, to
         return task.prompts(split, limit)
     rows, origin = load_rows(source, split)
     if rows and isinstance(rows[0].get("prompt"), str):
-        prompts = [r["prompt"] for r in rows]
+        prompts = [r.get("prompt") for r in rows]  # a later row may lack the column
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"{origin}: row {i}: field `prompt` is empty or not text")
+                raise ValueError(f"{origin}: row {i}: field `prompt` is missing, empty or not text")
+        if {"chosen", "rejected"} <= rows[0].keys():  # TRL preference pairs: one prompt, many pairs
+            prompts = list(dict.fromkeys(prompts))
     else:
         records = parse_preferences(rows, origin, tokenizer=tokenizer, strict=False)
         prompts = list(dict.fromkeys(r.prompt for r in records))

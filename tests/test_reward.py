@@ -1,0 +1,486 @@
+"""Reward modelling: reward_scores at the last attended token, the Bradley–Terry step and its
+metrics, fit → save → RewardScorer round trip, re-encoding for another tokenizer, GoldScorer,
+build_scorer, and the embedded task's labelled preference pairs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
+
+from lit_p3o.data.encoding import Encoded, collate, encode_example
+from lit_p3o.data.preferences import EmbeddedPreferenceSpec, PreferenceDataModule, collate_pairs, sample_labelled_pairs
+from lit_p3o.losses import bradley_terry_loss
+from lit_p3o.models import LoraSpec, ModelSpec, build_reward_model, load_tokenizer
+from lit_p3o.optim import OptimizerSpec
+from lit_p3o.scoring import GoldScorer, RewardScorer, build_scorer, reward_scores
+from lit_p3o.stages.reward import RewardModule
+from lit_p3o.tasks import get_task
+from lit_p3o.tasks.reviews import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, vocabulary
+
+MICRO_ARCH = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+TRL = Path(__file__).parent / "fixtures" / "prefs" / "trl.jsonl"
+TASK = get_task("reviews")
+
+PAIRS = [  # (prompt, chosen, rejected), with prompts and responses of different lengths
+    ("write a review of the pizza :", "the pizza is very tasty . i would order it again .", "the pizza is stale ."),
+    ("rate the bike :", "i would recommend the bike .", "it is flimsy ."),
+    ("what do you think of the lamp for my blog ?", "i really like it .", "i hate the lamp . it is noisy ."),
+]
+
+
+def spec(tokenizer: str = "embedded:reviews") -> ModelSpec:
+    return ModelSpec(architecture=dict(MICRO_ARCH), tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(spec())
+
+
+@pytest.fixture(scope="module")
+def reward_model(tok):
+    torch.manual_seed(0)
+    model = build_reward_model(spec(), tok)
+    with torch.no_grad():  # a head that is not near zero, so that differences show
+        model.score.weight.normal_(0, 1)
+    return model.eval()
+
+
+def encode(tokenizer, prompt, response, add_eos=True) -> Encoded:
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return Encoded(prompt_ids, response_ids + ([tokenizer.eos_token_id] if add_eos else []))
+
+
+@torch.no_grad()
+def score_alone(model, example: Encoded) -> float:
+    """The reference: the backbone on the unpadded row alone, the head at its final position."""
+    ids = torch.tensor([example.prompt_ids + example.response_ids])
+    hidden = model.model(input_ids=ids).last_hidden_state
+    return model.score(hidden[0, -1]).item()
+
+
+def examples_of(tokenizer, pairs=PAIRS) -> list[Encoded]:
+    return [encode(tokenizer, p, r) for p, c, rj in pairs for r in (c, rj)]
+
+
+# --------------------------------------------------------------------------- reward_scores
+
+
+def test_reward_scores_read_the_last_attended_token(reward_model, tok):
+    examples = examples_of(tok)
+    batch = collate(examples, tok.pad_token_id)
+    assert batch.attention_mask.sum(1).min() < batch.attention_mask.shape[1]  # left and right padding present
+    with torch.no_grad():
+        scores = reward_scores(reward_model, batch)
+    assert scores.shape == (6,) and scores.dtype == torch.float32
+    expected = torch.tensor([score_alone(reward_model, e) for e in examples])
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    assert expected.unique().numel() == 6  # distinct rows, so a wrong position would show
+
+
+def test_reward_scores_do_not_depend_on_padding(reward_model, tok):
+    short = encode(tok, "rate the tea :", "it is good .")
+    long = encode(tok, "please write a review of the soup for my blog :", "the soup is bland . " * 4)
+    with torch.no_grad():
+        alone = reward_scores(reward_model, collate([short], tok.pad_token_id))
+        padded = reward_scores(reward_model, collate([short, long], tok.pad_token_id))
+        padded_more = reward_scores(reward_model, collate([long, short, long], tok.pad_token_id))
+    assert collate([short, long], tok.pad_token_id).input_ids.shape[1] > len(short.prompt_ids + short.response_ids)
+    torch.testing.assert_close(padded[0], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded_more[1], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded_more[0], padded_more[2])
+    torch.testing.assert_close(alone[0].item(), score_alone(reward_model, short), atol=1e-5, rtol=1e-5)
+
+
+def test_reward_scores_when_pad_is_eos_and_the_response_ends_with_eos():
+    """HF's own pooling takes the last token that is not ``pad_token_id``: with pad = EOS it
+    reads the token before the final EOS; reward_scores reads the EOS position itself."""
+    tokenizer = TASK.build_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == 1
+    torch.manual_seed(1)
+    model = build_reward_model(spec(), tokenizer).eval()
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1)
+    assert model.config.pad_token_id == 1
+    examples = examples_of(tokenizer, PAIRS[:2])
+    batch = collate(examples, tokenizer.pad_token_id)
+    assert (batch.input_ids[:, -1] == 1).all()  # every row ends with EOS or EOS padding
+    with torch.no_grad():
+        scores = reward_scores(model, batch)
+        hf = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    expected = torch.tensor([score_alone(model, e) for e in examples])
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(hf.logits.squeeze(-1), expected, atol=1e-3)  # the pitfall is real
+
+
+def test_reward_scores_under_lora(tok):
+    torch.manual_seed(2)
+    lora_spec = ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews", lora=LoraSpec(r=2, lora_dropout=0.0))
+    model = build_reward_model(lora_spec, tok).eval()
+    with torch.no_grad():  # adapters and the saved head copy away from their initial values
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.normal_(0, 0.5)
+    example = encode(tok, "rate the tea :", "it is good .")
+    batch = collate([example, encode(tok, "review the lamp for my blog :", "i like it . it is useful .")], 0)
+    with torch.no_grad():
+        scores = reward_scores(model, batch)
+        plain = model(input_ids=torch.tensor([example.prompt_ids + example.response_ids])).logits[0, 0]
+        with model.disable_adapter():
+            base = reward_scores(model, batch)
+    torch.testing.assert_close(scores[0], plain, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(scores, base, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- RewardModule step
+
+
+class Logged(dict):
+    def __call__(self, name, value, **kwargs):
+        self[name] = value
+
+
+@pytest.fixture
+def module(monkeypatch):
+    torch.manual_seed(0)
+    module = RewardModule(spec())
+    logged = Logged()
+    monkeypatch.setattr(module, "log", logged)  # no Trainer: record what would be logged
+    module.logged = logged
+    return module
+
+
+def pair_batch(tokenizer, pairs=PAIRS[:2]):
+    encoded = [
+        (encode_example(tokenizer, p, c, 64), encode_example(tokenizer, p, r, 64)) for p, c, r in pairs
+    ]
+    return encoded, collate_pairs(encoded, tokenizer.pad_token_id)
+
+
+def test_training_step_is_bradley_terry_on_the_scores(module):
+    encoded, batch = pair_batch(module.tokenizer)
+    assert torch.equal(batch.input_ids[0, batch.prompt_width :][: len(encoded[0][0].response_ids)],
+                       torch.tensor(encoded[0][0].response_ids))  # row 0: first pair's chosen  # fmt: skip
+    loss = module.training_step(batch, 0)
+    with torch.no_grad():
+        chosen = torch.tensor([score_alone(module.reward_model, c) for c, _ in encoded])
+        rejected = torch.tensor([score_alone(module.reward_model, r) for _, r in encoded])
+    by_hand = sum(math.log1p(math.exp(-(c - r))) for c, r in zip(chosen.tolist(), rejected.tolist())) / 2
+    torch.testing.assert_close(loss.item(), by_hand, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, bradley_terry_loss(chosen, rejected), atol=1e-5, rtol=1e-5)
+    assert loss.requires_grad
+    loss.backward()
+    assert module.reward_model.score.weight.grad is not None
+    assert module.logged["train/loss"] is loss
+    margin = (chosen - rejected).mean().item()
+    torch.testing.assert_close(module.metrics["train_margin"].compute().item(), margin, atol=1e-5, rtol=1e-5)
+
+
+def test_center_coef_adds_the_centering_term(monkeypatch):
+    torch.manual_seed(0)
+    module = RewardModule(spec(), center_coef=0.5)
+    monkeypatch.setattr(module, "log", Logged())
+    scores = torch.tensor([1.0, 2.0, 0.0, -1.0])
+    monkeypatch.setattr("lit_p3o.stages.reward.reward_scores", lambda model, batch: scores)
+    loss = module.training_step(pair_batch(module.tokenizer)[1], 0)
+    expected = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(-3.0))) / 2 + 0.5 * (1.0 + 1.0) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="center_coef"):
+        RewardModule(spec(), center_coef=-1.0)
+
+
+def test_accuracy_and_margin_metrics(module, monkeypatch):
+    """Scores chosen [3, 0], rejected [1, 0.5]: margins [2, -0.5]; then a tie, which is not a win."""
+    calls = iter([torch.tensor([3.0, 0.0, 1.0, 0.5]), torch.tensor([1.0, 1.0, 1.0, 2.0])])
+    monkeypatch.setattr("lit_p3o.stages.reward.reward_scores", lambda model, batch: next(calls))
+    batch = pair_batch(module.tokenizer)[1]
+    loss = module.training_step(batch, 0)
+    expected = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(0.5))) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert module.metrics["train_accuracy"].compute().item() == 0.5
+    assert module.metrics["train_margin"].compute().item() == pytest.approx(0.75)
+    assert set(module.logged) == {"train/loss", "train/accuracy", "train/margin"}
+    module.validation_step(batch, 0)  # margins [0, -1]: no wins
+    assert module.metrics["val_accuracy"].compute().item() == 0.0
+    assert module.metrics["val_margin"].compute().item() == pytest.approx(-0.5)
+    assert module.metrics["train_accuracy"].compute().item() == 0.5  # splits keep separate metrics
+
+
+# --------------------------------------------------------------------------- fit → save → score
+
+
+def test_fit_save_and_score_round_trip(tmp_path, capsys):
+    torch.manual_seed(0)
+    save_dir = tmp_path / "reward"
+    module = RewardModule(spec(), optimizer=OptimizerSpec(learning_rate=1e-2), save_dir=str(save_dir))
+    before = module.reward_model.score.weight.detach().clone()
+    data = PreferenceDataModule(train=str(TRL), val=str(TRL), max_length=64, batch_size=2)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,  # 5 pairs in batches of 2: one epoch, then validation
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, data)
+    assert trainer.global_step == 3
+    assert not torch.equal(module.reward_model.score.weight, before)
+    assert {"train/loss", "val/loss", "val/accuracy", "val/margin"} <= set(trainer.callback_metrics)
+    out = capsys.readouterr().out
+    assert "[lit-p3o] reward model held-out accuracy" in out
+    assert f"[lit-p3o] saved the reward model to {save_dir.resolve()}" in out
+    assert (save_dir / "config.json").is_file() and (save_dir / "tokenizer_config.json").is_file()
+
+    prompts = [p for p, _, _ in PAIRS for _ in range(2)]
+    responses = [r for _, c, rj in PAIRS for r in (c, rj)]
+    scorer = RewardScorer.from_pretrained(save_dir)
+    loaded = scorer.score(prompts, responses)
+    trained_model = module.reward_model.eval()
+    trained_tok = module.tokenizer
+    batch = collate([encode_example(trained_tok, p, r, 1024) for p, r in zip(prompts, responses)], 0)
+    with torch.no_grad():
+        trained = reward_scores(trained_model, batch)
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-5)
+    assert loaded.shape == (6,) and loaded.device.type == "cpu"
+    assert scorer.tokenizer.get_vocab() == trained_tok.get_vocab()
+    assert not any(p.requires_grad for p in scorer.model.parameters())
+
+    # plain transformers loads the directory and agrees on an unpadded row
+    hf = AutoModelForSequenceClassification.from_pretrained(save_dir).eval()
+    assert hf.config.num_labels == 1
+    example = encode_example(trained_tok, prompts[0], responses[0], 1024)
+    with torch.no_grad():
+        logit = hf(input_ids=torch.tensor([example.prompt_ids + example.response_ids])).logits[0, 0]
+    torch.testing.assert_close(logit, loaded[0], atol=1e-5, rtol=1e-5)
+
+    # build_scorer: a saved directory is a RewardScorer; ids are used as they are for the same vocabulary
+    same = build_scorer(str(save_dir), trained_tok)
+    assert isinstance(same, RewardScorer) and same.source_tokenizer is None
+    ids_scores = same.score_examples([encode_example(trained_tok, p, r, 1024) for p, r in zip(prompts, responses)])
+    torch.testing.assert_close(ids_scores, loaded, atol=1e-5, rtol=1e-5)
+    other = shuffled_tokenizer()
+    assert build_scorer(str(save_dir), other).source_tokenizer is other
+
+
+def test_lora_reward_model_saves_adapters_and_scores_the_same(micro_model_dir, tmp_path):
+    """LoRA on a saved SFT policy: the adapters (and the new head) are saved alone, and the
+    scorer loads base + adapters into the same function the module trained."""
+    torch.manual_seed(0)
+    save_dir = tmp_path / "reward-lora"
+    model_spec = ModelSpec(name_or_path=str(micro_model_dir), lora=LoraSpec(r=2, lora_dropout=0.0))
+    module = RewardModule(model_spec, optimizer=OptimizerSpec(learning_rate=1e-2), save_dir=str(save_dir))
+    data = PreferenceDataModule(train=str(TRL), val=str(TRL), max_length=64, batch_size=2)
+    L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
+    ).fit(module, data)  # fmt: skip
+    assert (save_dir / "adapter_config.json").is_file()
+    prompts, responses = ["rate the tea :", "rate the bike :"], ["it is good .", "i hate it ."]
+    loaded = RewardScorer.from_pretrained(save_dir).score(prompts, responses)
+    batch = collate([encode_example(module.tokenizer, p, r, 1024) for p, r in zip(prompts, responses)], 0)
+    with torch.no_grad():
+        trained = reward_scores(module.reward_model.eval(), batch)
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- other tokenizers, gold reward
+
+
+def shuffled_tokenizer() -> PreTrainedTokenizerFast:
+    """The task's words with the vocabulary in reverse order and the special tokens last, so
+    that no id (EOS included) means the same as in the task's tokenizer."""
+    vocab = {token: i for i, token in enumerate((*reversed(vocabulary()), *SPECIAL_TOKENS))}
+    backend = Tokenizer(WordLevel(vocab, unk_token=UNK))
+    backend.pre_tokenizer = WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=PAD, eos_token=EOS, unk_token=UNK, bos_token=BOS,
+        clean_up_tokenization_spaces=False,
+    )  # fmt: skip
+
+
+def test_accept_ids_from_another_tokenizer_re_encodes(reward_model, tok):
+    policy_tok = shuffled_tokenizer()
+    assert policy_tok.eos_token_id != tok.eos_token_id
+    assert policy_tok("the pizza")["input_ids"] != tok("the pizza")["input_ids"]
+    scorer = RewardScorer(reward_model, tok)
+    prompts = [p for p, _, _ in PAIRS for _ in range(2)]
+    responses = [r for _, c, rj in PAIRS for r in (c, rj)]
+    direct = scorer.score(prompts, responses)
+
+    policy_examples = examples_of(policy_tok)
+    as_is = scorer.score_examples(policy_examples)  # the policy's ids read with the wrong vocabulary
+    scorer.accept_ids_from(policy_tok)
+    assert scorer.source_tokenizer is policy_tok
+    torch.testing.assert_close(scorer.score_examples(policy_examples, [True] * 6), direct, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scorer.score_examples(policy_examples), direct, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(as_is, direct, atol=1e-3)
+
+    # a response that did not end: no EOS on either side
+    unended = [encode(policy_tok, prompts[0], responses[0], add_eos=False)]
+    reference = RewardScorer(reward_model, tok).score_examples([encode(tok, prompts[0], responses[0], add_eos=False)])
+    torch.testing.assert_close(scorer.score_examples(unended, [False]), reference, atol=1e-5, rtol=1e-5)
+
+    scorer.accept_ids_from(TASK.build_tokenizer())  # the same vocabulary again: ids as they are
+    assert scorer.source_tokenizer is None
+
+
+def test_score_checks_lengths_and_handles_nothing(reward_model, tok):
+    scorer = RewardScorer(reward_model, tok, batch_size=2)
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        scorer.score(["a", "b"], ["c"])
+    assert scorer.score_examples([]).shape == (0,)
+    # batching does not change scores
+    prompts, responses = ["rate the tea :"] * 3, ["it is good .", "i hate it .", "the tea is okay . i had it today ."]
+    torch.testing.assert_close(
+        scorer.score(prompts, responses), RewardScorer(reward_model, tok, batch_size=8).score(prompts, responses),
+        atol=1e-5, rtol=1e-5,
+    )  # fmt: skip
+
+
+def test_gold_scorer_is_the_task_gold_reward_on_decoded_text(tok):
+    scorer = build_scorer("embedded:reviews", tok)
+    assert isinstance(scorer, GoldScorer) and scorer.task.name == "reviews" and scorer.tokenizer is tok
+    cases = [
+        ("write a review of the pizza :", "the pizza is very tasty . i would order it again .", True),
+        ("rate the bike :", "it is flimsy .", True),
+        ("rate the bike :", "it is flimsy", False),
+        ("what do you think of the lamp ?", "i love the pizza .", True),
+    ]
+    examples = [encode(tok, p, r, add_eos=e) for p, r, e in cases]
+    scores = scorer.score_examples(examples, [e for _, _, e in cases])
+    expected = [TASK.gold_reward(p, r, e) for p, r, e in cases]
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, torch.tensor(expected))
+    assert expected[0] == pytest.approx(math.tanh((1.5 + 1) / 2))
+    assert expected[2] == pytest.approx(-0.5 - 1.0)  # an unfinished sentence, no EOS
+    assert expected[3] == pytest.approx(-0.5)  # off-topic
+    # without flags every response counts as ended
+    torch.testing.assert_close(scorer.score_examples(examples[:2]), torch.tensor(expected[:2]))
+
+
+# --------------------------------------------------------------------------- embedded preference pairs
+
+
+def gold_of(tokenizer, prompt_ids, response: Encoded) -> float:
+    ended = bool(response.response_ids) and response.response_ids[-1] == tokenizer.eos_token_id
+    text = tokenizer.decode(response.response_ids, skip_special_tokens=True)
+    return TASK.gold_reward(tokenizer.decode(prompt_ids, skip_special_tokens=True), text, ended)
+
+
+def test_sample_labelled_pairs_from_a_saved_policy(micro_model_dir, tok):
+    policy = str(micro_model_dir)
+    spec_ = EmbeddedPreferenceSpec(policy=policy, label_temperature=0.5, max_new_tokens=4, generation_batch_size=4)
+    pairs, ceiling = sample_labelled_pairs(TASK, spec_, "train", 6, seed=0, expected_vocab=tok.get_vocab())
+    assert len(pairs) == 6
+    prompts = TASK.prompts("train", 6)
+    for (chosen, rejected), prompt in zip(pairs, prompts):
+        assert chosen.response_ids != rejected.response_ids
+        assert chosen.prompt_ids == rejected.prompt_ids == tok(prompt)["input_ids"]
+        assert 1 <= len(chosen.response_ids) <= 4
+    assert 0.5 <= ceiling <= 1.0
+    again, again_ceiling = sample_labelled_pairs(TASK, spec_, "train", 6, seed=0)
+    assert again == pairs and again_ceiling == ceiling  # seeded
+
+
+def test_tiny_label_temperature_labels_by_gold(micro_model_dir, tok):
+    """T → 0: the labeller always prefers the higher gold reward; the Bayes accuracy is 1 on
+    pairs with distinct gold and 1/2 on ties (no overflow for huge |Δgold| / T)."""
+    spec_ = EmbeddedPreferenceSpec(policy=str(micro_model_dir), label_temperature=1e-4, max_new_tokens=4)
+    pairs, ceiling = sample_labelled_pairs(TASK, spec_, "test", 8, seed=3)
+    golds = [(gold_of(tok, c.prompt_ids, c), gold_of(tok, r.prompt_ids, r)) for c, r in pairs]
+    assert all(gc >= gr for gc, gr in golds)
+    distinct = sum(gc != gr for gc, gr in golds)
+    assert ceiling == pytest.approx((distinct + 0.5 * (len(pairs) - distinct)) / len(pairs), abs=1e-6)
+
+
+def test_labels_and_ceiling_with_controlled_responses(micro_model_dir, tok, monkeypatch):
+    """Responses of known gold reward instead of the micro policy's noise: every pair has
+    distinct gold, so with T = 1e-4 the chosen side is always the better one and the ceiling
+    is 1; with a huge T the labels are coin flips and the ceiling is 1/2."""
+    from lit_p3o.generation import Sampled
+
+    good, bad = "it is great .", "it is awful . it is awful ."
+    calls = []
+
+    def fake_sample(policy, tokenizer, ids, sampling):
+        calls.append(len(ids))
+        # pairs alternate (good, bad) and (bad, good): Δgold / T is hugely positive, then negative
+        texts = [(good, bad, bad, good)[i % 4] for i in range(len(ids))]
+        return Sampled([Encoded(p, tokenizer(t)["input_ids"] + [1]) for p, t in zip(ids, texts)], [True] * len(ids))
+
+    monkeypatch.setattr("lit_p3o.data.preferences.sample_responses", fake_sample)
+    sharp = EmbeddedPreferenceSpec(policy=str(micro_model_dir), label_temperature=1e-4, generation_batch_size=4)
+    pairs, ceiling = sample_labelled_pairs(TASK, sharp, "train", 5, seed=0)
+    assert calls == [4, 4, 2]  # 10 responses in batches of generation_batch_size
+    assert ceiling == 1.0
+    assert [tok.decode(c.response_ids, skip_special_tokens=True) for c, _ in pairs] == [good] * 5
+    flat = EmbeddedPreferenceSpec(policy=str(micro_model_dir), label_temperature=1e9)
+    pairs, ceiling = sample_labelled_pairs(TASK, flat, "train", 40, seed=0)
+    assert ceiling == pytest.approx(0.5, abs=1e-6)
+    chosen_good = sum(tok.decode(c.response_ids, skip_special_tokens=True) == good for c, _ in pairs)
+    assert 8 <= chosen_good <= 32  # coin flips, not always the better one
+
+
+def test_identical_samples_are_dropped_and_a_degenerate_policy_fails(micro_model_dir, monkeypatch):
+    from lit_p3o.generation import Sampled
+
+    monkeypatch.setattr(
+        "lit_p3o.data.preferences.sample_responses",
+        lambda policy, tokenizer, ids, sampling: Sampled([Encoded(p, [5, 1]) for p in ids], [True] * len(ids)),
+    )
+    spec_ = EmbeddedPreferenceSpec(policy=str(micro_model_dir))
+    with pytest.raises(RuntimeError, match="every sampled pair was identical"):
+        sample_labelled_pairs(TASK, spec_, "train", 3, seed=0)
+
+
+def test_policy_with_another_tokenizer_is_refused(micro_model_dir):
+    spec_ = EmbeddedPreferenceSpec(policy=str(micro_model_dir))
+    with pytest.raises(ValueError, match="uses another tokenizer than the reward model"):
+        sample_labelled_pairs(TASK, spec_, "train", 2, seed=0, expected_vocab=shuffled_tokenizer().get_vocab())
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"label_temperature": 0.0}, "label_temperature: must be > 0, got 0.0"),
+        ({"label_temperature": -1.0}, "label_temperature: must be > 0"),
+        ({"train_pairs": 0}, "train_pairs and val_pairs must be >= 1"),
+        ({"val_pairs": 0}, "train_pairs and val_pairs must be >= 1"),
+    ],
+)
+def test_invalid_embedded_preference_spec(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EmbeddedPreferenceSpec(**kwargs)
+
+
+def test_embedded_datamodule_reports_the_ceiling(micro_model_dir, tok, capsys):
+    spec_ = EmbeddedPreferenceSpec(policy=str(micro_model_dir), train_pairs=3, val_pairs=2, max_new_tokens=3)
+    data = PreferenceDataModule(train="embedded:reviews", embedded=spec_, tokenizer=tok, batch_size=2)
+    data.setup("fit")
+    assert (len(data.train_pairs), len(data.val_pairs)) == (3, 2)
+    assert 0.5 <= data.label_accuracy_ceiling <= 1.0
+    assert "embedded preferences: 3 train / 2 val pairs, labels at T=0.5" in capsys.readouterr().out
+    batch = next(iter(data.val_dataloader()))
+    assert batch.input_ids.shape[0] == 4
