@@ -94,11 +94,10 @@ class SFTDataModule(L.LightningDataModule):
             raise DataFormatError(f"{origin}: {err}") from err
 
     def _encode(self, records: list[SFTRecord], origin: str) -> list[Encoded]:
-        """Rows are numbered in the order read; with ``strict=False``, rows the parser already
-        skipped are not counted."""
+        """Bad rows are named by their row in the source, even after the parser skipped some."""
         issues = RowIssues(origin, strict=self.hparams.strict)
         examples = []
-        for row, record in enumerate(records):
+        for row, record in zip(getattr(records, "row_numbers", range(len(records))), records):
             try:
                 examples.append(
                     encode_example(self.tokenizer, record.prompt, record.completion, self.hparams.max_length, self.truncation)
