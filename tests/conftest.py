@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-MICRO_ARCH = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
+from micro import MICRO_ARCH
 
 
 @pytest.fixture

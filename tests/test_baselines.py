@@ -12,8 +12,7 @@ from lit_p3o.data.prompts import load_prompts
 from lit_p3o.losses import dpo_loss
 from lit_p3o.rollout import rollout
 
-MICRO = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
+from micro import MICRO_ARCH as MICRO
 
 
 def build(cls, k: int = 3, **kwargs):

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from lit_p3o.cli import LitP3OCLI
+from micro import MICRO_ARCH
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,15 +41,7 @@ def micro_config(tmp_path: Path) -> dict:
             "init_args": {
                 "model": {
                     "tokenizer": "embedded:reviews",
-                    "architecture": {
-                        "model_type": "llama",
-                        "hidden_size": 32,
-                        "intermediate_size": 64,
-                        "num_hidden_layers": 1,
-                        "num_attention_heads": 2,
-                        "num_key_value_heads": 2,
-                        "max_position_embeddings": 64,
-                    },
+                    "architecture": MICRO_ARCH,
                 },
                 "optimizer": {"learning_rate": 0.01, "warmup_steps": 1, "schedule": "cosine"},
                 "save_dir": str(tmp_path / "sft"),

@@ -19,15 +19,7 @@ from lit_p3o.models import build_causal_lm, build_reward_model, load_tokenizer, 
 from lit_p3o.scoring import build_scorer
 from lit_p3o.tasks import get_task
 
-MICRO = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
+from micro import MICRO_ARCH as MICRO
 SPEC = ModelSpec(architecture=MICRO, tokenizer="embedded:reviews")
 TASK = get_task("reviews")
 

@@ -24,10 +24,7 @@ from lit_p3o.models import (
     save_pretrained,
 )
 
-MICRO_ARCH = {
-    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-    "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64,
-}  # the same micro model as conftest.py
+from micro import MICRO_ARCH
 IDS = torch.tensor([[3, 105, 7, 77, 62, 91, 71, 5], [0, 0, 3, 95, 62, 91, 44, 6]])
 MASK = (IDS != 0).long()
 

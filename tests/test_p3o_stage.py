@@ -9,15 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_p3o import ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
 
-MICRO = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
+from micro import MICRO_ARCH as MICRO
 
 
 def make_stage(policy: ModelSpec | None = None, **rollout_kwargs) -> P3OModule:

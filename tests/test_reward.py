@@ -25,15 +25,7 @@ from lit_p3o.stages.reward import RewardModule
 from lit_p3o.tasks import get_task
 from lit_p3o.tasks.reviews import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, vocabulary
 
-MICRO_ARCH = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
+from micro import MICRO_ARCH
 TRL = Path(__file__).parent / "fixtures" / "prefs" / "trl.jsonl"
 TASK = get_task("reviews")
 

@@ -1,0 +1,11 @@
+"""The micro Llama (~17k parameters) every fast test builds on the embedded task's tokenizer."""
+
+MICRO_ARCH = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
