@@ -113,8 +113,8 @@ def write_table(args, csvs, results, middle, wall: float) -> None:
     lines = [
         "# Frontier benchmark on the embedded task",
         "",
-        f"Command: `python benchmarks/frontier.py --rollouts {args.rollouts}` — wall time {wall / 60:.1f} min "
-        "on 2 CPU cores.",
+        f"Command: `python benchmarks/frontier.py --rollouts {args.rollouts}{' --skip-base' if args.skip_base else ''}`"
+        f" — wall time {wall / 60:.1f} min on 2 CPU cores.",
         "",
         "Budget, identical for every method: SFT and reward model trained once; each run "
         f"{args.rollouts} rollouts of 64 prompts × 2 responses, 2 replay passes in minibatches of 16 groups, "
