@@ -152,3 +152,24 @@ def test_p3o_raises_reward_of_an_sft_policy(tmp_path):
     trainer(tmp_path, max_epochs=8, gradient_clip_val=1.0).fit(stage)
     after = mean_gold(stage.policy, stage.tokenizer)
     assert after > before + 0.1, (before, after)
+
+
+def test_resume_mid_rollout_continues_with_the_next_minibatch(tmp_path):
+    """A checkpoint taken inside a rollout's replay resumes with the restored buffer and the
+    minibatches not yet trained on, and ends where an uninterrupted run ends."""
+    full, full_trainer = run_to_end(tmp_path / "full", epochs=3)
+
+    L.seed_everything(0)
+    stage = make_stage(update_epochs=2, minibatch_groups=2, num_responses=3)
+    stage.scorer.score_examples = lambda examples, ended: torch.randn(len(examples))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "mid", save_top_k=-1, every_n_train_steps=6,
+                                 save_on_train_epoch_end=False)
+    trainer(tmp_path / "cut", max_epochs=3, max_steps=6, callbacks=[checkpoint], enable_checkpointing=True).fit(stage)
+    saved = torch.load(next((tmp_path / "mid").glob("*step=6*.ckpt")), weights_only=False)
+    assert saved["replay_buffer"]["consumed"] == 2  # 4 minibatches per rollout: 2 into rollout 2
+
+    resumed, resumed_trainer = run_to_end(tmp_path / "resumed", epochs=3,
+                                          resume_from=str(next((tmp_path / "mid").glob("*step=6*.ckpt"))))
+    assert resumed_trainer.global_step == full_trainer.global_step == 12
+    for name, value in weights(full).items():
+        torch.testing.assert_close(weights(resumed)[name], value, rtol=0, atol=1e-6)
