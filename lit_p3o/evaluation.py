@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.encoding import Encoded, collate, encode_prompt, fit_prompt
 from lit_p3o.data.prompts import load_prompts
-from lit_p3o.generation import SamplingSpec, decode, response_logprobs, sample_responses
+from lit_p3o.generation import SamplingSpec, decode, eval_mode, response_logprobs, sample_responses
 from lit_p3o.models import FrozenReference
 from lit_p3o.rollout import Scorer
 from lit_p3o.tasks import Task, resolve_embedded
@@ -49,18 +49,10 @@ def sample_completions(
     batch_size: int = 64,
 ) -> Completions:
     """Sample and decode one response per prompt, in batches."""
-    examples: list[Encoded] = []
-    ended: list[bool] = []
-    for start in range(0, len(prompts), batch_size):
-        ids = [
-            fit_prompt(encode_prompt(tokenizer, p), max_prompt_tokens, tokenizer.bos_token_id)
-            for p in prompts[start : start + batch_size]
-        ]
-        sampled = sample_responses(model, tokenizer, ids, sampling)
-        examples += sampled.examples
-        ended += sampled.ended
-    responses = [decode(tokenizer, e.response_ids) for e in examples]
-    return Completions(prompts, responses, ended, examples)
+    ids = [fit_prompt(encode_prompt(tokenizer, p), max_prompt_tokens, tokenizer.bos_token_id) for p in prompts]
+    sampled = sample_responses(model, tokenizer, ids, sampling, batch_size)
+    responses = [decode(tokenizer, e.response_ids) for e in sampled.examples]
+    return Completions(prompts, responses, sampled.ended, sampled.examples)
 
 
 @contextmanager
@@ -74,17 +66,6 @@ def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model.eval()`` for a block, then its previous mode again."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()

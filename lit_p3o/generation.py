@@ -8,10 +8,13 @@ all call it, so at the first update step the trajectory ratio is 1 up to float e
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from lit_p3o.data.encoding import Batch, Encoded, collate
@@ -60,33 +63,48 @@ class Sampled:
     ended: list[bool]
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` for a block, then its previous mode again."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def sample_responses(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[list[int]],
     spec: SamplingSpec,
+    batch_size: int | None = None,
+    progress: str | None = None,
 ) -> Sampled:
-    """Sample one response per prompt id list (repeat prompts for K responses each)."""
-    batch = collate([Encoded(p) for p in prompts], tokenizer.pad_token_id)
+    """Sample one response per prompt id list (repeat prompts for K responses each).
+
+    ``generate()`` runs on chunks of ``batch_size`` prompts (all at once when None); a
+    ``progress`` label shows a progress bar over the chunks.
+    """
+    size = batch_size or max(1, len(prompts))
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        out = model.generate(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
-            generation_config=spec.generation_config(tokenizer),
-            synced_gpus=spec.synced_gpus,
-        )
-    finally:
-        model.train(was_training)
-    new_tokens = out[:, batch.prompt_width :].cpu()
     examples, ended = [], []
-    for prompt, row in zip(prompts, new_tokens.tolist()):
-        stop = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else None
-        examples.append(Encoded(prompt, row[:stop] if stop else row))
-        ended.append(stop is not None)
+    with eval_mode(model):
+        for start in tqdm(range(0, len(prompts), size), desc=progress, leave=False, disable=progress is None):
+            chunk = prompts[start : start + size]
+            batch = collate([Encoded(p) for p in chunk], tokenizer.pad_token_id)
+            out = model.generate(
+                input_ids=batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device),
+                generation_config=spec.generation_config(tokenizer),
+                synced_gpus=spec.synced_gpus,
+            )
+            for prompt, row in zip(chunk, out[:, batch.prompt_width :].tolist()):
+                stop = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else None
+                examples.append(Encoded(prompt, row[:stop] if stop else row))
+                ended.append(stop is not None)
     return Sampled(examples, ended)
 
 

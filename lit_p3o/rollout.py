@@ -24,7 +24,6 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.buffer import Group, ReplayBuffer
@@ -228,13 +227,11 @@ def rollout(
     k = spec.num_responses
     prompt_ids = [fit_prompt(encode_prompt(tok, p), spec.max_prompt_tokens, tok.bos_token_id) for p in prompts]
     repeated = [ids for ids in prompt_ids for _ in range(k)]  # group-major: K copies in a row
-    examples: list[Encoded] = []
-    ended: list[bool] = []
-    chunks = range(0, len(repeated), spec.generation_batch_size)
-    for start in tqdm(chunks, desc="rollout: generate", leave=False, disable=not show_progress):
-        sampled = sample_responses(stage.policy, tok, repeated[start : start + spec.generation_batch_size], spec.sampling)
-        examples += sampled.examples
-        ended += sampled.ended
+    sampled = sample_responses(
+        stage.policy, tok, repeated, spec.sampling, spec.generation_batch_size,
+        progress="rollout: generate" if show_progress else None,
+    )  # fmt: skip
+    examples, ended = sampled.examples, sampled.ended
     for e in examples:
         if not e.response_ids:  # generate() always emits at least one token; guard anyway
             raise RuntimeError("rollout: an empty response was sampled")

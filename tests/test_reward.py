@@ -416,8 +416,9 @@ def test_labels_and_ceiling_with_controlled_responses(micro_model_dir, tok, monk
     good, bad = "it is great .", "it is awful . it is awful ."
     calls = []
 
-    def fake_sample(policy, tokenizer, ids, sampling):
-        calls.append(len(ids))
+    def fake_sample(policy, tokenizer, ids, sampling, batch_size=None):
+        size = batch_size or len(ids)  # the chunks sample_responses would generate
+        calls.extend(min(size, len(ids) - start) for start in range(0, len(ids), size))
         # pairs alternate (good, bad) and (bad, good): Δgold / T is hugely positive, then negative
         texts = [(good, bad, bad, good)[i % 4] for i in range(len(ids))]
         return Sampled([Encoded(p, tokenizer(t)["input_ids"] + [1]) for p, t in zip(ids, texts)], [True] * len(ids))
@@ -440,7 +441,7 @@ def test_identical_samples_are_dropped_and_a_degenerate_policy_fails(micro_model
 
     monkeypatch.setattr(
         "lit_p3o.data.preferences.sample_responses",
-        lambda policy, tokenizer, ids, sampling: Sampled([Encoded(p, [5, 1]) for p in ids], [True] * len(ids)),
+        lambda policy, tokenizer, ids, sampling, batch_size=None: Sampled([Encoded(p, [5, 1]) for p in ids], [True] * len(ids)),
     )
     spec_ = EmbeddedPreferenceSpec(policy=str(micro_model_dir))
     with pytest.raises(RuntimeError, match="every sampled pair was identical"):

@@ -211,11 +211,8 @@ def sample_labelled_pairs(
             break
         batch_prompts = [prompts[(attempt * n_pairs + i) % len(prompts)] for i in range(need)]
         ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in batch_prompts for _ in range(2)]
-        examples, ended = [], []
-        for start in range(0, len(ids), spec.generation_batch_size):
-            sampled = sample_responses(policy, tokenizer, ids[start : start + spec.generation_batch_size], sampling)
-            examples += sampled.examples
-            ended += sampled.ended
+        sampled = sample_responses(policy, tokenizer, ids, sampling, spec.generation_batch_size)
+        examples, ended = sampled.examples, sampled.ended
         for i, prompt in enumerate(batch_prompts):
             a, b = examples[2 * i], examples[2 * i + 1]
             if a.response_ids == b.response_ids:
