@@ -261,6 +261,8 @@ def _load_or_build(
 
 def _finish(spec: ModelSpec, model: PreTrainedModel, task_type: str) -> PreTrainedModel:
     model.train()  # from_pretrained returns eval mode; Lightning expects modules to train
+    if spec.quantization is not None:
+        _keep_4bit_layers_differentiable(model)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -290,6 +292,28 @@ def _bnb_config(q: QuantizationSpec) -> Any:
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=_DTYPES[q.compute_dtype],
     )
+
+
+def _keep_4bit_layers_differentiable(model: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repack on every 4-bit layer.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50 at least) repacks a ``Linear4bit`` weight in
+    place the first time the layer runs in eval mode without grad (``Linear4bit.forward``, gated
+    by the per-layer flag ``support_avx512bf16_for_cpu`` that ``__init__`` sets from
+    ``has_avx512bf16()``) and from then on computes the layer with ``gemv_4bit``, a bfloat16
+    inference kernel without autograd. Every rollout runs the policy that way, so afterwards no
+    LoRA parameter got a gradient (training silently did nothing) and ``logp_old`` came from
+    another function than the update's log-probs; layers narrower than a quantisation block
+    crashed in the repack instead. Without the flag, eval and train forwards share the
+    dequantize-then-matmul path. Versions without the flag have no repack; should a later one
+    move it, the no-gradient guard of the RL stages stops the run and
+    ``tests/test_models.py`` (which forces the feature on) fails.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _quantization_device() -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from micro import MICRO_ARCH
+from micro import MICRO_ARCH, WIDE_ARCH
 
 
 @pytest.fixture
@@ -32,3 +32,15 @@ def micro_model_dir(tmp_path_factory, micro_tokenizer):
     torch.manual_seed(0)
     model = build_causal_lm(ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews"), micro_tokenizer)
     return save_pretrained(model, micro_tokenizer, tmp_path_factory.mktemp("micro") / "model")
+
+
+@pytest.fixture(scope="session")
+def wide_model_dir(tmp_path_factory, micro_tokenizer):
+    """Like ``micro_model_dir`` for the two-layer, 64-wide model (4-bit tests need whole blocks)."""
+    import torch
+
+    from lit_p3o.models import ModelSpec, build_causal_lm, save_pretrained
+
+    torch.manual_seed(0)
+    model = build_causal_lm(ModelSpec(architecture=dict(WIDE_ARCH), tokenizer="embedded:reviews"), micro_tokenizer)
+    return save_pretrained(model, micro_tokenizer, tmp_path_factory.mktemp("wide") / "model")

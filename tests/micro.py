@@ -9,3 +9,7 @@ MICRO_ARCH = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 64,
 }
+
+# Two layers of width 64: the smallest Llama whose 4-bit layers hold a whole quantisation block
+# (64 weights) per row, as real models do; the micro model's 32-wide rows do not.
+WIDE_ARCH = {**MICRO_ARCH, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}

@@ -24,7 +24,8 @@ from lit_p3o.models import (
     save_pretrained,
 )
 
-from micro import MICRO_ARCH
+from micro import MICRO_ARCH, WIDE_ARCH
+
 IDS = torch.tensor([[3, 105, 7, 77, 62, 91, 71, 5], [0, 0, 3, 95, 62, 91, 44, 6]])
 MASK = (IDS != 0).long()
 
@@ -104,8 +105,22 @@ def test_lora_only_adapters_trainable_and_config_passed_through(micro_spec):
     assert a.shape == (3, 32)
 
 
-def test_4bit_lora_on_cpu(micro_model_dir):
+@pytest.fixture(params=[True, False], ids=["avx512bf16", "no-avx512bf16"])
+def cpu_avx512bf16(request, monkeypatch) -> bool:
+    """Run a 4-bit test as on a CPU with AVX512-BF16 and as on one without, whatever this one has.
+
+    bitsandbytes reads the feature once per layer (``Linear4bit.__init__`` calls
+    ``has_avx512bf16()``); with it, the layer's first eval-mode no-grad forward repacks the
+    weight for an inference-only kernel: small layers crash there, larger ones never pass a
+    gradient again. Forcing the flag makes every machine take both branches."""
     pytest.importorskip("bitsandbytes")
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: request.param)
+    return request.param
+
+
+def test_4bit_lora_on_cpu(micro_model_dir, cpu_avx512bf16):
     import bitsandbytes as bnb
 
     spec = ModelSpec(
@@ -127,6 +142,41 @@ def test_4bit_lora_on_cpu(micro_model_dir):
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert all(g is not None for g in grads.values())
     assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_A" in n or "lora_B" in n)
+
+
+def lora_grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    """Gradients of every LoRA tensor after one train-mode forward/backward (then cleared)."""
+    model.train()
+    model(input_ids=IDS, attention_mask=MASK).logits.logsumexp(-1).mean().backward()
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_4bit_lora_still_learns_after_an_eval_forward(wide_model_dir, cpu_avx512bf16):
+    """Every rollout runs the policy in eval mode without grad; the update that follows must get
+    the same LoRA gradients as if that forward never happened (and the same logits)."""
+    spec = ModelSpec(
+        name_or_path=str(wide_model_dir),
+        lora=LoraSpec(r=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
+        quantization=QuantizationSpec(bits=4, quant_type="nf4"),
+    )
+    tok = load_tokenizer(spec)
+    model = build_causal_lm(spec, tok)
+    perturb_lora(model)  # lora_B = 0 would give lora_A a zero gradient
+    expected = lora_grads(model)
+    assert len(expected) == 2 * 4 * 2  # layers × targets × {A, B}
+    assert all(g is not None and g.abs().sum() > 0 for g in expected.values())
+    train_logits = logits_of(model.train())
+
+    eval_logits = logits_of(model.eval())  # what the rollout does
+    torch.testing.assert_close(eval_logits, train_logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits_of(model.train()), train_logits, rtol=0, atol=0)
+    got = lora_grads(model)
+    missing = [n for n, g in got.items() if g is None]
+    assert not missing, f"{len(missing)} of {len(got)} LoRA tensors got no gradient"
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected[name], rtol=0, atol=0, msg=name)
 
 
 # --------------------------------------------------------------------------- reference and dropout
@@ -232,9 +282,8 @@ def test_lora_on_top_of_saved_adapters_chains(micro_model_dir, tmp_path):
     torch.testing.assert_close(logits_of(reloaded.eval()), rl_logits, rtol=1e-5, atol=1e-5)
 
 
-def test_4bit_from_saved_adapters_starts_at_the_merged_model(micro_model_dir, tmp_path):
+def test_4bit_from_saved_adapters_starts_at_the_merged_model(micro_model_dir, tmp_path, cpu_avx512bf16):
     """QLoRA SFT → QLoRA RL: the saved adapters are merged, then quantized; not overwritten."""
-    pytest.importorskip("bitsandbytes")
     sft_dir, sft_logits, tok = _saved_adapters(micro_model_dir, tmp_path, "sft")
     lora, quant = LoraSpec(r=2, target_modules=["v_proj"]), QuantizationSpec()
     policy = build_causal_lm(ModelSpec(name_or_path=str(sft_dir), lora=lora, quantization=quant), tok)
