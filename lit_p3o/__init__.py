@@ -7,6 +7,7 @@ from lit_p3o.data.preferences import EmbeddedPreferenceSpec, PreferenceDataModul
 from lit_p3o.data.sft import SFTDataModule
 from lit_p3o.evaluation import CompletionReport, FrontierCallback, evaluate_policy
 from lit_p3o.generation import SamplingSpec
+from lit_p3o.guards import GradientGuard, GuardSpec
 from lit_p3o.models import (
     FrozenReference,
     LoraSpec,
@@ -29,7 +30,7 @@ from lit_p3o.stages.sft import SFTModule
 # Checkpoints hold these config/buffer classes (hyperparameters, replay buffer); allow them
 # so that `trainer.fit(ckpt_path=...)` works with torch.load(weights_only=True).
 torch.serialization.add_safe_globals(
-    [Group, KLSpec, LoraSpec, ModelSpec, OptimizerSpec, QuantizationSpec, RolloutSpec, SamplingSpec, EmbeddedPreferenceSpec]
+    [Group, GuardSpec, KLSpec, LoraSpec, ModelSpec, OptimizerSpec, QuantizationSpec, RolloutSpec, SamplingSpec, EmbeddedPreferenceSpec]
 )
 
 __all__ = [
@@ -38,7 +39,9 @@ __all__ = [
     "FrontierCallback",
     "FrozenReference",
     "GoldScorer",
+    "GradientGuard",
     "Group",
+    "GuardSpec",
     "KLSpec",
     "LoraSpec",
     "ModelSpec",

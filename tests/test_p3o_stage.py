@@ -7,12 +7,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lit_p3o import ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
+from lit_p3o import GuardSpec, ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
 
 from micro import MICRO_ARCH as MICRO
 
 
-def make_stage(policy: ModelSpec | None = None, **rollout_kwargs) -> P3OModule:
+def make_stage(policy: ModelSpec | None = None, guards: GuardSpec | None = None, **rollout_kwargs) -> P3OModule:
     kwargs = dict(prompt_pool=32, num_prompts=4, num_responses=2, update_epochs=2, minibatch_groups=2,
                   max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6))
     kwargs.update(rollout_kwargs)
@@ -21,6 +21,7 @@ def make_stage(policy: ModelSpec | None = None, **rollout_kwargs) -> P3OModule:
         "embedded:reviews",
         rollout=RolloutSpec(**kwargs),
         optimizer=OptimizerSpec(learning_rate=1e-2),
+        guards=guards,
     )
 
 
@@ -39,6 +40,7 @@ def weights(stage: P3OModule) -> dict[str, torch.Tensor]:
 def test_one_epoch_is_one_rollout_then_update_epochs_passes(tmp_path):
     L.seed_everything(0)
     stage = make_stage()
+    stage.scorer.score_examples = varied_scores  # a random policy's gold rewards all tie: no gradient
     seen = []
 
     class Spy(L.Callback):
@@ -59,7 +61,9 @@ def varied_scores(examples, ended):
 
 def test_non_finite_reward_skips_the_step_and_keeps_weights(tmp_path):
     L.seed_everything(0)
-    stage = make_stage(minibatch_groups=4)  # every minibatch holds the poisoned group
+    # every minibatch holds the poisoned group; let every update be skipped (tests/test_guards.py
+    # covers the default limit)
+    stage = make_stage(minibatch_groups=4, guards=GuardSpec(max_skipped_fraction=1.0))
 
     def poisoned(examples, ended):
         scores = varied_scores(examples, ended)

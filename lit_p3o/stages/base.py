@@ -1,4 +1,5 @@
-"""What every RL stage shares: models, buffer, rollout wiring, the non-finite guard, saving.
+"""What every RL stage shares: models, buffer, rollout wiring, the non-finite and no-gradient
+guards, the end-of-run summary, saving.
 
 A new algorithm subclasses :class:`RLStage` and implements :meth:`RLStage.compute_loss`
 (calling one function of ``lit_p3o.losses``); the rollout, buffer and checkpointing are here.
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from lit_p3o.buffer import BufferDataset, ReplayBuffer, RolloutBatch
 from lit_p3o.generation import response_logprobs
+from lit_p3o.guards import GradientGuard, GuardSpec, TooManySkippedError, UpdateLedger
 from lit_p3o.models import (
     FrozenReference,
     ModelSpec,
@@ -56,6 +58,7 @@ class RLStage(L.LightningModule):
         optimizer: OptimizerSpec | None = None,
         save_dir: str | None = None,
         seed: int = 0,
+        guards: GuardSpec | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -64,6 +67,7 @@ class RLStage(L.LightningModule):
         self.optimizer_spec = optimizer or OptimizerSpec()
         self.save_dir = save_dir
         self.seed = seed
+        self.guard_spec = guards or GuardSpec()
         spec = as_spec(policy)
         self.tokenizer = load_tokenizer(spec)
         self.policy = disable_dropout(build_causal_lm(spec, self.tokenizer)).train()
@@ -71,7 +75,8 @@ class RLStage(L.LightningModule):
         self.scorer = build_scorer(reward_model, self.tokenizer)
         self.reward_model = getattr(self.scorer, "model", None)  # registered so it follows the device
         self.buffer = ReplayBuffer(self.rollout_spec.update_epochs, self.rollout_spec.minibatch_groups, seed)
-        self.skipped_steps = 0
+        self.updates = UpdateLedger()
+        self._tied_streak = 0  # consecutive updates whose every group scored its responses alike
         self.strict_loading = False  # frozen models are rebuilt from their sources, not stored
 
     # ------------------------------------------------------------------ what subclasses define
@@ -87,7 +92,10 @@ class RLStage(L.LightningModule):
     # ------------------------------------------------------------------ shared machinery
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [RolloutCallback(self.rollout_spec, self.kl_spec, self.seed)]
+        return [
+            RolloutCallback(self.rollout_spec, self.kl_spec, self.seed),
+            GradientGuard(self.guard_spec.max_zero_grad_steps),
+        ]
 
     def train_dataloader(self) -> DataLoader:
         dataset = BufferDataset(self.buffer, self.tokenizer.pad_token_id, self.rollout_spec.num_prompts)
@@ -117,6 +125,8 @@ class RLStage(L.LightningModule):
         loss, stats = self.compute_loss(batch)
         if not self._finite_everywhere(loss):
             return self._skip("non-finite loss")
+        self.updates.applied += 1
+        self._tied_streak = self._tied_streak + 1 if bool((batch.rewards == batch.rewards[:, :1]).all()) else 0
         n = batch.rewards.numel()
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=n, sync_dist=True)
@@ -127,12 +137,39 @@ class RLStage(L.LightningModule):
         bad = torch.tensor(float(not torch.isfinite(value).all()), device=self.device)
         return float(self.trainer.strategy.reduce(bad, reduce_op="sum")) == 0
 
+    @property
+    def skipped_steps(self) -> int:
+        """Updates skipped so far in this run (all reasons)."""
+        return self.updates.skipped_total
+
     def _skip(self, why: str) -> None:
-        """Returning None skips backward and the optimizer step: the weights do not change."""
-        self.skipped_steps += 1
+        """Returning None skips backward and the optimizer step: the weights do not change.
+
+        Stops the run as soon as the skipped share of its planned updates exceeds
+        ``GuardSpec.max_skipped_fraction`` (all ranks skip together, so they stop together)."""
+        self.updates.skipped[why] += 1
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
         self.print(f"[lit-p3o] skipped an update ({why}); {self.skipped_steps} so far")
+        planned = self.trainer.estimated_stepping_batches * self.trainer.accumulate_grad_batches
+        if self.updates.too_many_skipped(self.guard_spec.max_skipped_fraction, planned):
+            raise self._too_many_skipped(f"of the {planned:.0f} planned updates")
         return None
+
+    def _too_many_skipped(self, of_what: str) -> TooManySkippedError:
+        return TooManySkippedError(
+            f"[lit-p3o] {self.skipped_steps} {of_what} were skipped, more than "
+            f"guards.max_skipped_fraction = {self.guard_spec.max_skipped_fraction} allows "
+            f"({self.updates.summary()}); the policy is not saved. Non-finite rewards come from the "
+            f"reward model ({self.hparams['reward_model']}), non-finite losses from the update "
+            "(learning rate, precision)."
+        )
+
+    def zero_gradient_hint(self) -> str:
+        """Which cause of exactly-zero gradients the last minibatches point to (for :class:`GradientGuard`)."""
+        if self._tied_streak >= self.guard_spec.max_zero_grad_steps:
+            return (f"Here: in the last {self._tied_streak} minibatches all responses to each prompt got the "
+                    "same reward, so there was nothing to learn from.")
+        return "Here: the rewards of a prompt's responses differed, so the loss does not reach the weights."
 
     def log_rollout(self, stats: dict[str, float]) -> None:
         self.log_dict({f"rollout/{k}": v for k, v in stats.items()}, sync_dist=True, batch_size=1)
@@ -147,13 +184,19 @@ class RLStage(L.LightningModule):
         for key in [k for k in state if k.startswith(_NOT_CHECKPOINTED)]:
             del state[key]
         checkpoint["replay_buffer"] = self.buffer.state_dict()
-        checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint["updates"] = self.updates.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.buffer.load_state_dict(checkpoint["replay_buffer"])
-        self.skipped_steps = checkpoint["skipped_steps"]
+        self.updates.load_state_dict(checkpoint["updates"])
 
     def on_train_end(self) -> None:
+        """Summarise the run's updates, refuse to save a policy that skipped too many, then save."""
+        self.print(f"[lit-p3o] {type(self).__name__}: {self.updates.summary()}")
+        if self.updates.too_many_skipped(self.guard_spec.max_skipped_fraction, self.updates.applied + self.skipped_steps):
+            raise self._too_many_skipped(f"of the {self.updates.applied + self.skipped_steps} updates run")
+        if self.updates.applied == 0:
+            self.print("[lit-p3o] no update was applied: the policy is the one the run started from")
         if self.save_dir is not None and self.trainer.is_global_zero:
             path = save_pretrained(self.policy, self.tokenizer, self.save_dir)
             print(f"[lit-p3o] saved the policy to {Path(path).resolve()}")

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from lit_p3o.buffer import RolloutBatch
 from lit_p3o.data.encoding import Batch
 from lit_p3o.generation import response_logprobs_and_states
+from lit_p3o.guards import GuardSpec
 from lit_p3o.losses import gae, ppo_policy_loss, ppo_token_rewards, ppo_value_loss, whiten
 from lit_p3o.models import ModelSpec, as_spec, build_causal_lm
 from lit_p3o.optim import OptimizerSpec
@@ -41,12 +42,13 @@ class PPOModule(RLStage):
         optimizer: OptimizerSpec | None = None,
         save_dir: str | None = None,
         seed: int = 0,
+        guards: GuardSpec | None = None,
     ) -> None:
         if not 0 < clip_epsilon < 1:
             raise ValueError(f"PPOModule.clip_epsilon: must be in (0, 1), got {clip_epsilon}")
         if value_loss_coef < 0:
             raise ValueError(f"PPOModule.value_loss_coef: must be >= 0, got {value_loss_coef}")
-        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed)
+        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed, guards)
         self.clip_epsilon, self.value_clip_epsilon = clip_epsilon, value_clip_epsilon
         self.value_loss_coef, self.gamma, self.lam = value_loss_coef, gamma, lam
         self.whiten_advantages = whiten_advantages

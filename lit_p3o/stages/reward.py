@@ -15,6 +15,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from lit_p3o.data.encoding import Batch
+from lit_p3o.guards import GradientGuard, GuardSpec
 from lit_p3o.losses import bradley_terry_loss
 from lit_p3o.models import ModelSpec, as_spec, build_reward_model, load_tokenizer, save_pretrained
 from lit_p3o.optim import OptimizerSpec, configure_adamw
@@ -35,6 +36,7 @@ class RewardModule(L.LightningModule):
         optimizer: OptimizerSpec | None = None,
         center_coef: float = 0.0,
         save_dir: str | None = None,
+        guards: GuardSpec | None = None,
     ) -> None:
         super().__init__()
         if center_coef < 0:
@@ -44,6 +46,7 @@ class RewardModule(L.LightningModule):
         self.optimizer_spec = optimizer or OptimizerSpec()
         self.center_coef = center_coef
         self.save_dir = save_dir
+        self.guard_spec = guards or GuardSpec()
         self.tokenizer = load_tokenizer(self.model_spec)
         self.reward_model = build_reward_model(self.model_spec, self.tokenizer)
         self.metrics = torch.nn.ModuleDict(
@@ -71,6 +74,9 @@ class RewardModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return configure_adamw(self, self.optimizer_spec)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [GradientGuard(self.guard_spec.max_zero_grad_steps)]
 
     def on_train_end(self) -> None:
         if not self.trainer.is_global_zero:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from lit_p3o.buffer import RolloutBatch
+from lit_p3o.guards import GuardSpec
 from lit_p3o.losses import rloo_advantages, rloo_loss
 from lit_p3o.models import ModelSpec
 from lit_p3o.optim import OptimizerSpec
@@ -30,10 +31,11 @@ class RLOOModule(RLStage):
         optimizer: OptimizerSpec | None = None,
         save_dir: str | None = None,
         seed: int = 0,
+        guards: GuardSpec | None = None,
     ) -> None:
         if clip_epsilon is not None and not 0 < clip_epsilon < 1:
             raise ValueError(f"RLOOModule.clip_epsilon: must be in (0, 1) or null, got {clip_epsilon}")
-        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed)
+        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed, guards)
         self.clip_epsilon = clip_epsilon
 
     def compute_loss(self, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:

@@ -10,6 +10,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from lit_p3o.data.encoding import Batch
+from lit_p3o.guards import GradientGuard, GuardSpec
 from lit_p3o.losses import sft_loss
 from lit_p3o.models import ModelSpec, as_spec, build_causal_lm, load_tokenizer, save_pretrained
 from lit_p3o.optim import OptimizerSpec, configure_adamw
@@ -27,12 +28,14 @@ class SFTModule(L.LightningModule):
         model: ModelSpec,
         optimizer: OptimizerSpec | None = None,
         save_dir: str | None = None,
+        guards: GuardSpec | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model_spec = as_spec(model)
         self.optimizer_spec = optimizer or OptimizerSpec()
         self.save_dir = save_dir
+        self.guard_spec = guards or GuardSpec()
         self.tokenizer = load_tokenizer(self.model_spec)
         self.policy = build_causal_lm(self.model_spec, self.tokenizer)
         self.val_loss = MeanMetric()
@@ -62,6 +65,9 @@ class SFTModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return configure_adamw(self, self.optimizer_spec)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [GradientGuard(self.guard_spec.max_zero_grad_steps)]
 
     def on_train_end(self) -> None:
         if self.save_dir is not None and self.trainer.is_global_zero:
