@@ -239,11 +239,17 @@ def test_the_ledger_is_checkpointed_and_resumed(tmp_path):
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert saved["updates"] == {"applied": 2, "skipped": {"non-finite reward in the minibatch": 2}}
 
-    L.seed_everything(0)
-    resumed = make_stage(GuardSpec(max_skipped_fraction=0.5))
-    resumed.scorer.score_examples = varied
-    trainer(tmp_path, max_epochs=2).fit(resumed, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    assert (resumed.updates.applied, resumed.skipped_steps) == (6, 2)
+    legacy = dict(saved, skipped_steps=2)  # as written before the ledger existed
+    del legacy["updates"]
+    torch.save(legacy, tmp_path / "legacy.ckpt")
+
+    for path, skipped in [(tmp_path / "ckpt" / "last.ckpt", {"non-finite reward in the minibatch": 2}),
+                          (tmp_path / "legacy.ckpt", {"before resume": 2})]:
+        L.seed_everything(0)
+        resumed = make_stage(GuardSpec(max_skipped_fraction=0.5))
+        resumed.scorer.score_examples = varied
+        trainer(tmp_path, max_epochs=2).fit(resumed, ckpt_path=str(path))
+        assert (resumed.updates.applied, dict(resumed.updates.skipped)) == (6, skipped)
 
 
 # --------------------------------------------------------------------------- QLoRA end to end

@@ -8,6 +8,7 @@ A new algorithm subclasses :class:`RLStage` and implements :meth:`RLStage.comput
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +189,11 @@ class RLStage(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.buffer.load_state_dict(checkpoint["replay_buffer"])
-        self.updates.load_state_dict(checkpoint["updates"])
+        if "updates" in checkpoint:
+            self.updates.load_state_dict(checkpoint["updates"])
+        else:  # written before the ledger: a count of skips, and a global step that includes them
+            skipped = checkpoint["skipped_steps"]
+            self.updates = UpdateLedger(checkpoint["global_step"] - skipped, Counter({"before resume": skipped}))
 
     def on_train_end(self) -> None:
         """Summarise the run's updates, refuse to save a policy that skipped too many, then save."""
