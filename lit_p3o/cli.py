@@ -52,16 +52,10 @@ memory knobs. Any other difference from the checkpoint's hyperparameters is refu
 RUN_MARKER = "lit_p3o_run.json"
 """Written next to every export made through the CLI: the id of the run that made it."""
 
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values that are no file name
 _RUN_ID_KEY = "lit_p3o_run_id"  # where checkpoints keep the run id
 _MODEL_FIELDS = {"name_or_path": "model", "tokenizer": "tokenizer"}  # ModelSpec fields holding paths
 _MODEL_DIR_ARGS = ("reward_model", "policy")  # string arguments naming a saved model directory
-
-_EXTRA_COMMANDS = """\
-more commands (each has its own --help):
-  report    before/after table of an RL run and a plot of its evaluation rows
-  frontier  KL-reward frontiers of several runs (the CSVs FrontierCallback writes)
-  winrate   head-to-head win rates of saved policies"""
-
 
 class ConfigError(Exception):
     """A config or command line that cannot run; ``lit-p3o`` prints it without a traceback."""
@@ -76,7 +70,7 @@ class LitP3OCLI(LightningCLI):
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         parser_kwargs = kwargs.setdefault("parser_kwargs", {})
-        parser_kwargs.setdefault("epilog", _EXTRA_COMMANDS)
+        parser_kwargs.setdefault("epilog", _extra_commands())
         parser_kwargs.setdefault("formatter_class", _RawEpilogFormatter)
         self.checkpoint: dict[str, Any] | None = None  # the --ckpt_path checkpoint, once read
         super().__init__(model_class=None, datamodule_class=None, auto_configure_optimizers=False, **kwargs)
@@ -92,8 +86,8 @@ class LitP3OCLI(LightningCLI):
         if not self.config.get("subcommand"):
             return
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
-            return
+        if not ckpt_path or (not Path(ckpt_path).exists() and str(ckpt_path).startswith(_LIGHTNING_CKPT_NAMES)):
+            return  # resolved by Lightning itself
         self.checkpoint = read_checkpoint(ckpt_path)
         config = {section: self._section(section) for section in ("model", "data")}
         for key, (saved, given) in check_resume(config, self.checkpoint, ckpt_path).items():
@@ -119,6 +113,14 @@ class LitP3OCLI(LightningCLI):
 
 class _RawEpilogFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """Keeps the epilog's list of extra commands as written."""
+
+
+def _extra_commands() -> str:
+    """``lit-p3o --help``'s list of the commands beside LightningCLI's: each one's synopsis."""
+    from lit_p3o.commands import COMMANDS
+
+    lines = [fn.__doc__.strip().splitlines()[0].replace("``", "").removesuffix(".") for fn in COMMANDS.values()]
+    return "more commands (each has its own --help):\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -128,11 +128,12 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     if task is not None:
         tokenizer = task.build_tokenizer()
     else:
-        check_model_source(source, f"ModelSpec.{'tokenizer' if spec.tokenizer else 'name_or_path'}", "tokenizer")
+        field_name = "tokenizer" if spec.tokenizer else "name_or_path"  # the field the user wrote
+        check_model_source(source, f"ModelSpec.{field_name}", "tokenizer")
         tokenizer = _from_pretrained(
             AutoTokenizer,
             source if Path(source, "tokenizer_config.json").is_file() else _adapter_base(source) or source,
-            "tokenizer",
+            field_name,
             revision=spec.revision,
             trust_remote_code=spec.trust_remote_code,
         )

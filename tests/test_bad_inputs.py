@@ -265,11 +265,15 @@ def test_clamped_rollout_settings_are_logged_once_with_counts(p3o_run):
 
 
 def test_help_lists_every_command(tmp_path):
+    from lit_p3o.commands import COMMANDS
+
     result = lit_p3o("--help", cwd=tmp_path)
     assert result.returncode == 0
-    commands = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("    ") or line.startswith("  ")]
-    for name in ("fit", "validate", "test", "predict", "report", "frontier", "winrate"):
-        assert name in commands, result.stdout
+    lightning = {line.split()[0] for line in result.stdout.splitlines() if line.startswith("    ")}
+    assert {"fit", "validate", "test", "predict"} <= lightning, result.stdout
+    assert set(COMMANDS) >= {"report", "frontier", "winrate"}
+    for name in COMMANDS:
+        assert f"\n  lit-p3o {name} " in result.stdout, result.stdout
 
 
 @pytest.mark.slow
