@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import uuid
 from argparse import RawDescriptionHelpFormatter
 from dataclasses import asdict, is_dataclass
@@ -339,8 +340,12 @@ def check_writable(trainer: L.Trainer, save_dir: str | None) -> None:
             existing = existing.parent
         if not existing.is_dir():
             raise ConfigError(f"{field} {directory}: cannot create a directory there, {existing} is a file")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(f"{field} {directory}: {existing} is not writable")
+        try:  # os.access alone misses read-only mounts for root, ACLs, full quotas
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise PermissionError("permission denied")
+            tempfile.TemporaryFile(dir=existing).close()
+        except OSError as err:
+            raise ConfigError(f"{field} {directory}: {existing} is not writable ({err.strerror or err})") from err
 
 
 # --------------------------------------------------------------------------- helpers
