@@ -27,7 +27,8 @@ import uuid
 from argparse import RawDescriptionHelpFormatter
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -95,15 +96,19 @@ class LitP3OCLI(LightningCLI):
             log.info("resuming %s with %s = %r (the checkpoint had %r)", ckpt_path, key, given, saved)
 
     def before_instantiate_classes(self) -> None:
-        for section in ("model", "data"):
-            try:
-                check_model_sources(self._section(section).get("init_args") or {}, f"{section}.init_args")
-            except OSError as err:  # missing or incomplete: the message names the field and the path
-                raise ConfigError(str(err)) from err
+        problems = [
+            line
+            for section in ("model", "data")
+            for line in check_model_sources(self._section(section).get("init_args") or {}, f"{section}.init_args")
+        ]
+        if problems:  # all at once: one run to find every missing or incomplete path
+            raise ConfigError("\n".join(problems))
 
     def before_fit(self) -> None:
         save_dir = getattr(self.model, "save_dir", None)
-        check_writable(self.trainer, save_dir)
+        problems = check_writable(self.trainer, save_dir)
+        if problems:
+            raise ConfigError("\n".join(problems))
         run_id = (self.checkpoint or {}).get(_RUN_ID_KEY)
         if self.checkpoint is not None:
             check_export_dir(save_dir, run_id)
@@ -304,48 +309,62 @@ def keep_csv_history(trainer: L.Trainer, checkpoint: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- up-front checks
 
 
-def check_model_sources(init_args: dict[str, Any], prefix: str) -> None:
-    """Every local model/tokenizer path in a config section exists and is complete; the
-    error names the config field (hub ids and ``embedded:`` sources pass through)."""
+def check_model_sources(init_args: dict[str, Any], prefix: str) -> list[str]:
+    """Problems with local model/tokenizer paths in a config section, one line each naming
+    the config field (hub ids and ``embedded:`` sources pass through)."""
+    problems: list[str] = []
+    for source, field, needs in _model_paths(init_args, prefix):
+        try:
+            check_model_source(source, field, needs)
+        except OSError as err:
+            if str(err) not in problems:  # a missing directory fails both the model and tokenizer check
+                problems.append(str(err))
+    return problems
+
+
+def _model_paths(init_args: dict[str, Any], prefix: str) -> Iterator[tuple[str, str, Literal["model", "tokenizer"]]]:
+    """(path, config field, what it must hold) for every model source in a config section."""
     for key, value in init_args.items():
         field = f"{prefix}.{key}"
         if isinstance(value, dict) and "name_or_path" in value and "architecture" in value:  # a ModelSpec
             if value.get("name_or_path"):
-                check_model_source(value["name_or_path"], f"{field}.name_or_path", "model")
+                yield value["name_or_path"], f"{field}.name_or_path", "model"
             token_field = "tokenizer" if value.get("tokenizer") else "name_or_path"
             if value.get(token_field):
-                check_model_source(value[token_field], f"{field}.{token_field}", "tokenizer")
+                yield value[token_field], f"{field}.{token_field}", "tokenizer"
         elif isinstance(value, dict):
-            check_model_sources(value, field)
+            yield from _model_paths(value, field)
         elif key in _MODEL_DIR_ARGS and isinstance(value, str) and resolve_embedded(value) is None:
-            check_model_source(value, field, "model")
-            check_model_source(value, field, "tokenizer")
+            yield value, field, "model"
+            yield value, field, "tokenizer"
 
 
-def check_writable(trainer: L.Trainer, save_dir: str | None) -> None:
-    """The export directory and the trainer's log and checkpoint directories can be created
-    and written, so a run does not fail after its last epoch."""
+def check_writable(trainer: L.Trainer, save_dir: str | None) -> list[str]:
+    """Problems with the export directory and the trainer's log and checkpoint directories
+    (each must be creatable and writable), so a run does not fail after its last epoch."""
     places = {"model.init_args.save_dir": save_dir, "trainer.default_root_dir": trainer.default_root_dir}
     for logger in trainer.loggers:
         places[f"trainer.logger ({type(logger).__name__}) save_dir"] = logger.save_dir
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None:
         places["ModelCheckpoint.dirpath"] = getattr(checkpoint, "dirpath", None)
+    problems = []
     for field, directory in places.items():
         if directory is None:
             continue
-        path = Path(directory).expanduser().absolute()
-        existing = path
+        existing = Path(directory).expanduser().absolute()
         while not existing.exists():
             existing = existing.parent
         if not existing.is_dir():
-            raise ConfigError(f"{field} {directory}: cannot create a directory there, {existing} is a file")
+            problems.append(f"{field} {directory}: cannot create a directory there, {existing} is a file")
+            continue
         try:  # os.access alone misses read-only mounts for root, ACLs, full quotas
             if not os.access(existing, os.W_OK | os.X_OK):
                 raise PermissionError("permission denied")
             tempfile.TemporaryFile(dir=existing).close()
         except OSError as err:
-            raise ConfigError(f"{field} {directory}: {existing} is not writable ({err.strerror or err})") from err
+            problems.append(f"{field} {directory}: {existing} is not writable ({err.strerror or err})")
+    return problems
 
 
 # --------------------------------------------------------------------------- helpers

@@ -381,10 +381,7 @@ def check_model_source(source: str, field_name: str, needs: Literal["model", "to
         if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
             raise FileNotFoundError(f"{field_name}: {source!r} holds a config.json but no weights (*.safetensors, *.bin)")
     elif not any((path / name).is_file() for name in _TOKENIZER_FILES):
-        raise FileNotFoundError(
-            f"{field_name}: {source!r} holds no tokenizer ({' or '.join(_TOKENIZER_FILES)}); "
-            "save one there or set ModelSpec.tokenizer"
-        )
+        raise FileNotFoundError(f"{field_name}: {source!r} holds no tokenizer ({' or '.join(_TOKENIZER_FILES)})")
 
 
 def _from_pretrained(auto_class: Any, source: str, field_name: str, **kwargs: Any) -> Any:

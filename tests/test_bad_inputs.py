@@ -186,33 +186,37 @@ def test_text_file_as_checkpoint_says_what_it_is(p3o_run):
 # --------------------------------------------------------------------------- 6. up-front checks
 
 
-@pytest.mark.parametrize(
-    "override, field",
-    [("--model.init_args.save_dir", "model.init_args.save_dir"),
-     ("--trainer.logger.init_args.save_dir", "trainer.logger (CSVLogger) save_dir")],
-)  # fmt: skip
-def test_unwritable_output_directory_fails_before_training(tmp_path, override, field):
+def test_unwritable_output_directories_fail_before_training(tmp_path):
     write_yaml(tmp_path / "p3o.yaml", p3o_config())
     (tmp_path / "a_file").write_text("not a directory")
-    result = lit_p3o("fit", "--config", "p3o.yaml", override, "a_file/out", cwd=tmp_path)
+    result = lit_p3o("fit", "--config", "p3o.yaml", "--model.init_args.save_dir", "a_file/export",
+                     "--trainer.logger.init_args.save_dir", "a_file/logs", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 2
+    blocked = tmp_path / "a_file"
     assert error_line(result) == (
-        f"lit-p3o fit: error: {field} a_file/out: cannot create a directory there, {tmp_path / 'a_file'} is a file"
+        f"lit-p3o fit: error: model.init_args.save_dir a_file/export: cannot create a directory there, {blocked} is a file"
+    )
+    assert f"\ntrainer.logger (CSVLogger) save_dir a_file/logs: cannot create a directory there, {blocked} is a file\n" in (
+        result.stderr
     )
     assert not (tmp_path / "ckpt").exists()  # no epoch ran
 
 
-@pytest.mark.parametrize(
-    "path, message",
-    [("outputs/sft", "no such directory 'outputs/sft'"),
-     ("outputs/empty", "'outputs/empty' holds no model (no config.json or adapter_config.json)")],
-)  # fmt: skip
-def test_missing_or_incomplete_model_directory_names_the_field(tmp_path, path, message):
+def test_missing_or_incomplete_model_directories_name_their_fields(tmp_path):
     (tmp_path / "outputs" / "empty").mkdir(parents=True)  # `outputs/` exists: `outputs/sft` is no hub id
-    write_yaml(tmp_path / "p3o.yaml", p3o_config(policy={"name_or_path": path}))
+    write_yaml(tmp_path / "p3o.yaml", p3o_config(policy={"name_or_path": "outputs/sft"}, reward_model="outputs/empty"))
     result = lit_p3o("fit", "--config", "p3o.yaml", cwd=tmp_path)
     assert result.returncode == 2
-    assert error_line(result).startswith("lit-p3o fit: error: model.init_args.policy.name_or_path: " + message)
+    assert error_line(result).startswith(
+        "lit-p3o fit: error: model.init_args.policy.name_or_path: no such directory 'outputs/sft'"
+    )
+    assert "\nmodel.init_args.reward_model: 'outputs/empty' holds no model (no config.json or adapter_config.json)\n" in (
+        result.stderr
+    )
+    assert "\nmodel.init_args.reward_model: 'outputs/empty' holds no tokenizer (tokenizer_config.json or tokenizer.json)\n" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr and result.stderr.count("'outputs/sft'") == 1  # one line per problem
 
 
 # --------------------------------------------------------------------------- 7. errors name the file
