@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import uuid
+import warnings
 from argparse import RawDescriptionHelpFormatter
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -113,6 +114,8 @@ class LitP3OCLI(LightningCLI):
         if self.checkpoint is not None:
             check_export_dir(save_dir, run_id)
             keep_csv_history(self.trainer, self.checkpoint)
+        elif save_dir is not None and (marker := read_run_marker(Path(save_dir))) is not None:
+            log.warning("%s holds the export of run %s; this new run will replace it", save_dir, marker.get("run_id"))
         run_id = run_id or uuid.uuid4().hex[:12]
         self.trainer.callbacks.append(RunMarker(run_id, type(self.model).__qualname__, save_dir))
 
@@ -297,7 +300,9 @@ def keep_csv_history(trainer: L.Trainer, checkpoint: dict[str, Any]) -> None:
             reader = csv.DictReader(f)
             header = list(reader.fieldnames or [])
             rows = [r for r in reader if r.get("step", "") == "" or int(float(r["step"])) < step]
-        writer = logger.experiment  # created now: this is what deletes the old file
+        with warnings.catch_warnings():  # its warning that the old rows will be deleted is moot here
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+            writer = logger.experiment  # created now: this is what deletes the old file
         with path.open("w", newline="", encoding="utf-8") as f:
             out = csv.DictWriter(f, fieldnames=header)
             out.writeheader()
