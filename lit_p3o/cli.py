@@ -204,7 +204,9 @@ def describe_file(path: Path) -> str:
     return f"a text file (first line: {first[:60]!r})"
 
 
-def check_resume(config: dict[str, dict[str, Any]], checkpoint: dict[str, Any], path: str | Path) -> dict[str, tuple[Any, Any]]:
+def check_resume(
+    config: dict[str, dict[str, Any]], checkpoint: dict[str, Any], path: str | Path
+) -> dict[str, tuple[Any, Any]]:
     """Compare the configured ``model`` and ``data`` with the checkpoint's hyperparameters;
     return the differences to apply (``{"model.init_args.save_dir": (saved, given)}``).
 

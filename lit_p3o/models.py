@@ -379,7 +379,9 @@ def check_model_source(source: str, field_name: str, needs: Literal["model", "to
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{field_name}: {source!r} holds no model (no config.json or adapter_config.json)")
         if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-            raise FileNotFoundError(f"{field_name}: {source!r} holds a config.json but no weights (*.safetensors, *.bin)")
+            raise FileNotFoundError(
+                f"{field_name}: {source!r} holds a config.json but no weights (*.safetensors, *.bin)"
+            )
     elif not any((path / name).is_file() for name in _TOKENIZER_FILES):
         raise FileNotFoundError(f"{field_name}: {source!r} holds no tokenizer ({' or '.join(_TOKENIZER_FILES)})")
 
