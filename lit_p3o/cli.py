@@ -26,9 +26,9 @@ import tempfile
 import uuid
 import warnings
 from argparse import RawDescriptionHelpFormatter
+from collections.abc import Iterator
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import lightning as L
@@ -57,7 +57,6 @@ RUN_MARKER = "lit_p3o_run.json"
 
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values that are no file name
 _RUN_ID_KEY = "lit_p3o_run_id"  # where checkpoints keep the run id
-_MODEL_FIELDS = {"name_or_path": "model", "tokenizer": "tokenizer"}  # ModelSpec fields holding paths
 _MODEL_DIR_ARGS = ("reward_model", "policy")  # string arguments naming a saved model directory
 
 class ConfigError(Exception):
@@ -177,10 +176,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types; its advice (weights_only=False) is unsafe
-        reason = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), None)
-        what = f"cannot be read safely ({reason})" if reason else f"is {describe_file(file)}"
+        unsafe = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), None)
+        if unsafe:  # a torch file holding a class nobody allowed: name it, do not advise unpickling anything
+            raise ConfigError(
+                f"--ckpt_path {path}: holds an object torch does not load safely ({unsafe}); register its class "
+                "with torch.serialization.add_safe_globals if you trust it"
+            ) from err
         raise ConfigError(
-            f"--ckpt_path {path}: {what}, not a Lightning checkpoint (the .ckpt files ModelCheckpoint writes)"
+            f"--ckpt_path {path}: is {describe_file(file)}, not a Lightning checkpoint "
+            "(the .ckpt files ModelCheckpoint writes)"
         ) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint:
         raise ConfigError(f"--ckpt_path {path}: a torch file but not a Lightning checkpoint (no `state_dict`/`loops`)")
@@ -189,7 +193,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def describe_file(path: Path) -> str:
     """'a text file (first line: …)', 'a zip archive' or 'a binary file': what a user gave."""
-    head = path.read_bytes()[:4096]
+    with path.open("rb") as f:
+        head = f.read(4096)
     if not head:
         return "an empty file"
     if head.startswith(b"PK\x03\x04"):
