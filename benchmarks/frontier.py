@@ -44,10 +44,10 @@ def lit_p3o(*args: str) -> None:
 def train_base(work: Path) -> None:
     """SFT and reward model once, shared by every run."""
     lit_p3o("fit", "--config", "configs/demo/sft.yaml", "--model.init_args.save_dir", str(work / "sft"),
-            "--trainer.default_root_dir", str(work / "logs/sft"))
+            "--trainer.default_root_dir", str(work / "logs/sft"), "--trainer.logger.init_args.save_dir", str(work / "logs"))
     lit_p3o("fit", "--config", "configs/demo/reward.yaml", "--model.init_args.model.name_or_path", str(work / "sft"),
             "--data.init_args.embedded.policy", str(work / "sft"), "--model.init_args.save_dir", str(work / "reward"),
-            "--trainer.default_root_dir", str(work / "logs/reward"))
+            "--trainer.default_root_dir", str(work / "logs/reward"), "--trainer.logger.init_args.save_dir", str(work / "logs"))
 
 
 def run(work: Path, algorithm: str, knob: float, seed: int, rollouts: int) -> Path:

@@ -2,14 +2,65 @@
 
 Configs name their classes (``class_path: lit_p3o.SFTModule``), so the same YAML files
 work under any user's LightningCLI; ``lit-p3o fit --print_config`` documents every knob.
+
+Before any model is built or step taken, the CLI checks what would otherwise fail late or
+silently (a :class:`ConfigError` names the config field):
+
+* local model paths exist and hold a model and a tokenizer;
+* the export, log and checkpoint directories can be written;
+* ``--ckpt_path`` is a Lightning checkpoint of the configured stage whose hyperparameters
+  match the config, except those in :data:`CHANGEABLE_ON_RESUME` (trainer settings, such as
+  epochs, logging, evaluation callbacks and checkpointing, come from the config anyway);
+  a resumed run refuses an export directory that holds another run's export (runs are told
+  apart by the id in :data:`RUN_MARKER`) and appends to its CSV metrics instead of replacing them.
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import logging
+import os
 import sys
-from typing import Any
+import tempfile
+import uuid
+import warnings
+from argparse import RawDescriptionHelpFormatter
+from collections.abc import Iterator
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
 
+import lightning as L
+import torch
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+
+from lit_p3o.data.issues import DataFormatError
+from lit_p3o.models import check_model_source
+from lit_p3o.tasks import resolve_embedded
+
+log = logging.getLogger(__name__)
+
+CHANGEABLE_ON_RESUME = (
+    "save_dir",
+    "rollout.log_samples",
+    "rollout.generation_batch_size",
+    "rollout.forward_batch_size",
+)
+"""Model fields a resumed run takes from the config: where to export, what to print, and
+memory knobs. Any other difference from the checkpoint's hyperparameters is refused."""
+
+RUN_MARKER = "lit_p3o_run.json"
+"""Written next to every export made through the CLI: the id of the run that made it."""
+
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values that are no file name
+_RUN_ID_KEY = "lit_p3o_run_id"  # where checkpoints keep the run id
+_MODEL_DIR_ARGS = ("reward_model", "policy")  # string arguments naming a saved model directory
+
+class ConfigError(Exception):
+    """A config or command line that cannot run; ``lit-p3o`` prints it without a traceback."""
 
 
 class LitP3OCLI(LightningCLI):
@@ -20,7 +71,64 @@ class LitP3OCLI(LightningCLI):
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        parser_kwargs = kwargs.setdefault("parser_kwargs", {})
+        parser_kwargs.setdefault("epilog", _extra_commands())
+        parser_kwargs.setdefault("formatter_class", _RawEpilogFormatter)
+        self.checkpoint: dict[str, Any] | None = None  # the --ckpt_path checkpoint, once read
         super().__init__(model_class=None, datamodule_class=None, auto_configure_optimizers=False, **kwargs)
+
+    def _section(self, name: str) -> dict[str, Any]:
+        value = self.config[self.config.subcommand].get(name)
+        return {} if value is None else _plain(value)
+
+    def _parse_ckpt_path(self) -> None:
+        """Replaces LightningCLI's, which overwrites the config with the checkpoint's
+        hyperparameters (so the checkpoint's stage, reward model and export directory win
+        silently): here they are compared, and the config is used when they agree."""
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if not ckpt_path or (not Path(ckpt_path).exists() and str(ckpt_path).startswith(_LIGHTNING_CKPT_NAMES)):
+            return  # resolved by Lightning itself
+        self.checkpoint = read_checkpoint(ckpt_path)
+        config = {section: self._section(section) for section in ("model", "data")}
+        for key, (saved, given) in check_resume(config, self.checkpoint, ckpt_path).items():
+            log.info("resuming %s with %s = %r (the checkpoint had %r)", ckpt_path, key, given, saved)
+
+    def before_instantiate_classes(self) -> None:
+        problems = [
+            line
+            for section in ("model", "data")
+            for line in check_model_sources(self._section(section).get("init_args") or {}, f"{section}.init_args")
+        ]
+        if problems:  # all at once: one run to find every missing or incomplete path
+            raise ConfigError("\n".join(problems))
+
+    def before_fit(self) -> None:
+        save_dir = getattr(self.model, "save_dir", None)
+        problems = check_writable(self.trainer, save_dir)
+        if problems:
+            raise ConfigError("\n".join(problems))
+        run_id = (self.checkpoint or {}).get(_RUN_ID_KEY)
+        if self.checkpoint is not None:
+            check_export_dir(save_dir, run_id)
+            keep_csv_history(self.trainer, self.checkpoint)
+        elif save_dir is not None and (marker := read_run_marker(Path(save_dir))) is not None:
+            log.warning("%s holds the export of run %s; this new run will replace it", save_dir, marker.get("run_id"))
+        run_id = run_id or uuid.uuid4().hex[:12]
+        self.trainer.callbacks.append(RunMarker(run_id, type(self.model).__qualname__, save_dir))
+
+
+class _RawEpilogFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """Keeps the epilog's list of extra commands as written."""
+
+
+def _extra_commands() -> str:
+    """``lit-p3o --help``'s list of the commands beside LightningCLI's: each one's synopsis."""
+    from lit_p3o.commands import COMMANDS
+
+    lines = [fn.__doc__.strip().splitlines()[0].replace("``", "").removesuffix(".") for fn in COMMANDS.values()]
+    return "more commands (each has its own --help):\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -37,7 +145,281 @@ def main(args: list[str] | None = None) -> None:
         return
     import lit_p3o  # noqa: F401  (registers the classes' import paths for short names)
 
-    LitP3OCLI(args=args)
+    _show_our_logs()
+    try:
+        LitP3OCLI(args=args)
+    except (ConfigError, DataFormatError) as err:  # bad input, named in the message: no traceback
+        command = next((a for a in argv if not a.startswith("-")), "")
+        sys.stderr.write(f"{f'lit-p3o {command}'.strip()}: error: {err}\n")
+        sys.exit(2)
+
+
+def _show_our_logs() -> None:
+    """The library logs through ``logging`` (counted skips, clamps, resume notes); the command
+    line shows them, as Lightning does its own, unless the user configured logging."""
+    logger = logging.getLogger("lit_p3o")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[lit-p3o] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+# --------------------------------------------------------------------------- checkpoints and resuming
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint, or a :class:`ConfigError` saying what the file is instead."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"--ckpt_path {path}: no such file")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types; its advice (weights_only=False) is unsafe
+        unsafe = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), None)
+        if unsafe:  # a torch file holding a class nobody allowed: name it, do not advise unpickling anything
+            raise ConfigError(
+                f"--ckpt_path {path}: holds an object torch does not load safely ({unsafe}); register its class "
+                "with torch.serialization.add_safe_globals if you trust it"
+            ) from err
+        raise ConfigError(
+            f"--ckpt_path {path}: is {describe_file(file)}, not a Lightning checkpoint "
+            "(the .ckpt files ModelCheckpoint writes)"
+        ) from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint:
+        raise ConfigError(f"--ckpt_path {path}: a torch file but not a Lightning checkpoint (no `state_dict`/`loops`)")
+    return checkpoint
+
+
+def describe_file(path: Path) -> str:
+    """'a text file (first line: …)', 'a zip archive' or 'a binary file': what a user gave."""
+    with path.open("rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "a binary file"
+    if "\x00" in text:
+        return "a binary file"
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    return f"a text file (first line: {first[:60]!r})"
+
+
+def check_resume(
+    config: dict[str, dict[str, Any]], checkpoint: dict[str, Any], path: str | Path
+) -> dict[str, tuple[Any, Any]]:
+    """Compare the configured ``model`` and ``data`` with the checkpoint's hyperparameters;
+    return the differences to apply (``{"model.init_args.save_dir": (saved, given)}``).
+
+    A different class, or any difference outside :data:`CHANGEABLE_ON_RESUME`, raises a
+    :class:`ConfigError` that lists every such difference.
+    """
+    differences: dict[str, tuple[Any, Any]] = {}
+    for section, key in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
+        hparams = _plain(dict(checkpoint.get(key) or {}))
+        saved_class = hparams.pop("_class_path", None)
+        hparams.pop("_instantiator", None)
+        given_class = config.get(section, {}).get("class_path")
+        if saved_class is not None and given_class is not None and _short(saved_class) != _short(given_class):
+            raise ConfigError(
+                f"--ckpt_path {path}: the checkpoint is a {saved_class} run but the config's {section} is "
+                f"{given_class}; a checkpoint resumes only its own stage (drop --ckpt_path to start a new run)"
+            )
+        if not hparams:  # a run without this section, or saved without hyperparameters
+            continue
+        given = config.get(section, {}).get("init_args") or {}
+        differences.update(_differences(hparams, given, f"{section}.init_args."))
+    changeable = {f"model.init_args.{name}" for name in CHANGEABLE_ON_RESUME}
+    refused = {k: v for k, v in differences.items() if k not in changeable}
+    if refused:
+        lines = "\n".join(f"  {k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in refused.items())
+        raise ConfigError(
+            f"--ckpt_path {path}: the config differs from the checkpoint's run in settings a resumed run "
+            f"cannot change:\n{lines}\nSet them as the checkpoint has them, or drop --ckpt_path to start a "
+            f"new run. May change on resume: trainer settings, model.init_args.{{{', '.join(CHANGEABLE_ON_RESUME)}}}."
+        )
+    return differences
+
+
+def check_export_dir(save_dir: str | None, run_id: str | None) -> None:
+    """A resumed run exports only into a missing or empty directory, or one its own run wrote."""
+    if save_dir is None:
+        return
+    directory = Path(save_dir).expanduser()
+    if not directory.is_dir() or not any(directory.iterdir()):
+        return
+    marker = read_run_marker(directory)
+    if marker is not None and run_id is not None and marker.get("run_id") == run_id:
+        return
+    owner = (
+        f"the export of run {marker.get('run_id')} ({marker.get('stage')})"
+        if marker is not None
+        else f"files without a {RUN_MARKER} (not exported by a lit-p3o run)"
+    )
+    raise ConfigError(
+        f"model.init_args.save_dir {save_dir}: holds {owner}; this resumed run (run {run_id or 'without an id'}) "
+        "would overwrite it. Give another --model.init_args.save_dir, or move that directory away"
+    )
+
+
+def read_run_marker(directory: Path) -> dict[str, Any] | None:
+    marker = directory / RUN_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{marker}: unreadable run marker ({err})") from err
+
+
+class RunMarker(L.Callback):
+    """Keeps the run id in every checkpoint and marks the run's export directory with it."""
+
+    def __init__(self, run_id: str, stage: str, save_dir: str | None) -> None:
+        self.run_id, self.stage, self.save_dir = run_id, stage, save_dir
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[_RUN_ID_KEY] = self.run_id
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After the stage's export (``on_train_end``), on success only."""
+        if self.save_dir is None or not trainer.is_global_zero or not Path(self.save_dir).is_dir():
+            return
+        marker = {"run_id": self.run_id, "stage": self.stage}
+        Path(self.save_dir, RUN_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+
+
+def keep_csv_history(trainer: L.Trainer, checkpoint: dict[str, Any]) -> None:
+    """A CSVLogger writing into an existing version deletes its ``metrics.csv``; on resume,
+    keep the rows logged before the checkpoint so the new ones are appended to them."""
+    step = checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"].get("_batches_that_stepped", 0)
+    for logger in trainer.loggers:
+        if not isinstance(logger, CSVLogger) or trainer.global_rank != 0:
+            continue
+        path = Path(logger.log_dir) / "metrics.csv"
+        if not path.is_file():
+            continue
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = [r for r in reader if r.get("step", "") == "" or int(float(r["step"])) < step]
+        with warnings.catch_warnings():  # its warning that the old rows will be deleted is moot here
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+            writer = logger.experiment  # created now: this is what deletes the old file
+        with path.open("w", newline="", encoding="utf-8") as f:
+            out = csv.DictWriter(f, fieldnames=header)
+            out.writeheader()
+            out.writerows(rows)
+        writer.metrics_keys = header
+        log.info("resuming: kept %d rows of %s logged before step %d", len(rows), path, step)
+
+
+# --------------------------------------------------------------------------- up-front checks
+
+
+def check_model_sources(init_args: dict[str, Any], prefix: str) -> list[str]:
+    """Problems with local model/tokenizer paths in a config section, one line each naming
+    the config field (hub ids and ``embedded:`` sources pass through)."""
+    problems: list[str] = []
+    for source, field, needs in _model_paths(init_args, prefix):
+        try:
+            check_model_source(source, field, needs)
+        except OSError as err:
+            if str(err) not in problems:  # a missing directory fails both the model and tokenizer check
+                problems.append(str(err))
+    return problems
+
+
+def _model_paths(init_args: dict[str, Any], prefix: str) -> Iterator[tuple[str, str, Literal["model", "tokenizer"]]]:
+    """(path, config field, what it must hold) for every model source in a config section."""
+    for key, value in init_args.items():
+        field = f"{prefix}.{key}"
+        if isinstance(value, dict) and "name_or_path" in value and "architecture" in value:  # a ModelSpec
+            if value.get("name_or_path"):
+                yield value["name_or_path"], f"{field}.name_or_path", "model"
+            token_field = "tokenizer" if value.get("tokenizer") else "name_or_path"
+            if value.get(token_field):
+                yield value[token_field], f"{field}.{token_field}", "tokenizer"
+        elif isinstance(value, dict):
+            yield from _model_paths(value, field)
+        elif key in _MODEL_DIR_ARGS and isinstance(value, str) and resolve_embedded(value) is None:
+            yield value, field, "model"
+            yield value, field, "tokenizer"
+
+
+def check_writable(trainer: L.Trainer, save_dir: str | None) -> list[str]:
+    """Problems with the export directory and the trainer's log and checkpoint directories
+    (each must be creatable and writable), so a run does not fail after its last epoch."""
+    places = {"model.init_args.save_dir": save_dir, "trainer.default_root_dir": trainer.default_root_dir}
+    for logger in trainer.loggers:
+        places[f"trainer.logger ({type(logger).__name__}) save_dir"] = logger.save_dir
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None:
+        places["ModelCheckpoint.dirpath"] = getattr(checkpoint, "dirpath", None)
+    problems = []
+    for field, directory in places.items():
+        if directory is None:
+            continue
+        existing = Path(directory).expanduser().absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            problems.append(f"{field} {directory}: cannot create a directory there, {existing} is a file")
+            continue
+        try:  # os.access alone misses read-only mounts for root, ACLs, full quotas
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise PermissionError("permission denied")
+            tempfile.TemporaryFile(dir=existing).close()
+        except OSError as err:
+            problems.append(f"{field} {directory}: {existing} is not writable ({err.strerror or err})")
+    return problems
+
+
+# --------------------------------------------------------------------------- helpers
+
+_ABSENT = "<absent>"
+
+
+def _plain(value: Any) -> Any:
+    """Namespaces, dataclasses and mappings as plain nested dicts."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _differences(saved: Any, given: Any, prefix: str) -> dict[str, tuple[Any, Any]]:
+    """Dotted names whose values differ, descending into dicts on both sides. A name the
+    checkpoint never stored (``save_hyperparameters(ignore=...)``) cannot be compared."""
+    if not (isinstance(saved, dict) and isinstance(given, dict)):
+        return {} if _same(saved, given) else {prefix.rstrip("."): (saved, given)}
+    out: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(saved):
+        out.update(_differences(saved[key], given.get(key, _ABSENT), f"{prefix}{key}."))
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values, or two spellings of one existing path."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and Path(a).expanduser().exists():
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return False
+
+
+def _short(class_path: str) -> str:
+    """``lit_p3o.stages.p3o.P3OModule`` and ``lit_p3o.P3OModule`` name one class."""
+    return class_path.rsplit(".", 1)[-1]
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from matplotlib.lines import Line2D
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from lit_p3o.data.issues import DataFormatError
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.evaluation import evaluate_policy, read_frontier, sample_completions, seeded
 from lit_p3o.generation import SamplingSpec
@@ -225,6 +226,14 @@ def _label_and_path(text: str) -> tuple[str, str]:
     return label, path
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: counts and sizes must be at least 1 (0 prompts would judge nothing)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _unique(pairs: list[tuple[str, str]], parser: argparse.ArgumentParser) -> dict[str, str]:
     labels = [label for label, _ in pairs]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
@@ -243,7 +252,11 @@ def frontier_main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("runs", nargs="+", type=_label_and_path, metavar="LABEL=CSV")
     parser.add_argument("--out", type=Path, default=Path("frontier.png"), help="PNG to write (default: %(default)s)")
     args = parser.parse_args(argv)
-    path = plot_frontier(_unique(args.runs, parser), args.out)
+    runs = _unique(args.runs, parser)
+    try:
+        path = plot_frontier(runs, args.out)
+    except (DataFormatError, OSError) as err:  # a file that is missing or not a frontier CSV
+        parser.error(str(err))
     print(f"[lit-p3o] wrote {path}")
     return path
 
@@ -258,10 +271,10 @@ def winrate_main(argv: Sequence[str] | None = None) -> dict[str, tuple[list[str]
     parser.add_argument("--judge", required=True, help="reward model directory, or embedded:<task> for its gold reward")
     parser.add_argument("--prompts", default="embedded:reviews", help="prompt source (default: %(default)s)")
     parser.add_argument("--split", default="test", help="prompt split (default: %(default)s)")
-    parser.add_argument("--num-prompts", type=int, default=200)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--max-prompt-tokens", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-prompts", type=_positive_int, default=200)
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    parser.add_argument("--max-prompt-tokens", type=_positive_int, default=256)
+    parser.add_argument("--batch-size", type=_positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--out-dir", type=Path, default=Path("winrates"))
@@ -343,8 +356,8 @@ def report_main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float 
     parser.add_argument("--frontier", default=None, help="the run's frontier.csv (FrontierCallback)")
     parser.add_argument("--out", type=Path, default=Path("training_curves.png"))
     parser.add_argument("--prompts", default="embedded:reviews")
-    parser.add_argument("--num-prompts", type=int, default=200)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--num-prompts", type=_positive_int, default=200)
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     return report(args.reference, args.policy, args.judge, args.frontier, args.out, args.prompts,

@@ -8,6 +8,7 @@ one point of it every ``eval_every`` optimizer steps, on a fixed held-out prompt
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.encoding import Encoded, collate, encode_prompt, fit_prompt
+from lit_p3o.data.formats import read_text
+from lit_p3o.data.issues import DataFormatError
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.generation import SamplingSpec, decode, eval_mode, response_logprobs, sample_responses
 from lit_p3o.models import FrozenReference
@@ -226,14 +229,20 @@ class FrontierCallback(L.Callback):
 
 def read_frontier(path: str | Path) -> dict[str, list[float]]:
     """A frontier CSV as columns of floats; ``gold`` is empty when the run had no gold reward."""
-    with Path(path).open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    path = Path(path)
+    try:
+        rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
+    except csv.Error as err:
+        raise DataFormatError(f"{path}: not a CSV file ({err})") from None
     if not rows:
         raise ValueError(f"{path}: no frontier rows")
     missing = set(FRONTIER_COLUMNS) - set(rows[0])
     if missing:
         raise ValueError(f"{path}: not a frontier CSV (missing columns {sorted(missing)})")
-    columns = {name: [float(r[name]) for r in rows if r[name] != ""] for name in FRONTIER_COLUMNS}
+    try:
+        columns = {name: [float(r[name]) for r in rows if r[name] != ""] for name in FRONTIER_COLUMNS}
+    except (TypeError, ValueError) as err:
+        raise DataFormatError(f"{path}: not a frontier CSV (a value is not a number: {err})") from None
     if columns["gold"] and len(columns["gold"]) != len(rows):
         raise ValueError(f"{path}: `gold` is missing on some rows")
     return columns

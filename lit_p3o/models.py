@@ -36,6 +36,7 @@ from lit_p3o.tasks import resolve_embedded
 
 log = logging.getLogger(__name__)
 
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -127,11 +128,12 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     if task is not None:
         tokenizer = task.build_tokenizer()
     else:
-        _check_local_path(source, "tokenizer")
+        field_name = "tokenizer" if spec.tokenizer else "name_or_path"  # the field the user wrote
+        check_model_source(source, f"ModelSpec.{field_name}", "tokenizer")
         tokenizer = _from_pretrained(
             AutoTokenizer,
             source if Path(source, "tokenizer_config.json").is_file() else _adapter_base(source) or source,
-            "tokenizer",
+            field_name,
             revision=spec.revision,
             trust_remote_code=spec.trust_remote_code,
         )
@@ -242,7 +244,7 @@ def _load_or_build(
         return auto_class.from_config(config, dtype=dtype)
 
     source = spec.name_or_path
-    _check_local_path(source, "name_or_path")
+    check_model_source(source, "ModelSpec.name_or_path", "model")
     kwargs: dict[str, Any] = dict(
         revision=spec.revision,
         trust_remote_code=spec.trust_remote_code,
@@ -369,11 +371,43 @@ def _load_merged_adapters(source: str, base: str, auto_class: Any, kwargs: dict[
     return model
 
 
-def _check_local_path(source: str, field_name: str) -> None:
-    """Fail early and clearly on a local path that does not exist (hub ids pass through)."""
-    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
-    if looks_local and not Path(source).expanduser().exists():
-        raise FileNotFoundError(f"ModelSpec.{field_name}: no such directory {source!r}")
+def looks_local(source: str) -> bool:
+    """A path rather than a hub id (``name`` or ``owner/name``): it exists, starts like a path,
+    has more than one slash, or its first part is a local directory (``outputs/sft``)."""
+    first = source.split("/", 1)[0]
+    return (
+        source.startswith((".", "/", "~"))
+        or "\\" in source
+        or source.count("/") > 1
+        or Path(source).expanduser().exists()
+        or ("/" in source and Path(first).expanduser().is_dir())
+    )
+
+
+def check_model_source(source: str, field_name: str, needs: Literal["model", "tokenizer"]) -> None:
+    """Fail at once, naming ``field_name``, on a local path that is missing or does not hold
+    a saved model (``needs="model"``) or tokenizer; hub ids and ``embedded:`` sources pass.
+
+    Without this a missing path is looked up on the hub (a minute of retries) and an
+    incomplete directory fails inside transformers without its path."""
+    if resolve_embedded(source) is not None or not looks_local(source):
+        return
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{field_name}: no such directory {source!r} (looked in {path.absolute()})")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{field_name}: {source!r} is a file; expected a directory written by save_pretrained")
+    if (path / "adapter_config.json").is_file():
+        return  # LoRA adapters: the tokenizer may live with their base model, checked when loaded
+    if needs == "model":
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{field_name}: {source!r} holds no model (no config.json or adapter_config.json)")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise FileNotFoundError(
+                f"{field_name}: {source!r} holds a config.json but no weights (*.safetensors, *.bin)"
+            )
+    elif not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{field_name}: {source!r} holds no tokenizer ({' or '.join(_TOKENIZER_FILES)})")
 
 
 def _from_pretrained(auto_class: Any, source: str, field_name: str, **kwargs: Any) -> Any:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.buffer import Group, ReplayBuffer
-from lit_p3o.data.encoding import Encoded, collate, encode_prompt, fit_prompt
+from lit_p3o.data.encoding import Encoded, TruncationStats, collate, encode_prompt, fit_prompt
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.generation import SamplingSpec, decode, response_logprobs, sample_responses
 from lit_p3o.losses import adaptive_kl_beta, kl_regularized_rewards
@@ -179,6 +179,8 @@ class RolloutCallback(L.Callback):
         if self.sampler is None:
             prompts = load_prompts(self.spec.prompts, self.spec.split, self.spec.prompt_pool, pl_module.tokenizer)
             self.sampler = PromptSampler(prompts, self.seed, trainer.global_rank, trainer.world_size)
+            if trainer.is_global_zero:
+                log_clamps(self.spec, prompts, len(self.sampler.prompts), pl_module.tokenizer)
         if self._pending_state is not None:
             self.sampler.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -217,6 +219,31 @@ class RolloutCallback(L.Callback):
             self._pending_state = state["sampler"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
+
+
+def log_clamps(spec: RolloutSpec, prompts: list[str], rank_prompts: int, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Say once, with counts, where the run does less than the spec asks: minibatches capped
+    at a rollout's groups, prompts repeated within a rollout, prompts cut to fit."""
+    if spec.minibatch_groups > spec.num_prompts:
+        log.warning(
+            "rollout.minibatch_groups=%d is larger than the %d groups of a rollout (rollout.num_prompts per "
+            "device): every minibatch holds all %d groups, so each rollout gives %d updates (rollout.update_epochs)",
+            spec.minibatch_groups, spec.num_prompts, spec.num_prompts, spec.update_epochs,
+        )  # fmt: skip
+    if rank_prompts < spec.num_prompts:
+        log.warning(
+            "the prompt pool holds %d prompts per device (%d read from %s, rollout.prompt_pool=%s), fewer than "
+            "rollout.num_prompts=%d: every rollout repeats prompts",
+            rank_prompts, len(prompts), spec.prompts, spec.prompt_pool, spec.num_prompts,
+        )  # fmt: skip
+    stats = TruncationStats()
+    for prompt in prompts:
+        fit_prompt(encode_prompt(tokenizer, prompt), spec.max_prompt_tokens, tokenizer.bos_token_id, stats)
+    if stats.truncated_prompts:
+        log.warning(
+            "rollout prompts: %s of the pool to fit rollout.max_prompt_tokens=%d",
+            stats.describe(), spec.max_prompt_tokens,
+        )  # fmt: skip
 
 
 def rollout(

@@ -124,3 +124,69 @@ def test_python_m_lit_p3o_fit(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "saved the SFT model" in result.stdout
     assert (tmp_path / "sft" / "model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- resume checks (in process)
+
+
+def saved_checkpoint(**hparams) -> dict:
+    return {"hyper_parameters": {"_class_path": "lit_p3o.P3OModule", "_instantiator": "x", **hparams}}
+
+
+def test_resume_applies_changeable_settings_and_compares_paths_by_target(tmp_path, monkeypatch):
+    from lit_p3o.cli import check_resume
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rm").mkdir()
+    checkpoint = saved_checkpoint(reward_model="rm", save_dir="a", rollout={"num_prompts": 4, "log_samples": 2})
+    config = {"model": {"class_path": "lit_p3o.stages.p3o.P3OModule", "init_args": {
+        "reward_model": str(tmp_path / "rm"), "save_dir": "b", "rollout": {"num_prompts": 4, "log_samples": 0}}}}  # fmt: skip
+    assert check_resume(config, checkpoint, "x.ckpt") == {
+        "model.init_args.rollout.log_samples": (2, 0),
+        "model.init_args.save_dir": ("a", "b"),
+    }
+
+
+def test_resume_refuses_other_differences_and_other_stages():
+    from lit_p3o.cli import ConfigError, check_resume
+
+    checkpoint = saved_checkpoint(kl=None, rollout={"num_prompts": 4})
+    config = {"model": {"class_path": "lit_p3o.P3OModule", "init_args": {"kl": {"beta": 0.1}, "rollout": {"num_prompts": 4}}}}
+    with pytest.raises(ConfigError, match=r"(?s)cannot change:\n  model\.init_args\.kl: checkpoint None, config \{'beta': 0\.1\}\nSet"):
+        check_resume(config, checkpoint, "x.ckpt")
+    config["model"]["class_path"] = "lit_p3o.PPOModule"
+    with pytest.raises(ConfigError, match="the checkpoint is a lit_p3o.P3OModule run but the config's model is lit_p3o.PPOModule"):
+        check_resume(config, checkpoint, "x.ckpt")
+
+
+def test_checkpoint_that_is_no_lightning_checkpoint(tmp_path):
+    import torch
+
+    from lit_p3o.cli import ConfigError, read_checkpoint
+
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "weights.pt")
+    with pytest.raises(ConfigError, match=r"weights.pt: a torch file but not a Lightning checkpoint"):
+        read_checkpoint(tmp_path / "weights.pt")
+    (tmp_path / "blob.ckpt").write_bytes(b"\x00\x01\x02\xff")
+    with pytest.raises(ConfigError, match=r"blob.ckpt: is a binary file, not a Lightning checkpoint"):
+        read_checkpoint(tmp_path / "blob.ckpt")
+    with pytest.raises(ConfigError, match=r"missing.ckpt: no such file"):
+        read_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_resumed_export_goes_only_where_its_own_run_exported(tmp_path):
+    from lit_p3o.cli import RUN_MARKER, ConfigError, check_export_dir
+
+    check_export_dir(str(tmp_path / "new"), "run1")  # missing: fine
+    (tmp_path / "empty").mkdir()
+    check_export_dir(str(tmp_path / "empty"), None)  # empty: fine
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / RUN_MARKER).write_text('{"run_id": "run1", "stage": "P3OModule"}')
+    check_export_dir(str(ours), "run1")
+    with pytest.raises(ConfigError, match=r"holds the export of run run1 \(P3OModule\); this resumed run \(run run2\)"):
+        check_export_dir(str(ours), "run2")
+    (tmp_path / "plain" / "model.safetensors").parent.mkdir()
+    (tmp_path / "plain" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=rf"holds files without a {RUN_MARKER}"):
+        check_export_dir(str(tmp_path / "plain"), "run1")

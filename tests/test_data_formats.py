@@ -458,6 +458,18 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
         load_rows(str(array))
 
 
+@pytest.mark.parametrize("name", ["latin1.jsonl", "latin1.json", "latin1.jsonl.gz"])
+def test_non_utf8_bytes_name_file_and_line(tmp_path, name):
+    text = '{"prompt": "a", "completion": " b"}\r\n\n{"prompt": "caf\u00e9", "completion": " b"}\n'
+    data = text.encode("latin-1")  # é as the single byte 0xe9
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    with pytest.raises(DataFormatError, match=rf"^{path}: line 3: byte 0xe9 is not UTF-8 text \(invalid continuation byte\)"):
+        load_rows(str(path))
+    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    assert load_rows(str(path))[0][1] == {"prompt": "caf\u00e9", "completion": " b"}
+
+
 @pytest.mark.parametrize("name", ["missing.jsonl", "./missing_dir", "data/sub/missing", "prefs.parquet", "~/missing"])
 def test_missing_file_raises_file_not_found(tmp_path, monkeypatch, name):
     """Clearly a path, so not looked up as a hub dataset (``owner/name`` would be)."""

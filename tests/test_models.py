@@ -340,8 +340,33 @@ def test_architecture_without_tokenizer_is_an_error():
 def test_unknown_local_path_names_the_field(micro_tokenizer):
     with pytest.raises(FileNotFoundError, match=r"ModelSpec\.name_or_path.*nope/model"):
         build_causal_lm(ModelSpec(name_or_path="./nope/model"), micro_tokenizer)
-    with pytest.raises(FileNotFoundError, match=r"ModelSpec\.tokenizer"):
-        load_tokenizer(ModelSpec(name_or_path="./nope/model"))
+    with pytest.raises(FileNotFoundError, match=r"ModelSpec\.name_or_path: no such directory './nope/model'"):
+        load_tokenizer(ModelSpec(name_or_path="./nope/model"))  # the field the user wrote, not `tokenizer`
+    with pytest.raises(FileNotFoundError, match=r"ModelSpec\.tokenizer: no such directory './nope/tok'"):
+        load_tokenizer(ModelSpec(name_or_path="./nope/model", tokenizer="./nope/tok"))
+
+
+def test_incomplete_model_directory_names_field_and_what_is_missing(tmp_path, micro_model_dir, micro_tokenizer):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"ModelSpec\.name_or_path: .*empty' holds no tokenizer"):
+        load_tokenizer(ModelSpec(name_or_path=str(empty)))
+    with pytest.raises(FileNotFoundError, match=r"ModelSpec\.name_or_path: .*empty' holds no model"):
+        build_causal_lm(ModelSpec(name_or_path=str(empty)), micro_tokenizer)
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").write_text((micro_model_dir / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match=r"holds a config.json but no weights"):
+        build_causal_lm(ModelSpec(name_or_path=str(weightless)), micro_tokenizer)
+
+
+def test_one_slash_path_under_an_existing_folder_is_local(tmp_path, monkeypatch, micro_tokenizer):
+    """`outputs/sft` could be a hub id; with `outputs/` here it is a missing local path,
+    reported at once instead of after a minute of hub retries."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"ModelSpec\.name_or_path: no such directory 'outputs/sft'"):
+        build_causal_lm(ModelSpec(name_or_path="outputs/sft"), micro_tokenizer)
 
 
 def test_unreachable_hub_name_names_the_field(micro_tokenizer, monkeypatch):
@@ -351,7 +376,7 @@ def test_unreachable_hub_name_names_the_field(micro_tokenizer, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     with pytest.raises(OSError, match=r"ModelSpec\.name_or_path.*no-such-org/no-such-model"):
         build_causal_lm(ModelSpec(name_or_path="no-such-org/no-such-model"), micro_tokenizer)
-    with pytest.raises(OSError, match=r"ModelSpec\.tokenizer"):
+    with pytest.raises(OSError, match=r"ModelSpec\.name_or_path.*no-such-org/no-such-model"):
         load_tokenizer(ModelSpec(name_or_path="no-such-org/no-such-model"))
 
 

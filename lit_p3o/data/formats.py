@@ -37,12 +37,13 @@ generation prompt, so that ``prompt + response`` is what the model is trained on
 from __future__ import annotations
 
 import gzip
+import io
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import IO, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
@@ -169,21 +170,28 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
     raise DataFormatError(f"{path}: unsupported file type; expected one of {', '.join(_FILE_SUFFIXES)}")
 
 
-def _open_text(path: Path) -> IO[str]:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig")
-    return path.open(encoding="utf-8-sig")
+def read_text(path: Path) -> str:
+    """A UTF-8 text file (optionally ``.gz``) as one string with universal newlines; bytes
+    that are not UTF-8 raise :class:`DataFormatError` naming the file, line and byte."""
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataFormatError(
+            f"{path}: line {line}: byte 0x{raw[err.start]:02x} is not UTF-8 text ({err.reason}); "
+            "save the file as UTF-8"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     """A JSON array of objects, or one object per line, whatever the suffix says: OpenAI's
     TL;DR comparison files, for one, are JSON lines named ``.json``."""
-    with _open_text(path) as f:
-        first = next((line for line in f if line.strip()), "")
-        f.seek(0)
-        if first.lstrip().startswith("["):
-            return _json_array(path, f.read())
-        return _json_lines(path, f)
+    text = read_text(path)
+    if text.lstrip().startswith("["):
+        return _json_array(path, text)
+    return _json_lines(path, io.StringIO(text, newline="\n"))
 
 
 def _json_array(path: Path, text: str) -> list[dict[str, Any]]:
