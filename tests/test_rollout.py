@@ -1,5 +1,7 @@
 """The shared rollout on a micro model: shapes, masks, EOS handling, log-probs, KL, ratio = 1."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -93,9 +95,19 @@ def test_missing_eos_penalty_is_subtracted_only_without_generated_eos():
         assert not g.ended.any() and all(len(r) == 6 for r in g.responses)
         torch.testing.assert_close(g.scores, h.scores - 0.7)
     force_eos(stage, 50.0)  # EOS always sampled first
+    force_eos(stage_no_penalty, 50.0)
     always = rollout(stage, prompts(3), beta=0.0, spec=stage.rollout_spec)
-    for g in always:
+    always_plain = rollout(stage_no_penalty, prompts(3), beta=0.0, spec=stage_no_penalty.rollout_spec)
+    for g, h in zip(always, always_plain):
         assert g.ended.all() and all(r == [stage.tokenizer.eos_token_id] for r in g.responses)
+        torch.testing.assert_close(g.scores, h.scores)  # responses that ended keep their score
+    # one rollout with both kinds: the penalty follows each response's own `ended`
+    force_eos(stage, math.log(0.15 / 0.85 * (len(stage.tokenizer) - 1)))  # EOS with p = 0.15 per token
+    stage.scorer.score_examples = lambda examples, ended: torch.zeros(len(examples))
+    mixed = rollout(stage, prompts(4), beta=0.0, spec=stage.rollout_spec)
+    ended = torch.cat([g.ended for g in mixed])
+    assert ended.any() and not ended.all()
+    torch.testing.assert_close(torch.cat([g.scores for g in mixed]), -0.7 * (~ended).float())
 
 
 def test_eos_inside_the_prompt_does_not_end_the_response():
