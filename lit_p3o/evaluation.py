@@ -75,19 +75,21 @@ def sequence_kl(
     examples: list[Encoded],
     pad_token_id: int,
     batch_size: int = 64,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """``Σ_t log π_θ(y_t|·) − log π_ref(y_t|·)`` per example, ``[N]`` float32 on CPU.
 
-    For responses sampled from π_θ its mean is the Monte Carlo estimate of KL(π_θ ‖ π_ref).
+    For responses sampled from π_θ (at ``temperature``, which both log-probs then use) its
+    mean is the Monte Carlo estimate of KL(π_θ ‖ π_ref).
     """
     device = next(policy.parameters()).device
     out = []
     with eval_mode(policy):
         for start in range(0, len(examples), batch_size):
             batch = collate(examples[start : start + batch_size], pad_token_id).to(device)
-            logp = response_logprobs(policy, batch)
+            logp = response_logprobs(policy, batch, temperature)
             with reference.active() as ref:
-                logp = logp - response_logprobs(ref, batch)
+                logp = logp - response_logprobs(ref, batch, temperature)
             out.append(logp.sum(-1).cpu())
     return torch.cat(out)
 
@@ -110,7 +112,7 @@ def evaluate_policy(
     if not prompts:
         raise ValueError("evaluate_policy: no prompts")
     out = sample_completions(policy, tokenizer, prompts, sampling, max_prompt_tokens, batch_size)
-    kl = sequence_kl(policy, reference, out.examples, tokenizer.pad_token_id, batch_size)
+    kl = sequence_kl(policy, reference, out.examples, tokenizer.pad_token_id, batch_size, sampling.temperature)
     scores = scorer.score_examples(out.examples, out.ended).float()
     gold = None if task is None else sum(task.gold_reward_batch(out.prompts, out.responses, out.ended)) / len(prompts)
     return {

@@ -13,14 +13,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """``log softmax(logits)[tokens]`` in float32, ``[B, T, V]`` and ``[B, T]`` → ``[B, T]``.
+def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log softmax(logits / T)[tokens]`` in float32, ``[B, T, V]`` and ``[B, T]`` → ``[B, T]``.
 
     ``logits[:, t]`` must already predict ``tokens[:, t]``. The softmax runs in float32 even
     for bf16 logits: trajectory ratios sum these over whole responses, which amplifies tiny
-    per-token drift into visible ratio errors.
+    per-token drift into visible ratio errors. ``T`` is the sampling temperature: responses
+    sampled from ``softmax(z/T)`` are scored under the same distribution (as TRL does).
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    if temperature <= 0:
+        raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
+    logits = logits.float()
+    logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 

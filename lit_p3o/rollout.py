@@ -236,7 +236,7 @@ def rollout(
         if not e.response_ids:  # generate() always emits at least one token; guard anyway
             raise RuntimeError("rollout: an empty response was sampled")
 
-    logp_old, logp_ref, extras = _forward_passes(stage, examples, spec.forward_batch_size)
+    logp_old, logp_ref, extras = _forward_passes(stage, examples, spec.forward_batch_size, spec.sampling.temperature)
     scores = stage.scorer.score_examples(examples, ended).float()
     if spec.missing_eos_penalty is not None:
         scores = scores - spec.missing_eos_penalty * (~torch.tensor(ended)).float()
@@ -261,9 +261,10 @@ def rollout(
 
 @torch.no_grad()
 def _forward_passes(
-    stage: RolloutStage, examples: list[Encoded], batch_size: int
+    stage: RolloutStage, examples: list[Encoded], batch_size: int, temperature: float
 ) -> tuple[list[Tensor], list[Tensor], dict[str, list[Tensor]]]:
-    """Per-token ``logp_old``, ``logp_ref`` and the stage's extras, trimmed to each response."""
+    """Per-token ``logp_old``, ``logp_ref`` (at the sampling temperature) and the stage's
+    extras, trimmed to each response."""
     device = next(stage.policy.parameters()).device
     logp_old: list[Tensor] = []
     logp_ref: list[Tensor] = []
@@ -271,9 +272,9 @@ def _forward_passes(
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = collate(chunk, stage.tokenizer.pad_token_id).to(device)
-        old = response_logprobs(stage.policy, batch).cpu()
+        old = response_logprobs(stage.policy, batch, temperature).cpu()
         with stage.reference.active() as reference:
-            ref = response_logprobs(reference, batch).cpu()
+            ref = response_logprobs(reference, batch, temperature).cpu()
         more = {name: t.float().cpu() for name, t in stage.rollout_extras(batch).items()}
         for i, e in enumerate(chunk):
             n = len(e.response_ids)

@@ -143,3 +143,21 @@ def test_every_stage_trains_through_the_shared_rollout(tmp_path, cls, k):
               enable_model_summary=False, default_root_dir=tmp_path).fit(stage)
     assert stage.buffer.rollouts == 1 and len(stage.buffer) == 4
     assert any(not torch.equal(v, before[n]) for n, v in stage.policy.state_dict().items())
+
+
+@pytest.mark.parametrize("cls, k", [(PPOModule, 2), (OnlineDPOModule, 2), (RLOOModule, 3), (P3OModule, 3)])
+def test_every_update_scores_at_the_sampling_temperature(cls, k):
+    """At θ = θ_old the update's log-probs equal the rollout's at T = 0.7: ratio 1, and for
+    online DPO (π_θ = π_ref at start) an implicit margin of 0."""
+    L.seed_everything(0)
+    spec = RolloutSpec(prompt_pool=16, num_prompts=4, num_responses=k, update_epochs=1, minibatch_groups=4,
+                       max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6, temperature=0.7))
+    stage = cls(ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"), "embedded:reviews", rollout=spec)
+    with torch.no_grad():  # peakier logits, so T changes the log-probs a lot
+        stage.policy.lm_head.weight.mul_(20.0)
+        stage.reference.copy.lm_head.weight.mul_(20.0)
+    _, stats = stage.compute_loss(fixed_batch(stage))
+    if cls is OnlineDPOModule:
+        assert stats["implicit_margin"].abs() < 1e-4
+    else:
+        assert stats["ratio_max"] == pytest.approx(1.0, abs=1e-5) and stats["approx_kl"].abs() < 1e-8

@@ -100,6 +100,29 @@ def test_kl_is_zero_against_itself_and_positive_after_a_perturbation():
     assert point()["kl"] > 0.1
 
 
+def test_evaluation_kl_uses_the_sampling_temperature():
+    policy, tokenizer = micro_policy()
+    reference = FrozenReference(policy)
+    with torch.no_grad():
+        policy.lm_head.weight.add_(0.3 * torch.randn_like(policy.lm_head.weight))
+    prompts, sampling = TASK.prompts("test", 6), SamplingSpec(max_new_tokens=6, temperature=0.7)
+    scorer = build_scorer("embedded:reviews", tokenizer)
+    with seeded(4):
+        point = evaluate_policy(policy, reference, tokenizer, scorer, prompts, sampling, 16, batch_size=4)
+    with seeded(4):
+        out = sample_completions(policy, tokenizer, prompts, sampling, 16, batch_size=4)
+
+    def logp(model, e):
+        ids = torch.tensor([e.prompt_ids + e.response_ids])
+        with torch.no_grad():
+            z = model(input_ids=ids).logits[0, len(e.prompt_ids) - 1 : -1].double() / 0.7
+        return torch.log_softmax(z, -1).gather(-1, ids[0, len(e.prompt_ids) :, None]).sum().item()
+
+    with reference.active() as ref:
+        expected = sum(logp(policy, e) - logp(ref, e) for e in out.examples) / len(prompts)
+    assert point["kl"] == pytest.approx(expected, abs=1e-4)
+
+
 def test_gold_is_the_task_reward_of_the_decoded_responses():
     policy, tokenizer = micro_policy(seed=1)
     prompts = TASK.prompts("test", 12)

@@ -10,6 +10,7 @@ from torch import nn
 from lit_p3o import ModelSpec, P3OModule, RolloutSpec, SamplingSpec
 from lit_p3o.buffer import collate_groups
 from lit_p3o.data.prompts import load_prompts
+from lit_p3o.generation import response_logprobs
 from lit_p3o.losses import token_logprobs
 from lit_p3o.rollout import KLController, KLSpec, PromptSampler, rollout
 
@@ -168,3 +169,46 @@ def test_kl_controller_fixed_and_adaptive():
 def test_rollout_spec_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RolloutSpec(**kwargs)
+
+
+def test_temperature_scales_sampling_logprobs_and_kl_alike():
+    """At T = 0.7 responses come from softmax(z/T), so logp_old, logp_ref and the KL must use
+    z/T too (ALGORITHMS.md §3), and the first update then sees ρ = 1."""
+    t = 0.7
+    stage = make_stage(sampling=SamplingSpec(max_new_tokens=6, temperature=t))
+    with torch.no_grad():  # π_old ≠ π_ref, so logp_ref is checked on its own
+        stage.policy.lm_head.weight.add_(0.3 * torch.randn_like(stage.policy.lm_head.weight))
+    groups = rollout(stage, prompts(4), beta=0.1, spec=stage.rollout_spec)
+
+    def direct(model, prompt_ids, response, temperature):
+        ids = torch.tensor([prompt_ids + response])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].double()
+        return torch.log_softmax(logits / temperature, -1).gather(-1, ids[0, len(prompt_ids):, None])[:, 0].float()
+
+    with stage.reference.active() as reference:
+        for g in groups:
+            for response, old, ref in zip(g.responses, g.logp_old, g.logp_ref):
+                torch.testing.assert_close(old, direct(stage.policy, g.prompt_ids, response, t), atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(ref, direct(reference, g.prompt_ids, response, t), atol=1e-5, rtol=1e-5)
+                assert not torch.allclose(old, direct(stage.policy, g.prompt_ids, response, 1.0), atol=1e-3)
+            torch.testing.assert_close(g.kl, torch.stack([(o - r).sum() for o, r in zip(g.logp_old, g.logp_ref)]))
+    batch = collate_groups(groups[:2], stage.tokenizer.pad_token_id)
+    token_logratio, logratio = stage.trajectory_logratio(batch)
+    assert logratio.abs().max() < 1e-5 and token_logratio.abs().max() < 1e-5
+
+
+def test_response_logprobs_divides_the_logits_by_the_temperature():
+    stage = make_stage()
+    groups = rollout(stage, prompts(2), beta=0.0, spec=stage.rollout_spec)
+    batch = collate_groups(groups, stage.tokenizer.pad_token_id).batch
+    with torch.no_grad():
+        logits = stage.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids).logits[:, batch.prompt_width - 1 : -1]
+        tokens = batch.input_ids[:, batch.prompt_width :]
+        mask = batch.response_mask[:, batch.prompt_width :]
+        for t in (1.0, 0.5, 2.0):
+            expected = torch.log_softmax(logits.double() / t, -1).gather(-1, tokens[..., None])[..., 0] * mask
+            torch.testing.assert_close(response_logprobs(stage.policy, batch, t), expected.float(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        response_logprobs(stage.policy, batch, 0.0)

@@ -79,7 +79,9 @@ class PPOModule(RLStage):
     def compute_loss(self, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
         mask = batch.response_mask
         advantages, returns = self.advantages(batch)
-        logp, states = response_logprobs_and_states(self.policy, batch.batch, with_states=self.critic is None)
+        logp, states = response_logprobs_and_states(
+            self.policy, batch.batch, with_states=self.critic is None, temperature=self.temperature
+        )
         policy_loss, clip_fraction = ppo_policy_loss(logp, batch.logp_old, advantages, mask, self.clip_epsilon)
         values = self._values(batch.batch, states)
         value_loss = ppo_value_loss(values, batch.extras["values"], returns, mask, self.value_clip_epsilon)
