@@ -133,7 +133,7 @@ class FrontierCallback(L.Callback):
     loggers and appended to ``<log_dir>/<csv_name>`` (columns :data:`FRONTIER_COLUMNS`), the
     file :func:`lit_p3o.commands.plot_frontier` reads. Sampling is seeded with ``seed`` (the
     same noise at every step, which makes steps comparable) and the training RNG is restored
-    afterwards. Needs an RL stage (``policy``, ``reference``, ``tokenizer``, ``scorer``).
+    afterwards; every forward runs under the trainer's precision (e.g. bf16 autocast). Needs an RL stage (``policy``, ``reference``, ``tokenizer``, ``scorer``).
     """
 
     def __init__(
@@ -204,7 +204,8 @@ class FrontierCallback(L.Callback):
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._prompt_list is None:
             self._prompt_list = load_prompts(self.prompts, self.split, self.num_prompts, tokenizer=pl_module.tokenizer)
-        with seeded(self.seed, pl_module.device):
+        # under the trainer's precision, as the rollout and training_step run
+        with seeded(self.seed, pl_module.device), trainer.precision_plugin.forward_context():
             point = evaluate_policy(
                 pl_module.policy, pl_module.reference, pl_module.tokenizer, pl_module.scorer,
                 self._prompt_list, self.sampling, self.max_prompt_tokens, self.task, self.batch_size,
@@ -265,7 +266,8 @@ class CompletionReport(L.Callback):
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         prompts = load_prompts(self.prompts, self.split, self.num_prompts, tokenizer=pl_module.tokenizer)
-        out = sample_completions(pl_module.policy, pl_module.tokenizer, prompts, self.sampling, self.max_prompt_tokens)
+        with trainer.precision_plugin.forward_context():
+            out = sample_completions(pl_module.policy, pl_module.tokenizer, prompts, self.sampling, self.max_prompt_tokens)
         print(f"\n[lit-p3o] sample completions ({self.split} prompts):")
         for prompt, response, ended in list(zip(out.prompts, out.responses, out.ended))[: self.show]:
             print(f"  {prompt!r} -> {response!r}{'' if ended else '  [no EOS]'}")

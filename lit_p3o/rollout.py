@@ -187,7 +187,10 @@ class RolloutCallback(L.Callback):
         if pl_module.buffer.groups and pl_module.buffer.consumed < pl_module.buffer.num_minibatches():
             return  # resumed mid-rollout: finish replaying the restored buffer first
         prompts = self.sampler.draw(self.spec.num_prompts)
-        groups = rollout(pl_module, prompts, self.kl.beta, self.spec, show_progress=trainer.is_global_zero)
+        # the trainer's precision (autocast, bf16-true's default dtype) as in training_step, so
+        # logp_old and the update's log-probs come from the same numeric path: ρ = 1 at first
+        with trainer.precision_plugin.forward_context():
+            groups = rollout(pl_module, prompts, self.kl.beta, self.spec, show_progress=trainer.is_global_zero)
         pl_module.buffer.fill(groups, self.kl.beta)
         stats = rollout_stats(groups, self.kl.beta)
         mean_kl = float(trainer.strategy.reduce(torch.tensor(stats["kl_mean"]), reduce_op="mean"))

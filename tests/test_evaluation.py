@@ -191,6 +191,21 @@ def test_frontier_callback_leaves_the_training_randomness_alone(tmp_path):
     assert all(not torch.equal(a[k], initial[k]) for k in a)  # it did train
 
 
+def test_frontier_callback_evaluates_under_the_trainers_precision(tmp_path, monkeypatch):
+    import lit_p3o.evaluation as evaluation
+
+    seen, real = [], evaluation.response_logprobs
+
+    def spy(model, batch, temperature=1.0):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(model, batch, temperature)
+
+    monkeypatch.setattr(evaluation, "response_logprobs", spy)
+    fit(tmp_path, [FrontierCallback(num_prompts=4, eval_every=100, max_new_tokens=8)], max_epochs=1,
+        precision="bf16-mixed")
+    assert seen and all(seen)  # policy and reference passes at the start and at the end
+
+
 def test_a_resumed_run_appends_without_repeating_its_last_step(tmp_path):
     def run(max_epochs: int, ckpt_path: str | None = None) -> None:
         L.seed_everything(0)

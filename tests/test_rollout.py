@@ -212,3 +212,31 @@ def test_response_logprobs_divides_the_logits_by_the_temperature():
             torch.testing.assert_close(response_logprobs(stage.policy, batch, t), expected.float(), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="temperature"):
         response_logprobs(stage.policy, batch, 0.0)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+def test_first_update_of_every_rollout_has_ratio_exactly_one_under_the_trainers_precision(tmp_path, precision):
+    """The rollout's forwards run under the trainer's precision (autocast for bf16-mixed, the
+    bf16 default dtype for bf16-true) like training_step, and the buffer's float32 statistics
+    reach training_step unrounded, so each rollout's first update sees ρ = 1 exactly."""
+    stage = make_stage(num_prompts=4, num_responses=2, minibatch_groups=2, forward_batch_size=3,
+                       sampling=SamplingSpec(max_new_tokens=10))
+    stage.scorer.score_examples = lambda examples, ended: torch.randn(len(examples))
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            assert {t.dtype for t in (batch.logp_old, batch.logp_ref, batch.rewards, batch.scores)} == {torch.float32}
+            served = module.buffer.groups[module.buffer.schedule()[batch_idx][0]]
+            assert torch.equal(batch.rewards[0], served.rewards)  # not rounded on the way
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            m = trainer.callback_metrics
+            seen.append((batch_idx, float(m["train/ratio_max"]), float(m["train/approx_kl"])))
+
+    L.Trainer(accelerator="cpu", devices=1, max_epochs=2, precision=precision, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=tmp_path, callbacks=[Spy()]).fit(stage)
+    firsts = [(ratio, kl) for idx, ratio, kl in seen if idx == 0]
+    assert firsts == [(1.0, 0.0), (1.0, 0.0)]
+    assert any(ratio != 1.0 for idx, ratio, _ in seen if idx > 0)  # later steps do move θ
