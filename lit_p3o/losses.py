@@ -158,13 +158,21 @@ def rloo_loss(logratio: Tensor, advantages: Tensor, clip_epsilon: float | None =
     return -_clipped_surrogate(ratio, advantages, clip_epsilon)[0].mean()
 
 
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """``(x − μ) / sqrt(σ² + eps)`` with μ, σ² the masked mean and (biased) variance over the
-    whole batch; ``shift_mean=False`` adds μ back, rescaling without recentering. Zero
-    outside the mask. PPO whitens advantages so its step size ignores the reward scale.
-    """
+def masked_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean ``μ = Σ x·m / Σ m`` and biased variance ``σ² = Σ (x − μ)²·m / Σ m`` of the masked entries."""
     mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    return mean, masked_mean((x - mean) ** 2, mask)
+
+
+def whiten(
+    x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, moments: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    """``(x − μ) / sqrt(σ² + eps)`` with μ, σ² the masked mean and (biased) variance over the
+    whole batch, or the given ``moments = (μ, σ²)`` (e.g. of a whole rollout, see
+    :func:`masked_moments`); ``shift_mean=False`` adds μ back, rescaling without recentering.
+    Zero outside the mask. PPO whitens advantages so its step size ignores the reward scale.
+    """
+    mean, var = moments if moments is not None else masked_moments(x, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
