@@ -8,8 +8,6 @@ one point of it every ``eval_every`` optimizer steps, on a fixed held-out prompt
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.encoding import Encoded, collate, encode_prompt, fit_prompt
 from lit_p3o.data.prompts import load_prompts
-from lit_p3o.generation import SamplingSpec, decode, eval_mode, response_logprobs, sample_responses
+from lit_p3o.generation import SamplingSpec, decode, eval_mode, response_logprobs, sample_responses, seeded
 from lit_p3o.models import FrozenReference
 from lit_p3o.rollout import Scorer
 from lit_p3o.tasks import Task, resolve_embedded
@@ -53,19 +51,6 @@ def sample_completions(
     sampled = sample_responses(model, tokenizer, ids, sampling, batch_size)
     responses = [decode(tokenizer, e.response_ids) for e in sampled.examples]
     return Completions(prompts, responses, sampled.ended, sampled.examples)
-
-
-@contextmanager
-def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
-    """Run a block under ``torch.manual_seed(seed)`` and give the caller its RNG state back.
-
-    Evaluation samples with the global generator (``generate()`` offers no other), so without
-    this an evaluation would shift every later rollout and break resume-equality.
-    """
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
 
 
 @torch.no_grad()

@@ -79,6 +79,20 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+@contextmanager
+def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run a block under ``torch.manual_seed(seed)`` and give the caller its RNG state back.
+
+    ``generate()`` samples with the global generator (it takes no other), so the rollout and
+    the evaluation seed their own block: noise that does not depend on what ran before, and a
+    training RNG that an evaluation leaves untouched (resume-equality).
+    """
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def sample_responses(
     model: nn.Module,

@@ -3,7 +3,7 @@
 Order of events in one Lightning epoch of an RL stage (tested in ``tests/test_rollout.py``):
 
 1. ``RolloutCallback.on_train_epoch_start`` draws this rank's prompts, samples K responses
-   per prompt with ``generate()`` (KV cache on), computes per-token ``logp_old`` and
+   per prompt with ``generate()`` (KV cache on; the noise seeded by :func:`sampling_seed`), computes per-token ``logp_old`` and
    ``logp_ref`` with :func:`lit_p3o.generation.response_logprobs`, scores the responses with
    the reward model (minus the missing-EOS penalty), the sequence KL and the KL-regularised
    reward ``r̃ = score − β·kl``, lets the stage add per-token extras (PPO's values) and
@@ -15,6 +15,7 @@ Order of events in one Lightning epoch of an RL stage (tested in ``tests/test_ro
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from lit_p3o.buffer import Group, ReplayBuffer
 from lit_p3o.data.encoding import Encoded, collate, encode_prompt, fit_prompt
 from lit_p3o.data.prompts import load_prompts
-from lit_p3o.generation import SamplingSpec, decode, response_logprobs, sample_responses
+from lit_p3o.generation import SamplingSpec, decode, response_logprobs, sample_responses, seeded
 from lit_p3o.losses import adaptive_kl_beta, kl_regularized_rewards
 
 if TYPE_CHECKING:
@@ -161,6 +162,17 @@ class RolloutStage(Protocol):
     def log_rollout(self, stats: dict[str, float]) -> None: ...
 
 
+def sampling_seed(seed: int, rank: int, rollout_index: int) -> int:
+    """The seed of one rollout's sampling noise, distinct for every (run seed, rank, rollout).
+
+    Ranks draw independent noise (a shared stream would correlate their samples), and the
+    noise depends on nothing but these three numbers, so a run is reproducible and a resumed
+    one redraws exactly what the uninterrupted run drew, on every rank.
+    """
+    digest = hashlib.sha256(f"lit-p3o rollout {seed} {rank} {rollout_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
 class RolloutCallback(L.Callback):
     """Refills the stage's replay buffer at the start of every epoch (one epoch = one rollout)."""
 
@@ -189,7 +201,8 @@ class RolloutCallback(L.Callback):
         prompts = self.sampler.draw(self.spec.num_prompts)
         # the trainer's precision (autocast, bf16-true's default dtype) as in training_step, so
         # logp_old and the update's log-probs come from the same numeric path: ρ = 1 at first
-        with trainer.precision_plugin.forward_context():
+        noise = sampling_seed(self.seed, trainer.global_rank, pl_module.buffer.rollouts)
+        with seeded(noise, pl_module.device), trainer.precision_plugin.forward_context():
             groups = rollout(pl_module, prompts, self.kl.beta, self.spec, show_progress=trainer.is_global_zero)
         pl_module.buffer.fill(groups, self.kl.beta)
         stats = rollout_stats(groups, self.kl.beta)
