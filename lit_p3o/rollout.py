@@ -3,11 +3,13 @@
 Order of events in one Lightning epoch of an RL stage (tested in ``tests/test_rollout.py``):
 
 1. ``RolloutCallback.on_train_epoch_start`` draws this rank's prompts, samples K responses
-   per prompt with ``generate()`` (KV cache on; the noise seeded by :func:`sampling_seed`), computes per-token ``logp_old`` and
-   ``logp_ref`` with :func:`lit_p3o.generation.response_logprobs`, scores the responses with
-   the reward model (minus the missing-EOS penalty), the sequence KL and the KL-regularised
-   reward ``r̃ = score − β·kl``, lets the stage add per-token extras (PPO's values) and
-   refills the stage's :class:`~lit_p3o.buffer.ReplayBuffer`; then it updates β.
+   per prompt with ``generate()`` (KV cache on, noise seeded by :func:`sampling_seed`),
+   computes per-token ``logp_old`` and ``logp_ref`` with
+   :func:`lit_p3o.generation.response_logprobs`, scores the responses with the reward model
+   (minus the missing-EOS penalty), the sequence KL and the KL-regularised reward
+   ``r̃ = score − β·kl``, lets the stage add per-token extras (PPO's values) and refills the
+   stage's :class:`~lit_p3o.buffer.ReplayBuffer`; then it updates β. All of it runs under
+   the trainer's precision context, as ``training_step`` does.
 2. The stage's ``train_dataloader`` (a :class:`~lit_p3o.buffer.BufferDataset`) replays the
    buffer for ``update_epochs`` passes of minibatches of whole groups.
 3. The stage's ``training_step`` turns each minibatch into a loss from ``lit_p3o.losses``.
@@ -199,9 +201,9 @@ class RolloutCallback(L.Callback):
         if pl_module.buffer.groups and pl_module.buffer.consumed < pl_module.buffer.num_minibatches():
             return  # resumed mid-rollout: finish replaying the restored buffer first
         prompts = self.sampler.draw(self.spec.num_prompts)
+        noise = sampling_seed(self.seed, trainer.global_rank, pl_module.buffer.rollouts)
         # the trainer's precision (autocast, bf16-true's default dtype) as in training_step, so
         # logp_old and the update's log-probs come from the same numeric path: ρ = 1 at first
-        noise = sampling_seed(self.seed, trainer.global_rank, pl_module.buffer.rollouts)
         with seeded(noise, pl_module.device), trainer.precision_plugin.forward_context():
             groups = rollout(pl_module, prompts, self.kl.beta, self.spec, show_progress=trainer.is_global_zero)
         pl_module.buffer.fill(groups, self.kl.beta)
