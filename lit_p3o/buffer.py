@@ -46,22 +46,24 @@ class Group:
             raise ValueError(f"Group: inconsistent sizes for {k} responses")
 
 
-@dataclass
 class RolloutBatch:
     """A minibatch of G groups: the padded batch plus per-token and per-response tensors.
 
     Per-token tensors are ``[G·K, R]`` (R = response width), aligned with
     ``batch.input_ids[:, batch.prompt_width:]``; per-response tensors are ``[G, K]``.
+
+    Not a dataclass on purpose: Lightning's ``bf16-true``/``16-true`` precision casts every
+    floating tensor it finds inside a batch's dataclasses, lists and dicts to half precision
+    (``convert_input``), which would round ``logp_old`` and the rewards; an opaque object is
+    only moved to the device, through :meth:`to`.
     """
 
-    batch: Batch
-    logp_old: Tensor
-    logp_ref: Tensor
-    scores: Tensor
-    kl: Tensor
-    rewards: Tensor
-    ended: Tensor
-    extras: dict[str, Tensor]
+    def __init__(
+        self, batch: Batch, logp_old: Tensor, logp_ref: Tensor, scores: Tensor, kl: Tensor, rewards: Tensor,
+        ended: Tensor, extras: dict[str, Tensor],
+    ) -> None:  # fmt: skip
+        self.batch, self.logp_old, self.logp_ref = batch, logp_old, logp_ref
+        self.scores, self.kl, self.rewards, self.ended, self.extras = scores, kl, rewards, ended, extras
 
     @property
     def response_mask(self) -> Tensor:

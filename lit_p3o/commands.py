@@ -25,8 +25,8 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.issues import DataFormatError
 from lit_p3o.data.prompts import load_prompts
-from lit_p3o.evaluation import evaluate_policy, read_frontier, sample_completions, seeded
-from lit_p3o.generation import SamplingSpec
+from lit_p3o.evaluation import evaluate_policy, read_frontier, sample_completions
+from lit_p3o.generation import SamplingSpec, seeded
 from lit_p3o.models import FrozenReference, ModelSpec, build_causal_lm, load_tokenizer
 from lit_p3o.scoring import GoldScorer, RewardScorer, build_scorer
 from lit_p3o.tasks import resolve_embedded

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from lit_p3o.data.encoding import Encoded, collate, encode_prompt, fit_prompt
 from lit_p3o.data.formats import read_text
 from lit_p3o.data.issues import DataFormatError
 from lit_p3o.data.prompts import load_prompts
-from lit_p3o.generation import SamplingSpec, decode, eval_mode, response_logprobs, sample_responses
+from lit_p3o.generation import SamplingSpec, decode, eval_mode, response_logprobs, sample_responses, seeded
 from lit_p3o.models import FrozenReference
 from lit_p3o.rollout import Scorer
 from lit_p3o.tasks import Task, resolve_embedded
@@ -58,19 +56,6 @@ def sample_completions(
     return Completions(prompts, responses, sampled.ended, sampled.examples)
 
 
-@contextmanager
-def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
-    """Run a block under ``torch.manual_seed(seed)`` and give the caller its RNG state back.
-
-    Evaluation samples with the global generator (``generate()`` offers no other), so without
-    this an evaluation would shift every later rollout and break resume-equality.
-    """
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
-
-
 @torch.no_grad()
 def sequence_kl(
     policy: nn.Module,
@@ -78,19 +63,21 @@ def sequence_kl(
     examples: list[Encoded],
     pad_token_id: int,
     batch_size: int = 64,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """``Σ_t log π_θ(y_t|·) − log π_ref(y_t|·)`` per example, ``[N]`` float32 on CPU.
 
-    For responses sampled from π_θ its mean is the Monte Carlo estimate of KL(π_θ ‖ π_ref).
+    For responses sampled from π_θ (at ``temperature``, which both log-probs then use) its
+    mean is the Monte Carlo estimate of KL(π_θ ‖ π_ref).
     """
     device = next(policy.parameters()).device
     out = []
     with eval_mode(policy):
         for start in range(0, len(examples), batch_size):
             batch = collate(examples[start : start + batch_size], pad_token_id).to(device)
-            logp = response_logprobs(policy, batch)
+            logp = response_logprobs(policy, batch, temperature)
             with reference.active() as ref:
-                logp = logp - response_logprobs(ref, batch)
+                logp = logp - response_logprobs(ref, batch, temperature)
             out.append(logp.sum(-1).cpu())
     return torch.cat(out)
 
@@ -113,7 +100,7 @@ def evaluate_policy(
     if not prompts:
         raise ValueError("evaluate_policy: no prompts")
     out = sample_completions(policy, tokenizer, prompts, sampling, max_prompt_tokens, batch_size)
-    kl = sequence_kl(policy, reference, out.examples, tokenizer.pad_token_id, batch_size)
+    kl = sequence_kl(policy, reference, out.examples, tokenizer.pad_token_id, batch_size, sampling.temperature)
     scores = scorer.score_examples(out.examples, out.ended).float()
     gold = None if task is None else sum(task.gold_reward_batch(out.prompts, out.responses, out.ended)) / len(prompts)
     return {
@@ -134,7 +121,7 @@ class FrontierCallback(L.Callback):
     loggers and appended to ``<log_dir>/<csv_name>`` (columns :data:`FRONTIER_COLUMNS`), the
     file :func:`lit_p3o.commands.plot_frontier` reads. Sampling is seeded with ``seed`` (the
     same noise at every step, which makes steps comparable) and the training RNG is restored
-    afterwards. Needs an RL stage (``policy``, ``reference``, ``tokenizer``, ``scorer``).
+    afterwards; every forward runs under the trainer's precision (e.g. bf16 autocast). Needs an RL stage (``policy``, ``reference``, ``tokenizer``, ``scorer``).
     """
 
     def __init__(
@@ -205,7 +192,8 @@ class FrontierCallback(L.Callback):
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._prompt_list is None:
             self._prompt_list = load_prompts(self.prompts, self.split, self.num_prompts, tokenizer=pl_module.tokenizer)
-        with seeded(self.seed, pl_module.device):
+        # under the trainer's precision, as the rollout and training_step run
+        with seeded(self.seed, pl_module.device), trainer.precision_plugin.forward_context():
             point = evaluate_policy(
                 pl_module.policy, pl_module.reference, pl_module.tokenizer, pl_module.scorer,
                 self._prompt_list, self.sampling, self.max_prompt_tokens, self.task, self.batch_size,
@@ -272,7 +260,8 @@ class CompletionReport(L.Callback):
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         prompts = load_prompts(self.prompts, self.split, self.num_prompts, tokenizer=pl_module.tokenizer)
-        out = sample_completions(pl_module.policy, pl_module.tokenizer, prompts, self.sampling, self.max_prompt_tokens)
+        with trainer.precision_plugin.forward_context():
+            out = sample_completions(pl_module.policy, pl_module.tokenizer, prompts, self.sampling, self.max_prompt_tokens)
         print(f"\n[lit-p3o] sample completions ({self.split} prompts):")
         for prompt, response, ended in list(zip(out.prompts, out.responses, out.ended))[: self.show]:
             print(f"  {prompt!r} -> {response!r}{'' if ended else '  [no EOS]'}")

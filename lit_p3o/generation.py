@@ -4,6 +4,11 @@
 first generated EOS. ``response_logprobs`` is the *only* function that turns a batch into
 per-token log-probs: the rollout (``logp_old``, ``logp_ref``), the updates and the evaluation
 all call it, so at the first update step the trajectory ratio is 1 up to float error.
+
+With a sampling temperature ``T`` the responses come from ``softmax(z/T)``, so every caller
+passes the same ``T`` to ``response_logprobs``: ``logp_old``, ``logp_ref``, the KL and the
+update's ratio all use logits divided by ``T`` (ALGORITHMS.md §3; TRL does the same).
+``top_k``/``top_p`` truncation is not accounted for in the log-probs.
 """
 
 from __future__ import annotations
@@ -74,6 +79,20 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+@contextmanager
+def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run a block under ``torch.manual_seed(seed)`` and give the caller its RNG state back.
+
+    ``generate()`` samples with the global generator (it takes no other), so the rollout and
+    the evaluation seed their own block: noise that does not depend on what ran before, and a
+    training RNG that an evaluation leaves untouched (resume-equality).
+    """
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def sample_responses(
     model: nn.Module,
@@ -108,16 +127,19 @@ def sample_responses(
     return Sampled(examples, ended)
 
 
-def response_logprobs(model: nn.Module, batch: Batch) -> Tensor:
-    """Per-token ``log π(y_t | x, y_<t)`` on response positions, float32, zero elsewhere.
+def response_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0) -> Tensor:
+    """Per-token ``log softmax(z/T)[y_t]`` on response positions, float32, zero elsewhere.
 
     Shape ``[B, R]`` with ``R`` the batch's response width; only the logits that predict
     response tokens are computed (``logits_to_keep``), which skips the LM head on prompts.
+    ``temperature`` is the one responses were sampled with (``SamplingSpec.temperature``).
     """
-    return response_logprobs_and_states(model, batch, with_states=False)[0]
+    return response_logprobs_and_states(model, batch, with_states=False, temperature=temperature)[0]
 
 
-def response_logprobs_and_states(model: nn.Module, batch: Batch, with_states: bool = True) -> tuple[Tensor, Tensor | None]:
+def response_logprobs_and_states(
+    model: nn.Module, batch: Batch, with_states: bool = True, temperature: float = 1.0
+) -> tuple[Tensor, Tensor | None]:
     """:func:`response_logprobs` plus the last hidden states that predict each response
     token, ``[B, R, H]`` (for value heads), from the same single forward pass."""
     width = batch.input_ids.shape[1] - batch.prompt_width
@@ -131,7 +153,7 @@ def response_logprobs_and_states(model: nn.Module, batch: Batch, with_states: bo
     )
     tokens = batch.input_ids[:, batch.prompt_width :]
     mask = batch.response_mask[:, batch.prompt_width :]
-    logp = token_logprobs(out.logits[:, :-1], tokens) * mask
+    logp = token_logprobs(out.logits[:, :-1], tokens, temperature) * mask
     states = out.hidden_states[-1][:, batch.prompt_width - 1 : -1] if with_states else None
     return logp, states
 

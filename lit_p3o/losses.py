@@ -13,14 +13,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """``log softmax(logits)[tokens]`` in float32, ``[B, T, V]`` and ``[B, T]`` → ``[B, T]``.
+def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log softmax(logits / T)[tokens]`` in float32, ``[B, T, V]`` and ``[B, T]`` → ``[B, T]``.
 
     ``logits[:, t]`` must already predict ``tokens[:, t]``. The softmax runs in float32 even
     for bf16 logits: trajectory ratios sum these over whole responses, which amplifies tiny
-    per-token drift into visible ratio errors.
+    per-token drift into visible ratio errors. ``T`` is the sampling temperature: responses
+    sampled from ``softmax(z/T)`` are scored under the same distribution (as TRL does).
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    if temperature <= 0:
+        raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
+    logits = logits.float()
+    logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
@@ -154,13 +158,21 @@ def rloo_loss(logratio: Tensor, advantages: Tensor, clip_epsilon: float | None =
     return -_clipped_surrogate(ratio, advantages, clip_epsilon)[0].mean()
 
 
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """``(x − μ) / sqrt(σ² + eps)`` with μ, σ² the masked mean and (biased) variance over the
-    whole batch; ``shift_mean=False`` adds μ back, rescaling without recentering. Zero
-    outside the mask. PPO whitens advantages so its step size ignores the reward scale.
-    """
+def masked_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean ``μ = Σ x·m / Σ m`` and biased variance ``σ² = Σ (x − μ)²·m / Σ m`` of the masked entries."""
     mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    return mean, masked_mean((x - mean) ** 2, mask)
+
+
+def whiten(
+    x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, moments: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    """``(x − μ) / sqrt(σ² + eps)`` with μ, σ² the masked mean and (biased) variance over the
+    whole batch, or the given ``moments = (μ, σ²)`` (e.g. of a whole rollout, see
+    :func:`masked_moments`); ``shift_mean=False`` adds μ back, rescaling without recentering.
+    Zero outside the mask. PPO whitens advantages so its step size ignores the reward scale.
+    """
+    mean, var = moments if moments is not None else masked_moments(x, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -3,11 +3,13 @@
 Order of events in one Lightning epoch of an RL stage (tested in ``tests/test_rollout.py``):
 
 1. ``RolloutCallback.on_train_epoch_start`` draws this rank's prompts, samples K responses
-   per prompt with ``generate()`` (KV cache on), computes per-token ``logp_old`` and
-   ``logp_ref`` with :func:`lit_p3o.generation.response_logprobs`, scores the responses with
-   the reward model (minus the missing-EOS penalty), the sequence KL and the KL-regularised
-   reward ``r̃ = score − β·kl``, lets the stage add per-token extras (PPO's values) and
-   refills the stage's :class:`~lit_p3o.buffer.ReplayBuffer`; then it updates β.
+   per prompt with ``generate()`` (KV cache on, noise seeded by :func:`sampling_seed`),
+   computes per-token ``logp_old`` and ``logp_ref`` with
+   :func:`lit_p3o.generation.response_logprobs`, scores the responses with the reward model
+   (minus the missing-EOS penalty), the sequence KL and the KL-regularised reward
+   ``r̃ = score − β·kl``, lets the stage add per-token extras (PPO's values) and refills the
+   stage's :class:`~lit_p3o.buffer.ReplayBuffer`; then it updates β. All of it runs under
+   the trainer's precision context, as ``training_step`` does.
 2. The stage's ``train_dataloader`` (a :class:`~lit_p3o.buffer.BufferDataset`) replays the
    buffer for ``update_epochs`` passes of minibatches of whole groups.
 3. The stage's ``training_step`` turns each minibatch into a loss from ``lit_p3o.losses``.
@@ -15,6 +17,7 @@ Order of events in one Lightning epoch of an RL stage (tested in ``tests/test_ro
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -29,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from lit_p3o.buffer import Group, ReplayBuffer
 from lit_p3o.data.encoding import Encoded, TruncationStats, collate, encode_prompt, fit_prompt
 from lit_p3o.data.prompts import load_prompts
-from lit_p3o.generation import SamplingSpec, decode, response_logprobs, sample_responses
+from lit_p3o.generation import SamplingSpec, decode, response_logprobs, sample_responses, seeded
 from lit_p3o.losses import adaptive_kl_beta, kl_regularized_rewards
 
 if TYPE_CHECKING:
@@ -161,6 +164,17 @@ class RolloutStage(Protocol):
     def log_rollout(self, stats: dict[str, float]) -> None: ...
 
 
+def sampling_seed(seed: int, rank: int, rollout_index: int) -> int:
+    """The seed of one rollout's sampling noise, distinct for every (run seed, rank, rollout).
+
+    Ranks draw independent noise (a shared stream would correlate their samples), and the
+    noise depends on nothing but these three numbers, so a run is reproducible and a resumed
+    one redraws exactly what the uninterrupted run drew, on every rank.
+    """
+    digest = hashlib.sha256(f"lit-p3o rollout {seed} {rank} {rollout_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
 class RolloutCallback(L.Callback):
     """Refills the stage's replay buffer at the start of every epoch (one epoch = one rollout)."""
 
@@ -189,7 +203,11 @@ class RolloutCallback(L.Callback):
         if pl_module.buffer.groups and pl_module.buffer.consumed < pl_module.buffer.num_minibatches():
             return  # resumed mid-rollout: finish replaying the restored buffer first
         prompts = self.sampler.draw(self.spec.num_prompts)
-        groups = rollout(pl_module, prompts, self.kl.beta, self.spec, show_progress=trainer.is_global_zero)
+        noise = sampling_seed(self.seed, trainer.global_rank, pl_module.buffer.rollouts)
+        # the trainer's precision (autocast, bf16-true's default dtype) as in training_step, so
+        # logp_old and the update's log-probs come from the same numeric path: ρ = 1 at first
+        with seeded(noise, pl_module.device), trainer.precision_plugin.forward_context():
+            groups = rollout(pl_module, prompts, self.kl.beta, self.spec, show_progress=trainer.is_global_zero)
         pl_module.buffer.fill(groups, self.kl.beta)
         stats = rollout_stats(groups, self.kl.beta)
         mean_kl = float(trainer.strategy.reduce(torch.tensor(stats["kl_mean"]), reduce_op="mean"))
@@ -263,7 +281,7 @@ def rollout(
         if not e.response_ids:  # generate() always emits at least one token; guard anyway
             raise RuntimeError("rollout: an empty response was sampled")
 
-    logp_old, logp_ref, extras = _forward_passes(stage, examples, spec.forward_batch_size)
+    logp_old, logp_ref, extras = _forward_passes(stage, examples, spec.forward_batch_size, spec.sampling.temperature)
     scores = stage.scorer.score_examples(examples, ended).float()
     if spec.missing_eos_penalty is not None:
         scores = scores - spec.missing_eos_penalty * (~torch.tensor(ended)).float()
@@ -288,9 +306,10 @@ def rollout(
 
 @torch.no_grad()
 def _forward_passes(
-    stage: RolloutStage, examples: list[Encoded], batch_size: int
+    stage: RolloutStage, examples: list[Encoded], batch_size: int, temperature: float
 ) -> tuple[list[Tensor], list[Tensor], dict[str, list[Tensor]]]:
-    """Per-token ``logp_old``, ``logp_ref`` and the stage's extras, trimmed to each response."""
+    """Per-token ``logp_old``, ``logp_ref`` (at the sampling temperature) and the stage's
+    extras, trimmed to each response."""
     device = next(stage.policy.parameters()).device
     logp_old: list[Tensor] = []
     logp_ref: list[Tensor] = []
@@ -298,9 +317,9 @@ def _forward_passes(
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = collate(chunk, stage.tokenizer.pad_token_id).to(device)
-        old = response_logprobs(stage.policy, batch).cpu()
+        old = response_logprobs(stage.policy, batch, temperature).cpu()
         with stage.reference.active() as reference:
-            ref = response_logprobs(reference, batch).cpu()
+            ref = response_logprobs(reference, batch, temperature).cpu()
         more = {name: t.float().cpu() for name, t in stage.rollout_extras(batch).items()}
         for i, e in enumerate(chunk):
             n = len(e.response_ids)

@@ -9,7 +9,7 @@ import torch
 from lit_p3o import ModelSpec, OnlineDPOModule, P3OModule, PPOModule, RLOOModule, RolloutSpec, SamplingSpec
 from lit_p3o.buffer import RolloutBatch, collate_groups
 from lit_p3o.data.prompts import load_prompts
-from lit_p3o.losses import dpo_loss
+from lit_p3o.losses import dpo_loss, gae, ppo_token_rewards
 from lit_p3o.rollout import rollout
 
 from micro import MICRO_ARCH as MICRO
@@ -26,10 +26,10 @@ def fixed_batch(stage, shift: torch.Tensor | None = None) -> RolloutBatch:
     """A seeded rollout with varied scores; ``shift[g]`` is added to group g's scores."""
     torch.manual_seed(5)
     groups = rollout(stage, load_prompts("embedded:reviews", "train", 4), 0.1, stage.rollout_spec)
-    stage.buffer.beta = 0.1
     for g_index, g in enumerate(groups):
         g.scores.copy_(torch.randn(len(g.responses)) + (0.0 if shift is None else shift[g_index]))
         g.rewards.copy_(g.scores - 0.1 * g.kl)
+    stage.buffer.fill(groups, beta=0.1)  # the batch is the whole rollout (PPO whitens over it)
     return collate_groups(groups, stage.tokenizer.pad_token_id)
 
 
@@ -143,3 +143,53 @@ def test_every_stage_trains_through_the_shared_rollout(tmp_path, cls, k):
               enable_model_summary=False, default_root_dir=tmp_path).fit(stage)
     assert stage.buffer.rollouts == 1 and len(stage.buffer) == 4
     assert any(not torch.equal(v, before[n]) for n, v in stage.policy.state_dict().items())
+
+
+@pytest.mark.parametrize("cls, k", [(PPOModule, 2), (OnlineDPOModule, 2), (RLOOModule, 3), (P3OModule, 3)])
+def test_every_update_scores_at_the_sampling_temperature(cls, k):
+    """At θ = θ_old the update's log-probs equal the rollout's at T = 0.7: ratio 1, and for
+    online DPO (π_θ = π_ref at start) an implicit margin of 0."""
+    L.seed_everything(0)
+    spec = RolloutSpec(prompt_pool=16, num_prompts=4, num_responses=k, update_epochs=1, minibatch_groups=4,
+                       max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6, temperature=0.7))
+    stage = cls(ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"), "embedded:reviews", rollout=spec)
+    with torch.no_grad():  # peakier logits, so T changes the log-probs a lot
+        stage.policy.lm_head.weight.mul_(20.0)
+        stage.reference.copy.lm_head.weight.mul_(20.0)
+    _, stats = stage.compute_loss(fixed_batch(stage))
+    if cls is OnlineDPOModule:
+        assert stats["implicit_margin"].abs() < 1e-4
+    else:
+        assert stats["ratio_max"] == pytest.approx(1.0, abs=1e-5) and stats["approx_kl"].abs() < 1e-8
+
+
+def test_ppo_whitens_advantages_over_the_whole_rollout_by_default():
+    """InstructGPT/TRL: one mean and variance over every response token of the rollout, so a
+    minibatch's advantages keep their level relative to the rest of the rollout;
+    ``whiten_over="minibatch"`` keeps the per-minibatch statistics."""
+    stage = build(PPOModule)
+    torch.manual_seed(5)
+    groups = rollout(stage, load_prompts("embedded:reviews", "train", 4), 0.1, stage.rollout_spec)
+    for g in groups:
+        g.scores.copy_(torch.randn(len(g.responses)))
+    stage.buffer.fill(groups, beta=0.1)
+    whole = collate_groups(groups, stage.tokenizer.pad_token_id)
+    raw = gae(ppo_token_rewards(whole.scores.flatten(), whole.logp_old, whole.logp_ref, whole.response_mask, 0.1),
+              whole.extras["values"], whole.response_mask)[0]
+    tokens = raw[whole.response_mask.bool()].double()
+    mean, std = tokens.mean(), tokens.std(correction=0)  # by hand, over all 4 groups
+
+    minibatch = collate_groups(groups[1:3], stage.tokenizer.pad_token_id)
+    mb_raw = gae(ppo_token_rewards(minibatch.scores.flatten(), minibatch.logp_old, minibatch.logp_ref,
+                                   minibatch.response_mask, 0.1), minibatch.extras["values"], minibatch.response_mask)[0]
+    mask = minibatch.response_mask.bool()
+    advantages, _ = stage.advantages(minibatch)
+    torch.testing.assert_close(advantages[mask].double(), (mb_raw[mask].double() - mean) / std, rtol=1e-5, atol=1e-5)
+    assert advantages[mask].mean().abs() > 1e-3  # not recentred on this minibatch alone
+    assert torch.all(advantages[~mask] == 0)
+
+    per_minibatch = build(PPOModule, whiten_over="minibatch")
+    per_minibatch.buffer.fill(groups, beta=0.1)
+    local, _ = per_minibatch.advantages(minibatch)
+    torch.testing.assert_close(local[mask].double(), (mb_raw[mask].double() - mb_raw[mask].mean()) / mb_raw[mask].std(correction=0),
+                               rtol=1e-5, atol=1e-5)

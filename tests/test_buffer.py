@@ -93,3 +93,17 @@ def test_fill_counts_rollouts_and_resets_consumption():
     buffer.consumed = 1
     buffer.fill([make_group([1], [[2], [3]])] * 3, beta=0.0)
     assert (len(buffer), buffer.rollouts, buffer.consumed) == (3, 2, 0)
+
+
+def test_every_minibatch_holds_all_the_groups_of_its_schedule_entry():
+    buffer = ReplayBuffer(update_epochs=2, minibatch_groups=3, seed=1)
+    buffer.fill([make_group([1], [[2], [3, 4]], base=10.0 * i) for i in range(7)], beta=0.0)
+    batches = list(BufferDataset(buffer, PAD, groups_per_rollout=7))
+    schedule = buffer.schedule()
+    assert [b.num_groups for b in batches] == [len(mb) for mb in schedule] == [3, 3, 1, 3, 3, 1]
+    for batch, indices in zip(batches, schedule):
+        torch.testing.assert_close(batch.scores, torch.stack([buffer.groups[i].scores for i in indices]))
+        assert batch.batch.input_ids.shape[0] == 2 * len(indices)
+    # one pass trains on every group of the rollout once
+    first_pass = torch.cat([b.scores[:, 0] for b in batches[:3]])
+    assert sorted(first_pass.tolist()) == [10.0 * i for i in range(7)]

@@ -1,4 +1,5 @@
-"""DDP with 2 CPU processes (gloo) gives the same update as one process on the same buffer."""
+"""DDP with 2 CPU processes (gloo): the same update as one process on the same buffer, and
+independent sampling noise on every rank."""
 
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).parent / "scripts" / "fixed_buffer_step.py"
+RANK_SAMPLES = Path(__file__).parent / "scripts" / "rank_samples.py"
 
 
 def run(out: Path, devices: int) -> dict:
@@ -26,3 +28,18 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert single["loss"] != 0.0
     for name, value in single["weights"].items():
         torch.testing.assert_close(ddp["weights"][name], value, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_ranks_sample_independently_and_reproducibly(tmp_path):
+    def run_ranks(out: Path) -> list[dict]:
+        out.mkdir()
+        subprocess.run([sys.executable, str(RANK_SAMPLES), str(out)], check=True, timeout=300,
+                       capture_output=True, text=True)
+        return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+    first, again = run_ranks(tmp_path / "first"), run_ranks(tmp_path / "again")
+    assert first == again  # every rank draws the same responses in a rerun
+    rank0, rank1 = first
+    assert rank0["prompts"] == rank1["prompts"]  # the same prompt on both ranks ...
+    assert rank0["responses"] != rank1["responses"]  # ... answered with different noise

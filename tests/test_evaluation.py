@@ -100,6 +100,29 @@ def test_kl_is_zero_against_itself_and_positive_after_a_perturbation():
     assert point()["kl"] > 0.1
 
 
+def test_evaluation_kl_uses_the_sampling_temperature():
+    policy, tokenizer = micro_policy()
+    reference = FrozenReference(policy)
+    with torch.no_grad():
+        policy.lm_head.weight.add_(0.3 * torch.randn_like(policy.lm_head.weight))
+    prompts, sampling = TASK.prompts("test", 6), SamplingSpec(max_new_tokens=6, temperature=0.7)
+    scorer = build_scorer("embedded:reviews", tokenizer)
+    with seeded(4):
+        point = evaluate_policy(policy, reference, tokenizer, scorer, prompts, sampling, 16, batch_size=4)
+    with seeded(4):
+        out = sample_completions(policy, tokenizer, prompts, sampling, 16, batch_size=4)
+
+    def logp(model, e):
+        ids = torch.tensor([e.prompt_ids + e.response_ids])
+        with torch.no_grad():
+            z = model(input_ids=ids).logits[0, len(e.prompt_ids) - 1 : -1].double() / 0.7
+        return torch.log_softmax(z, -1).gather(-1, ids[0, len(e.prompt_ids) :, None]).sum().item()
+
+    with reference.active() as ref:
+        expected = sum(logp(policy, e) - logp(ref, e) for e in out.examples) / len(prompts)
+    assert point["kl"] == pytest.approx(expected, abs=1e-4)
+
+
 def test_gold_is_the_task_reward_of_the_decoded_responses():
     policy, tokenizer = micro_policy(seed=1)
     prompts = TASK.prompts("test", 12)
@@ -162,7 +185,25 @@ def test_frontier_callback_leaves_the_training_randomness_alone(tmp_path):
     evaluated = fit(tmp_path / "evaluated", [FrontierCallback(num_prompts=4, eval_every=1, max_new_tokens=8)], max_epochs=2)
     a, b = plain.policy.state_dict(), evaluated.policy.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], p3o_stage().policy.state_dict()[k]) for k in a)  # it did train
+    L.seed_everything(0)  # as fit() does: the weights both runs started from
+    initial = p3o_stage().policy.state_dict()
+    assert plain.skipped_steps == 0
+    assert all(not torch.equal(a[k], initial[k]) for k in a)  # it did train
+
+
+def test_frontier_callback_evaluates_under_the_trainers_precision(tmp_path, monkeypatch):
+    import lit_p3o.evaluation as evaluation
+
+    seen, real = [], evaluation.response_logprobs
+
+    def spy(model, batch, temperature=1.0):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(model, batch, temperature)
+
+    monkeypatch.setattr(evaluation, "response_logprobs", spy)
+    fit(tmp_path, [FrontierCallback(num_prompts=4, eval_every=100, max_new_tokens=8)], max_epochs=1,
+        precision="bf16-mixed")
+    assert seen and all(seen)  # policy and reference passes at the start and at the end
 
 
 def test_a_resumed_run_appends_without_repeating_its_last_step(tmp_path):

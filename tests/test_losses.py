@@ -14,6 +14,7 @@ from lit_p3o.losses import (
     gae,
     kl_regularized_rewards,
     masked_mean,
+    masked_moments,
     p3o_loss,
     pair_indices,
     pairwise_policy_gradient_loss,
@@ -357,6 +358,17 @@ def test_whiten_masked_statistics():
     kept_mean = whiten(x, mask, shift_mean=False)[mask.bool()]
     assert kept_mean.mean().item() == pytest.approx(2.5)
     assert kept_mean.var(correction=0).item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_whiten_with_given_moments_and_masked_moments_by_hand():
+    x = t([1.0, 2.0, 100.0], [3.0, 4.0, -50.0])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    mean, var = masked_moments(x, mask)
+    assert (mean.item(), var.item()) == pytest.approx((2.5, 1.25))  # (1.5² + .5² + .5² + 1.5²) / 4
+    out = whiten(x, mask, moments=(torch.tensor(1.0), torch.tensor(4.0)), eps=0.0)
+    torch.testing.assert_close(out, t([0.0, 0.5, 0.0], [1.0, 1.5, 0.0]))  # (x − 1) / 2 inside the mask
+    kept = whiten(x, mask, shift_mean=False, moments=(torch.tensor(1.0), torch.tensor(4.0)), eps=0.0)
+    torch.testing.assert_close(kept, t([1.0, 1.5, 0.0], [2.0, 2.5, 0.0]))
 
 
 def test_gae_three_tokens_hand_computed():

@@ -8,6 +8,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_p3o import GuardSpec, ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
+from lit_p3o.buffer import collate_groups
+from lit_p3o.data.prompts import load_prompts
+from lit_p3o.generation import response_logprobs
+from lit_p3o.losses import pairwise_policy_gradient_loss
+from lit_p3o.rollout import rollout
 
 from micro import MICRO_ARCH as MICRO
 
@@ -59,7 +64,7 @@ def varied_scores(examples, ended):
     return torch.arange(len(examples), dtype=torch.float32) * torch.tensor([1.0, -1.0]).repeat(len(examples))[: len(examples)]
 
 
-def test_non_finite_reward_skips_the_step_and_keeps_weights(tmp_path):
+def test_non_finite_reward_skips_the_step_and_keeps_weights(tmp_path, capsys):
     L.seed_everything(0)
     # every minibatch holds the poisoned group; let every update be skipped (tests/test_guards.py
     # covers the default limit)
@@ -76,6 +81,30 @@ def test_non_finite_reward_skips_the_step_and_keeps_weights(tmp_path):
     assert stage.skipped_steps == 2  # update_epochs passes of one minibatch each
     for name, value in weights(stage).items():
         assert torch.equal(value, before[name]), name
+    out = capsys.readouterr().out
+    assert out.count("non-finite reward") == 2 and "non-finite loss" not in out  # the reward guard caught it
+
+
+def test_non_finite_loss_with_finite_rewards_skips_that_step_only(tmp_path, capsys):
+    L.seed_everything(0)
+    stage = make_stage(minibatch_groups=4)
+    stage.scorer.score_examples = varied_scores
+    real, calls = stage.compute_loss, []
+
+    def nan_on_first_call(batch):
+        loss, stats = real(batch)
+        calls.append(loss)
+        return (loss * float("nan") if len(calls) == 1 else loss), stats
+
+    stage.compute_loss = nan_on_first_call
+    before = weights(stage)
+    trainer(tmp_path, max_epochs=1).fit(stage)
+    assert len(calls) == 2 and stage.skipped_steps == 1
+    out = capsys.readouterr().out
+    assert "non-finite loss" in out and "non-finite reward" not in out
+    after = weights(stage)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(v, before[k]) for k, v in after.items())  # the second step trained
 
 
 def test_finite_rewards_do_change_weights(tmp_path):
@@ -86,6 +115,33 @@ def test_finite_rewards_do_change_weights(tmp_path):
     trainer(tmp_path, max_epochs=1).fit(stage)
     assert stage.skipped_steps == 0
     assert any(not torch.equal(v, before[k]) for k, v in weights(stage).items())
+
+
+def test_p3o_learns_from_the_kl_regularised_rewards_not_the_raw_scores():
+    """Equal scores within every group, but different KLs: only r̃ = score − β·kl tells the
+    responses apart, so the update must follow −β·kl (ALGORITHMS.md §4, property 1 at θ = θ_old)."""
+    L.seed_everything(0)
+    stage = make_stage(num_responses=3)
+    stage.scorer.score_examples = lambda examples, ended: torch.zeros(len(examples))
+    with torch.no_grad():  # move π_old away from π_ref so that the KL differs between responses
+        stage.policy.lm_head.weight.add_(0.3 * torch.randn_like(stage.policy.lm_head.weight))
+    groups = rollout(stage, load_prompts("embedded:reviews", "train", 4), 0.5, stage.rollout_spec)
+    batch = collate_groups(groups, stage.tokenizer.pad_token_id)
+    assert torch.equal(batch.scores, torch.zeros_like(batch.scores)) and batch.kl.std() > 0.1
+    torch.testing.assert_close(batch.rewards, -0.5 * batch.kl)
+
+    def grad_of(loss: torch.Tensor) -> torch.Tensor:
+        stage.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in stage.policy.parameters() if p.grad is not None])
+        stage.zero_grad(set_to_none=True)
+        return grads
+
+    actual = grad_of(stage.compute_loss(batch)[0])
+    logp = response_logprobs(stage.policy, batch.batch).sum(-1).view_as(batch.rewards)
+    expected = grad_of(pairwise_policy_gradient_loss(logp, batch.rewards))
+    assert expected.abs().max() > 1e-4
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-7)
 
 
 def run_to_end(tmp_path: Path, epochs: int, resume_from: str | None = None, stop_after: int | None = None):

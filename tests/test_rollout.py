@@ -1,5 +1,7 @@
 """The shared rollout on a micro model: shapes, masks, EOS handling, log-probs, KL, ratio = 1."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -8,8 +10,9 @@ from torch import nn
 from lit_p3o import ModelSpec, P3OModule, RolloutSpec, SamplingSpec
 from lit_p3o.buffer import collate_groups
 from lit_p3o.data.prompts import load_prompts
+from lit_p3o.generation import response_logprobs
 from lit_p3o.losses import token_logprobs
-from lit_p3o.rollout import KLController, KLSpec, PromptSampler, rollout
+from lit_p3o.rollout import KLController, KLSpec, PromptSampler, rollout, sampling_seed
 
 from micro import MICRO_ARCH as MICRO
 
@@ -93,9 +96,19 @@ def test_missing_eos_penalty_is_subtracted_only_without_generated_eos():
         assert not g.ended.any() and all(len(r) == 6 for r in g.responses)
         torch.testing.assert_close(g.scores, h.scores - 0.7)
     force_eos(stage, 50.0)  # EOS always sampled first
+    force_eos(stage_no_penalty, 50.0)
     always = rollout(stage, prompts(3), beta=0.0, spec=stage.rollout_spec)
-    for g in always:
+    always_plain = rollout(stage_no_penalty, prompts(3), beta=0.0, spec=stage_no_penalty.rollout_spec)
+    for g, h in zip(always, always_plain):
         assert g.ended.all() and all(r == [stage.tokenizer.eos_token_id] for r in g.responses)
+        torch.testing.assert_close(g.scores, h.scores)  # responses that ended keep their score
+    # one rollout with both kinds: the penalty follows each response's own `ended`
+    force_eos(stage, math.log(0.15 / 0.85 * (len(stage.tokenizer) - 1)))  # EOS with p = 0.15 per token
+    stage.scorer.score_examples = lambda examples, ended: torch.zeros(len(examples))
+    mixed = rollout(stage, prompts(4), beta=0.0, spec=stage.rollout_spec)
+    ended = torch.cat([g.ended for g in mixed])
+    assert ended.any() and not ended.all()
+    torch.testing.assert_close(torch.cat([g.scores for g in mixed]), -0.7 * (~ended).float())
 
 
 def test_eos_inside_the_prompt_does_not_end_the_response():
@@ -156,3 +169,85 @@ def test_kl_controller_fixed_and_adaptive():
 def test_rollout_spec_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RolloutSpec(**kwargs)
+
+
+def test_temperature_scales_sampling_logprobs_and_kl_alike():
+    """At T = 0.7 responses come from softmax(z/T), so logp_old, logp_ref and the KL must use
+    z/T too (ALGORITHMS.md §3), and the first update then sees ρ = 1."""
+    t = 0.7
+    stage = make_stage(sampling=SamplingSpec(max_new_tokens=6, temperature=t))
+    with torch.no_grad():  # π_old ≠ π_ref, so logp_ref is checked on its own
+        stage.policy.lm_head.weight.add_(0.3 * torch.randn_like(stage.policy.lm_head.weight))
+    groups = rollout(stage, prompts(4), beta=0.1, spec=stage.rollout_spec)
+
+    def direct(model, prompt_ids, response, temperature):
+        ids = torch.tensor([prompt_ids + response])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].double()
+        return torch.log_softmax(logits / temperature, -1).gather(-1, ids[0, len(prompt_ids):, None])[:, 0].float()
+
+    with stage.reference.active() as reference:
+        for g in groups:
+            for response, old, ref in zip(g.responses, g.logp_old, g.logp_ref):
+                torch.testing.assert_close(old, direct(stage.policy, g.prompt_ids, response, t), atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(ref, direct(reference, g.prompt_ids, response, t), atol=1e-5, rtol=1e-5)
+                assert not torch.allclose(old, direct(stage.policy, g.prompt_ids, response, 1.0), atol=1e-3)
+            torch.testing.assert_close(g.kl, torch.stack([(o - r).sum() for o, r in zip(g.logp_old, g.logp_ref)]))
+    batch = collate_groups(groups[:2], stage.tokenizer.pad_token_id)
+    token_logratio, logratio = stage.trajectory_logratio(batch)
+    assert logratio.abs().max() < 1e-5 and token_logratio.abs().max() < 1e-5
+
+
+def test_response_logprobs_divides_the_logits_by_the_temperature():
+    stage = make_stage()
+    groups = rollout(stage, prompts(2), beta=0.0, spec=stage.rollout_spec)
+    batch = collate_groups(groups, stage.tokenizer.pad_token_id).batch
+    with torch.no_grad():
+        logits = stage.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids).logits[:, batch.prompt_width - 1 : -1]
+        tokens = batch.input_ids[:, batch.prompt_width :]
+        mask = batch.response_mask[:, batch.prompt_width :]
+        for t in (1.0, 0.5, 2.0):
+            expected = torch.log_softmax(logits.double() / t, -1).gather(-1, tokens[..., None])[..., 0] * mask
+            torch.testing.assert_close(response_logprobs(stage.policy, batch, t), expected.float(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        response_logprobs(stage.policy, batch, 0.0)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+def test_first_update_of_every_rollout_has_ratio_one_under_the_trainers_precision(tmp_path, precision):
+    """The rollout's forwards run under the trainer's precision (autocast for bf16-mixed, the
+    bf16 default dtype for bf16-true) like training_step, and the buffer's float32 statistics
+    reach training_step unrounded, so each rollout's first update sees ρ = 1 up to the float
+    error of a different padding layout (measured: mostly exactly 1, at most 2e-5; outside the
+    trainer's autocast bf16-mixed gave 5e-4 to 4e-3, and bf16-true's rounded buffer 4e-2)."""
+    stage = make_stage(num_prompts=4, num_responses=2, minibatch_groups=2, forward_batch_size=3,
+                       sampling=SamplingSpec(max_new_tokens=10))
+    stage.scorer.score_examples = lambda examples, ended: torch.randn(len(examples))
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            assert {t.dtype for t in (batch.logp_old, batch.logp_ref, batch.rewards, batch.scores)} == {torch.float32}
+            served = module.buffer.groups[module.buffer.schedule()[batch_idx][0]]
+            assert torch.equal(batch.rewards[0], served.rewards)  # not rounded on the way
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            m = trainer.callback_metrics
+            seen.append((batch_idx, float(m["train/ratio_max"]), float(m["train/approx_kl"])))
+
+    L.Trainer(accelerator="cpu", devices=1, max_epochs=2, precision=precision, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=tmp_path, callbacks=[Spy()]).fit(stage)
+    firsts = [(ratio, kl) for idx, ratio, kl in seen if idx == 0]
+    assert len(firsts) == 2
+    for ratio, kl in firsts:
+        assert abs(ratio - 1) < 1e-4 and kl < 1e-9
+    assert any(ratio != 1.0 for idx, ratio, _ in seen if idx > 0)  # later steps do move θ
+
+
+def test_sampling_seed_differs_for_every_run_seed_rank_and_rollout():
+    seeds = [sampling_seed(s, r, i) for s in (0, 1, 7) for r in range(4) for i in range(5)]
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= s < 2**64 for s in seeds)  # what torch.manual_seed accepts
+    assert seeds == [sampling_seed(s, r, i) for s in (0, 1, 7) for r in range(4) for i in range(5)]

@@ -106,9 +106,14 @@ class RLStage(L.LightningModule):
     def configure_optimizers(self) -> Any:
         return configure_adamw(self, self.optimizer_spec)
 
+    @property
+    def temperature(self) -> float:
+        """The sampling temperature: the update scores responses as the rollout sampled them."""
+        return self.rollout_spec.sampling.temperature
+
     def trajectory_logratio(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
         """Per-token ``log π_θ − logp_old`` ``[N, R]`` (masked) and its per-response sum ``[G, K]``."""
-        logp = response_logprobs(self.policy, batch.batch)
+        logp = response_logprobs(self.policy, batch.batch, self.temperature)
         token_logratio = (logp - batch.logp_old) * batch.response_mask
         return token_logratio, token_logratio.sum(-1).view_as(batch.rewards)
 

@@ -43,7 +43,7 @@ class OnlineDPOModule(RLStage):
         self.beta_dpo = beta_dpo
 
     def compute_loss(self, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        logp = response_logprobs(self.policy, batch.batch).sum(-1).view_as(batch.scores)
+        logp = response_logprobs(self.policy, batch.batch, self.temperature).sum(-1).view_as(batch.scores)
         logp_ref = batch.logp_ref.sum(-1).view_as(batch.scores)
         decided = batch.scores[:, 0] != batch.scores[:, 1]
         if not decided.any():  # a zero that keeps the graph, so every rank still runs backward

@@ -2,21 +2,22 @@
 
 Per-token reward ``−β (logp_old − logp_ref)`` plus the score on the last token, a value head
 (on the policy's last hidden states, or on a separate critic network when ``critic`` is
-given), GAE with γ = 1, λ = 0.95, whitened advantages, clipped policy and value losses.
-Unlike P3O its update depends on the absolute reward level, not only on differences.
+given), GAE with γ = 1, λ = 0.95, advantages whitened over the whole rollout (InstructGPT,
+TRL; or per minibatch), clipped policy and value losses. Unlike P3O its update depends on the
+absolute reward level, not only on differences.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from lit_p3o.buffer import RolloutBatch
+from lit_p3o.buffer import RolloutBatch, collate_groups
 from lit_p3o.data.encoding import Batch
 from lit_p3o.generation import response_logprobs_and_states
 from lit_p3o.guards import GuardSpec
-from lit_p3o.losses import gae, ppo_policy_loss, ppo_token_rewards, ppo_value_loss, whiten
+from lit_p3o.losses import gae, masked_moments, ppo_policy_loss, ppo_token_rewards, ppo_value_loss, whiten
 from lit_p3o.models import ModelSpec, as_spec, build_causal_lm
 from lit_p3o.optim import OptimizerSpec
 from lit_p3o.rollout import KLSpec, RolloutSpec
@@ -24,7 +25,12 @@ from lit_p3o.stages.base import RLStage
 
 
 class PPOModule(RLStage):
-    """PPO with a learned value function; ``critic=None`` puts the value head on the policy."""
+    """PPO with a learned value function; ``critic=None`` puts the value head on the policy.
+
+    ``whiten_advantages`` whitens the GAE advantages with the mean and variance of
+    ``whiten_over``: ``"rollout"`` (every response token of this rank's rollout, as
+    InstructGPT and TRL) or ``"minibatch"`` (each minibatch on its own).
+    """
 
     def __init__(
         self,
@@ -36,6 +42,7 @@ class PPOModule(RLStage):
         gamma: float = 1.0,
         lam: float = 0.95,
         whiten_advantages: bool = True,
+        whiten_over: Literal["rollout", "minibatch"] = "rollout",
         critic: ModelSpec | None = None,
         rollout: RolloutSpec | None = None,
         kl: KLSpec | None = None,
@@ -48,10 +55,13 @@ class PPOModule(RLStage):
             raise ValueError(f"PPOModule.clip_epsilon: must be in (0, 1), got {clip_epsilon}")
         if value_loss_coef < 0:
             raise ValueError(f"PPOModule.value_loss_coef: must be >= 0, got {value_loss_coef}")
+        if whiten_over not in ("rollout", "minibatch"):
+            raise ValueError(f"PPOModule.whiten_over: 'rollout' or 'minibatch', got {whiten_over!r}")
         super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed, guards)
         self.clip_epsilon, self.value_clip_epsilon = clip_epsilon, value_clip_epsilon
         self.value_loss_coef, self.gamma, self.lam = value_loss_coef, gamma, lam
-        self.whiten_advantages = whiten_advantages
+        self.whiten_advantages, self.whiten_over = whiten_advantages, whiten_over
+        self._rollout_moments: tuple[int, tuple[Tensor, Tensor]] | None = None  # (buffer.rollouts, (μ, σ²))
         self.critic = build_causal_lm(as_spec(critic), self.tokenizer) if critic is not None else None
         hidden = (self.critic or self.policy).config.hidden_size
         self.value_head = nn.Linear(hidden, 1)
@@ -69,19 +79,39 @@ class PPOModule(RLStage):
         states = None if self.critic is not None else response_logprobs_and_states(self.policy, batch)[1]
         return {"values": self._values(batch, states)}
 
-    def advantages(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
-        """GAE advantages (whitened if asked) and returns from the rollout's frozen values."""
+    def _gae(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+        """GAE advantages and returns from the rollout's frozen rewards, KL and values."""
         mask = batch.response_mask
         rewards = ppo_token_rewards(batch.scores.flatten(), batch.logp_old, batch.logp_ref, mask, self.buffer.beta)
-        advantages, returns = gae(rewards, batch.extras["values"], mask, self.gamma, self.lam)
+        return gae(rewards, batch.extras["values"], mask, self.gamma, self.lam)
+
+    def rollout_moments(self) -> tuple[Tensor, Tensor]:
+        """Mean and variance of the advantages over every response token in the buffer.
+
+        Everything they depend on is frozen at rollout time, so they are computed once per
+        rollout (and again from the restored buffer after a resume).
+        """
+        if self._rollout_moments is None or self._rollout_moments[0] != self.buffer.rollouts:
+            whole = collate_groups(self.buffer.groups, self.tokenizer.pad_token_id)
+            self._rollout_moments = (self.buffer.rollouts, masked_moments(self._gae(whole)[0], whole.response_mask))
+        return self._rollout_moments[1]
+
+    def advantages(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+        """GAE advantages (whitened as configured) and returns of a minibatch."""
+        advantages, returns = self._gae(batch)
         if self.whiten_advantages:
-            advantages = whiten(advantages, mask) * mask
+            moments = None
+            if self.whiten_over == "rollout":
+                moments = tuple(m.to(advantages.device) for m in self.rollout_moments())
+            advantages = whiten(advantages, batch.response_mask, moments=moments)
         return advantages, returns
 
     def compute_loss(self, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
         mask = batch.response_mask
         advantages, returns = self.advantages(batch)
-        logp, states = response_logprobs_and_states(self.policy, batch.batch, with_states=self.critic is None)
+        logp, states = response_logprobs_and_states(
+            self.policy, batch.batch, with_states=self.critic is None, temperature=self.temperature
+        )
         policy_loss, clip_fraction = ppo_policy_loss(logp, batch.logp_old, advantages, mask, self.clip_epsilon)
         values = self._values(batch.batch, states)
         value_loss = ppo_value_loss(values, batch.extras["values"], returns, mask, self.value_clip_epsilon)
