@@ -132,10 +132,12 @@ def p3o_stage() -> P3OModule:
 def fit(tmp_path: Path, callbacks: list[L.Callback], **kwargs) -> P3OModule:
     L.seed_everything(0)
     stage = p3o_stage()
-    L.Trainer(
-        accelerator="cpu", devices=1, logger=CSVLogger(tmp_path), enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, callbacks=callbacks, **kwargs,
-    ).fit(stage)  # fmt: skip
+    options = dict(
+        accelerator="cpu", devices=1, logger=CSVLogger(tmp_path), enable_progress_bar=False,
+        enable_model_summary=False, log_every_n_steps=1, callbacks=callbacks,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+    )  # fmt: skip
+    L.Trainer(**{**options, **kwargs}).fit(stage)
     return stage
 
 
@@ -178,6 +180,28 @@ def test_a_resumed_run_appends_without_repeating_its_last_step(tmp_path):
     run(max_epochs=1)
     run(max_epochs=2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert [int(r["step"]) for r in read_rows(tmp_path / "frontier.csv")] == [0, 1, 2, 3, 4]
+
+
+def test_model_checkpoint_monitoring_an_eval_metric_keeps_the_best_point(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="eval/gold", mode="max", save_top_k=1)
+    stage = fit(tmp_path, [FrontierCallback(num_prompts=8, eval_every=1, max_new_tokens=8), checkpoint], max_epochs=3)
+    # 2 optimizer steps per rollout; ModelCheckpoint saves at each rollout's end (steps 2, 4, 6)
+    rows = {int(r["step"]): float(r["gold"]) for r in read_rows(Path(stage.trainer.log_dir) / "frontier.csv")}
+    assert sorted(rows) == list(range(7))
+    best_step = max((2, 4, 6), key=lambda step: rows[step])
+    assert checkpoint.best_model_score.item() == pytest.approx(rows[best_step])
+    assert Path(checkpoint.best_model_path).is_file() and f"step={best_step}" in checkpoint.best_model_path
+    assert stage.trainer.callback_metrics["eval/gold"].item() == pytest.approx(rows[6])
+
+
+def test_early_stopping_can_watch_an_eval_metric(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    # kl is 0 at step 0 and grows: "min" with patience 0 stops after the first rollout's end
+    stopper = EarlyStopping(monitor="eval/kl", mode="min", patience=0, check_on_train_epoch_end=True)
+    stage = fit(tmp_path, [FrontierCallback(num_prompts=8, eval_every=1, max_new_tokens=8), stopper], max_epochs=5)
+    assert stopper.stopped_epoch == 1 and stage.trainer.current_epoch == 2
+    assert stage.trainer.global_step == 4
 
 
 # --------------------------------------------------------------------------- commands
