@@ -292,6 +292,35 @@ class FrontierCallback(L.Callback):
             writer.writerow({k: "" if row[k] is None else row[k] for k in FRONTIER_COLUMNS})
 
 
+class CompletionWriter(BasePredictionWriter):
+    """Appends ``predict`` outputs (dicts) to a JSONL file, one line per completion.
+
+    ``path`` defaults to ``<log_dir>/predictions.jsonl``; with several ranks each writes
+    ``<stem>.rank<N>.jsonl``. The file is started afresh at each ``predict``.
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.path = None if path is None else Path(path)
+        self.written: Path | None = None
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = self.path or Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+        self.written = path
+
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any, *args: Any) -> None:
+        with self.written.open("a") as f:
+            for row in prediction:
+                f.write(json.dumps(row) + "\n")
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        print(f"[lit-p3o] wrote the completions to {self.written.resolve()}")
+
+
 def read_frontier(path: str | Path) -> dict[str, list[float]]:
     """A frontier CSV as columns of floats; ``gold`` is empty when the run had no gold reward."""
     with Path(path).open(newline="") as f:

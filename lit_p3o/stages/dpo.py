@@ -12,6 +12,7 @@ from torch import Tensor
 from lit_p3o.buffer import RolloutBatch
 from lit_p3o.generation import response_logprobs
 from lit_p3o.losses import dpo_loss
+from lit_p3o.evaluation import EvaluationSpec
 from lit_p3o.models import ModelSpec
 from lit_p3o.optim import OptimizerSpec
 from lit_p3o.rollout import KLSpec, RolloutSpec
@@ -31,13 +32,14 @@ class OnlineDPOModule(RLStage):
         optimizer: OptimizerSpec | None = None,
         save_dir: str | None = None,
         seed: int = 0,
+        evaluation: EvaluationSpec | None = None,
     ) -> None:
         rollout = rollout or RolloutSpec(update_epochs=1)
         if rollout.num_responses != 2:
             raise ValueError(f"OnlineDPOModule: rollout.num_responses must be 2, got {rollout.num_responses}")
         if beta_dpo <= 0:
             raise ValueError(f"OnlineDPOModule.beta_dpo: must be > 0, got {beta_dpo}")
-        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed)
+        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed, evaluation)
         self.beta_dpo = beta_dpo
 
     def compute_loss(self, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:

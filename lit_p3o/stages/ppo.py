@@ -16,6 +16,7 @@ from lit_p3o.buffer import RolloutBatch
 from lit_p3o.data.encoding import Batch
 from lit_p3o.generation import response_logprobs_and_states
 from lit_p3o.losses import gae, ppo_policy_loss, ppo_token_rewards, ppo_value_loss, whiten
+from lit_p3o.evaluation import EvaluationSpec
 from lit_p3o.models import ModelSpec, as_spec, build_causal_lm
 from lit_p3o.optim import OptimizerSpec
 from lit_p3o.rollout import KLSpec, RolloutSpec
@@ -41,12 +42,13 @@ class PPOModule(RLStage):
         optimizer: OptimizerSpec | None = None,
         save_dir: str | None = None,
         seed: int = 0,
+        evaluation: EvaluationSpec | None = None,
     ) -> None:
         if not 0 < clip_epsilon < 1:
             raise ValueError(f"PPOModule.clip_epsilon: must be in (0, 1), got {clip_epsilon}")
         if value_loss_coef < 0:
             raise ValueError(f"PPOModule.value_loss_coef: must be >= 0, got {value_loss_coef}")
-        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed)
+        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed, evaluation)
         self.clip_epsilon, self.value_clip_epsilon = clip_epsilon, value_clip_epsilon
         self.value_loss_coef, self.gamma, self.lam = value_loss_coef, gamma, lam
         self.whiten_advantages = whiten_advantages
