@@ -26,7 +26,8 @@ class LitP3OCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lit-p3o`` console script and ``python -m lit_p3o``.
 
-    ``lit-p3o frontier|winrate|report …`` compare finished runs
+    ``lit-p3o frontier|winrate|report …`` compare finished runs, ``lit-p3o export`` turns a
+    checkpoint into a transformers/peft directory
     (:mod:`lit_p3o.commands`); every other subcommand (``fit``, ``validate``, …) is LightningCLI's.
     """
     from lit_p3o.commands import COMMANDS
