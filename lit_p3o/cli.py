@@ -16,11 +16,34 @@ class LitP3OCLI(LightningCLI):
     """LightningCLI over any LightningModule/DataModule named by ``class_path``.
 
     ``data`` is optional: RL stages feed themselves from their replay buffer.
+
+    Optimizers: every stage builds its own from its ``optimizer`` block
+    (:class:`lit_p3o.OptimizerSpec`: AdamW or bitsandbytes' 8-bit/paged AdamW, warm-up,
+    cosine). LightningCLI's ``--optimizer`` (any ``torch.optim`` class or import path) and
+    ``--lr_scheduler`` work as in plain LightningCLI instead: they replace the stage's
+    ``configure_optimizers`` (over ``model.parameters()``; frozen ones get no gradient and so
+    no update; the scheduler steps once per epoch, i.e. per rollout in RL stages). Giving both
+    that and the stage's ``optimizer`` block is refused, as is ``--lr_scheduler`` alone
+    (LightningCLI would ignore it silently).
     """
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(model_class=None, datamodule_class=None, auto_configure_optimizers=False, **kwargs)
+        super().__init__(model_class=None, datamodule_class=None, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config)
+        cli_optimizer, cli_scheduler = config.get("optimizer"), config.get("lr_scheduler")
+        if cli_scheduler is not None and cli_optimizer is None:
+            self.parser.error(
+                "--lr_scheduler needs --optimizer; with the stage's own optimizer use "
+                "model.init_args.optimizer.schedule/warmup_steps instead"
+            )
+        if cli_optimizer is not None and config.get("model.init_args.optimizer") is not None:
+            self.parser.error(
+                "--optimizer replaces the stage's `optimizer` block (model.init_args.optimizer), which "
+                "would then be ignored; give one of them (e.g. add --model.init_args.optimizer null)"
+            )
 
 
 def main(args: list[str] | None = None) -> None:

@@ -323,6 +323,24 @@ def _bnb_config(q: QuantizationSpec) -> Any:
     )
 
 
+_BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
+
+
+def bitsandbytes_optimizer(name: str) -> type[torch.optim.Optimizer]:
+    """The bitsandbytes optimizer class behind ``OptimizerSpec.name`` (this module is the one
+    that imports bitsandbytes)."""
+    if name not in _BNB_OPTIMIZERS:
+        raise ValueError(f"OptimizerSpec.name: no bitsandbytes optimizer {name!r}; choose from {sorted(_BNB_OPTIMIZERS)}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            f"OptimizerSpec.name: {name!r} needs the `bitsandbytes` package "
+            "(pip install 'lit-p3o[quant]'), or use name: adamw"
+        )
+    import bitsandbytes as bnb
+
+    return getattr(bnb.optim, _BNB_OPTIMIZERS[name])
+
+
 def _quantization_device() -> str:
     return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
 
