@@ -28,6 +28,7 @@ from lit_p3o.data.encoding import Encoded, collate, encode_prompt, fit_prompt
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.generation import SamplingSpec, decode, eval_mode, response_logprobs, sample_responses
 from lit_p3o.models import FrozenReference
+from lit_p3o.monitoring import phase, shows_progress
 from lit_p3o.rollout import Scorer
 from lit_p3o.tasks import Task, resolve_embedded
 
@@ -83,10 +84,12 @@ def sample_completions(
     sampling: SamplingSpec,
     max_prompt_tokens: int,
     batch_size: int = 64,
+    progress: str | None = None,
 ) -> Completions:
-    """Sample and decode one response per prompt, in batches."""
+    """Sample and decode one response per prompt, in batches (a progress bar when ``progress``
+    labels one)."""
     ids = [fit_prompt(encode_prompt(tokenizer, p), max_prompt_tokens, tokenizer.bos_token_id) for p in prompts]
-    sampled = sample_responses(model, tokenizer, ids, sampling, batch_size)
+    sampled = sample_responses(model, tokenizer, ids, sampling, batch_size, progress=progress)
     responses = [decode(tokenizer, e.response_ids) for e in sampled.examples]
     return Completions(prompts, responses, sampled.ended, sampled.examples)
 
@@ -139,6 +142,7 @@ def evaluate_examples(
     max_prompt_tokens: int,
     task: Task | None = None,
     batch_size: int = 64,
+    progress: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sample one response per prompt from ``policy`` and measure each: sequence ``kl`` to
     ``reference``, proxy ``score``, ``gold`` reward (only with a task), ``response_length``
@@ -146,7 +150,7 @@ def evaluate_examples(
     if not prompts:
         raise ValueError("evaluate_examples: no prompts")
     prompts = list(prompts)
-    out = sample_completions(policy, tokenizer, prompts, sampling, max_prompt_tokens, batch_size)
+    out = sample_completions(policy, tokenizer, prompts, sampling, max_prompt_tokens, batch_size, progress)
     values = {
         "kl": sequence_kl(policy, reference, out.examples, tokenizer.pad_token_id, batch_size),
         "score": scorer.score_examples(out.examples, out.ended).float().cpu(),
@@ -168,10 +172,13 @@ def evaluate_policy(
     max_prompt_tokens: int,
     task: Task | None = None,
     batch_size: int = 64,
+    progress: str | None = None,
 ) -> dict[str, float | None]:
     """One point of the frontier: the means of :func:`evaluate_examples` over ``prompts``
     (``gold`` is None without a task)."""
-    values = evaluate_examples(policy, reference, tokenizer, scorer, prompts, sampling, max_prompt_tokens, task, batch_size)
+    values = evaluate_examples(
+        policy, reference, tokenizer, scorer, prompts, sampling, max_prompt_tokens, task, batch_size, progress
+    )
     point: dict[str, float | None] = {name: values[name].mean().item() for name in ("kl", "score")}
     point["gold"] = values["gold"].mean().item() if "gold" in values else None
     point.update({name: values[name].mean().item() for name in ("response_length", "eos_rate")})
@@ -272,10 +279,11 @@ class FrontierCallback(L.Callback):
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float | None]:
         if self._prompt_list is None:
             self._prompt_list = load_prompts(self.prompts, self.split, self.num_prompts, tokenizer=pl_module.tokenizer)
-        with seeded(self.seed, pl_module.device):
+        with seeded(self.seed, pl_module.device), phase(trainer, "eval"):
             point = evaluate_policy(
                 pl_module.policy, pl_module.reference, pl_module.tokenizer, pl_module.scorer,
                 self._prompt_list, self.sampling, self.max_prompt_tokens, self.task, self.batch_size,
+                progress="eval: generate" if shows_progress(trainer) else None,
             )  # fmt: skip
         row = {"step": trainer.global_step, **point}
         self.rows.append(row)
