@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.cli import instantiate_module
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from torch import Tensor
@@ -360,15 +361,17 @@ def report_main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float 
 
 
 def stage_class(hparams: Mapping[str, Any], class_path: str | None = None) -> type:
-    """The stage a checkpoint was written by: ``class_path`` when given, else the one of the
-    library's stages whose constructor takes exactly the saved hyperparameters (or, for a
-    checkpoint older than an added argument, the fewest others)."""
+    """The stage a checkpoint was written by: ``class_path`` when given, else the one that
+    LightningCLI recorded (``_class_path``), else the one of the library's stages whose
+    constructor takes exactly the saved hyperparameters (or, for a checkpoint older than an
+    added argument, the fewest others)."""
+    class_path = class_path or hparams.get("_class_path")
     if class_path is not None:
         module, _, name = class_path.rpartition(".")
         return getattr(importlib.import_module(module), name)
     import lit_p3o
 
-    keys = set(hparams)
+    keys = set(hparams) - {"_instantiator"}
     fits = []
     for cls in (lit_p3o.SFTModule, lit_p3o.RewardModule, lit_p3o.P3OModule, lit_p3o.PPOModule,
                 lit_p3o.OnlineDPOModule, lit_p3o.RLOOModule):  # fmt: skip
@@ -410,7 +413,11 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, merge: bool = False, cl
     if issubclass(cls, RLStage):
         hparams["reward_model"] = "embedded:reviews"  # the scorer is frozen, not in the checkpoint, not exported
     try:
-        module = cls(**hparams)
+        if hparams.pop("_instantiator", None) is not None:  # written by LightningCLI: the parsed config
+            hparams.pop("_class_path", None)
+            module = instantiate_module(cls, hparams)
+        else:
+            module = cls(**hparams)
     except (FileNotFoundError, OSError) as err:
         raise type(err)(f"{ckpt}: rebuilding {cls.__name__} failed; run export from the directory training ran in ({err})") from err
     missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)

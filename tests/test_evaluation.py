@@ -343,6 +343,9 @@ def test_validation_runs_in_fit_only_when_evaluation_is_set(tmp_path):
     assert Path(checkpoint.best_model_path).is_file()
     assert "val/gold" in trainer.callback_metrics  # the last rollout's validation
     assert checkpoint.best_model_score.item() >= trainer.callback_metrics["val/gold"].item() - 1e-6
+    # validating the best checkpoint afterwards repeats its figure: same weights, same seeds
+    [again] = quiet_trainer(tmp_path).validate(rl_stage(evaluation=EVAL), ckpt_path=checkpoint.best_model_path)
+    assert again["val/gold"] == pytest.approx(checkpoint.best_model_score.item(), abs=1e-6)
     plain = quiet_trainer(tmp_path / "plain", max_epochs=1)
     plain.fit(rl_stage())
     assert not any(name.startswith("val/") for name in plain.callback_metrics)

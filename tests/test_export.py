@@ -138,3 +138,20 @@ def test_save_pretrained_makes_a_relative_adapter_base_absolute(workdir, micro_t
     module = SFTModule(ModelSpec(name_or_path="base", lora=LoraSpec(r=2)))
     out = save_pretrained(module.policy, micro_tokenizer, workdir / "saved")
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(workdir / "base")
+
+
+def test_export_of_a_checkpoint_written_under_the_cli(tmp_path, monkeypatch):
+    """LightningCLI stores the parsed config (plain dicts, `_class_path`) as hyperparameters."""
+    from test_cli import micro_config, write_config
+
+    from lit_p3o.cli import LitP3OCLI
+
+    monkeypatch.setattr("sys.argv", ["lit-p3o"])
+    config = write_config(tmp_path, micro_config(tmp_path))
+    cli = LitP3OCLI(args=["fit", "--config", str(config), "--model.init_args.model.lora.r=2",
+                          "--trainer.enable_checkpointing=true"])  # fmt: skip
+    [ckpt] = (tmp_path / "logs" / "checkpoints").glob("*.ckpt")
+    assert "_class_path" in torch.load(ckpt, weights_only=False)["hyper_parameters"]
+    out = export_checkpoint(ckpt, tmp_path / "exported")  # adapters on an in-memory base: saved merged
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out), IDS), logits(cli.model.policy, IDS),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
