@@ -155,3 +155,20 @@ def test_export_of_a_checkpoint_written_under_the_cli(tmp_path, monkeypatch):
     out = export_checkpoint(ckpt, tmp_path / "exported")  # adapters on an in-memory base: saved merged
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out), IDS), logits(cli.model.policy, IDS),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_adapters_on_saved_adapters_are_exported_merged(workdir, tmp_path, monkeypatch, micro_tokenizer, capsys):
+    """LoRA SFT → LoRA on top: peft cannot load adapters whose base is an adapter directory."""
+    sft = SFTModule(ModelSpec(name_or_path="base", lora=LoraSpec(r=2, lora_dropout=0.0)))
+    with torch.no_grad():
+        for name, p in sft.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    save_pretrained(sft.policy, micro_tokenizer, workdir / "sft")
+    module = SFTModule(ModelSpec(name_or_path="sft", lora=LoraSpec(r=2, lora_dropout=0.0)), optimizer=OPT)
+    ckpt = train_and_checkpoint(module, workdir / "second.ckpt", sft_data(module.tokenizer), max_steps=1)
+    out = export_checkpoint(ckpt, tmp_path / "exported")
+    assert "is itself an adapter directory; merging" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(logits(exported, IDS), logits(module.policy, IDS), rtol=1e-5, atol=1e-5)
