@@ -5,7 +5,7 @@ import torch
 from lit_p3o.buffer import Group, ReplayBuffer, RolloutBatch
 from lit_p3o.data.preferences import EmbeddedPreferenceSpec, PreferenceDataModule
 from lit_p3o.data.sft import SFTDataModule
-from lit_p3o.evaluation import CompletionReport, FrontierCallback, evaluate_policy
+from lit_p3o.evaluation import CompletionReport, CompletionWriter, EvaluationSpec, FrontierCallback, evaluate_policy
 from lit_p3o.generation import SamplingSpec
 from lit_p3o.guards import GradientGuard, GuardSpec
 from lit_p3o.models import (
@@ -30,12 +30,14 @@ from lit_p3o.stages.sft import SFTModule
 # Checkpoints hold these config/buffer classes (hyperparameters, replay buffer); allow them
 # so that `trainer.fit(ckpt_path=...)` works with torch.load(weights_only=True).
 torch.serialization.add_safe_globals(
-    [Group, GuardSpec, KLSpec, LoraSpec, ModelSpec, OptimizerSpec, QuantizationSpec, RolloutSpec, SamplingSpec, EmbeddedPreferenceSpec]
+    [Group, EvaluationSpec, GuardSpec, KLSpec, LoraSpec, ModelSpec, OptimizerSpec, QuantizationSpec, RolloutSpec, SamplingSpec, EmbeddedPreferenceSpec]
 )
 
 __all__ = [
     "CompletionReport",
+    "CompletionWriter",
     "EmbeddedPreferenceSpec",
+    "EvaluationSpec",
     "FrontierCallback",
     "FrozenReference",
     "GoldScorer",

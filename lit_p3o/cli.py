@@ -67,6 +67,15 @@ class LitP3OCLI(LightningCLI):
     """LightningCLI over any LightningModule/DataModule named by ``class_path``.
 
     ``data`` is optional: RL stages feed themselves from their replay buffer.
+
+    Optimizers: every stage builds its own from its ``optimizer`` block
+    (:class:`lit_p3o.OptimizerSpec`: AdamW or bitsandbytes' 8-bit/paged AdamW, warm-up,
+    cosine). LightningCLI's ``--optimizer`` (any ``torch.optim`` class or import path) and
+    ``--lr_scheduler`` work as in plain LightningCLI instead: they replace the stage's
+    ``configure_optimizers`` (over ``model.parameters()``; frozen ones get no gradient and so
+    no update; the scheduler steps once per epoch, i.e. per rollout in RL stages). Giving both
+    that and the stage's ``optimizer`` block is refused, as is ``--lr_scheduler`` alone
+    (LightningCLI would ignore it silently).
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -75,7 +84,7 @@ class LitP3OCLI(LightningCLI):
         parser_kwargs.setdefault("epilog", _extra_commands())
         parser_kwargs.setdefault("formatter_class", _RawEpilogFormatter)
         self.checkpoint: dict[str, Any] | None = None  # the --ckpt_path checkpoint, once read
-        super().__init__(model_class=None, datamodule_class=None, auto_configure_optimizers=False, **kwargs)
+        super().__init__(model_class=None, datamodule_class=None, **kwargs)
 
     def _section(self, name: str) -> dict[str, Any]:
         value = self.config[self.config.subcommand].get(name)
@@ -96,6 +105,7 @@ class LitP3OCLI(LightningCLI):
             log.info("resuming %s with %s = %r (the checkpoint had %r)", ckpt_path, key, given, saved)
 
     def before_instantiate_classes(self) -> None:
+        self._check_optimizer_flags()
         problems = [
             line
             for section in ("model", "data")
@@ -103,6 +113,22 @@ class LitP3OCLI(LightningCLI):
         ]
         if problems:  # all at once: one run to find every missing or incomplete path
             raise ConfigError("\n".join(problems))
+
+    def _check_optimizer_flags(self) -> None:
+        """LightningCLI's ``--optimizer``/``--lr_scheduler`` work with every stage; refuse the
+        combinations LightningCLI would silently ignore."""
+        config = self.config.get(str(self.subcommand), self.config)
+        cli_optimizer, cli_scheduler = config.get("optimizer"), config.get("lr_scheduler")
+        if cli_scheduler is not None and cli_optimizer is None:
+            self.parser.error(
+                "--lr_scheduler needs --optimizer; with the stage's own optimizer use "
+                "model.init_args.optimizer.schedule/warmup_steps instead"
+            )
+        if cli_optimizer is not None and config.get("model.init_args.optimizer") is not None:
+            self.parser.error(
+                "--optimizer replaces the stage's `optimizer` block (model.init_args.optimizer), which "
+                "would then be ignored; give one of them (e.g. add --model.init_args.optimizer null)"
+            )
 
     def before_fit(self) -> None:
         save_dir = getattr(self.model, "save_dir", None)
@@ -134,7 +160,8 @@ def _extra_commands() -> str:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lit-p3o`` console script and ``python -m lit_p3o``.
 
-    ``lit-p3o frontier|winrate|report …`` compare finished runs
+    ``lit-p3o frontier|winrate|report …`` compare finished runs, ``lit-p3o export`` turns a
+    checkpoint into a transformers/peft directory
     (:mod:`lit_p3o.commands`); every other subcommand (``fit``, ``validate``, …) is LightningCLI's.
     """
     from lit_p3o.commands import COMMANDS

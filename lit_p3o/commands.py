@@ -7,17 +7,23 @@
   probability that a judge (a reward model, or an embedded task's gold reward) prefers the
   row's response to the column's, ties counting one half (the paper's Figure 5).
 * ``report`` prints an RL run's before/after table and plots its evaluation rows over steps.
+* ``export`` turns a Lightning checkpoint of any stage into a directory that plain
+  transformers/peft load (the trained network and its tokenizer).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.cli import instantiate_module
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from torch import Tensor
@@ -27,7 +33,7 @@ from lit_p3o.data.issues import DataFormatError
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.evaluation import evaluate_policy, read_frontier, sample_completions
 from lit_p3o.generation import SamplingSpec, seeded
-from lit_p3o.models import FrozenReference, ModelSpec, build_causal_lm, load_tokenizer
+from lit_p3o.models import FrozenReference, ModelSpec, build_causal_lm, has_adapters, load_tokenizer, save_pretrained
 from lit_p3o.scoring import GoldScorer, RewardScorer, build_scorer
 from lit_p3o.tasks import resolve_embedded
 
@@ -364,8 +370,99 @@ def report_main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float 
                   args.num_prompts, args.max_new_tokens, args.seed)  # fmt: skip
 
 
+# --------------------------------------------------------------------------- export
+
+
+def stage_class(hparams: Mapping[str, Any], class_path: str | None = None) -> type:
+    """The stage a checkpoint was written by: ``class_path`` when given, else the one that
+    LightningCLI recorded (``_class_path``), else the one of the library's stages whose
+    constructor takes exactly the saved hyperparameters (or, for a checkpoint older than an
+    added argument, the fewest others)."""
+    class_path = class_path or hparams.get("_class_path")
+    if class_path is not None:
+        module, _, name = class_path.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+    import lit_p3o
+
+    keys = set(hparams) - {"_instantiator"}
+    fits = []
+    for cls in (lit_p3o.SFTModule, lit_p3o.RewardModule, lit_p3o.P3OModule, lit_p3o.PPOModule,
+                lit_p3o.OnlineDPOModule, lit_p3o.RLOOModule):  # fmt: skip
+        params = dict(inspect.signature(cls.__init__).parameters)
+        params.pop("self")
+        required = {n for n, p in params.items() if p.default is inspect.Parameter.empty}
+        if required <= keys <= set(params):
+            fits.append((len(set(params) - keys), cls))
+    fits.sort(key=lambda fit: fit[0])
+    if not fits or (len(fits) > 1 and fits[0][0] == fits[1][0]):
+        names = ", ".join(cls.__name__ for _, cls in fits) or "none"
+        raise ValueError(
+            f"cannot tell which stage wrote this checkpoint (hyperparameters {sorted(keys)}; matching: {names}); "
+            "pass --stage with its class path, e.g. --stage lit_p3o.P3OModule"
+        )
+    return fits[0][1]
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, merge: bool = False, class_path: str | None = None) -> Path:
+    """Write the trained network of a Lightning checkpoint (``policy`` of SFT and RL stages,
+    ``reward_model`` of the reward stage) and its tokenizer to ``out`` with
+    :func:`lit_p3o.models.save_pretrained`; LoRA adapters are saved alone unless ``merge``.
+
+    The stage is rebuilt from the checkpoint's hyperparameters, so its model sources (e.g.
+    ``policy.name_or_path``) must resolve from the working directory, as in training. An RL
+    stage's reward model is not rebuilt (it is not exported); PPO's value head is not exported.
+    """
+    import lit_p3o  # noqa: F401  (registers the checkpoint's classes as safe to unpickle)
+    from lit_p3o.stages.base import RLStage
+
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"export: no such checkpoint file {str(ckpt)!r}")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ValueError(f"{ckpt}: not a Lightning checkpoint of a lit-p3o stage (no state_dict/hyper_parameters)")
+    hparams = dict(checkpoint["hyper_parameters"])
+    cls = stage_class(hparams, class_path)
+    if issubclass(cls, RLStage):
+        hparams["reward_model"] = "embedded:reviews"  # the scorer is frozen, not in the checkpoint, not exported
+    try:
+        if hparams.pop("_instantiator", None) is not None:  # written by LightningCLI: the parsed config
+            hparams.pop("_class_path", None)
+            module = instantiate_module(cls, hparams)
+        else:
+            module = cls(**hparams)
+    except (FileNotFoundError, OSError) as err:
+        raise type(err)(f"{ckpt}: rebuilding {cls.__name__} failed; run export from the directory training ran in ({err})") from err
+    missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
+    missing = [k for k in missing if not k.startswith(("reference.", "reward_model."))]
+    if missing or unexpected:
+        raise ValueError(f"{ckpt}: weights do not fit {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    network = module.policy if hasattr(module, "policy") else module.reward_model
+    if has_adapters(network) and not merge:
+        bases = [c.base_model_name_or_path for c in network.peft_config.values()]
+        if any(Path(b, "adapter_config.json").is_file() for b in bases if b):
+            print(f"[lit-p3o] the adapters' base {bases[0]} is itself an adapter directory; merging (peft cannot stack them)")
+            merge = True
+    path = save_pretrained(network.eval(), module.tokenizer, out, merge=merge)
+    print(f"[lit-p3o] exported {cls.__name__}.{'policy' if hasattr(module, 'policy') else 'reward_model'} "
+          f"of {ckpt} to {Path(path).resolve()}")  # fmt: skip
+    return path
+
+
+def export_main(argv: Sequence[str] | None = None) -> Path:
+    """``lit-p3o export --ckpt CKPT --out DIR [--merge] [--stage CLASS_PATH]``."""
+    parser = argparse.ArgumentParser(prog="lit-p3o export", description=export_checkpoint.__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, type=Path, help="a Lightning checkpoint (.ckpt) of any lit-p3o stage")
+    parser.add_argument("--out", required=True, type=Path, help="directory to write")
+    parser.add_argument("--merge", action="store_true", help="merge LoRA adapters into the base and save it whole")
+    parser.add_argument("--stage", default=None, help="the stage's class path, when it cannot be told from the checkpoint")
+    args = parser.parse_args(argv)
+    return export_checkpoint(args.ckpt, args.out, args.merge, args.stage)
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
     "frontier": frontier_main,
     "winrate": winrate_main,
     "report": report_main,
+    "export": export_main,
 }

@@ -1,20 +1,25 @@
-"""Looking at what a policy writes: sample reports and the KL–reward frontier.
+"""Looking at what a policy writes: sample reports, held-out evaluation, the KL–reward frontier.
 
 The frontier (ALGORITHMS.md §8) is how RLHF methods are compared: a method is better when it
 reaches a higher reward at the same KL from the reference. :class:`FrontierCallback` records
-one point of it every ``eval_every`` optimizer steps, on a fixed held-out prompt set.
+one point of it every ``eval_every`` optimizer steps, on a fixed held-out prompt set. The RL
+stages' ``validate``/``test`` (configured by :class:`EvaluationSpec`) measure the same
+quantities with the same code, :func:`evaluate_examples`.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -25,10 +30,43 @@ from lit_p3o.data.issues import DataFormatError
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.generation import SamplingSpec, decode, eval_mode, response_logprobs, sample_responses, seeded
 from lit_p3o.models import FrozenReference
+from lit_p3o.monitoring import phase, shows_progress
 from lit_p3o.rollout import Scorer
 from lit_p3o.tasks import Task, resolve_embedded
 
 FRONTIER_COLUMNS = ("step", "kl", "score", "gold", "response_length", "eos_rate")
+
+
+@dataclass
+class EvaluationSpec:
+    """The held-out evaluation an RL stage runs in ``validate`` and ``test`` (and in ``fit``
+    when the stage's ``evaluation`` is set), and the completions ``predict`` writes.
+
+    ``prompts`` (``"embedded:<task>"``, a JSONL/parquet file or dataset with a ``prompt``
+    column, or a preference dataset) and ``split`` name the prompt set; ``num_prompts`` caps
+    it (``None``: all of it; required for embedded tasks). One response per prompt is
+    sampled with ``sampling``, seeded with ``seed`` plus the batch index (and the rank), the
+    training RNG being restored afterwards. ``predict_prompts`` is the prompt source of
+    ``predict`` (default: ``prompts``); its completions go to ``predictions_file`` (default:
+    ``<log_dir>/predictions.jsonl``).
+    """
+
+    prompts: str = "embedded:reviews"
+    split: str = "test"
+    num_prompts: int | None = 200
+    batch_size: int = 64
+    max_prompt_tokens: int = 256
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    seed: int = 0
+    predict_prompts: str | None = None
+    predictions_file: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EvaluationSpec.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise ValueError(f"EvaluationSpec.num_prompts: must be >= 1 or null (all), got {self.num_prompts}")
 
 
 @dataclass
@@ -48,10 +86,12 @@ def sample_completions(
     sampling: SamplingSpec,
     max_prompt_tokens: int,
     batch_size: int = 64,
+    progress: str | None = None,
 ) -> Completions:
-    """Sample and decode one response per prompt, in batches."""
+    """Sample and decode one response per prompt, in batches (a progress bar when ``progress``
+    labels one)."""
     ids = [fit_prompt(encode_prompt(tokenizer, p), max_prompt_tokens, tokenizer.bos_token_id) for p in prompts]
-    sampled = sample_responses(model, tokenizer, ids, sampling, batch_size)
+    sampled = sample_responses(model, tokenizer, ids, sampling, batch_size, progress=progress)
     responses = [decode(tokenizer, e.response_ids) for e in sampled.examples]
     return Completions(prompts, responses, sampled.ended, sampled.examples)
 
@@ -83,6 +123,36 @@ def sequence_kl(
 
 
 @torch.no_grad()
+def evaluate_examples(
+    policy: nn.Module,
+    reference: FrozenReference,
+    tokenizer: PreTrainedTokenizerBase,
+    scorer: Scorer,
+    prompts: Sequence[str],
+    sampling: SamplingSpec,
+    max_prompt_tokens: int,
+    task: Task | None = None,
+    batch_size: int = 64,
+    progress: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Sample one response per prompt from ``policy`` and measure each: sequence ``kl`` to
+    ``reference``, proxy ``score``, ``gold`` reward (only with a task), ``response_length``
+    in tokens and ``eos_rate`` (1.0 when the response ended with EOS); ``[N]`` float32 each."""
+    if not prompts:
+        raise ValueError("evaluate_examples: no prompts")
+    prompts = list(prompts)
+    out = sample_completions(policy, tokenizer, prompts, sampling, max_prompt_tokens, batch_size, progress)
+    values = {
+        "kl": sequence_kl(policy, reference, out.examples, tokenizer.pad_token_id, batch_size, sampling.temperature),
+        "score": scorer.score_examples(out.examples, out.ended).float().cpu(),
+        "response_length": torch.tensor([float(len(e.response_ids)) for e in out.examples]),
+        "eos_rate": torch.tensor(out.ended, dtype=torch.float32),
+    }
+    if task is not None:
+        values["gold"] = torch.tensor(task.gold_reward_batch(out.prompts, out.responses, out.ended), dtype=torch.float32)
+    return values
+
+
 def evaluate_policy(
     policy: nn.Module,
     reference: FrozenReference,
@@ -93,23 +163,17 @@ def evaluate_policy(
     max_prompt_tokens: int,
     task: Task | None = None,
     batch_size: int = 64,
+    progress: str | None = None,
 ) -> dict[str, float | None]:
-    """One point of the frontier: sample one response per prompt from ``policy`` and report
-    the mean sequence ``kl`` to ``reference``, the mean proxy ``score``, the mean ``gold``
-    reward (None without a task), the mean ``response_length`` in tokens and ``eos_rate``."""
-    if not prompts:
-        raise ValueError("evaluate_policy: no prompts")
-    out = sample_completions(policy, tokenizer, prompts, sampling, max_prompt_tokens, batch_size)
-    kl = sequence_kl(policy, reference, out.examples, tokenizer.pad_token_id, batch_size, sampling.temperature)
-    scores = scorer.score_examples(out.examples, out.ended).float()
-    gold = None if task is None else sum(task.gold_reward_batch(out.prompts, out.responses, out.ended)) / len(prompts)
-    return {
-        "kl": kl.mean().item(),
-        "score": scores.mean().item(),
-        "gold": gold,
-        "response_length": sum(len(e.response_ids) for e in out.examples) / len(prompts),
-        "eos_rate": sum(out.ended) / len(prompts),
-    }
+    """One point of the frontier: the means of :func:`evaluate_examples` over ``prompts``
+    (``gold`` is None without a task)."""
+    values = evaluate_examples(
+        policy, reference, tokenizer, scorer, prompts, sampling, max_prompt_tokens, task, batch_size, progress
+    )
+    point: dict[str, float | None] = {name: values[name].mean().item() for name in ("kl", "score")}
+    point["gold"] = values["gold"].mean().item() if "gold" in values else None
+    point.update({name: values[name].mean().item() for name in ("response_length", "eos_rate")})
+    return point
 
 
 class FrontierCallback(L.Callback):
@@ -117,11 +181,21 @@ class FrontierCallback(L.Callback):
 
     Evaluates at the start of ``fit``, after every optimizer step that reaches a multiple of
     ``eval_every`` (once per step, so gradient accumulation and skipped steps do not repeat a
-    row) and at the end of training. Each point is logged as ``eval/*`` to the trainer's
-    loggers and appended to ``<log_dir>/<csv_name>`` (columns :data:`FRONTIER_COLUMNS`), the
-    file :func:`lit_p3o.commands.plot_frontier` reads. Sampling is seeded with ``seed`` (the
-    same noise at every step, which makes steps comparable) and the training RNG is restored
-    afterwards; every forward runs under the trainer's precision (e.g. bf16 autocast). Needs an RL stage (``policy``, ``reference``, ``tokenizer``, ``scorer``).
+    row) and at the end of training. Each point is appended to ``<log_dir>/<csv_name>``
+    (columns :data:`FRONTIER_COLUMNS`), the file :func:`lit_p3o.commands.plot_frontier` reads,
+    logged as ``eval/*`` to the trainer's loggers at its optimizer step, and put into
+    ``trainer.callback_metrics`` on every rank, so ``ModelCheckpoint(monitor="eval/gold")``
+    and ``EarlyStopping`` can use the latest point.
+
+    Not through ``self.log``: Lightning allows no step-level logging in ``on_train_start``
+    nor any in ``on_train_end``, and a step-level value logged in ``on_train_batch_end`` is
+    written again at every later logging step of the epoch (the frontier would repeat stale
+    points at wrong steps) and dropped when the step is not a multiple of
+    ``log_every_n_steps``.
+
+    Sampling is seeded with ``seed`` (the same noise at every step, which makes steps
+    comparable) and the training RNG is restored afterwards; every forward runs under the
+    trainer's precision (e.g. bf16 autocast). Rank 0 evaluates and broadcasts the point. Needs an RL stage (``policy``, ``reference``, ``tokenizer``, ``scorer``).
     """
 
     def __init__(
@@ -186,24 +260,26 @@ class FrontierCallback(L.Callback):
         if self.last_step == trainer.global_step:
             return
         self.last_step = trainer.global_step
-        if trainer.is_global_zero:
-            self._evaluate(trainer, pl_module)
+        point = self._evaluate(trainer, pl_module) if trainer.is_global_zero else None
+        point = trainer.strategy.broadcast(point, src=0)
+        metrics = {f"eval/{k}": v for k, v in point.items() if v is not None}
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        for logger in trainer.loggers:  # rank-zero loggers write on rank 0 only
+            logger.log_metrics(metrics, step=trainer.global_step)
 
-    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float | None]:
         if self._prompt_list is None:
             self._prompt_list = load_prompts(self.prompts, self.split, self.num_prompts, tokenizer=pl_module.tokenizer)
-        # under the trainer's precision, as the rollout and training_step run
-        with seeded(self.seed, pl_module.device), trainer.precision_plugin.forward_context():
+        with seeded(self.seed, pl_module.device), trainer.precision_plugin.forward_context(), phase(trainer, "eval"):
             point = evaluate_policy(
                 pl_module.policy, pl_module.reference, pl_module.tokenizer, pl_module.scorer,
                 self._prompt_list, self.sampling, self.max_prompt_tokens, self.task, self.batch_size,
+                progress="eval: generate" if shows_progress(trainer) else None,
             )  # fmt: skip
         row = {"step": trainer.global_step, **point}
         self.rows.append(row)
-        metrics = {f"eval/{k}": v for k, v in point.items() if v is not None}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
         self._append(row)
+        return point
 
     def _append(self, row: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,6 +289,35 @@ class FrontierCallback(L.Callback):
             if new:
                 writer.writeheader()
             writer.writerow({k: "" if row[k] is None else row[k] for k in FRONTIER_COLUMNS})
+
+
+class CompletionWriter(BasePredictionWriter):
+    """Appends ``predict`` outputs (dicts) to a JSONL file, one line per completion.
+
+    ``path`` defaults to ``<log_dir>/predictions.jsonl``; with several ranks each writes
+    ``<stem>.rank<N>.jsonl``. The file is started afresh at each ``predict``.
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.path = None if path is None else Path(path)
+        self.written: Path | None = None
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = self.path or Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+        self.written = path
+
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any, *args: Any) -> None:
+        with self.written.open("a") as f:
+            for row in prediction:
+                f.write(json.dumps(row) + "\n")
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        print(f"[lit-p3o] wrote the completions to {self.written.resolve()}")
 
 
 def read_frontier(path: str | Path) -> dict[str, list[float]]:

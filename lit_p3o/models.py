@@ -207,21 +207,52 @@ class FrozenReference(nn.Module):
             yield policy
 
 
-def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
-    """Write model (or its adapters) and tokenizer so plain transformers/peft load them.
+def save_pretrained(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path, merge: bool = False
+) -> Path:
+    """Write model (or its adapters) and tokenizer so plain transformers/peft load them from
+    any working directory.
 
     LoRA adapters are saved alone when their base model can be loaded again (a hub id or a
-    directory, recorded as ``base_model_name_or_path``); adapters on a base built from
-    ``architecture`` are merged into a copy that is saved whole, or the base weights would be lost.
+    directory), with ``base_model_name_or_path`` made absolute when it is a local path; with
+    ``merge``, or when the base was built from ``architecture`` (it exists only in memory),
+    the adapters are merged into a copy that is saved whole.
+
+    A causal LM's tokenizer is saved padding on the left, as batched ``generate()`` needs (with
+    right padding HF warns and continues after the pad tokens). A reward model's keeps its
+    side: HF's sequence-classification heads read the last token that is not
+    ``pad_token_id``, on either side (so when pad = EOS a final EOS is not the token read;
+    :class:`lit_p3o.RewardScorer` reads the last attended token instead).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if has_adapters(model) and not all(c.base_model_name_or_path for c in model.peft_config.values()):
-        log.info("the adapters' base model exists only in memory; saving the merged model to %s", directory)
+    if has_adapters(model) and (merge or not all(c.base_model_name_or_path for c in model.peft_config.values())):
+        log.info("saving the model with its adapters merged to %s", directory)
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(directory)
+    if has_adapters(model):
+        _absolute_adapter_bases(directory)
+    if _is_causal_lm(model) and tokenizer.padding_side != "left":
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # init_kwargs is what is saved
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "can_generate", lambda: False)())
+
+
+def _absolute_adapter_bases(directory: Path) -> None:
+    """Make ``base_model_name_or_path`` of every saved adapter config absolute when it names a
+    local directory (peft records it as given, often relative to the training's cwd)."""
+    for config_path in directory.rglob("adapter_config.json"):
+        config = json.loads(config_path.read_text())
+        base = config.get("base_model_name_or_path")
+        if base and Path(base).expanduser().is_dir() and not Path(base).is_absolute():
+            config["base_model_name_or_path"] = str(Path(base).expanduser().resolve())
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------- internals
@@ -316,6 +347,24 @@ def _keep_4bit_layers_differentiable(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+_BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
+
+
+def bitsandbytes_optimizer(name: str) -> type[torch.optim.Optimizer]:
+    """The bitsandbytes optimizer class behind ``OptimizerSpec.name`` (this module is the one
+    that imports bitsandbytes)."""
+    if name not in _BNB_OPTIMIZERS:
+        raise ValueError(f"OptimizerSpec.name: no bitsandbytes optimizer {name!r}; choose from {sorted(_BNB_OPTIMIZERS)}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            f"OptimizerSpec.name: {name!r} needs the `bitsandbytes` package "
+            "(pip install 'lit-p3o[quant]'), or use name: adamw"
+        )
+    import bitsandbytes as bnb
+
+    return getattr(bnb.optim, _BNB_OPTIMIZERS[name])
 
 
 def _quantization_device() -> str:

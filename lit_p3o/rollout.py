@@ -27,6 +27,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.buffer import Group, ReplayBuffer
@@ -34,6 +35,7 @@ from lit_p3o.data.encoding import Encoded, TruncationStats, collate, encode_prom
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.generation import SamplingSpec, decode, response_logprobs, sample_responses, seeded
 from lit_p3o.losses import adaptive_kl_beta, kl_regularized_rewards
+from lit_p3o.monitoring import log_samples, phase, shows_progress
 
 if TYPE_CHECKING:
     from lit_p3o.models import FrozenReference
@@ -206,20 +208,27 @@ class RolloutCallback(L.Callback):
         noise = sampling_seed(self.seed, trainer.global_rank, pl_module.buffer.rollouts)
         # the trainer's precision (autocast, bf16-true's default dtype) as in training_step, so
         # logp_old and the update's log-probs come from the same numeric path: ρ = 1 at first
-        with seeded(noise, pl_module.device), trainer.precision_plugin.forward_context():
-            groups = rollout(pl_module, prompts, self.kl.beta, self.spec, show_progress=trainer.is_global_zero)
+        with seeded(noise, pl_module.device), trainer.precision_plugin.forward_context(), phase(trainer, "rollout"):
+            groups = rollout(pl_module, prompts, self.kl.beta, self.spec, show_progress=shows_progress(trainer))
         pl_module.buffer.fill(groups, self.kl.beta)
         stats = rollout_stats(groups, self.kl.beta)
         mean_kl = float(trainer.strategy.reduce(torch.tensor(stats["kl_mean"]), reduce_op="mean"))
         pl_module.log_rollout(stats)
         self.kl.update(mean_kl, len(groups) * self.spec.num_responses * trainer.world_size)
         if self.spec.log_samples and trainer.is_global_zero:
-            tok = pl_module.tokenizer
-            for g in groups[: self.spec.log_samples]:
-                rank_zero_info(
-                    f"[rollout {pl_module.buffer.rollouts}] {decode(tok, g.prompt_ids)!r} -> "
-                    f"{decode(tok, g.responses[0])!r} (score {g.scores[0]:.3f})"
-                )
+            self._log_samples(trainer, pl_module, groups[: self.spec.log_samples])
+
+    def _log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule, groups: list[Group]) -> None:
+        """The first response of each group to the console; all K to the loggers (``rollout/samples``)."""
+        tok, index = pl_module.tokenizer, pl_module.buffer.rollouts
+        rows = []
+        for g in groups:
+            prompt = decode(tok, g.prompt_ids)
+            for i, response in enumerate(g.responses):
+                rows.append({"rollout": index, "prompt": prompt, "response": decode(tok, response),
+                             "score": float(g.scores[i]), "kl": float(g.kl[i]), "ended": bool(g.ended[i])})  # fmt: skip
+            rank_zero_info(f"[rollout {index}] {prompt!r} -> {rows[-len(g.responses)]['response']!r} (score {g.scores[0]:.3f})")
+        log_samples(trainer.loggers, "rollout/samples", rows, trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -281,8 +290,10 @@ def rollout(
         if not e.response_ids:  # generate() always emits at least one token; guard anyway
             raise RuntimeError("rollout: an empty response was sampled")
 
-    logp_old, logp_ref, extras = _forward_passes(stage, examples, spec.forward_batch_size, spec.sampling.temperature)
-    scores = stage.scorer.score_examples(examples, ended).float()
+    logp_old, logp_ref, extras = _forward_passes(stage, examples, spec.forward_batch_size, spec.sampling.temperature, show_progress)
+    n = spec.forward_batch_size
+    chunks = tqdm(range(0, len(examples), n), desc="rollout: score", leave=False, disable=not show_progress)
+    scores = torch.cat([stage.scorer.score_examples(examples[i : i + n], ended[i : i + n]).float() for i in chunks])
     if spec.missing_eos_penalty is not None:
         scores = scores - spec.missing_eos_penalty * (~torch.tensor(ended)).float()
     kl = torch.stack([(o - r).sum() for o, r in zip(logp_old, logp_ref)])
@@ -306,7 +317,7 @@ def rollout(
 
 @torch.no_grad()
 def _forward_passes(
-    stage: RolloutStage, examples: list[Encoded], batch_size: int, temperature: float
+    stage: RolloutStage, examples: list[Encoded], batch_size: int, temperature: float, show_progress: bool = False
 ) -> tuple[list[Tensor], list[Tensor], dict[str, list[Tensor]]]:
     """Per-token ``logp_old``, ``logp_ref`` (at the sampling temperature) and the stage's
     extras, trimmed to each response."""
@@ -314,7 +325,8 @@ def _forward_passes(
     logp_old: list[Tensor] = []
     logp_ref: list[Tensor] = []
     extras: dict[str, list[Tensor]] = {}
-    for start in range(0, len(examples), batch_size):
+    starts = tqdm(range(0, len(examples), batch_size), desc="rollout: log-probs", leave=False, disable=not show_progress)
+    for start in starts:
         chunk = examples[start : start + batch_size]
         batch = collate(chunk, stage.tokenizer.pad_token_id).to(device)
         old = response_logprobs(stage.policy, batch, temperature).cpu()

@@ -2,19 +2,39 @@
 ``lit-p3o frontier`` / ``lit-p3o winrate`` commands."""
 
 import csv
+import json
 import struct
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from lit_p3o import FrozenReference, ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
+from lit_p3o import (
+    EvaluationSpec,
+    FrozenReference,
+    ModelSpec,
+    OnlineDPOModule,
+    OptimizerSpec,
+    P3OModule,
+    PPOModule,
+    RLOOModule,
+    RolloutSpec,
+    SamplingSpec,
+)
 from lit_p3o.cli import main
 from lit_p3o.commands import _label_and_path, plot_frontier, win_rate, win_rate_matrix
-from lit_p3o.evaluation import FRONTIER_COLUMNS, FrontierCallback, evaluate_policy, sample_completions, seeded
+from lit_p3o.evaluation import (
+    FRONTIER_COLUMNS,
+    FrontierCallback,
+    evaluate_examples,
+    evaluate_policy,
+    sample_completions,
+    seeded,
+)
 from lit_p3o.models import build_causal_lm, build_reward_model, load_tokenizer, save_pretrained
 from lit_p3o.scoring import build_scorer
 from lit_p3o.tasks import get_task
@@ -155,10 +175,12 @@ def p3o_stage() -> P3OModule:
 def fit(tmp_path: Path, callbacks: list[L.Callback], **kwargs) -> P3OModule:
     L.seed_everything(0)
     stage = p3o_stage()
-    L.Trainer(
-        accelerator="cpu", devices=1, logger=CSVLogger(tmp_path), enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, callbacks=callbacks, **kwargs,
-    ).fit(stage)  # fmt: skip
+    options = dict(
+        accelerator="cpu", devices=1, logger=CSVLogger(tmp_path), enable_progress_bar=False,
+        enable_model_summary=False, log_every_n_steps=1, callbacks=callbacks,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+    )  # fmt: skip
+    L.Trainer(**{**options, **kwargs}).fit(stage)
     return stage
 
 
@@ -221,6 +243,28 @@ def test_a_resumed_run_appends_without_repeating_its_last_step(tmp_path):
     assert [int(r["step"]) for r in read_rows(tmp_path / "frontier.csv")] == [0, 1, 2, 3, 4]
 
 
+def test_model_checkpoint_monitoring_an_eval_metric_keeps_the_best_point(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="eval/gold", mode="max", save_top_k=1)
+    stage = fit(tmp_path, [FrontierCallback(num_prompts=8, eval_every=1, max_new_tokens=8), checkpoint], max_epochs=3)
+    # 2 optimizer steps per rollout; ModelCheckpoint saves at each rollout's end (steps 2, 4, 6)
+    rows = {int(r["step"]): float(r["gold"]) for r in read_rows(Path(stage.trainer.log_dir) / "frontier.csv")}
+    assert sorted(rows) == list(range(7))
+    best_step = max((2, 4, 6), key=lambda step: rows[step])
+    assert checkpoint.best_model_score.item() == pytest.approx(rows[best_step])
+    assert Path(checkpoint.best_model_path).is_file() and f"step={best_step}" in checkpoint.best_model_path
+    assert stage.trainer.callback_metrics["eval/gold"].item() == pytest.approx(rows[6])
+
+
+def test_early_stopping_can_watch_an_eval_metric(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    # kl is 0 at step 0 and grows: "min" with patience 0 stops after the first rollout's end
+    stopper = EarlyStopping(monitor="eval/kl", mode="min", patience=0, check_on_train_epoch_end=True)
+    stage = fit(tmp_path, [FrontierCallback(num_prompts=8, eval_every=1, max_new_tokens=8), stopper], max_epochs=5)
+    assert stopper.stopped_epoch == 1 and stage.trainer.current_epoch == 2
+    assert stage.trainer.global_step == 4
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -280,3 +324,116 @@ def test_winrate_command_writes_complementary_matrices(tmp_path, capsys):
     for judge in ("rm", "gold"):
         assert table[(judge, "a", "a again")] == 0.5  # same weights and seed: identical samples
         assert (out_dir / f"winrates_{judge}.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- validate / test / predict
+
+
+def rl_stage(cls=P3OModule, evaluation: EvaluationSpec | None = None):
+    L.seed_everything(0)
+    rollout = RolloutSpec(prompt_pool=32, num_prompts=4, num_responses=2, update_epochs=1, minibatch_groups=2,
+                          max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=8))  # fmt: skip
+    return cls(policy=SPEC, reward_model="embedded:reviews", rollout=rollout, evaluation=evaluation,
+               optimizer=OptimizerSpec(learning_rate=1e-2))  # fmt: skip
+
+
+def quiet_trainer(tmp_path: Path, **kwargs) -> L.Trainer:
+    options = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    return L.Trainer(**{**options, **kwargs})
+
+
+EVAL = EvaluationSpec(num_prompts=12, batch_size=5, max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=8), seed=3)
+
+
+def test_validate_reports_the_held_out_evaluation_batch_by_batch(tmp_path):
+    stage = rl_stage(evaluation=EVAL)
+    with torch.no_grad():  # move the policy away from the reference so KL is not trivially 0
+        for p in stage.policy.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    [metrics] = quiet_trainer(tmp_path).validate(stage)
+    # by hand: batches of 5, 5, 2 prompts, batch i seeded with seed + i, means over all 12
+    prompts = TASK.prompts("test", 12)
+    parts = []
+    for i, start in enumerate(range(0, 12, 5)):
+        with seeded(3 + i):
+            parts.append(evaluate_examples(stage.policy, stage.reference, stage.tokenizer, stage.scorer,
+                                           prompts[start : start + 5], EVAL.sampling, 16, TASK))  # fmt: skip
+    expected = {name: torch.cat([p[name] for p in parts]).mean().item() for name in parts[0]}
+    assert set(metrics) == {f"val/{name}" for name in ("kl", "score", "gold", "response_length", "eos_rate")}
+    for name, value in expected.items():
+        assert metrics[f"val/{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6)
+    assert metrics["val/kl"] > 0.05
+
+
+@pytest.mark.parametrize("cls", [P3OModule, PPOModule, OnlineDPOModule, RLOOModule])
+def test_every_rl_stage_tests_with_kl_zero_before_training(tmp_path, cls):
+    stage = rl_stage(cls, evaluation=EvaluationSpec(num_prompts=6, max_prompt_tokens=16,
+                                                    sampling=SamplingSpec(max_new_tokens=6)))  # fmt: skip
+    [metrics] = quiet_trainer(tmp_path).test(stage)
+    assert metrics["test/kl"] == pytest.approx(0.0, abs=1e-5)  # π_θ = π_ref before any update
+    assert 1 <= metrics["test/response_length"] <= 6 and 0 <= metrics["test/eos_rate"] <= 1
+    assert metrics["test/score"] == pytest.approx(metrics["test/gold"], abs=1e-5)  # the scorer is the gold reward
+
+
+def test_validation_runs_in_fit_only_when_evaluation_is_set(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/gold", mode="max", save_top_k=1)
+    trainer = quiet_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[checkpoint],
+                            num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(rl_stage(evaluation=EVAL))
+    assert Path(checkpoint.best_model_path).is_file()
+    assert "val/gold" in trainer.callback_metrics  # the last rollout's validation
+    assert checkpoint.best_model_score.item() >= trainer.callback_metrics["val/gold"].item() - 1e-6
+    # validating the best checkpoint afterwards repeats its figure: same weights, same seeds
+    [again] = quiet_trainer(tmp_path).validate(rl_stage(evaluation=EVAL), ckpt_path=checkpoint.best_model_path)
+    assert again["val/gold"] == pytest.approx(checkpoint.best_model_score.item(), abs=1e-6)
+    plain = quiet_trainer(tmp_path / "plain", max_epochs=1)
+    plain.fit(rl_stage())
+    assert not any(name.startswith("val/") for name in plain.callback_metrics)
+
+
+def test_predict_writes_one_completion_per_prompt(tmp_path):
+    out = tmp_path / "completions.jsonl"
+    stage = rl_stage(evaluation=EvaluationSpec(num_prompts=7, batch_size=4, max_prompt_tokens=16, seed=1,
+                                               sampling=SamplingSpec(max_new_tokens=8), predictions_file=str(out)))  # fmt: skip
+    predictions = quiet_trainer(tmp_path).predict(stage)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == [row for batch in predictions for row in batch]
+    prompts = TASK.prompts("test", 7)
+    assert [r["prompt"] for r in rows] == prompts
+    with seeded(1):
+        first = sample_completions(stage.policy, stage.tokenizer, prompts[:4], SamplingSpec(max_new_tokens=8), 16)
+    assert [r["response"] for r in rows[:4]] == first.responses
+    assert [r["ended"] for r in rows[:4]] == first.ended
+
+
+def micro_rl_config(tmp_path: Path, evaluation: dict) -> Path:
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
+                    "enable_model_summary": False, "default_root_dir": str(tmp_path / "logs")},
+        "model": {"class_path": "lit_p3o.P3OModule", "init_args": {
+            "policy": {"architecture": MICRO, "tokenizer": "embedded:reviews"},
+            "reward_model": "embedded:reviews",
+            "rollout": {"prompt_pool": 16, "num_prompts": 4, "max_prompt_tokens": 16},
+            "evaluation": evaluation}},
+    }  # fmt: skip
+    path = tmp_path / "p3o.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_cli_validate_and_predict(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["lit-p3o"])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("write a review of the pizza :", "review the lamp :")))
+    evaluation = {"num_prompts": 8, "batch_size": 4, "max_prompt_tokens": 16, "sampling": {"max_new_tokens": 6},
+                  "predict_prompts": str(prompts), "predictions_file": str(tmp_path / "out.jsonl")}  # fmt: skip
+    config = micro_rl_config(tmp_path, evaluation)
+    main(["validate", "--config", str(config)])
+    printed = capsys.readouterr().out
+    assert "val/gold" in printed and "val/kl" in printed
+    main(["predict", "--config", str(config)])
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["write a review of the pizza :", "review the lamp :"]
+    assert all(r["response"] for r in rows)

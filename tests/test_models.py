@@ -24,7 +24,7 @@ from lit_p3o.models import (
     save_pretrained,
 )
 
-from micro import MICRO_ARCH, WIDE_ARCH
+from micro import MICRO_ARCH
 
 IDS = torch.tensor([[3, 105, 7, 77, 62, 91, 71, 5], [0, 0, 3, 95, 62, 91, 44, 6]])
 MASK = (IDS != 0).long()

@@ -1,5 +1,6 @@
 """What every RL stage shares: models, buffer, rollout wiring, the non-finite and no-gradient
-guards, the end-of-run summary, saving.
+guards, the end-of-run summary, saving, and the held-out evaluation behind ``validate``,
+``test`` and ``predict``.
 
 A new algorithm subclasses :class:`RLStage` and implements :meth:`RLStage.compute_loss`
 (calling one function of ``lit_p3o.losses``); the rollout, buffer and checkpointing are here.
@@ -14,12 +15,15 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lit_p3o.buffer import BufferDataset, ReplayBuffer, RolloutBatch
-from lit_p3o.generation import response_logprobs
+from lit_p3o.data.prompts import load_prompts
+from lit_p3o.evaluation import CompletionWriter, EvaluationSpec, evaluate_examples, sample_completions
+from lit_p3o.generation import response_logprobs, seeded
 from lit_p3o.guards import GradientGuard, GuardSpec, TooManySkippedError, UpdateLedger
 from lit_p3o.models import (
     FrozenReference,
@@ -33,12 +37,15 @@ from lit_p3o.models import (
 from lit_p3o.optim import OptimizerSpec, configure_adamw
 from lit_p3o.rollout import KLSpec, RolloutCallback, RolloutSpec
 from lit_p3o.scoring import build_scorer
+from lit_p3o.tasks import resolve_embedded
 
 _NOT_CHECKPOINTED = ("reward_model.", "reference.")
 
 # BufferDataset defines __len__ on purpose (progress bar, schedulers) and is only ever read
 # by the main process (num_workers=0), which is the case Lightning's warning is not about.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
+# RL stages return no validation loader during `fit` unless `evaluation` is set (see val_dataloader)
+warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero", category=UserWarning)
 
 
 class RLStage(L.LightningModule):
@@ -48,6 +55,13 @@ class RLStage(L.LightningModule):
     optimise an embedded task's gold reward directly. One Lightning epoch is one rollout
     followed by ``rollout.update_epochs`` passes over its buffer, so ``trainer.max_epochs``
     counts rollouts.
+
+    ``validate`` and ``test`` sample one response per held-out prompt of ``evaluation`` and
+    log ``val/*`` or ``test/*``: ``kl`` (sequence KL to π_ref), ``score`` (the reward model),
+    ``gold`` (with an embedded task's prompts), ``response_length`` and ``eos_rate``.
+    ``predict`` writes completions for ``evaluation.predict_prompts``. During ``fit`` the
+    validation runs only when ``evaluation`` is given (then after every rollout, or as
+    ``trainer.check_val_every_n_epoch`` says), so ``ModelCheckpoint(monitor="val/gold")`` works.
     """
 
     def __init__(
@@ -60,9 +74,12 @@ class RLStage(L.LightningModule):
         save_dir: str | None = None,
         seed: int = 0,
         guards: GuardSpec | None = None,
+        evaluation: EvaluationSpec | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.evaluation_spec = evaluation or EvaluationSpec()
+        self.validate_during_fit = evaluation is not None
         self.rollout_spec = rollout or RolloutSpec()
         self.kl_spec = kl or KLSpec()
         self.optimizer_spec = optimizer or OptimizerSpec()
@@ -93,10 +110,14 @@ class RLStage(L.LightningModule):
     # ------------------------------------------------------------------ shared machinery
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [
-            RolloutCallback(self.rollout_spec, self.kl_spec, self.seed),
-            GradientGuard(self.guard_spec.max_zero_grad_steps),
-        ]
+        if self.trainer.state.fn == TrainerFn.PREDICTING:
+            return [CompletionWriter(self.evaluation_spec.predictions_file)]
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            return [
+                RolloutCallback(self.rollout_spec, self.kl_spec, self.seed),
+                GradientGuard(self.guard_spec.max_zero_grad_steps),
+            ]
+        return []
 
     def train_dataloader(self) -> DataLoader:
         dataset = BufferDataset(self.buffer, self.tokenizer.pad_token_id, self.rollout_spec.num_prompts)
@@ -110,6 +131,51 @@ class RLStage(L.LightningModule):
     def temperature(self) -> float:
         """The sampling temperature: the update scores responses as the rollout sampled them."""
         return self.rollout_spec.sampling.temperature
+
+    # ------------------------------------------------------------------ held-out evaluation
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.trainer.state.fn == TrainerFn.FITTING and not self.validate_during_fit:
+            return []  # no validation loop in `fit` unless asked for
+        return self._prompt_loader(self.evaluation_spec.prompts)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._prompt_loader(self.evaluation_spec.prompts)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._prompt_loader(self.evaluation_spec.predict_prompts or self.evaluation_spec.prompts)
+
+    def _prompt_loader(self, source: str) -> DataLoader:
+        spec = self.evaluation_spec
+        prompts = load_prompts(source, spec.split, spec.num_prompts, tokenizer=self.tokenizer)
+        return DataLoader(prompts, batch_size=spec.batch_size, shuffle=False, collate_fn=list)
+
+    def _evaluation_seed(self, batch_idx: int) -> int:
+        """Distinct per batch and rank, the same on every run."""
+        return self.evaluation_spec.seed + batch_idx * self.trainer.world_size + self.global_rank
+
+    def _evaluate_prompts(self, prompts: list[str], batch_idx: int, prefix: str) -> None:
+        spec = self.evaluation_spec
+        with seeded(self._evaluation_seed(batch_idx), self.device):
+            values = evaluate_examples(
+                self.policy, self.reference, self.tokenizer, self.scorer, prompts, spec.sampling,
+                spec.max_prompt_tokens, resolve_embedded(spec.prompts), spec.batch_size,
+            )  # fmt: skip
+        means = {f"{prefix}/{name}": v.mean().to(self.device) for name, v in values.items()}
+        self.log_dict(means, batch_size=len(prompts), sync_dist=True, prog_bar=False)
+
+    def validation_step(self, prompts: list[str], batch_idx: int) -> None:
+        self._evaluate_prompts(prompts, batch_idx, "val")
+
+    def test_step(self, prompts: list[str], batch_idx: int) -> None:
+        self._evaluate_prompts(prompts, batch_idx, "test")
+
+    def predict_step(self, prompts: list[str], batch_idx: int) -> list[dict[str, Any]]:
+        """One sampled completion per prompt: ``{"prompt", "response", "ended"}``."""
+        spec = self.evaluation_spec
+        with seeded(self._evaluation_seed(batch_idx), self.device):
+            out = sample_completions(self.policy, self.tokenizer, prompts, spec.sampling, spec.max_prompt_tokens, spec.batch_size)
+        return [{"prompt": p, "response": r, "ended": e} for p, r, e in zip(out.prompts, out.responses, out.ended)]
 
     def trajectory_logratio(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
         """Per-token ``log π_θ − logp_old`` ``[N, R]`` (masked) and its per-response sum ``[G, K]``."""

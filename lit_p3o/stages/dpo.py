@@ -13,6 +13,7 @@ from lit_p3o.buffer import RolloutBatch
 from lit_p3o.generation import response_logprobs
 from lit_p3o.guards import GuardSpec
 from lit_p3o.losses import dpo_loss
+from lit_p3o.evaluation import EvaluationSpec
 from lit_p3o.models import ModelSpec
 from lit_p3o.optim import OptimizerSpec
 from lit_p3o.rollout import KLSpec, RolloutSpec
@@ -33,13 +34,14 @@ class OnlineDPOModule(RLStage):
         save_dir: str | None = None,
         seed: int = 0,
         guards: GuardSpec | None = None,
+        evaluation: EvaluationSpec | None = None,
     ) -> None:
         rollout = rollout or RolloutSpec(update_epochs=1)
         if rollout.num_responses != 2:
             raise ValueError(f"OnlineDPOModule: rollout.num_responses must be 2, got {rollout.num_responses}")
         if beta_dpo <= 0:
             raise ValueError(f"OnlineDPOModule.beta_dpo: must be > 0, got {beta_dpo}")
-        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed, guards)
+        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed, guards, evaluation)
         self.beta_dpo = beta_dpo
 
     def compute_loss(self, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:

@@ -15,6 +15,7 @@ from torch import Tensor
 from lit_p3o.buffer import RolloutBatch
 from lit_p3o.guards import GuardSpec
 from lit_p3o.losses import p3o_loss
+from lit_p3o.evaluation import EvaluationSpec
 from lit_p3o.models import ModelSpec
 from lit_p3o.optim import OptimizerSpec
 from lit_p3o.rollout import KLSpec, RolloutSpec
@@ -36,12 +37,13 @@ class P3OModule(RLStage):
         save_dir: str | None = None,
         seed: int = 0,
         guards: GuardSpec | None = None,
+        evaluation: EvaluationSpec | None = None,
     ) -> None:
         if variant not in ("v1", "v2"):
             raise ValueError(f"P3OModule.variant: 'v1' or 'v2', got {variant!r}")
         if not 0 < clip_epsilon < 1:
             raise ValueError(f"P3OModule.clip_epsilon: must be in (0, 1), got {clip_epsilon}")
-        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed, guards)
+        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed, guards, evaluation)
         self.variant = variant
         self.clip_epsilon = clip_epsilon
 

@@ -12,6 +12,7 @@ from torch import Tensor
 from lit_p3o.buffer import RolloutBatch
 from lit_p3o.guards import GuardSpec
 from lit_p3o.losses import rloo_advantages, rloo_loss
+from lit_p3o.evaluation import EvaluationSpec
 from lit_p3o.models import ModelSpec
 from lit_p3o.optim import OptimizerSpec
 from lit_p3o.rollout import KLSpec, RolloutSpec
@@ -32,10 +33,11 @@ class RLOOModule(RLStage):
         save_dir: str | None = None,
         seed: int = 0,
         guards: GuardSpec | None = None,
+        evaluation: EvaluationSpec | None = None,
     ) -> None:
         if clip_epsilon is not None and not 0 < clip_epsilon < 1:
             raise ValueError(f"RLOOModule.clip_epsilon: must be in (0, 1) or null, got {clip_epsilon}")
-        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed, guards)
+        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed, guards, evaluation)
         self.clip_epsilon = clip_epsilon
 
     def compute_loss(self, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
