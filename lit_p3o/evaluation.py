@@ -93,6 +93,35 @@ def sequence_kl(
 
 
 @torch.no_grad()
+def evaluate_samples(
+    policy: nn.Module,
+    reference: FrozenReference,
+    tokenizer: PreTrainedTokenizerBase,
+    scorer: Scorer,
+    prompts: list[str],
+    sampling: SamplingSpec,
+    max_prompt_tokens: int,
+    task: Task | None = None,
+    batch_size: int = 64,
+) -> dict[str, torch.Tensor | None]:
+    """Sample one response per prompt from ``policy``; per response (``[N]`` float64 on CPU):
+    the sequence ``kl`` to ``reference``, the proxy ``score``, the ``gold`` reward (None
+    without a task), the ``response_length`` in tokens and ``eos`` (1 when it ended)."""
+    if not prompts:
+        raise ValueError("evaluate_samples: no prompts")
+    out = sample_completions(policy, tokenizer, prompts, sampling, max_prompt_tokens, batch_size)
+    kl = sequence_kl(policy, reference, out.examples, tokenizer.pad_token_id, batch_size)
+    scores = scorer.score_examples(out.examples, out.ended)
+    gold = None if task is None else torch.tensor(task.gold_reward_batch(out.prompts, out.responses, out.ended))
+    return {
+        "kl": kl.double(),
+        "score": scores.detach().cpu().double(),
+        "gold": None if gold is None else gold.double(),
+        "response_length": torch.tensor([float(len(e.response_ids)) for e in out.examples], dtype=torch.float64),
+        "eos": torch.tensor(out.ended, dtype=torch.float64),
+    }
+
+
 def evaluate_policy(
     policy: nn.Module,
     reference: FrozenReference,
@@ -104,22 +133,12 @@ def evaluate_policy(
     task: Task | None = None,
     batch_size: int = 64,
 ) -> dict[str, float | None]:
-    """One point of the frontier: sample one response per prompt from ``policy`` and report
-    the mean sequence ``kl`` to ``reference``, the mean proxy ``score``, the mean ``gold``
-    reward (None without a task), the mean ``response_length`` in tokens and ``eos_rate``."""
-    if not prompts:
-        raise ValueError("evaluate_policy: no prompts")
-    out = sample_completions(policy, tokenizer, prompts, sampling, max_prompt_tokens, batch_size)
-    kl = sequence_kl(policy, reference, out.examples, tokenizer.pad_token_id, batch_size)
-    scores = scorer.score_examples(out.examples, out.ended).float()
-    gold = None if task is None else sum(task.gold_reward_batch(out.prompts, out.responses, out.ended)) / len(prompts)
-    return {
-        "kl": kl.mean().item(),
-        "score": scores.mean().item(),
-        "gold": gold,
-        "response_length": sum(len(e.response_ids) for e in out.examples) / len(prompts),
-        "eos_rate": sum(out.ended) / len(prompts),
-    }
+    """One point of the frontier: the means of :func:`evaluate_samples` (``kl``, ``score``,
+    ``gold``, ``response_length``; ``eos_rate`` is the share of responses that ended)."""
+    samples = evaluate_samples(policy, reference, tokenizer, scorer, prompts, sampling, max_prompt_tokens, task, batch_size)
+    means = {k: None if v is None else v.mean().item() for k, v in samples.items()}
+    means["eos_rate"] = means.pop("eos")
+    return means
 
 
 class FrontierCallback(L.Callback):

@@ -6,6 +6,7 @@ import struct
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -239,3 +240,32 @@ def test_winrate_command_writes_complementary_matrices(tmp_path, capsys):
     for judge in ("rm", "gold"):
         assert table[(judge, "a", "a again")] == 0.5  # same weights and seed: identical samples
         assert (out_dir / f"winrates_{judge}.png").stat().st_size > 0
+
+
+def test_report_prints_means_with_bootstrap_intervals_over_the_prompts(tmp_path, capsys):
+    tokenizer = load_tokenizer(SPEC)
+    for seed, name in ((0, "sft"), (1, "p3o"), (2, "p3o-nokl")):
+        policy, _ = micro_policy(seed)
+        save_pretrained(policy, tokenizer, tmp_path / name)
+    main([
+        "report", "--reference", str(tmp_path / "sft"), "--policy", str(tmp_path / "p3o"), "--judge", "embedded:reviews",
+        "--num-prompts", "16", "--max-new-tokens", "6", "--also", f"no KL control={tmp_path / 'p3o-nokl'}",
+    ])  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if "proxy reward" in line and "gold reward" in line)
+    assert [line.split()[0] for line in lines[header + 1 : header + 3]] == ["sft", "p3o"]
+    assert lines[header + 3].startswith("no KL control")
+
+    # the printed figures are the per-prompt means and their percentile-bootstrap intervals
+    prompts = TASK.prompts("test", 16)
+    sampling = SamplingSpec(max_new_tokens=6)
+    trained, _ = micro_policy(1)
+    reference, _ = micro_policy(0)
+    with seeded(0):
+        out = sample_completions(trained, tokenizer, prompts, sampling, 256)
+    gold = np.array(TASK.gold_reward_batch(prompts, out.responses, out.ended))
+    rng = np.random.default_rng(0)
+    means = gold[rng.integers(0, 16, size=(2000, 16))].mean(axis=1)
+    expected = f"{gold.mean():.3f} [{np.percentile(means, 2.5):.2f}, {np.percentile(means, 97.5):.2f}]"
+    assert lines[header + 2].count(expected) == 2  # the proxy is the gold reward under this judge
+    assert f"{0.0:.3f} [0.00, 0.00]" in lines[header + 1]  # the reference has no KL to itself
