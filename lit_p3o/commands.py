@@ -158,7 +158,7 @@ def judge_policies(
     judges = list(dict.fromkeys([judge, prompts] if resolve_embedded(prompts) else [judge]))
     labels = {source: judge_label(source) for source in judges}
     if len(set(labels.values())) != len(labels):
-        raise ValueError(f"compare_policies: judges {judges} would share a name; rename the reward model folder")
+        raise ValueError(f"judge_policies: judges {judges} would share a name; rename the reward model folder")
     sampling = SamplingSpec(max_new_tokens=max_new_tokens)
     scores: dict[str, dict[str, Tensor]] = {labels[source]: {} for source in judges}
     reward_models: dict[str, RewardScorer] = {}
@@ -318,6 +318,9 @@ def report(
     Returns ``{"reference"|"trained"|label: row}``; a row holds the means ``score``, ``gold``,
     ``kl``, ``response_length``, ``eos_rate`` and the bounds ``score_low``/``score_high``,
     ``gold_low``/``gold_high``, ``kl_low``/``kl_high``."""
+    clash = {"reference", "trained"} & set(others or {})
+    if clash:
+        raise ValueError(f"report: {sorted(clash)} names a built-in row; label the extra policy otherwise")
     spec = ModelSpec(name_or_path=str(reference))
     tokenizer = load_tokenizer(spec)
     ref_model = build_causal_lm(spec, tokenizer).eval()
