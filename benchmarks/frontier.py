@@ -51,7 +51,7 @@ class Method:
     extra: tuple[str, ...] = field(default_factory=tuple)
 
 
-P3O_KNOB, PPO_SWEEP = "--model.init_args.kl.beta", (0.02, 0.05, 0.1)
+P3O_KNOB, PPO_SWEEP = "--model.init_args.kl", (0.02, 0.05, 0.1)  # a fixed β: the sweep is the frontier
 K4 = ("--model.init_args.rollout.num_responses", "4", "--model.init_args.rollout.num_prompts", "32",
       "--model.init_args.rollout.minibatch_groups", "8")  # fmt: skip
 METHODS = {
@@ -91,8 +91,10 @@ def run(work: Path, name: str, knob: float, lr: float, seed: int, rollouts: int)
     policy = work / "policies" / tag
     if csv_path.exists() and (policy / "config.json").exists():
         return csv_path, policy  # finished earlier: an interrupted sweep resumes where it stopped
+    # the demo's P3O config adapts β towards a KL target; the sweep fixes β instead
+    value = json.dumps({"beta": knob, "target": None}) if method.knob == P3O_KNOB else str(knob)
     lit_p3o(
-        "fit", "--config", f"configs/demo/{method.config}.yaml", *method.extra, method.knob, str(knob),
+        "fit", "--config", f"configs/demo/{method.config}.yaml", *method.extra, method.knob, value,
         "--seed_everything", str(seed), "--model.init_args.seed", str(seed),
         "--model.init_args.optimizer.learning_rate", str(lr),
         "--model.init_args.policy.name_or_path", str(work / "sft"),
