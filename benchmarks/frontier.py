@@ -1,14 +1,26 @@
-"""The paper's comparison on the embedded task: KL–reward frontiers and head-to-head win rates.
+"""The paper's comparison on the embedded task: KL–reward frontiers and head-to-head win rates,
+with enough seeds and intervals to tell which differences are real.
 
-Runs SFT and the reward model once, then P3O-V1, P3O-V2, PPO and online DPO over a sweep of
-each method's KL knob (3 values) and 3 seeds, every run with the same budget: the demo
-configs' rollout (64 prompts × 2 responses, 2 replay passes, minibatches of 16 groups),
-the same learning rate, the same number of rollouts, no per-method tuning. Writes under
-``docs/results/``: ``frontier.png`` (proxy and gold reward against KL), ``winrates_*.png``,
-``winrates.csv`` and ``frontier.md`` (gold reward at matched KL, win rates vs SFT and vs
-PPO, the exact command and the wall time).
+Budget, the same for every method:
 
-    python benchmarks/frontier.py [--rollouts 10] [--out docs/results] [--work outputs/frontier]
+1. SFT and the reward model are trained once (or reused with ``--skip-base``).
+2. Learning rate: every method gets the same grid (:data:`LR_GRID`), one tuning run per value
+   at its middle KL knob under a seed kept out of the comparison (:data:`TUNING_SEED`); the
+   value whose run reached the highest gold reward at any evaluation is kept.
+3. Comparison: every method at that learning rate, 3 values of its KL knob (β; β_DPO for DPO)
+   × ``--seeds`` seeds, each run ``--rollouts`` rollouts of 128 samples (64 prompts × 2, or
+   32 × 4 for P3O with K = 4), 8 optimizer steps per rollout.
+
+Figures (``docs/results/frontier.md``):
+
+* gold reward at matched KL: a least-squares fit of gold on (√KL, KL) over all evaluation rows
+  of a method (Gao et al.'s over-optimisation shape), read at :data:`MATCHED_KL` (only inside
+  the KL range the method reached), with a bootstrap 95% interval over runs;
+* win rates on 200 held-out prompts pooled over every seed's policy at the middle KL knob
+  (each policy of A against each policy of B), with a bootstrap 95% interval that resamples
+  A's seeds, B's seeds and the prompts; judged by the gold reward and by the reward model.
+
+    python benchmarks/frontier.py [--seeds 5] [--rollouts 20] [--skip-base] [--methods ...]
 """
 
 from __future__ import annotations
@@ -19,22 +31,43 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lit_p3o.commands import compare_policies, plot_frontier
+from lit_p3o.commands import judge_policies, plot_frontier
 from lit_p3o.evaluation import read_frontier
+from lit_p3o.statistics import Estimate, fitted_value_at, pooled_win_rate
 
-# algorithm -> (config, the override that sets its KL knob, the knob's sweep)
-ALGORITHMS = {
-    "p3o-v1": ("p3o", ["--model.init_args.variant", "v1"], "--model.init_args.kl.beta", [0.02, 0.05, 0.1]),
-    "p3o-v2": ("p3o", ["--model.init_args.variant", "v2"], "--model.init_args.kl.beta", [0.02, 0.05, 0.1]),
-    "ppo": ("ppo", [], "--model.init_args.kl.beta", [0.02, 0.05, 0.1]),
-    "dpo": ("dpo", [], "--model.init_args.beta_dpo", [0.05, 0.1, 0.2]),
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the comparison: a demo config, its fixed overrides and its KL knob's sweep."""
+
+    config: str
+    knob: str
+    sweep: tuple[float, float, float]
+    extra: tuple[str, ...] = field(default_factory=tuple)
+
+
+P3O_KNOB, PPO_SWEEP = "--model.init_args.kl", (0.02, 0.05, 0.1)  # a fixed β: the sweep is the frontier
+K4 = ("--model.init_args.rollout.num_responses", "4", "--model.init_args.rollout.num_prompts", "32",
+      "--model.init_args.rollout.minibatch_groups", "8")  # fmt: skip
+METHODS = {
+    "p3o-v1": Method("p3o", P3O_KNOB, PPO_SWEEP, ("--model.init_args.variant", "v1")),
+    "p3o-v2": Method("p3o", P3O_KNOB, PPO_SWEEP, ("--model.init_args.variant", "v2")),
+    # V2 clips the joint ratio of a pair, which leaves the trust region sooner than V1's two
+    # separate clips: the same variant with a looser ε tests whether that is why V2 trails
+    "p3o-v2-eps0.4": Method("p3o", P3O_KNOB, PPO_SWEEP, ("--model.init_args.variant", "v2",
+                                                          "--model.init_args.clip_epsilon", "0.4")),  # fmt: skip
+    "p3o-v1-k4": Method("p3o", P3O_KNOB, PPO_SWEEP, ("--model.init_args.variant", "v1", *K4)),
+    "ppo": Method("ppo", P3O_KNOB, PPO_SWEEP),
+    "dpo": Method("dpo", "--model.init_args.beta_dpo", (0.05, 0.1, 0.2)),
 }
-SEEDS = (0, 1, 2)
-MATCHED_KL = (1.0, 2.0, 4.0)
+LR_GRID = (1e-4, 2e-4, 4e-4)
+TUNING_SEED = 100
+MATCHED_KL = (1.0, 2.0, 4.0, 8.0)
 
 
 def lit_p3o(*args: str) -> None:
@@ -44,104 +77,155 @@ def lit_p3o(*args: str) -> None:
 def train_base(work: Path) -> None:
     """SFT and reward model once, shared by every run."""
     lit_p3o("fit", "--config", "configs/demo/sft.yaml", "--model.init_args.save_dir", str(work / "sft"),
-            "--trainer.default_root_dir", str(work / "logs/sft"), "--trainer.logger.init_args.save_dir", str(work / "logs"))
+            "--trainer.default_root_dir", str(work / "logs/sft"), "--trainer.logger.init_args.save_dir", str(work / "logs"))  # fmt: skip
     lit_p3o("fit", "--config", "configs/demo/reward.yaml", "--model.init_args.model.name_or_path", str(work / "sft"),
             "--data.init_args.embedded.policy", str(work / "sft"), "--model.init_args.save_dir", str(work / "reward"),
-            "--trainer.default_root_dir", str(work / "logs/reward"), "--trainer.logger.init_args.save_dir", str(work / "logs"))
+            "--trainer.default_root_dir", str(work / "logs/reward"), "--trainer.logger.init_args.save_dir", str(work / "logs"))  # fmt: skip
 
 
-def run(work: Path, algorithm: str, knob: float, seed: int, rollouts: int) -> Path:
-    """One RL run; returns its frontier CSV."""
-    config, extra, knob_flag, _ = ALGORITHMS[algorithm]
-    name = f"{algorithm}_b{knob}_s{seed}"
+def run(work: Path, name: str, knob: float, lr: float, seed: int, rollouts: int) -> tuple[Path, Path]:
+    """One RL run; returns its frontier CSV and its saved policy."""
+    method = METHODS[name]
+    tag = f"{name}_b{knob}_lr{lr:g}_s{seed}"
+    csv_path = work / "logs" / tag / "demo" / "frontier.csv"
+    policy = work / "policies" / tag
+    if csv_path.exists() and (policy / "config.json").exists():
+        return csv_path, policy  # finished earlier: an interrupted sweep resumes where it stopped
+    # the demo's P3O config adapts β towards a KL target; the sweep fixes β instead
+    value = json.dumps({"beta": knob, "target": None}) if method.knob == P3O_KNOB else str(knob)
     lit_p3o(
-        "fit", "--config", f"configs/demo/{config}.yaml", *extra, knob_flag, str(knob),
+        "fit", "--config", f"configs/demo/{method.config}.yaml", *method.extra, method.knob, value,
         "--seed_everything", str(seed), "--model.init_args.seed", str(seed),
+        "--model.init_args.optimizer.learning_rate", str(lr),
         "--model.init_args.policy.name_or_path", str(work / "sft"),
         "--model.init_args.reward_model", str(work / "reward"),
-        "--model.init_args.save_dir", str(work / "policies" / name),
+        "--model.init_args.save_dir", str(policy),
         "--trainer.max_epochs", str(rollouts), "--trainer.enable_checkpointing", "false",
-        "--trainer.logger.init_args.save_dir", str(work / "logs"), "--trainer.logger.init_args.name", name,
+        "--trainer.default_root_dir", str(work / "logs" / tag),
+        "--trainer.logger.init_args.save_dir", str(work / "logs"), "--trainer.logger.init_args.name", tag,
         "--trainer.callbacks", json.dumps([{"class_path": "lit_p3o.FrontierCallback",
                                             "init_args": {"num_prompts": 100, "eval_every": 8}}]),
     )  # fmt: skip
-    return work / "logs" / name / "demo" / "frontier.csv"
+    return csv_path, policy
 
 
-def gold_at_matched_kl(csvs: list[Path]) -> tuple[list[float], float]:
-    """Least-squares line of gold reward on KL over every evaluation row of an algorithm,
-    read at :data:`MATCHED_KL`; also the largest KL the algorithm reached."""
-    kl, gold = [], []
+def tune_learning_rate(work: Path, name: str, rollouts: int) -> tuple[float, dict[float, float]]:
+    """The grid value whose tuning run reached the highest gold reward at any evaluation."""
+    middle = METHODS[name].sweep[1]
+    peaks = {lr: max(read_frontier(run(work, name, middle, lr, TUNING_SEED, rollouts)[0])["gold"]) for lr in LR_GRID}
+    return max(peaks, key=peaks.get), peaks
+
+
+def frontier_fit(csvs: list[Path]) -> tuple[list[Estimate | None], float]:
+    """Gold at :data:`MATCHED_KL` from the fit over a method's runs (None beyond the KL it
+    reached), and the largest KL it reached."""
+    runs = []
     for path in csvs:
         rows = read_frontier(path)
-        kl += rows["kl"]
-        gold += rows["gold"]
-    slope, intercept = np.polyfit(kl, gold, 1)
-    return [slope * k + intercept for k in MATCHED_KL], max(kl)
+        root = np.sqrt(np.maximum(rows["kl"], 0.0))
+        runs.append((root, np.asarray(rows["gold"])))
+    reached = max(float(r.max()) ** 2 for r, _ in runs)
+    inside = [k for k in MATCHED_KL if k <= reached]
+    estimates = fitted_value_at(runs, [np.sqrt(k) for k in inside], degree=2) if inside else []
+    return estimates + [None] * (len(MATCHED_KL) - len(inside)), reached
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rollouts", type=int, default=10)
+    parser.add_argument("--rollouts", type=int, default=20)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--work", type=Path, default=Path("outputs/frontier"))
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     parser.add_argument("--skip-base", action="store_true", help="reuse SFT and reward model under --work")
     args = parser.parse_args()
+    if "ppo" not in args.methods:
+        parser.error("--methods: ppo is the reference of the win-rate table; keep it")
     start = time.time()
     if not args.skip_base:
         train_base(args.work)
+    tuned = {name: tune_learning_rate(args.work, name, args.rollouts) for name in args.methods}
     csvs: dict[str, list[Path]] = {}
     labelled: dict[str, Path] = {}
-    for algorithm, (_, _, _, sweep) in ALGORITHMS.items():
-        for knob in sweep:
-            for seed in SEEDS:
-                path = run(args.work, algorithm, knob, seed, args.rollouts)
-                csvs.setdefault(algorithm, []).append(path)
-                labelled[f"{algorithm} beta={knob} seed={seed}"] = path
+    middle_policies: dict[str, list[Path]] = {}
+    for name in args.methods:
+        lr = tuned[name][0]
+        for knob in METHODS[name].sweep:
+            for seed in range(args.seeds):
+                path, policy = run(args.work, name, knob, lr, seed, args.rollouts)
+                csvs.setdefault(name, []).append(path)
+                labelled[f"{name} knob={knob} seed={seed}"] = path
+                if knob == METHODS[name].sweep[1]:
+                    middle_policies.setdefault(name, []).append(policy)
     args.out.mkdir(parents=True, exist_ok=True)
     plot_frontier(labelled, args.out / "frontier.png")
-    middle = {a: ALGORITHMS[a][3][1] for a in ALGORITHMS}
-    policies = {"sft": str(args.work / "sft")}
-    policies |= {a: str(args.work / "policies" / f"{a}_b{middle[a]}_s0") for a in ALGORITHMS}
-    results = compare_policies(policies, judge=str(args.work / "reward"), prompts="embedded:reviews",
-                               num_prompts=200, out_dir=args.out)
-    wall = time.time() - start
-    write_table(args, csvs, results, middle, wall)
+    flat = {"sft": args.work / "sft"} | {f"{n} {i}": p for n, ps in middle_policies.items() for i, p in enumerate(ps)}
+    scores = judge_policies(flat, judge=str(args.work / "reward"), prompts="embedded:reviews", num_prompts=200)
+    win_rates = {judge: pooled_table(by_policy, ["sft", *args.methods]) for judge, by_policy in scores.items()}
+    write_report(args, tuned, csvs, win_rates, time.time() - start)
 
 
-def write_table(args, csvs, results, middle, wall: float) -> None:
+def pooled_table(by_policy: dict, methods: list[str]) -> dict[tuple[str, str], Estimate]:
+    """Pooled win rate of each method over SFT and over PPO, from per-policy prompt scores."""
+    stacked = {m: np.stack([s.numpy() for n, s in by_policy.items() if n == m or n.rsplit(" ", 1)[0] == m])
+               for m in methods}  # fmt: skip
+    return {(a, b): pooled_win_rate(stacked[a], stacked[b]) for a in methods for b in ("sft", "ppo") if a != b}
+
+
+def _win_cell(estimate: Estimate | None) -> str:
+    if estimate is None:
+        return "—"
+    return f"{estimate}{' *' if estimate.excludes(0.5) else ''}"
+
+
+def write_report(args, tuned, csvs, win_rates, wall: float) -> None:
+    command = f"python benchmarks/frontier.py --rollouts {args.rollouts} --seeds {args.seeds}"
+    command += " --skip-base" * args.skip_base
+    if args.methods != list(METHODS):
+        command += " --methods " + " ".join(args.methods)
     lines = [
         "# Frontier benchmark on the embedded task",
         "",
-        f"Command: `python benchmarks/frontier.py --rollouts {args.rollouts}{' --skip-base' if args.skip_base else ''}`"
-        f" — wall time {wall / 60:.1f} min on 2 CPU cores.",
+        f"Command: `{command}` — wall time {wall / 60:.1f} min.",
         "",
-        "Budget, identical for every method: SFT and reward model trained once; each run "
-        f"{args.rollouts} rollouts of 64 prompts × 2 responses, 2 replay passes in minibatches of 16 groups, "
-        "AdamW lr 2e-4, gradient clipping 1.0; 3 values of the method's KL knob (β for P3O/PPO, "
-        "β_DPO for DPO) × 3 seeds; no other tuning. Evaluation: 100 held-out prompts every 8 steps.",
+        f"Budget, identical for every method: {args.rollouts} rollouts of 128 samples, 2 replay passes, 8 "
+        f"optimizer steps per rollout; learning rate picked from {', '.join(f'{lr:g}' for lr in LR_GRID)} by one "
+        f"tuning run each (seed {TUNING_SEED}, middle KL knob, highest gold reward reached); 3 KL-knob values × "
+        f"{args.seeds} seeds. Evaluation: 100 held-out prompts every 8 steps.",
         "",
-        "## Gold reward at matched KL (linear fit over all runs of a method)",
+        "| method | learning rate | peak gold of the tuning runs per lr |",
+        "|---|---|---|",
+    ]
+    for name, (lr, peaks) in tuned.items():
+        lines.append(f"| {name} | {lr:g} | " + ", ".join(f"{k:g}: {v:.3f}" for k, v in peaks.items()) + " |")
+    lines += [
+        "",
+        "## Gold reward at matched KL (fit of gold on √KL and KL over all runs; bootstrap 95% CI over runs)",
         "",
         "| method | " + " | ".join(f"gold @ KL={k:g}" for k in MATCHED_KL) + " | max KL reached |",
         "|---|" + "---|" * (len(MATCHED_KL) + 1),
     ]
-    for algorithm, paths in csvs.items():
-        values, reached = gold_at_matched_kl(paths)
-        lines.append(f"| {algorithm} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {reached:.2f} |")
-    lines += ["", "## Win rates (200 held-out prompts; seed-0 policy at each method's middle KL knob)", ""]
-    for judge, (names, matrix) in results.items():
+    for name, paths in csvs.items():
+        values, reached = frontier_fit(paths)
+        cells = ["—" if v is None else str(v) for v in values]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {reached:.2f} |")
+    lines += ["", f"## Win rates (200 held-out prompts; all {args.seeds} seeds' policies at the middle KL knob, "
+              "pooled; bootstrap 95% CI over seeds and prompts)", ""]  # fmt: skip
+    for judge, table in win_rates.items():
         lines += [f"Judge: {judge}", "", "| method | vs sft | vs ppo |", "|---|---|---|"]
-        for i, name in enumerate(names):
-            lines.append(f"| {name} | {matrix[i, names.index('sft')]:.3f} | {matrix[i, names.index('ppo')]:.3f} |")
+        for name in dict.fromkeys(a for a, _ in table):
+            cells = [_win_cell(table.get((name, b))) for b in ("sft", "ppo")]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("Frontier plot: `frontier.png`; full matrices: `winrates.csv`, `winrates_*.png`.")
+    lines.append("\\* the interval excludes 0.5: the difference is significant at the 5% level.")
+    lines.append("")
+    lines.append("Frontier plot: `frontier.png`; runs: `frontier_runs.csv`.")
     (args.out / "frontier.md").write_text("\n".join(lines) + "\n")
     with open(args.out / "frontier_runs.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "frontier_csv"])
-        for algorithm, paths in csvs.items():
-            writer.writerows([algorithm, str(p)] for p in paths)
+        for name, paths in csvs.items():
+            writer.writerows([name, str(p)] for p in paths)
     print((args.out / "frontier.md").read_text())
 
 

@@ -31,10 +31,11 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.issues import DataFormatError
 from lit_p3o.data.prompts import load_prompts
-from lit_p3o.evaluation import evaluate_policy, read_frontier, sample_completions
+from lit_p3o.evaluation import evaluate_examples, read_frontier, sample_completions
 from lit_p3o.generation import SamplingSpec, seeded
 from lit_p3o.models import FrozenReference, ModelSpec, build_causal_lm, has_adapters, load_tokenizer, save_pretrained
 from lit_p3o.scoring import GoldScorer, RewardScorer, build_scorer
+from lit_p3o.statistics import bootstrap_mean
 from lit_p3o.tasks import resolve_embedded
 
 # --------------------------------------------------------------------------- frontier
@@ -130,13 +131,43 @@ def compare_policies(
     """
     if len(policies) < 2:
         raise ValueError(f"compare_policies: needs at least two policies, got {len(policies)}")
+    scores = judge_policies(policies, judge, prompts, num_prompts, max_new_tokens, seed, split,
+                            max_prompt_tokens, batch_size, device)  # fmt: skip
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, tuple[list[str], Tensor]] = {}
+    for label, by_policy in scores.items():
+        names, matrix = results[label] = win_rate_matrix(by_policy)
+        means = [by_policy[n].mean().item() for n in names]
+        n_prompts = len(next(iter(by_policy.values())))
+        print(format_matrix(names, matrix, means, f"judge: {label}, {n_prompts} prompts"))
+        plot_win_rates(names, matrix, f"win rate of row over column ({label})", out_dir / f"winrates_{label}.png")
+    write_win_rates(results, out_dir / "winrates.csv")
+    return results
+
+
+def judge_policies(
+    policies: Mapping[str, str | Path],
+    judge: str,
+    prompts: str = "embedded:reviews",
+    num_prompts: int = 200,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+    split: str = "test",
+    max_prompt_tokens: int = 256,
+    batch_size: int = 64,
+    device: str | None = None,
+) -> dict[str, dict[str, Tensor]]:
+    """``{judge label: {policy name: [num_prompts] scores}}``: every policy samples one response
+    per prompt under the same seed, and ``judge`` (plus the gold reward with embedded prompts)
+    scores them; the per-prompt scores that win rates and their intervals are computed from."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     judges = list(dict.fromkeys([judge, prompts] if resolve_embedded(prompts) else [judge]))
     labels = {source: judge_label(source) for source in judges}
     if len(set(labels.values())) != len(labels):
-        raise ValueError(f"compare_policies: judges {judges} would share a name; rename the reward model folder")
+        raise ValueError(f"judge_policies: judges {judges} would share a name; rename the reward model folder")
     sampling = SamplingSpec(max_new_tokens=max_new_tokens)
-    scores: dict[str, dict[str, Tensor]] = {source: {} for source in judges}
+    scores: dict[str, dict[str, Tensor]] = {labels[source]: {} for source in judges}
     reward_models: dict[str, RewardScorer] = {}
     prompt_list: list[str] | None = None
     for name, path in policies.items():
@@ -149,19 +180,8 @@ def compare_policies(
         del model  # one policy in memory at a time
         for source in judges:
             scorer = _scorer_for(source, tokenizer, reward_models, device)
-            scores[source][name] = scorer.score_examples(out.examples, out.ended)
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, tuple[list[str], Tensor]] = {}
-    for source, by_policy in scores.items():
-        label = labels[source]
-        names, matrix = results[label] = win_rate_matrix(by_policy)
-        means = [by_policy[n].mean().item() for n in names]
-        print(format_matrix(names, matrix, means, f"judge: {label}, {len(prompt_list)} prompts"))
-        plot_win_rates(names, matrix, f"win rate of row over column ({label})", out_dir / f"winrates_{label}.png")
-    write_win_rates(results, out_dir / "winrates.csv")
-    return results
+            scores[labels[source]][name] = scorer.score_examples(out.examples, out.ended)
+    return scores
 
 
 def _scorer_for(
@@ -307,10 +327,19 @@ def report(
     num_prompts: int = 200,
     max_new_tokens: int = 32,
     seed: int = 0,
+    others: Mapping[str, str | Path] | None = None,
 ) -> dict[str, dict[str, float | None]]:
     """Before/after table of an RL run: the reference (SFT) policy and the trained policy on
-    the same held-out prompts, both measured against the reference; plus a PNG of the run's
-    evaluation rows (proxy and gold reward, KL) over optimizer steps."""
+    the same held-out prompts, both measured against the reference, with percentile-bootstrap
+    95% intervals over the prompts; ``others`` (label → policy directory) adds rows, e.g. the
+    same run without KL control. Also a PNG of the run's evaluation rows over optimizer steps.
+
+    Returns ``{"reference"|"trained"|label: row}``; a row holds the means ``score``, ``gold``,
+    ``kl``, ``response_length``, ``eos_rate`` and the bounds ``score_low``/``score_high``,
+    ``gold_low``/``gold_high``, ``kl_low``/``kl_high``."""
+    clash = {"reference", "trained"} & set(others or {})
+    if clash:
+        raise ValueError(f"report: {sorted(clash)} names a built-in row; label the extra policy otherwise")
     spec = ModelSpec(name_or_path=str(reference))
     tokenizer = load_tokenizer(spec)
     ref_model = build_causal_lm(spec, tokenizer).eval()
@@ -319,21 +348,46 @@ def report(
     prompt_list = load_prompts(prompts, "test", num_prompts, tokenizer=tokenizer)
     scorer = build_scorer(judge, tokenizer)
     sampling = SamplingSpec(max_new_tokens=max_new_tokens)
+    runs = {"reference": reference, "trained": policy, **(others or {})}
+    names = {"reference": Path(reference).name, "trained": Path(policy).name} | {k: k for k in others or {}}
     rows: dict[str, dict[str, float | None]] = {}
-    for name, model in (("reference", ref_model), ("trained", build_causal_lm(ModelSpec(name_or_path=str(policy)), tokenizer))):
+    for key, path in runs.items():
+        model = ref_model if key == "reference" else build_causal_lm(ModelSpec(name_or_path=str(path)), tokenizer)
         with seeded(seed):
-            rows[name] = evaluate_policy(model, frozen, tokenizer, scorer, prompt_list, sampling, 256, task)
-    header = f"{'':<22}{'proxy reward':>14}{'gold reward':>13}{'KL to ref':>11}{'length':>8}{'EOS':>7}"
-    print(f"\n[lit-p3o] {len(prompt_list)} held-out prompts, one sample each (judge: {judge_label(judge)})")
-    print(header)
-    for name, path in (("reference", reference), ("trained", policy)):
-        r = rows[name]
-        gold = "-" if r["gold"] is None else f"{r['gold']:.3f}"
-        print(f"{Path(path).name:<22}{r['score']:>14.3f}{gold:>13}{r['kl']:>11.3f}{r['response_length']:>8.1f}{r['eos_rate']:>7.0%}")
+            samples = evaluate_examples(model, frozen, tokenizer, scorer, prompt_list, sampling, 256, task)
+        rows[key] = _summarise(samples)
+    width = max(22, *(len(n) + 2 for n in names.values()))
+    print(f"\n[lit-p3o] {len(prompt_list)} held-out prompts, one sample each (judge: {judge_label(judge)}); "
+          "means with bootstrap 95% intervals over the prompts")  # fmt: skip
+    print(f"{'':<{width}}{'proxy reward':>22}{'gold reward':>22}{'KL to ref':>20}{'length':>8}{'EOS':>7}")
+    for key, r in rows.items():
+        gold = "-" if r["gold"] is None else _with_interval(r, "gold")
+        print(f"{names[key]:<{width}}{_with_interval(r, 'score'):>22}{gold:>22}{_with_interval(r, 'kl'):>20}"
+              f"{r['response_length']:>8.1f}{r['eos_rate']:>7.0%}")  # fmt: skip
     if frontier_csv is not None:
         path = plot_training_curves(read_frontier(frontier_csv), Path(out))
         print(f"[lit-p3o] wrote {path}")
     return rows
+
+
+def _summarise(samples: Mapping[str, Tensor]) -> dict[str, float | None]:
+    """Per-response evaluation values (:func:`evaluate_examples`) → means, and bootstrap bounds
+    for reward and KL; ``gold`` is None without a task."""
+    row: dict[str, float | None] = {
+        "response_length": samples["response_length"].mean().item(),
+        "eos_rate": samples["eos_rate"].mean().item(),
+    }
+    for key in ("score", "gold", "kl"):
+        if key not in samples:
+            row[key] = row[f"{key}_low"] = row[f"{key}_high"] = None
+            continue
+        estimate = bootstrap_mean(samples[key].double().numpy())
+        row[key], row[f"{key}_low"], row[f"{key}_high"] = estimate.value, estimate.low, estimate.high
+    return row
+
+
+def _with_interval(row: Mapping[str, float | None], key: str) -> str:
+    return f"{row[key]:.3f} [{row[key + '_low']:.2f}, {row[key + '_high']:.2f}]"
 
 
 def plot_training_curves(rows: Mapping[str, list[float]], out: Path) -> Path:
@@ -365,9 +419,11 @@ def report_main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float 
     parser.add_argument("--num-prompts", type=_positive_int, default=200)
     parser.add_argument("--max-new-tokens", type=_positive_int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--also", nargs="+", type=_label_and_path, default=[], metavar="LABEL=DIR",
+                        help="more policies to list as extra rows (e.g. the same run without KL control)")
     args = parser.parse_args(argv)
     return report(args.reference, args.policy, args.judge, args.frontier, args.out, args.prompts,
-                  args.num_prompts, args.max_new_tokens, args.seed)  # fmt: skip
+                  args.num_prompts, args.max_new_tokens, args.seed, _unique(args.also, parser))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- export

@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -26,7 +27,7 @@ from lit_p3o import (
     SamplingSpec,
 )
 from lit_p3o.cli import main
-from lit_p3o.commands import _label_and_path, plot_frontier, win_rate, win_rate_matrix
+from lit_p3o.commands import _label_and_path, plot_frontier, report, win_rate, win_rate_matrix
 from lit_p3o.evaluation import (
     FRONTIER_COLUMNS,
     FrontierCallback,
@@ -437,3 +438,35 @@ def test_cli_validate_and_predict(tmp_path, monkeypatch, capsys):
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["write a review of the pizza :", "review the lamp :"]
     assert all(r["response"] for r in rows)
+
+
+def test_report_prints_means_with_bootstrap_intervals_over_the_prompts(tmp_path, capsys):
+    tokenizer = load_tokenizer(SPEC)
+    for seed, name in ((0, "sft"), (1, "p3o"), (2, "p3o-nokl")):
+        policy, _ = micro_policy(seed)
+        save_pretrained(policy, tokenizer, tmp_path / name)
+    main([
+        "report", "--reference", str(tmp_path / "sft"), "--policy", str(tmp_path / "p3o"), "--judge", "embedded:reviews",
+        "--num-prompts", "16", "--max-new-tokens", "6", "--also", f"no KL control={tmp_path / 'p3o-nokl'}",
+    ])  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if "proxy reward" in line and "gold reward" in line)
+    assert [line.split()[0] for line in lines[header + 1 : header + 3]] == ["sft", "p3o"]
+    assert lines[header + 3].startswith("no KL control")
+
+    # the printed figures are the per-prompt means and their percentile-bootstrap intervals
+    prompts = TASK.prompts("test", 16)
+    sampling = SamplingSpec(max_new_tokens=6)
+    trained, _ = micro_policy(1)
+    reference, _ = micro_policy(0)
+    with seeded(0):
+        out = sample_completions(trained, tokenizer, prompts, sampling, 256)
+    gold = np.array(TASK.gold_reward_batch(prompts, out.responses, out.ended))
+    rng = np.random.default_rng(0)
+    means = gold[rng.integers(0, 16, size=(2000, 16))].mean(axis=1)
+    expected = f"{gold.mean():.3f} [{np.percentile(means, 2.5):.2f}, {np.percentile(means, 97.5):.2f}]"
+    assert lines[header + 2].count(expected) == 2  # the proxy is the gold reward under this judge
+    assert f"{0.0:.3f} [0.00, 0.00]" in lines[header + 1]  # the reference has no KL to itself
+    with pytest.raises(ValueError, match="built-in row"):
+        report(tmp_path / "sft", tmp_path / "p3o", "embedded:reviews", None, tmp_path / "x.png",
+               others={"trained": tmp_path / "p3o-nokl"})  # fmt: skip

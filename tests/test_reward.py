@@ -436,6 +436,29 @@ def test_labels_and_ceiling_with_controlled_responses(micro_model_dir, tok, monk
     assert 8 <= chosen_good <= 32  # coin flips, not always the better one
 
 
+def test_sampling_temperatures_alternate_over_pairs(micro_model_dir, monkeypatch):
+    """Pair i is sampled at sampling_temperatures[i % len], both responses at once, and the
+    pairs keep the order of their prompts."""
+    from lit_p3o.generation import Sampled
+
+    seen = []
+
+    def fake_sample(policy, tokenizer, ids, sampling, batch_size=None):
+        seen.append((sampling.temperature, len(ids)))
+        word = {1.0: "it is great .", 2.0: "it is awful ."}[sampling.temperature]
+        out = [Encoded(p, tokenizer(f"{word} " * (1 + k % 2))["input_ids"] + [1]) for k, p in enumerate(ids)]
+        return Sampled(out, [True] * len(ids))
+
+    monkeypatch.setattr("lit_p3o.data.preferences.sample_responses", fake_sample)
+    spec_ = EmbeddedPreferenceSpec(policy=str(micro_model_dir), sampling_temperatures=[1.0, 2.0])
+    pairs, _ = sample_labelled_pairs(TASK, spec_, "train", 5, seed=0)
+    assert seen == [(1.0, 6), (2.0, 4)]  # pairs 0, 2, 4 at T=1 and pairs 1, 3 at T=2
+    words = [{"great", "awful"} & set(TASK.build_tokenizer().decode(c.response_ids).split()) for c, _ in pairs]
+    assert words == [{"great"}, {"awful"}, {"great"}, {"awful"}, {"great"}]
+    with pytest.raises(ValueError, match="sampling_temperatures"):
+        EmbeddedPreferenceSpec(sampling_temperatures=[1.0, 0.0])
+
+
 def test_identical_samples_are_dropped_and_a_degenerate_policy_fails(micro_model_dir, monkeypatch):
     from lit_p3o.generation import Sampled
 

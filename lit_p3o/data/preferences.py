@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import lightning as L
@@ -38,7 +38,10 @@ class EmbeddedPreferenceSpec:
     """How the embedded task's preference pairs are made.
 
     ``policy`` is the saved SFT model that writes the responses; ``label_temperature`` T sets
-    the labelling noise (smaller = more decisive labellers).
+    the labelling noise (smaller = more decisive labellers). ``sampling_temperatures`` spreads
+    the responses: pair i is sampled at ``sampling_temperatures[i % len]`` (both responses at
+    the same temperature), so a value above 1 shows the reward model the flawed texts (repeats,
+    off-topic or unfinished sentences) that a policy drifting from SFT writes.
     """
 
     policy: str = "outputs/demo/sft"
@@ -47,10 +50,15 @@ class EmbeddedPreferenceSpec:
     label_temperature: float = 0.5
     max_new_tokens: int = 32
     generation_batch_size: int = 256
+    sampling_temperatures: list[float] = field(default_factory=lambda: [1.0])
 
     def __post_init__(self) -> None:
         if self.label_temperature <= 0:
             raise ValueError(f"EmbeddedPreferenceSpec.label_temperature: must be > 0, got {self.label_temperature}")
+        if not self.sampling_temperatures or min(self.sampling_temperatures) <= 0:
+            raise ValueError(
+                f"EmbeddedPreferenceSpec.sampling_temperatures: needs values > 0, got {self.sampling_temperatures}"
+            )
         if self.train_pairs < 1 or self.val_pairs < 1:
             raise ValueError("EmbeddedPreferenceSpec: train_pairs and val_pairs must be >= 1")
 
@@ -199,7 +207,7 @@ def sample_labelled_pairs(
             f"EmbeddedPreferenceSpec.policy: {spec.policy!r} uses another tokenizer than the reward model"
         )
     policy = build_causal_lm(model_spec, tokenizer)
-    sampling = SamplingSpec(max_new_tokens=spec.max_new_tokens)
+    temperatures = spec.sampling_temperatures
     rng = random.Random(seed)
     torch.manual_seed(seed)
     pairs: list[Pair] = []
@@ -210,9 +218,17 @@ def sample_labelled_pairs(
         if need == 0:
             break
         batch_prompts = [prompts[(attempt * n_pairs + i) % len(prompts)] for i in range(need)]
-        ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in batch_prompts for _ in range(2)]
-        sampled = sample_responses(policy, tokenizer, ids, sampling, spec.generation_batch_size)
-        examples, ended = sampled.examples, sampled.ended
+        examples: list[Encoded] = [None] * (2 * need)  # type: ignore[list-item]
+        ended: list[bool] = [False] * (2 * need)
+        for t, temperature in enumerate(temperatures):
+            rows = [r for i in range(t, need, len(temperatures)) for r in (2 * i, 2 * i + 1)]
+            if not rows:
+                continue
+            ids = [tokenizer(batch_prompts[r // 2], add_special_tokens=True)["input_ids"] for r in rows]
+            sampling = SamplingSpec(max_new_tokens=spec.max_new_tokens, temperature=temperature)
+            sampled = sample_responses(policy, tokenizer, ids, sampling, spec.generation_batch_size)
+            for r, example, stop in zip(rows, sampled.examples, sampled.ended):
+                examples[r], ended[r] = example, stop
         for i, prompt in enumerate(batch_prompts):
             a, b = examples[2 * i], examples[2 * i + 1]
             if a.response_ids == b.response_ids:
