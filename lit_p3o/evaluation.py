@@ -16,14 +16,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.encoding import Encoded, collate, encode_prompt, fit_prompt
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.generation import SamplingSpec, decode, eval_mode, response_logprobs, sample_responses
-from lit_p3o.models import FrozenReference
+from lit_p3o.models import FrozenReference, is_sharded
 from lit_p3o.rollout import Scorer
 from lit_p3o.tasks import Task, resolve_embedded
 
@@ -196,10 +195,12 @@ class FrontierCallback(L.Callback):
         if self.last_step == trainer.global_step:
             return
         self.last_step = trainer.global_step
-        if trainer.is_global_zero:
+        if trainer.is_global_zero or is_sharded(pl_module.policy):
             self._evaluate(trainer, pl_module)
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """On rank 0; under FSDP on every rank too (sharded forwards are collectives), each
+        evaluating the same prompts with the same seed, and only rank 0 writing."""
         if self._prompt_list is None:
             self._prompt_list = load_prompts(self.prompts, self.split, self.num_prompts, tokenizer=pl_module.tokenizer)
         with seeded(self.seed, pl_module.device):
@@ -207,6 +208,8 @@ class FrontierCallback(L.Callback):
                 pl_module.policy, pl_module.reference, pl_module.tokenizer, pl_module.scorer,
                 self._prompt_list, self.sampling, self.max_prompt_tokens, self.task, self.batch_size,
             )  # fmt: skip
+        if not trainer.is_global_zero:
+            return
         row = {"step": trainer.global_step, **point}
         self.rows.append(row)
         metrics = {f"eval/{k}": v for k, v in point.items() if v is not None}
@@ -260,10 +263,14 @@ class CompletionReport(L.Callback):
         self.sampling = SamplingSpec(max_new_tokens=max_new_tokens)
         self.pass_rate: float | None = None
 
-    @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Rank 0 reports; under FSDP every rank samples too (sharded forwards are collectives)."""
+        if not (trainer.is_global_zero or is_sharded(pl_module.policy)):
+            return
         prompts = load_prompts(self.prompts, self.split, self.num_prompts, tokenizer=pl_module.tokenizer)
         out = sample_completions(pl_module.policy, pl_module.tokenizer, prompts, self.sampling, self.max_prompt_tokens)
+        if not trainer.is_global_zero:
+            return
         print(f"\n[lit-p3o] sample completions ({self.split} prompts):")
         for prompt, response, ended in list(zip(out.prompts, out.responses, out.ended))[: self.show]:
             print(f"  {prompt!r} -> {response!r}{'' if ended else '  [no EOS]'}")

@@ -12,8 +12,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from lit_p3o.buffer import BufferDataset, ReplayBuffer, RolloutBatch
@@ -25,11 +25,11 @@ from lit_p3o.models import (
     build_causal_lm,
     disable_dropout,
     load_tokenizer,
-    save_pretrained,
 )
 from lit_p3o.optim import OptimizerSpec, configure_adamw
-from lit_p3o.rollout import KLSpec, RolloutCallback, RolloutSpec
+from lit_p3o.rollout import KLSpec, RolloutCallback, RolloutSpec, gather_from_ranks, this_ranks
 from lit_p3o.scoring import build_scorer
+from lit_p3o.stages.sharding import ShardableModule
 
 _NOT_CHECKPOINTED = ("reward_model.", "reference.")
 
@@ -38,7 +38,7 @@ _NOT_CHECKPOINTED = ("reward_model.", "reference.")
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
 
 
-class RLStage(L.LightningModule):
+class RLStage(ShardableModule):
     """Policy π_θ, frozen reference π_ref, frozen scorer r, and the replay buffer.
 
     ``reward_model`` is the directory of a saved reward model, or ``"embedded:<task>"`` to
@@ -64,9 +64,9 @@ class RLStage(L.LightningModule):
         self.optimizer_spec = optimizer or OptimizerSpec()
         self.save_dir = save_dir
         self.seed = seed
-        spec = as_spec(policy)
-        self.tokenizer = load_tokenizer(spec)
-        self.policy = disable_dropout(build_causal_lm(spec, self.tokenizer)).train()
+        self.policy_spec = as_spec(policy)
+        self.tokenizer = load_tokenizer(self.policy_spec)
+        self.policy = disable_dropout(build_causal_lm(self.policy_spec, self.tokenizer)).train()
         self.reference = FrozenReference(self.policy)
         self.scorer = build_scorer(reward_model, self.tokenizer)
         self.reward_model = getattr(self.scorer, "model", None)  # registered so it follows the device
@@ -138,22 +138,30 @@ class RLStage(L.LightningModule):
         self.log_dict({f"rollout/{k}": v for k, v in stats.items()}, sync_dist=True, batch_size=1)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = grad_norm(self.policy, norm_type=2)
-        if norms:  # empty when the step was skipped (no gradients)
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"], batch_size=1)
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        if grads:  # empty when the step was skipped (no gradients)
+            total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+            if isinstance(total, DTensor):  # FSDP2: each rank holds the norm of its shards
+                total = total.full_tensor()
+            self.log("train/grad_norm", total, batch_size=1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(_NOT_CHECKPOINTED)]:
-            del state[key]
-        checkpoint["replay_buffer"] = self.buffer.state_dict()
+        # a distributed (sharded) checkpoint must hold every key to load, so frozen copies stay in it
+        if not any(isinstance(v, DTensor) for v in state.values()):
+            for key in [k for k in state if k.startswith(_NOT_CHECKPOINTED)]:
+                del state[key]
+        checkpoint["replay_buffer"] = gather_from_ranks(self.buffer.state_dict())  # each rank's groups
         checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.buffer.load_state_dict(checkpoint["replay_buffer"])
+        self.buffer.load_state_dict(this_ranks(checkpoint["replay_buffer"], "replay buffer"))
         self.skipped_steps = checkpoint["skipped_steps"]
 
     def on_train_end(self) -> None:
-        if self.save_dir is not None and self.trainer.is_global_zero:
-            path = save_pretrained(self.policy, self.tokenizer, self.save_dir)
+        if self.save_dir is None:
+            return
+        rebuild = lambda: build_causal_lm(self.policy_spec, self.tokenizer)  # noqa: E731
+        path = self.export_pretrained(self.policy, rebuild, self.tokenizer, self.save_dir)
+        if path is not None:
             print(f"[lit-p3o] saved the policy to {Path(path).resolve()}")
