@@ -29,6 +29,22 @@ def load_complete(auto_class, directory: Path):
     return model
 
 
+@pytest.mark.parametrize("overlay", ["fsdp1.yaml", "deepspeed_zero3.yaml"])
+def test_gpu_strategy_overlays_parse_and_force_synced_generation(overlay, capsys):
+    import yaml
+
+    from lit_p3o.cli import LitP3OCLI
+
+    with pytest.raises(SystemExit) as exit_info:
+        LitP3OCLI(args=["fit", "--config", str(ROOT / "configs/demo/p3o.yaml"),
+                        "--config", str(ROOT / "configs/gpu" / overlay), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["strategy"]["class_path"].startswith("lightning.pytorch.strategies.")
+    assert printed["model"]["init_args"]["rollout"]["sampling"]["synced_gpus"] is True
+    assert printed["model"]["init_args"]["variant"] == "v1"  # the overlay kept the stage config
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_every_stage_shards_and_unequal_lengths_do_not_deadlock(tmp_path):
