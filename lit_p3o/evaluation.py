@@ -20,7 +20,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -29,7 +28,7 @@ from lit_p3o.data.formats import read_text
 from lit_p3o.data.issues import DataFormatError
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.generation import SamplingSpec, decode, eval_mode, response_logprobs, sample_responses, seeded
-from lit_p3o.models import FrozenReference
+from lit_p3o.models import FrozenReference, is_sharded
 from lit_p3o.monitoring import phase, shows_progress
 from lit_p3o.rollout import Scorer
 from lit_p3o.tasks import Task, resolve_embedded
@@ -260,7 +259,9 @@ class FrontierCallback(L.Callback):
         if self.last_step == trainer.global_step:
             return
         self.last_step = trainer.global_step
-        point = self._evaluate(trainer, pl_module) if trainer.is_global_zero else None
+        # rank 0 evaluates; under FSDP every rank does (sharded forwards are collectives)
+        evaluates = trainer.is_global_zero or is_sharded(pl_module.policy)
+        point = self._evaluate(trainer, pl_module) if evaluates else None
         point = trainer.strategy.broadcast(point, src=0)
         metrics = {f"eval/{k}": v for k, v in point.items() if v is not None}
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
@@ -268,6 +269,7 @@ class FrontierCallback(L.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float | None]:
+        """One point; every rank evaluating uses the same prompts and seed, only rank 0 writes."""
         if self._prompt_list is None:
             self._prompt_list = load_prompts(self.prompts, self.split, self.num_prompts, tokenizer=pl_module.tokenizer)
         with seeded(self.seed, pl_module.device), trainer.precision_plugin.forward_context(), phase(trainer, "eval"):
@@ -276,6 +278,8 @@ class FrontierCallback(L.Callback):
                 self._prompt_list, self.sampling, self.max_prompt_tokens, self.task, self.batch_size,
                 progress="eval: generate" if shows_progress(trainer) else None,
             )  # fmt: skip
+        if not trainer.is_global_zero:
+            return point
         row = {"step": trainer.global_step, **point}
         self.rows.append(row)
         self._append(row)
@@ -362,11 +366,15 @@ class CompletionReport(L.Callback):
         self.sampling = SamplingSpec(max_new_tokens=max_new_tokens)
         self.pass_rate: float | None = None
 
-    @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Rank 0 reports; under FSDP every rank samples too (sharded forwards are collectives)."""
+        if not (trainer.is_global_zero or is_sharded(pl_module.policy)):
+            return
         prompts = load_prompts(self.prompts, self.split, self.num_prompts, tokenizer=pl_module.tokenizer)
         with trainer.precision_plugin.forward_context():
             out = sample_completions(pl_module.policy, pl_module.tokenizer, prompts, self.sampling, self.max_prompt_tokens)
+        if not trainer.is_global_zero:
+            return
         print(f"\n[lit-p3o] sample completions ({self.split} prompts):")
         for prompt, response, ended in list(zip(out.prompts, out.responses, out.ended))[: self.show]:
             print(f"  {prompt!r} -> {response!r}{'' if ended else '  [no EOS]'}")

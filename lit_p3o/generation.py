@@ -24,17 +24,23 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from lit_p3o.data.encoding import Batch, Encoded, collate
 from lit_p3o.losses import token_logprobs
+from lit_p3o.models import is_sharded
 
 
 @dataclass
 class SamplingSpec:
-    """Generation settings (defaults: plain sampling at temperature 1, as the paper)."""
+    """Generation settings (defaults: plain sampling at temperature 1, as the paper).
+
+    ``synced_gpus``: ranks whose responses all ended keep stepping until every rank's have, so
+    sharded weights (whose forwards are collectives) never deadlock. ``None`` turns it on when
+    the model is FSDP-sharded and several processes run; set ``true`` under DeepSpeed ZeRO-3.
+    """
 
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    synced_gpus: bool = False
+    synced_gpus: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -110,6 +116,9 @@ def sample_responses(
     size = batch_size or max(1, len(prompts))
     device = next(model.parameters()).device
     examples, ended = [], []
+    synced = spec.synced_gpus
+    if synced is None:
+        synced = is_sharded(model) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     with eval_mode(model):
         for start in tqdm(range(0, len(prompts), size), desc=progress, leave=False, disable=progress is None):
             chunk = prompts[start : start + size]
@@ -118,7 +127,7 @@ def sample_responses(
                 input_ids=batch.input_ids.to(device),
                 attention_mask=batch.attention_mask.to(device),
                 generation_config=spec.generation_config(tokenizer),
-                synced_gpus=spec.synced_gpus,
+                synced_gpus=synced,
             )
             for prompt, row in zip(chunk, out[:, batch.prompt_width :].tolist()):
                 stop = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else None

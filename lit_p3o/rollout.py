@@ -231,10 +231,12 @@ class RolloutCallback(L.Callback):
         log_samples(trainer.loggers, "rollout/samples", rows, trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
+        """β, the sampler's position and every rank's RNG state (ranks draw different streams)."""
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         return {
             "kl": self.kl.state_dict(),
             "sampler": self.sampler.state_dict() if self.sampler else None,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "rng": gather_from_ranks(rng),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -244,8 +246,36 @@ class RolloutCallback(L.Callback):
             self.sampler.load_state_dict(state["sampler"])
         else:
             self._pending_state = state["sampler"]
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        rng = this_ranks(state["rng"], "RolloutCallback RNG state")
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+
+
+def gather_from_ranks(value: Any) -> list[Any]:
+    """Every rank's ``value`` in rank order (a collective: every rank must call it).
+
+    Checkpoints are written from rank 0, but buffers and RNG streams differ by rank; each rank's
+    share is saved so that a resumed multi-process run continues exactly.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def this_ranks(values: list[Any] | dict[str, Any], what: str) -> Any:
+    """This rank's entry of a :func:`gather_from_ranks` list (a bare dict: a one-process checkpoint)."""
+    if isinstance(values, dict):
+        values = [values]
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    if len(values) != world:
+        raise ValueError(
+            f"checkpoint: the {what} was saved by {len(values)} process(es) but this run has {world}; "
+            "resume with the same number of devices"
+        )
+    return values[rank]
 
 
 def log_clamps(spec: RolloutSpec, prompts: list[str], rank_prompts: int, tokenizer: PreTrainedTokenizerBase) -> None:

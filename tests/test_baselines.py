@@ -115,6 +115,18 @@ def test_online_dpo_loss_picks_the_higher_score_and_drops_ties():
     assert [int(winners[1])] == [1]
 
 
+def test_online_dpo_logs_the_same_statistics_when_every_pair_ties():
+    """Ranks log their statistics with cross-rank reductions; a rank whose pairs all tie must
+    log the same names as the others, or the reductions pair up wrongly and the run hangs."""
+    stage = build(OnlineDPOModule, k=2)
+    batch = fixed_batch(stage)
+    decided = stage.compute_loss(batch)[1]
+    batch.scores[:] = 1.0
+    loss, tied = stage.compute_loss(batch)
+    assert tied.keys() == decided.keys()
+    assert float(loss) == 0.0 and float(tied["decided_fraction"]) == 0.0
+
+
 def test_online_dpo_requires_two_responses():
     with pytest.raises(ValueError, match="num_responses must be 2"):
         build(OnlineDPOModule, k=3)

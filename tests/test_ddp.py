@@ -1,5 +1,5 @@
-"""DDP with 2 CPU processes (gloo): the same update as one process on the same buffer, and
-independent sampling noise on every rank."""
+"""DDP and FSDP2 with 2 CPU processes (gloo): the same update as one process on the same
+buffer, and independent sampling noise on every rank."""
 
 import subprocess
 import sys
@@ -12,22 +12,29 @@ SCRIPT = Path(__file__).parent / "scripts" / "fixed_buffer_step.py"
 RANK_SAMPLES = Path(__file__).parent / "scripts" / "rank_samples.py"
 
 
-def run(out: Path, devices: int) -> dict:
-    subprocess.run([sys.executable, str(SCRIPT), str(out), str(devices)], check=True, timeout=300,
+def run(out: Path, devices: int, strategy: str = "ddp") -> dict:
+    subprocess.run([sys.executable, str(SCRIPT), str(out), str(devices), strategy], check=True, timeout=300,
                    capture_output=True, text=True)
     return torch.load(out, weights_only=False)
 
 
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("single") / "single.pt", devices=1)
+
+
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process(tmp_path):
-    single = run(tmp_path / "single.pt", devices=1)
-    ddp = run(tmp_path / "ddp.pt", devices=2)
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(single, strategy, tmp_path):
+    sharded = run(tmp_path / f"{strategy}.pt", devices=2, strategy=strategy)
     # the loss of the second update (ratios ≠ 1, so non-zero): each rank averages its 4 groups,
     # and the logged, rank-reduced mean of those equals the single-process mean over all 8
-    assert ddp["loss"] == pytest.approx(single["loss"], abs=1e-6)
+    assert sharded["loss"] == pytest.approx(single["loss"], abs=1e-6)
     assert single["loss"] != 0.0
+    assert sharded["weights"].keys() == single["weights"].keys()  # under FSDP2: gathered whole
     for name, value in single["weights"].items():
-        torch.testing.assert_close(ddp["weights"][name], value, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(sharded["weights"][name], value, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.slow

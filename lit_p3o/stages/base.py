@@ -16,8 +16,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from lit_p3o.buffer import BufferDataset, ReplayBuffer, RolloutBatch
@@ -32,12 +32,12 @@ from lit_p3o.models import (
     build_causal_lm,
     disable_dropout,
     load_tokenizer,
-    save_pretrained,
 )
 from lit_p3o.optim import OptimizerSpec, configure_adamw
-from lit_p3o.rollout import KLSpec, RolloutCallback, RolloutSpec
+from lit_p3o.rollout import KLSpec, RolloutCallback, RolloutSpec, gather_from_ranks, this_ranks
 from lit_p3o.scoring import build_scorer
 from lit_p3o.tasks import resolve_embedded
+from lit_p3o.stages.sharding import ShardableModule
 
 _NOT_CHECKPOINTED = ("reward_model.", "reference.")
 
@@ -48,7 +48,7 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero", category=UserWarning)
 
 
-class RLStage(L.LightningModule):
+class RLStage(ShardableModule):
     """Policy π_θ, frozen reference π_ref, frozen scorer r, and the replay buffer.
 
     ``reward_model`` is the directory of a saved reward model, or ``"embedded:<task>"`` to
@@ -86,9 +86,9 @@ class RLStage(L.LightningModule):
         self.save_dir = save_dir
         self.seed = seed
         self.guard_spec = guards or GuardSpec()
-        spec = as_spec(policy)
-        self.tokenizer = load_tokenizer(spec)
-        self.policy = disable_dropout(build_causal_lm(spec, self.tokenizer)).train()
+        self.policy_spec = as_spec(policy)
+        self.tokenizer = load_tokenizer(self.policy_spec)
+        self.policy = disable_dropout(build_causal_lm(self.policy_spec, self.tokenizer)).train()
         self.reference = FrozenReference(self.policy)
         self.scorer = build_scorer(reward_model, self.tokenizer)
         self.reward_model = getattr(self.scorer, "model", None)  # registered so it follows the device
@@ -247,19 +247,24 @@ class RLStage(L.LightningModule):
         self.log_dict({f"rollout/{k}": v for k, v in stats.items()}, sync_dist=True, batch_size=1)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = grad_norm(self.policy, norm_type=2)
-        if norms:  # empty when the step was skipped (no gradients)
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"], batch_size=1)
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        if grads:  # empty when the step was skipped (no gradients)
+            total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+            if isinstance(total, DTensor):  # FSDP2: each rank holds the norm of its shards
+                total = total.full_tensor()
+            self.log("train/grad_norm", total, batch_size=1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(_NOT_CHECKPOINTED)]:
-            del state[key]
-        checkpoint["replay_buffer"] = self.buffer.state_dict()
+        # a distributed (sharded) checkpoint must hold every key to load, so frozen copies stay in it
+        if not any(isinstance(v, DTensor) for v in state.values()):
+            for key in [k for k in state if k.startswith(_NOT_CHECKPOINTED)]:
+                del state[key]
+        checkpoint["replay_buffer"] = gather_from_ranks(self.buffer.state_dict())  # each rank's groups
         checkpoint["updates"] = self.updates.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.buffer.load_state_dict(checkpoint["replay_buffer"])
+        self.buffer.load_state_dict(this_ranks(checkpoint["replay_buffer"], "replay buffer"))
         if "updates" in checkpoint:
             self.updates.load_state_dict(checkpoint["updates"])
         else:  # written before the ledger: a count of skips, and a global step that includes them
@@ -267,12 +272,16 @@ class RLStage(L.LightningModule):
             self.updates = UpdateLedger(checkpoint["global_step"] - skipped, Counter({"before resume": skipped}))
 
     def on_train_end(self) -> None:
-        """Summarise the run's updates, refuse to save a policy that skipped too many, then save."""
+        """Summarise the run's updates, refuse to save a policy that skipped too many, then save
+        (gathered on rank 0 when sharded)."""
         self.print(f"[lit-p3o] {type(self).__name__}: {self.updates.summary()}")
         if self.updates.too_many_skipped(self.guard_spec.max_skipped_fraction, self.updates.applied + self.skipped_steps):
             raise self._too_many_skipped(f"of the {self.updates.applied + self.skipped_steps} updates run")
         if self.updates.applied == 0:
             self.print("[lit-p3o] no update was applied: the policy is the one the run started from")
-        if self.save_dir is not None and self.trainer.is_global_zero:
-            path = save_pretrained(self.policy, self.tokenizer, self.save_dir)
+        if self.save_dir is None:
+            return
+        rebuild = lambda: build_causal_lm(self.policy_spec, self.tokenizer)  # noqa: E731
+        path = self.export_pretrained(self.policy, rebuild, self.tokenizer, self.save_dir)
+        if path is not None:
             print(f"[lit-p3o] saved the policy to {Path(path).resolve()}")

@@ -48,8 +48,10 @@ class OnlineDPOModule(RLStage):
         logp = response_logprobs(self.policy, batch.batch, self.temperature).sum(-1).view_as(batch.scores)
         logp_ref = batch.logp_ref.sum(-1).view_as(batch.scores)
         decided = batch.scores[:, 0] != batch.scores[:, 1]
-        if not decided.any():  # a zero that keeps the graph, so every rank still runs backward
-            return logp.sum() * 0.0, {"decided_fraction": decided.float().mean()}
+        if not decided.any():  # a zero that keeps the graph, so every rank still runs backward;
+            # the same statistics on every rank, or their cross-rank reductions would not pair up
+            zero = logp.sum() * 0.0
+            return zero, {"decided_fraction": decided.float().mean(), "implicit_margin": zero.detach()}
         winner = batch.scores.argmax(dim=1, keepdim=True)
         loser = 1 - winner
 

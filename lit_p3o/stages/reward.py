@@ -17,12 +17,13 @@ from torchmetrics import MeanMetric
 from lit_p3o.data.encoding import Batch
 from lit_p3o.guards import GradientGuard, GuardSpec
 from lit_p3o.losses import bradley_terry_loss
-from lit_p3o.models import ModelSpec, as_spec, build_reward_model, load_tokenizer, save_pretrained
+from lit_p3o.models import ModelSpec, as_spec, build_reward_model, load_tokenizer
 from lit_p3o.optim import OptimizerSpec, configure_adamw
 from lit_p3o.scoring import reward_scores
+from lit_p3o.stages.sharding import ShardableModule
 
 
-class RewardModule(L.LightningModule):
+class RewardModule(ShardableModule):
     """Trains ``r(x, y)`` so that ``σ(r(x, y_w) − r(x, y_l))`` is the preference probability.
 
     Batches hold chosen rows first, then rejected rows (one forward for both). Logs loss,
@@ -79,6 +80,10 @@ class RewardModule(L.LightningModule):
         return [GradientGuard(self.guard_spec.max_zero_grad_steps)]
 
     def on_train_end(self) -> None:
+        path = None
+        if self.save_dir is not None:
+            rebuild = lambda: build_reward_model(self.model_spec, self.tokenizer)  # noqa: E731
+            path = self.export_pretrained(self.reward_model, rebuild, self.tokenizer, self.save_dir)
         if not self.trainer.is_global_zero:
             return
         accuracy = self.trainer.callback_metrics.get("val/accuracy")
@@ -88,6 +93,5 @@ class RewardModule(L.LightningModule):
             if ceiling is not None:
                 line += f" (Bayes-optimal for these noisy labels: {ceiling:.1%})"
             print(line)
-        if self.save_dir is not None:
-            path = save_pretrained(self.reward_model, self.tokenizer, self.save_dir)
+        if path is not None:
             print(f"[lit-p3o] saved the reward model to {Path(path).resolve()}")

@@ -12,11 +12,12 @@ from torchmetrics import MeanMetric
 from lit_p3o.data.encoding import Batch
 from lit_p3o.guards import GradientGuard, GuardSpec
 from lit_p3o.losses import sft_loss
-from lit_p3o.models import ModelSpec, as_spec, build_causal_lm, load_tokenizer, save_pretrained
+from lit_p3o.models import ModelSpec, as_spec, build_causal_lm, load_tokenizer
 from lit_p3o.optim import OptimizerSpec, configure_adamw
+from lit_p3o.stages.sharding import ShardableModule
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(ShardableModule):
     """Fine-tunes a causal LM on (prompt, completion) pairs; the loss sees completions only.
 
     At the end of ``fit`` the model (or its LoRA adapters) and tokenizer are written to
@@ -70,7 +71,10 @@ class SFTModule(L.LightningModule):
         return [GradientGuard(self.guard_spec.max_zero_grad_steps)]
 
     def on_train_end(self) -> None:
-        if self.save_dir is not None and self.trainer.is_global_zero:
-            path = save_pretrained(self.policy, self.tokenizer, self.save_dir)
+        if self.save_dir is None:
+            return
+        rebuild = lambda: build_causal_lm(self.model_spec, self.tokenizer)  # noqa: E731
+        path = self.export_pretrained(self.policy, rebuild, self.tokenizer, self.save_dir)
+        if path is not None:
             print(f"[lit-p3o] saved the SFT model to {Path(path).resolve()}")
 

@@ -1,17 +1,21 @@
-"""Two P3O updates on a fixed buffer, on 1 process or under DDP (run by tests/test_ddp.py).
+"""Two P3O updates on a fixed buffer, on 1 process, under DDP or under FSDP2.
 
-The buffer is built deterministically and identically on every rank; under DDP each rank
-keeps its own half of the groups, as a real rollout would give it. Rank 0 writes the loss it
-logged (reduced across ranks) and the updated policy weights to OUT.
+Usage: ``fixed_buffer_step.py OUT DEVICES [ddp|fsdp]`` (run by tests/test_ddp.py and
+tests/test_fsdp.py). The buffer is built deterministically and identically on every rank,
+before any sharding; with 2 devices each rank keeps its own half of the groups, as a real
+rollout would give it. Rank 0 writes the loss it logged (reduced across ranks) and the updated
+policy weights (gathered in full under FSDP2) to OUT.
 """
 
 import sys
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lit_p3o import ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
 from lit_p3o.data.prompts import load_prompts
+from lit_p3o.models import full_state_dict
 from lit_p3o.rollout import rollout
 
 MICRO = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -35,7 +39,7 @@ class FixedBufferP3O(P3OModule):
         self.buffer.fill(groups[rank::world], beta=0.1)
 
 
-def main(out: str, devices: int) -> None:
+def main(out: str, devices: int, strategy: str) -> None:
     L.seed_everything(0)
     per_rank = GROUPS // devices
     stage = FixedBufferP3O(
@@ -45,14 +49,17 @@ def main(out: str, devices: int) -> None:
                             minibatch_groups=per_rank, max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6)),
         optimizer=OptimizerSpec(learning_rate=1e-2),
     )
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+    if strategy == "fsdp":
+        strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy if devices > 1 else "auto",
                         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.fit(stage)
+    weights = full_state_dict(stage.policy)  # every rank takes part in the gather under FSDP2
     if trainer.is_global_zero:
         torch.save({"loss": float(trainer.callback_metrics["train/loss"]),
-                    "weights": {k: v.detach().clone() for k, v in stage.policy.state_dict().items()}}, out)
+                    "weights": {k: v.detach().clone() for k, v in weights.items()}}, out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "ddp")
