@@ -1,10 +1,9 @@
 """Scoring (prompt, response) pairs with a reward model: the one function every stage uses.
 
 A reward model here is an ``AutoModelForSequenceClassification`` with one label (optionally
-LoRA-wrapped). We read its scalar head at the last non-padding token, found from the
-attention mask rather than from token ids: HF's own pooling looks for the last token that
-differs from ``pad_token_id``, which is wrong whenever the pad token is also EOS and the
-response ends with it.
+LoRA-wrapped). Its scalar head is read where transformers reads it (see :func:`pooling_positions`),
+so a model trained here scores the same under plain transformers, and a model trained with
+transformers or TRL scores here as under its own forward.
 """
 
 from __future__ import annotations
@@ -33,8 +32,25 @@ def _hf_model(model: nn.Module) -> PreTrainedModel:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def pooling_positions(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int | None) -> Tensor:
+    """Column of each row where the reward is read: transformers' rule on the unpadded row.
+
+    That is the last attended token whose id is not the *model config's* ``pad_token_id``
+    (so with pad = EOS a trailing EOS is skipped and the token before it is read; an EOS inside
+    the prompt does not matter), the last attended token when the config has no pad token, and
+    the row's first token when every token is the pad id. Padding is found from the attention
+    mask, so left and right padding give the same positions as the unpadded row.
+    """
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    attended = attention_mask.bool()
+    first = attended.long().argmax(dim=1)
+    readable = attended if pad_token_id is None else attended & (input_ids != pad_token_id)
+    last = (readable * columns).argmax(dim=1)
+    return torch.where(readable.any(dim=1), last, first)
+
+
 def reward_scores(model: nn.Module, batch: Batch) -> Tensor:
-    """Scalar reward per row, read at each row's last attended token; shape ``[B]``, float32."""
+    """Scalar reward per row, read at :func:`pooling_positions`; shape ``[B]``, float32."""
     hf = _hf_model(model)
     backbone = getattr(hf, hf.base_model_prefix)
     hidden = backbone(
@@ -43,8 +59,7 @@ def reward_scores(model: nn.Module, batch: Batch) -> Tensor:
         position_ids=batch.position_ids,
         use_cache=False,
     ).last_hidden_state
-    columns = torch.arange(batch.attention_mask.shape[1], device=hidden.device)
-    last = (batch.attention_mask * columns).argmax(dim=1)
+    last = pooling_positions(batch.input_ids, batch.attention_mask, hf.config.get_text_config().pad_token_id)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     return hf.score(pooled).squeeze(-1).float()
 
