@@ -8,6 +8,7 @@ one point of it every ``eval_every`` optimizer steps, on a fixed held-out prompt
 from __future__ import annotations
 
 import csv
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -200,12 +201,19 @@ class FrontierCallback(L.Callback):
             self._evaluate(trainer, pl_module)
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rollout_spec = getattr(pl_module, "rollout_spec", None)  # the stage's chat template kwargs and stop strings
         if self._prompt_list is None:
-            self._prompt_list = load_prompts(self.prompts, self.split, self.num_prompts, tokenizer=pl_module.tokenizer)
+            self._prompt_list = load_prompts(
+                self.prompts, self.split, self.num_prompts, tokenizer=pl_module.tokenizer,
+                chat_template_kwargs=getattr(rollout_spec, "chat_template_kwargs", None),
+            )  # fmt: skip
+        sampling = self.sampling
+        if rollout_spec is not None:
+            sampling = dataclasses.replace(sampling, stop_strings=rollout_spec.sampling.stop_strings)
         with seeded(self.seed, pl_module.device):
             point = evaluate_policy(
                 pl_module.policy, pl_module.reference, pl_module.tokenizer, pl_module.scorer,
-                self._prompt_list, self.sampling, self.max_prompt_tokens, self.task, self.batch_size,
+                self._prompt_list, sampling, self.max_prompt_tokens, self.task, self.batch_size,
             )  # fmt: skip
         row = {"step": trainer.global_step, **point}
         self.rows.append(row)

@@ -47,6 +47,8 @@ class RolloutSpec:
     ``prompt_pool`` caps how many prompts are read from ``prompts`` (required for embedded
     tasks, which can generate any number). ``missing_eos_penalty`` is subtracted from the
     score of responses that did not end within ``sampling.max_new_tokens``.
+    ``chat_template_kwargs`` go to ``apply_chat_template`` when conversational prompts
+    (lists of messages) are rendered.
     """
 
     prompts: str = "embedded:reviews"
@@ -62,6 +64,7 @@ class RolloutSpec:
     generation_batch_size: int = 64
     forward_batch_size: int = 32
     log_samples: int = 2
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.num_responses < 2:
@@ -177,7 +180,10 @@ class RolloutCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.sampler is None:
-            prompts = load_prompts(self.spec.prompts, self.spec.split, self.spec.prompt_pool, pl_module.tokenizer)
+            prompts = load_prompts(
+                self.spec.prompts, self.spec.split, self.spec.prompt_pool, pl_module.tokenizer,
+                chat_template_kwargs=self.spec.chat_template_kwargs,
+            )  # fmt: skip
             self.sampler = PromptSampler(prompts, self.seed, trainer.global_rank, trainer.world_size)
         if self._pending_state is not None:
             self.sampler.load_state_dict(self._pending_state)

@@ -629,7 +629,7 @@ def test_load_prompts_from_a_prompt_column(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "rate the tea :"}, {"text": "rate the mug :"}])
     with pytest.raises(ValueError) as info:
         load_prompts(str(bad))
-    assert str(info.value) == f"{bad}: row 1: field `prompt` is missing, empty or not text"
+    assert str(info.value) == f"{bad}: row 1: field `prompt`: missing"
 
 
 def test_load_prompts_from_preference_data_are_distinct_and_in_order(caplog):

@@ -12,6 +12,13 @@ SFT format                    columns
 ============================  =====================================================================
 
 ============================  =====================================================================
+prompt-only format            columns
+============================  =====================================================================
+``prompt``                    ``prompt`` text, or TRL conversational prompt-only: a list of messages
+                              ending with the turn the model answers
+============================  =====================================================================
+
+============================  =====================================================================
 preference format             columns
 ============================  =====================================================================
 ``hh``                        Anthropic HH-RLHF: ``chosen``/``rejected`` Human/Assistant transcripts
@@ -31,7 +38,9 @@ became a row. Problems of the whole source (no rows, a missing column, an unknow
 tokenizer without chat template) always raise, whatever ``strict`` says.
 
 Conversational prompts are rendered with the tokenizer's chat template, ending with the
-generation prompt, so that ``prompt + response`` is what the model is trained on.
+generation prompt, so that ``prompt + response`` is what the model is trained on. A BOS the
+template writes is left out of the text when the tokenizer adds it while encoding, so it is
+not doubled.
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ __all__ = [
     "parse_messages",
     "parse_preferences",
     "parse_prompt_completion",
+    "parse_prompts",
     "parse_sft",
     "parse_tldr",
     "parse_trl",
@@ -326,9 +336,21 @@ def _require_chat_template(tokenizer: PreTrainedTokenizerBase | None, origin: st
         )
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str:
-    """The conversation as the model sees it, ending where the assistant's reply begins."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def _render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], chat_template_kwargs: Mapping[str, Any] | None = None
+) -> str:
+    """The conversation as the model sees it, ending where the assistant's reply begins.
+
+    ``chat_template_kwargs`` go to ``apply_chat_template`` (e.g. ``enable_thinking``). A
+    leading BOS written by the template (Llama-3's) is dropped when encoding adds it anyway.
+    """
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
+    )
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos) :]
+    return text
 
 
 def _pair(prompt: str, chosen: str, rejected: str) -> PreferenceRecord:
@@ -413,6 +435,40 @@ def parse_sft(
     elif format not in parsers:
         raise DataFormatError(f"{origin}: unknown SFT format {format!r}; known: auto, {', '.join(SFT_FORMATS)}")
     return parsers[format](rows, origin, tokenizer=tokenizer, strict=strict)
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def _prompt(row: Row) -> str:
+    return _as_text(row.get("prompt"), "prompt")
+
+
+def _conversational_prompt(
+    row: Row, tokenizer: PreTrainedTokenizerBase, chat_template_kwargs: Mapping[str, Any] | None
+) -> str:
+    messages = _as_messages(row.get("prompt"), "prompt")
+    if messages[-1]["role"] == "assistant":
+        raise _BadRow("prompt", "the last message is the assistant's; a prompt ends with the turn the model answers")
+    return _render(tokenizer, messages, chat_template_kwargs)
+
+
+def parse_prompts(
+    rows: Sequence[Row],
+    origin: str,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    strict: bool = True,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> Parsed[str]:
+    """Prompt-only rows: ``prompt`` as non-empty text or, when the first row's prompt is a
+    message list (TRL conversational prompt-only), rendered with ``tokenizer``'s chat template
+    and the generation prompt, ``chat_template_kwargs`` passed to ``apply_chat_template``."""
+    if isinstance(_first_row(rows, origin).get("prompt"), list):
+        _require_chat_template(tokenizer, origin)
+        parse_row = partial(_conversational_prompt, tokenizer=tokenizer, chat_template_kwargs=chat_template_kwargs)
+    else:
+        parse_row = _prompt
+    return _parse_rows(rows, origin, strict, ("prompt",), parse_row)
 
 
 # --------------------------------------------------------------------------- preferences

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-from lit_p3o.data.formats import load_rows, parse_preferences
+from collections.abc import Mapping
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from lit_p3o.data.formats import load_rows, parse_preferences, parse_prompts
 from lit_p3o.tasks import resolve_embedded
 
 
-def load_prompts(source: str, split: str = "train", limit: int | None = None, tokenizer=None) -> list[str]:
-    """Prompts from ``"embedded:<task>"``, a dataset with a ``prompt`` text column, or a
+def load_prompts(
+    source: str,
+    split: str = "train",
+    limit: int | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Prompts from ``"embedded:<task>"``; a dataset with a ``prompt`` column, as text or as
+    TRL's conversational prompt-only form (message lists rendered with ``tokenizer``'s chat
+    template and the generation prompt, ``chat_template_kwargs`` passed through); or a
     preference dataset (HH, TL;DR, TRL), whose distinct prompts are used in order."""
     task = resolve_embedded(source)
     if task is not None:
@@ -15,12 +28,9 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None, to
             raise ValueError(f"load_prompts({source!r}): give `limit`, the number of prompts to draw")
         return task.prompts(split, limit)
     rows, origin = load_rows(source, split)
-    if rows and isinstance(rows[0].get("prompt"), str):
-        prompts = [r.get("prompt") for r in rows]  # a later row may lack the column
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"{origin}: row {i}: field `prompt` is missing, empty or not text")
-        if {"chosen", "rejected"} <= rows[0].keys():  # TRL preference pairs: one prompt, many pairs
+    if rows and "prompt" in rows[0]:
+        prompts = list(parse_prompts(rows, origin, tokenizer, chat_template_kwargs=chat_template_kwargs))
+        if {"chosen", "rejected"} <= rows[0].keys():  # preference pairs: one prompt, many pairs
             prompts = list(dict.fromkeys(prompts))
     else:
         records = parse_preferences(rows, origin, tokenizer=tokenizer, strict=False)
