@@ -354,7 +354,7 @@ def test_whole_source_problems_always_raise(chat_tokenizer):
     with pytest.raises(DataFormatError) as info:
         parse_preferences(rows_of(TRL), "trl.jsonl", format="ultrafeedback")
     assert str(info.value) == (
-        "trl.jsonl: unknown preference format 'ultrafeedback'; known: auto, hh, tldr, trl, trl_conversational"
+        "trl.jsonl: unknown preference format 'ultrafeedback'; known: auto, hh, tldr, trl, trl_implicit, trl_conversational"
     )
     # a forced format names the columns it lacks
     with pytest.raises(DataFormatError) as info:
@@ -490,7 +490,7 @@ def test_parse_sft_missing_column_lists_columns():
         parse_sft(rows, "sft.jsonl")
     assert str(info.value) == (
         "cannot tell the SFT format of sft.jsonl from its columns (prompt, text): "
-        "expected `prompt` and `completion`, or `messages`"
+        "expected `prompt` and `completion`, `messages`, or `text` (without `prompt`)"
     )
     with pytest.raises(DataFormatError) as info:
         parse_sft(rows, "sft.jsonl", format="prompt_completion", strict=False)

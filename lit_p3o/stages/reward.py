@@ -24,7 +24,8 @@ from lit_p3o.scoring import reward_scores
 class RewardModule(L.LightningModule):
     """Trains ``r(x, y)`` so that ``σ(r(x, y_w) − r(x, y_l))`` is the preference probability.
 
-    Batches hold chosen rows first, then rejected rows (one forward for both). Logs loss,
+    Batches hold chosen rows first, then rejected rows (one forward for both), and each pair's
+    ``margin`` (TRL's column; 0 without one) enters the loss as ``−log σ(r_w − r_l − m)``. Logs loss,
     accuracy (share of pairs with ``r_w > r_l``) and mean margin ``r_w − r_l``. At the end of
     ``fit`` the model is written to ``save_dir`` for :class:`lit_p3o.RewardScorer`.
     """
@@ -53,7 +54,7 @@ class RewardModule(L.LightningModule):
     def _step(self, batch: Batch, split: str) -> torch.Tensor:
         scores = reward_scores(self.reward_model, batch)
         chosen, rejected = scores.chunk(2)
-        loss = bradley_terry_loss(chosen, rejected, self.center_coef)
+        loss = bradley_terry_loss(chosen, rejected, self.center_coef, getattr(batch, "margin", None))
         margin = (chosen - rejected).detach()
         self.metrics[f"{split}_accuracy"]((margin > 0).float())
         self.metrics[f"{split}_margin"](margin)
