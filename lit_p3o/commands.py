@@ -142,7 +142,7 @@ def compare_policies(
         del model  # one policy in memory at a time
         for source in judges:
             scorer = _scorer_for(source, tokenizer, reward_models, device)
-            scores[source][name] = scorer.score_examples(out.examples, out.ended)
+            scores[source][name] = scorer.score_examples(out.examples, out.ended, prompts=out.prompts)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

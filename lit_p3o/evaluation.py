@@ -112,7 +112,7 @@ def evaluate_policy(
         raise ValueError("evaluate_policy: no prompts")
     out = sample_completions(policy, tokenizer, prompts, sampling, max_prompt_tokens, batch_size)
     kl = sequence_kl(policy, reference, out.examples, tokenizer.pad_token_id, batch_size)
-    scores = scorer.score_examples(out.examples, out.ended).float()
+    scores = scorer.score_examples(out.examples, out.ended, prompts=out.prompts).float()
     gold = None if task is None else sum(task.gold_reward_batch(out.prompts, out.responses, out.ended)) / len(prompts)
     return {
         "kl": kl.mean().item(),

@@ -144,9 +144,12 @@ class PromptSampler:
 
 
 class Scorer(Protocol):
-    """Anything that scores tokenized (prompt, response) pairs: a reward model or a gold reward."""
+    """Anything that scores tokenized (prompt, response) pairs (:mod:`lit_p3o.scoring`): a
+    reward model, a gold reward, a Python reward function or a weighted mix. ``prompts`` are
+    the prompt texts, one per example, carrying their rows' other columns when loaded from a
+    dataset (:class:`lit_p3o.data.prompts.Prompt`)."""
 
-    def score_examples(self, examples: list[Encoded], ended: list[bool]) -> Tensor: ...
+    def score_examples(self, examples: list[Encoded], ended: list[bool], prompts: list[str] | None = None) -> Tensor: ...
 
 
 class RolloutStage(Protocol):
@@ -243,7 +246,7 @@ def rollout(
             raise RuntimeError("rollout: an empty response was sampled")
 
     logp_old, logp_ref, extras = _forward_passes(stage, examples, spec.forward_batch_size)
-    scores = stage.scorer.score_examples(examples, ended).float()
+    scores = stage.scorer.score_examples(examples, ended, prompts=[p for p in prompts for _ in range(k)]).float()
     if spec.missing_eos_penalty is not None:
         scores = scores - spec.missing_eos_penalty * (~torch.tensor(ended)).float()
     kl = torch.stack([(o - r).sum() for o, r in zip(logp_old, logp_ref)])

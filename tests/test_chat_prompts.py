@@ -101,7 +101,7 @@ def test_bad_conversational_prompts_are_named(tmp_path, chat, caplog):
 
 
 class LengthScorer:
-    def score_examples(self, examples, ended):
+    def score_examples(self, examples, ended, prompts=None):
         return torch.tensor([float(len(e.response_ids)) for e in examples])
 
 

@@ -134,7 +134,7 @@ def test_stop_strings_end_responses(chat_dir):
 
 
 class ZeroScorer:
-    def score_examples(self, examples, ended):
+    def score_examples(self, examples, ended, prompts=None):
         return torch.zeros(len(examples))
 
 

@@ -14,6 +14,7 @@ from lit_p3o.losses import rloo_advantages, rloo_loss
 from lit_p3o.models import ModelSpec
 from lit_p3o.optim import OptimizerSpec
 from lit_p3o.rollout import KLSpec, RolloutSpec
+from lit_p3o.scoring import RewardSource
 from lit_p3o.stages.base import RLStage
 
 
@@ -23,7 +24,7 @@ class RLOOModule(RLStage):
     def __init__(
         self,
         policy: ModelSpec,
-        reward_model: str,
+        reward_model: RewardSource,
         clip_epsilon: float | None = 0.2,
         rollout: RolloutSpec | None = None,
         kl: KLSpec | None = None,
