@@ -180,7 +180,7 @@ def judge_policies(
         del model  # one policy in memory at a time
         for source in judges:
             scorer = _scorer_for(source, tokenizer, reward_models, device)
-            scores[labels[source]][name] = scorer.score_examples(out.examples, out.ended)
+            scores[labels[source]][name] = scorer.score_examples(out.examples, out.ended, prompts=out.prompts)
     return scores
 
 

@@ -10,6 +10,7 @@ quantities with the same code, :func:`evaluate_examples`.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from collections.abc import Sequence
@@ -143,7 +144,7 @@ def evaluate_examples(
     out = sample_completions(policy, tokenizer, prompts, sampling, max_prompt_tokens, batch_size, progress)
     values = {
         "kl": sequence_kl(policy, reference, out.examples, tokenizer.pad_token_id, batch_size, sampling.temperature),
-        "score": scorer.score_examples(out.examples, out.ended).float().cpu(),
+        "score": scorer.score_examples(out.examples, out.ended, prompts=out.prompts).float().cpu(),
         "response_length": torch.tensor([float(len(e.response_ids)) for e in out.examples]),
         "eos_rate": torch.tensor(out.ended, dtype=torch.float32),
     }
@@ -270,12 +271,19 @@ class FrontierCallback(L.Callback):
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float | None]:
         """One point; every rank evaluating uses the same prompts and seed, only rank 0 writes."""
+        rollout_spec = getattr(pl_module, "rollout_spec", None)  # the stage's chat template kwargs and stop strings
         if self._prompt_list is None:
-            self._prompt_list = load_prompts(self.prompts, self.split, self.num_prompts, tokenizer=pl_module.tokenizer)
+            self._prompt_list = load_prompts(
+                self.prompts, self.split, self.num_prompts, tokenizer=pl_module.tokenizer,
+                chat_template_kwargs=getattr(rollout_spec, "chat_template_kwargs", None),
+            )  # fmt: skip
+        sampling = self.sampling
+        if rollout_spec is not None:
+            sampling = dataclasses.replace(sampling, stop_strings=rollout_spec.sampling.stop_strings)
         with seeded(self.seed, pl_module.device), trainer.precision_plugin.forward_context(), phase(trainer, "eval"):
             point = evaluate_policy(
                 pl_module.policy, pl_module.reference, pl_module.tokenizer, pl_module.scorer,
-                self._prompt_list, self.sampling, self.max_prompt_tokens, self.task, self.batch_size,
+                self._prompt_list, sampling, self.max_prompt_tokens, self.task, self.batch_size,
                 progress="eval: generate" if shows_progress(trainer) else None,
             )  # fmt: skip
         if not trainer.is_global_zero:

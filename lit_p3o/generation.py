@@ -1,7 +1,8 @@
 """Sampling responses and scoring their tokens: the two model calls every RL stage makes.
 
 ``sample_responses`` wraps ``generate()`` (KV cache on) and returns responses cut at the
-first generated EOS. ``response_logprobs`` is the *only* function that turns a batch into
+first stop (:func:`response_end`: any of the model's EOS ids, or a stop string); its ``ended``
+flags are the one "did it stop" rule that masks, the missing-EOS penalty and evaluation use. ``response_logprobs`` is the *only* function that turns a batch into
 per-token log-probs: the rollout (``logp_old``, ``logp_ref``), the updates and the evaluation
 all call it, so at the first update step the trajectory ratio is 1 up to float error.
 
@@ -31,6 +32,10 @@ from lit_p3o.models import is_sharded
 class SamplingSpec:
     """Generation settings (defaults: plain sampling at temperature 1, as the paper).
 
+    A response stops at the tokenizer's EOS and at every id of the model's
+    ``generation_config.eos_token_id`` (chat models list their end-of-turn token there), and
+    also after the token that completes any of ``stop_strings`` (the stop text is kept).
+
     ``synced_gpus``: ranks whose responses all ended keep stepping until every rank's have, so
     sharded weights (whose forwards are collectives) never deadlock. ``None`` turns it on when
     the model is FSDP-sharded and several processes run; set ``true`` under DeepSpeed ZeRO-3.
@@ -41,6 +46,7 @@ class SamplingSpec:
     top_k: int = 0
     top_p: float = 1.0
     synced_gpus: bool | None = None
+    stop_strings: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -51,9 +57,12 @@ class SamplingSpec:
             raise ValueError(f"SamplingSpec.top_p: must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"SamplingSpec.top_k: must be >= 0 (0 = off), got {self.top_k}")
+        if self.stop_strings is not None and not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise ValueError(f"SamplingSpec.stop_strings: must be non-empty strings, got {self.stop_strings!r}")
 
-    def generation_config(self, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
-        """A config built from scratch so a model's own defaults (e.g. top_k=50) never leak in."""
+    def generation_config(self, tokenizer: PreTrainedTokenizerBase, stop_ids: list[int] | None = None) -> GenerationConfig:
+        """A config built from scratch so a model's own defaults (e.g. top_k=50) never leak in;
+        ``stop_ids`` (default: the tokenizer's EOS) end a response."""
         return GenerationConfig(
             do_sample=True,
             max_new_tokens=self.max_new_tokens,
@@ -61,9 +70,42 @@ class SamplingSpec:
             top_k=self.top_k,
             top_p=self.top_p,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_ids or tokenizer.eos_token_id,
+            stop_strings=self.stop_strings or None,
             use_cache=True,
         )
+
+
+def stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids a response ends at: the tokenizer's EOS, then every id of the model's
+    ``generation_config.eos_token_id`` (an int or a list, e.g. Llama-3's ``<|eot_id|>``)."""
+    config = getattr(model, "generation_config", None)
+    listed = getattr(config, "eos_token_id", None)
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
+
+
+def response_end(
+    ids: list[int], stop_ids: list[int], tokenizer: PreTrainedTokenizerBase, stop_strings: list[str] | None = None
+) -> int | None:
+    """Length of a response cut at its first stop (the stop token included), None if it never stops.
+
+    A stop is a token of ``stop_ids`` or the token that completes one of ``stop_strings`` in
+    the decoded text (special tokens kept, as ``generate()`` sees them), whichever comes first.
+    """
+    stops = set(stop_ids)
+    end = next((i + 1 for i, t in enumerate(ids) if t in stops), None)
+    if not stop_strings:
+        return end
+    head = ids if end is None else ids[: end - 1]
+    contains = lambda n: any(s in tokenizer.decode(head[:n]) for s in stop_strings)  # noqa: E731
+    if not contains(len(head)):
+        return end
+    lo, hi = 1, len(head)  # containment grows with the prefix: find the shortest prefix that holds one
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if contains(mid) else (mid + 1, hi)
+    return lo
 
 
 @dataclass
@@ -111,10 +153,13 @@ def sample_responses(
     """Sample one response per prompt id list (repeat prompts for K responses each).
 
     ``generate()`` runs on chunks of ``batch_size`` prompts (all at once when None); a
-    ``progress`` label shows a progress bar over the chunks.
+    ``progress`` label shows a progress bar over the chunks. Responses are cut by
+    :func:`response_end` with the ids of :func:`stop_token_ids`; ``ended`` says which stopped.
     """
     size = batch_size or max(1, len(prompts))
     device = next(model.parameters()).device
+    stop_ids = stop_token_ids(model, tokenizer)
+    config = spec.generation_config(tokenizer, stop_ids)
     examples, ended = [], []
     synced = spec.synced_gpus
     if synced is None:
@@ -126,11 +171,12 @@ def sample_responses(
             out = model.generate(
                 input_ids=batch.input_ids.to(device),
                 attention_mask=batch.attention_mask.to(device),
-                generation_config=spec.generation_config(tokenizer),
+                generation_config=config,
                 synced_gpus=synced,
+                tokenizer=tokenizer if spec.stop_strings else None,
             )
             for prompt, row in zip(chunk, out[:, batch.prompt_width :].tolist()):
-                stop = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else None
+                stop = response_end(row, stop_ids, tokenizer, spec.stop_strings)
                 examples.append(Encoded(prompt, row[:stop] if stop else row))
                 ended.append(stop is not None)
     return Sampled(examples, ended)

@@ -52,14 +52,19 @@ def sft_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor
     )
 
 
-def bradley_terry_loss(chosen: Tensor, rejected: Tensor, center_coef: float = 0.0) -> Tensor:
-    """``mean(−log σ(r_w − r_l)) + c · mean((r_w + r_l)²)``.
+def bradley_terry_loss(
+    chosen: Tensor, rejected: Tensor, center_coef: float = 0.0, margin: Tensor | None = None
+) -> Tensor:
+    """``mean(−log σ(r_w − r_l − m)) + c · mean((r_w + r_l)²)``.
 
     Preferences identify only reward differences; the optional centering term pins the free
-    offset near zero so reward scales stay comparable across runs. ``logsigmoid`` keeps large
+    offset near zero so reward scales stay comparable across runs. ``margin`` ``m`` (per pair,
+    0 when None) asks for ``r_w`` to exceed ``r_l`` by at least that much, as TRL's
+    RewardTrainer does with a dataset's ``margin`` column. ``logsigmoid`` keeps large
     margins finite.
     """
-    return -F.logsigmoid(chosen - rejected).mean() + center_coef * ((chosen + rejected) ** 2).mean()
+    difference = chosen - rejected if margin is None else chosen - rejected - margin
+    return -F.logsigmoid(difference).mean() + center_coef * ((chosen + rejected) ** 2).mean()
 
 
 def pair_indices(k: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:

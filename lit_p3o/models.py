@@ -147,6 +147,8 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
 def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A causal LM ready to train: loaded or built, then quantized/LoRA-wrapped as asked."""
     model = _load_or_build(spec, tokenizer, AutoModelForCausalLM)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     return _finish(spec, model, task_type="CAUSAL_LM")
 
 
@@ -154,7 +156,9 @@ def build_reward_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> P
     """A scalar-head model (``AutoModelForSequenceClassification`` with one label).
 
     Initialising from a causal LM (e.g. the SFT policy) keeps its backbone and adds a new
-    head, which is how reward models are usually started.
+    head, which is how reward models are usually started. The config's ``pad_token_id`` is
+    left as loaded: it decides where the score is read (:func:`lit_p3o.scoring.pooling_positions`),
+    as in transformers.
     """
     model = _load_or_build(spec, tokenizer, AutoModelForSequenceClassification, num_labels=1)
     return _finish(spec, model, task_type="SEQ_CLS")
@@ -286,10 +290,7 @@ def _load_or_build(
     if spec.quantization is not None:
         kwargs["quantization_config"] = _bnb_config(spec.quantization)
         kwargs.setdefault("device_map", {"": _quantization_device()})
-    model = _load_pretrained(source, auto_class, kwargs, "name_or_path")
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return _load_pretrained(source, auto_class, kwargs, "name_or_path")
 
 
 def _finish(spec: ModelSpec, model: PreTrainedModel, task_type: str) -> PreTrainedModel:

@@ -52,6 +52,8 @@ class RolloutSpec:
     ``prompt_pool`` caps how many prompts are read from ``prompts`` (required for embedded
     tasks, which can generate any number). ``missing_eos_penalty`` is subtracted from the
     score of responses that did not end within ``sampling.max_new_tokens``.
+    ``chat_template_kwargs`` go to ``apply_chat_template`` when conversational prompts
+    (lists of messages) are rendered.
     """
 
     prompts: str = "embedded:reviews"
@@ -67,6 +69,7 @@ class RolloutSpec:
     generation_batch_size: int = 64
     forward_batch_size: int = 32
     log_samples: int = 2
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.num_responses < 2:
@@ -146,9 +149,12 @@ class PromptSampler:
 
 
 class Scorer(Protocol):
-    """Anything that scores tokenized (prompt, response) pairs: a reward model or a gold reward."""
+    """Anything that scores tokenized (prompt, response) pairs (:mod:`lit_p3o.scoring`): a
+    reward model, a gold reward, a Python reward function or a weighted mix. ``prompts`` are
+    the prompt texts, one per example, carrying their rows' other columns when loaded from a
+    dataset (:class:`lit_p3o.data.prompts.Prompt`)."""
 
-    def score_examples(self, examples: list[Encoded], ended: list[bool]) -> Tensor: ...
+    def score_examples(self, examples: list[Encoded], ended: list[bool], prompts: list[str] | None = None) -> Tensor: ...
 
 
 class RolloutStage(Protocol):
@@ -193,7 +199,10 @@ class RolloutCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.sampler is None:
-            prompts = load_prompts(self.spec.prompts, self.spec.split, self.spec.prompt_pool, pl_module.tokenizer)
+            prompts = load_prompts(
+                self.spec.prompts, self.spec.split, self.spec.prompt_pool, pl_module.tokenizer,
+                chat_template_kwargs=self.spec.chat_template_kwargs,
+            )  # fmt: skip
             self.sampler = PromptSampler(prompts, self.seed, trainer.global_rank, trainer.world_size)
             if trainer.is_global_zero:
                 log_clamps(self.spec, prompts, len(self.sampler.prompts), pl_module.tokenizer)
@@ -323,7 +332,11 @@ def rollout(
     logp_old, logp_ref, extras = _forward_passes(stage, examples, spec.forward_batch_size, spec.sampling.temperature, show_progress)
     n = spec.forward_batch_size
     chunks = tqdm(range(0, len(examples), n), desc="rollout: score", leave=False, disable=not show_progress)
-    scores = torch.cat([stage.scorer.score_examples(examples[i : i + n], ended[i : i + n]).float() for i in chunks])
+    prompt_of = [p for p in prompts for _ in range(k)]  # the prompt set's row (its columns) for each response
+    scores = torch.cat([
+        stage.scorer.score_examples(examples[i : i + n], ended[i : i + n], prompts=prompt_of[i : i + n]).float()
+        for i in chunks
+    ])
     if spec.missing_eos_penalty is not None:
         scores = scores - spec.missing_eos_penalty * (~torch.tensor(ended)).float()
     kl = torch.stack([(o - r).sum() for o, r in zip(logp_old, logp_ref)])

@@ -1,15 +1,22 @@
-"""Scoring (prompt, response) pairs with a reward model: the one function every stage uses.
+"""Scoring (prompt, response) pairs: reward models, embedded gold rewards, Python reward
+functions and weighted mixes of them, behind one ``score_examples`` method
+(:class:`lit_p3o.rollout.Scorer`); :func:`build_scorer` turns configuration into one.
 
 A reward model here is an ``AutoModelForSequenceClassification`` with one label (optionally
-LoRA-wrapped). We read its scalar head at the last non-padding token, found from the
-attention mask rather than from token ids: HF's own pooling looks for the last token that
-differs from ``pad_token_id``, which is wrong whenever the pad token is also EOS and the
-response ends with it.
+LoRA-wrapped). Its scalar head is read where transformers reads it (see :func:`pooling_positions`),
+so a model trained here scores the same under plain transformers, and a model trained with
+transformers or TRL scores here as under its own forward.
 """
 
 from __future__ import annotations
 
+import importlib
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +40,25 @@ def _hf_model(model: nn.Module) -> PreTrainedModel:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def pooling_positions(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int | None) -> Tensor:
+    """Column of each row where the reward is read: transformers' rule on the unpadded row.
+
+    That is the last attended token whose id is not the *model config's* ``pad_token_id``
+    (so with pad = EOS a trailing EOS is skipped and the token before it is read; an EOS inside
+    the prompt does not matter), the last attended token when the config has no pad token, and
+    the row's first token when every token is the pad id. Padding is found from the attention
+    mask, so left and right padding give the same positions as the unpadded row.
+    """
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    attended = attention_mask.bool()
+    first = attended.long().argmax(dim=1)
+    readable = attended if pad_token_id is None else attended & (input_ids != pad_token_id)
+    last = (readable * columns).argmax(dim=1)
+    return torch.where(readable.any(dim=1), last, first)
+
+
 def reward_scores(model: nn.Module, batch: Batch) -> Tensor:
-    """Scalar reward per row, read at each row's last attended token; shape ``[B]``, float32."""
+    """Scalar reward per row, read at :func:`pooling_positions`; shape ``[B]``, float32."""
     hf = _hf_model(model)
     backbone = getattr(hf, hf.base_model_prefix)
     hidden = backbone(
@@ -43,8 +67,7 @@ def reward_scores(model: nn.Module, batch: Batch) -> Tensor:
         position_ids=batch.position_ids,
         use_cache=False,
     ).last_hidden_state
-    columns = torch.arange(batch.attention_mask.shape[1], device=hidden.device)
-    last = (batch.attention_mask * columns).argmax(dim=1)
+    last = pooling_positions(batch.input_ids, batch.attention_mask, hf.config.get_text_config().pad_token_id)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     return hf.score(pooled).squeeze(-1).float()
 
@@ -82,7 +105,9 @@ class RewardScorer:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def score_examples(self, examples: list[Encoded], ended: list[bool] | None = None) -> Tensor:
+    def score_examples(
+        self, examples: list[Encoded], ended: list[bool] | None = None, prompts: Sequence[str] | None = None
+    ) -> Tensor:
         """Scores of tokenized pairs, in batches; ``[N]`` float32 on CPU.
 
         ``ended`` says which responses end with a generated EOS; it matters only when ids
@@ -122,7 +147,9 @@ class GoldScorer:
         self.task = task
         self.tokenizer = tokenizer
 
-    def score_examples(self, examples: list[Encoded], ended: list[bool] | None = None) -> Tensor:
+    def score_examples(
+        self, examples: list[Encoded], ended: list[bool] | None = None, prompts: Sequence[str] | None = None
+    ) -> Tensor:
         ended = ended if ended is not None else [True] * len(examples)
         return torch.tensor(
             [
@@ -137,11 +164,119 @@ class GoldScorer:
         )
 
 
-def build_scorer(source: str, policy_tokenizer: PreTrainedTokenizerBase) -> RewardScorer | GoldScorer:
-    """``"embedded:<task>"`` → that task's gold reward; otherwise a saved reward model's path."""
+_FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+RewardFunction = Callable[..., Sequence[Union[float, int, None]]]
+
+
+class FunctionScorer:
+    """A Python reward function, called like TRL's ``reward_funcs``:
+    ``func(prompts=[...], completions=[...], **columns)`` with one entry per response (text,
+    special tokens removed) and, as keyword lists, the other columns of each response's prompt
+    row (:class:`lit_p3o.data.prompts.Prompt`); it returns one float, or None, per response.
+    None becomes NaN, which the RL stages' non-finite guard turns into a skipped update."""
+
+    def __init__(self, function: RewardFunction, tokenizer: PreTrainedTokenizerBase, name: str | None = None) -> None:
+        if not callable(function):
+            raise TypeError(f"reward function {name or function!r} is not callable")
+        self.function = function
+        self.tokenizer = tokenizer
+        self.name = name or getattr(function, "__qualname__", repr(function))
+
+    def score_examples(
+        self, examples: list[Encoded], ended: list[bool] | None = None, prompts: Sequence[str] | None = None
+    ) -> Tensor:
+        texts = [self.tokenizer.decode(e.prompt_ids, skip_special_tokens=True) for e in examples]
+        prompts = list(prompts) if prompts is not None else texts
+        if len(prompts) != len(examples):
+            raise ValueError(f"reward function {self.name}: {len(prompts)} prompts for {len(examples)} responses")
+        completions = [self.tokenizer.decode(e.response_ids, skip_special_tokens=True) for e in examples]
+        names = list(dict.fromkeys(k for p in prompts for k in getattr(p, "columns", {})))
+        columns = {k: [getattr(p, "columns", {}).get(k) for p in prompts] for k in names}
+        values = self.function(prompts=[str(p) for p in prompts], completions=completions, **columns)
+        if isinstance(values, Tensor):
+            values = values.tolist()
+        if not isinstance(values, Sequence) or len(values) != len(examples):
+            got = f"{len(values)} values" if isinstance(values, Sequence) else type(values).__name__
+            raise ValueError(f"reward function {self.name}: must return one value per completion ({len(examples)}), got {got}")
+        out = []
+        for i, v in enumerate(values):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise TypeError(f"reward function {self.name}: value {i} is {v!r}; expected a float or None")
+            out.append(math.nan if v is None else float(v))
+        return torch.tensor(out, dtype=torch.float32)
+
+
+class WeightedScorer:
+    """``Σ_i w_i · score_i``: several rewards mixed (a NaN in any term makes the sum NaN)."""
+
+    def __init__(self, terms: list[tuple[Any, float]]) -> None:
+        if not terms:
+            raise ValueError("WeightedScorer: needs at least one reward")
+        self.terms = terms
+        models = [s.model for s, _ in terms if isinstance(getattr(s, "model", None), nn.Module)]
+        self.model = nn.ModuleList(models) if models else None  # so the stage moves them with itself
+
+    def score_examples(
+        self, examples: list[Encoded], ended: list[bool] | None = None, prompts: Sequence[str] | None = None
+    ) -> Tensor:
+        total = torch.zeros(len(examples))
+        for scorer, weight in self.terms:
+            total = total + weight * scorer.score_examples(examples, ended, prompts=prompts).float()
+        return total
+
+
+@dataclass
+class RewardSpec:
+    """One term of a weighted reward: ``source`` is a reward model directory,
+    ``"embedded:<task>"`` or a Python function ``"package.module:function"``."""
+
+    source: str
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.weight):
+            raise ValueError(f"RewardSpec.weight: must be finite, got {self.weight}")
+
+
+RewardSource = Union[str, list[RewardSpec]]
+"""What ``reward_model`` of an RL stage accepts: one source, or a list of weighted ones."""
+
+
+def load_function(source: str) -> RewardFunction:
+    """Import ``"package.module:function"``, with errors that name the source."""
+    module_name, _, attribute = source.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ImportError(f"reward {source!r}: cannot import module {module_name!r} ({err})") from err
+    function = getattr(module, attribute, None)
+    if function is None:
+        raise AttributeError(f"reward {source!r}: module {module_name!r} has no attribute {attribute!r}")
+    if not callable(function):
+        raise TypeError(f"reward {source!r}: {attribute!r} is not callable")
+    return function
+
+
+def is_function_source(source: str) -> bool:
+    """``package.module:function`` that is not a local path."""
+    return bool(_FUNCTION.fullmatch(source)) and not Path(source).exists()
+
+
+def build_scorer(source: RewardSource | RewardSpec, policy_tokenizer: PreTrainedTokenizerBase):
+    """``"embedded:<task>"`` → that task's gold reward; ``"package.module:function"`` → a
+    :class:`FunctionScorer`; a list of :class:`RewardSpec` → their :class:`WeightedScorer`;
+    otherwise a saved reward model's path."""
+    if isinstance(source, (list, tuple)):
+        specs = [s if isinstance(s, RewardSpec) else RewardSpec(**s) for s in source]
+        return WeightedScorer([(build_scorer(s.source, policy_tokenizer), s.weight) for s in specs])
+    if isinstance(source, RewardSpec):
+        return build_scorer([source], policy_tokenizer)
     task = resolve_embedded(source)
     if task is not None:
         return GoldScorer(task, policy_tokenizer)
+    if is_function_source(source):
+        return FunctionScorer(load_function(source), policy_tokenizer, name=source)
     scorer = RewardScorer.from_pretrained(source)
     scorer.accept_ids_from(policy_tokenizer)
     return scorer

@@ -149,7 +149,7 @@ def test_ppo_stores_rollout_values_and_separate_critic_works():
 def test_every_stage_trains_through_the_shared_rollout(tmp_path, cls, k):
     stage = build(cls, k=k)
     real = stage.scorer.score_examples
-    stage.scorer.score_examples = lambda examples, ended: real(examples, ended) + torch.randn(len(examples))
+    stage.scorer.score_examples = lambda examples, ended, prompts=None: real(examples, ended) + torch.randn(len(examples))
     before = copy.deepcopy(stage.policy.state_dict())
     L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, default_root_dir=tmp_path).fit(stage)

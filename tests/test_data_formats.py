@@ -352,11 +352,11 @@ def test_unknown_preference_format_lists_known_formats_and_columns():
         assert name in message
     with pytest.raises(DataFormatError) as raised:
         parse_preferences(rows, "prefs.jsonl", format="shp")
-    known = "auto, hh, tldr, trl, trl_conversational"
+    known = "auto, hh, tldr, trl, trl_implicit, trl_conversational"
     assert str(raised.value) == f"prefs.jsonl: unknown preference format 'shp'; known: {known}"
     with pytest.raises(DataFormatError) as raised:
         parse_sft(rows, "prefs.jsonl", format="alpaca")
-    assert str(raised.value) == "prefs.jsonl: unknown SFT format 'alpaca'; known: auto, prompt_completion, messages"
+    assert str(raised.value) == "prefs.jsonl: unknown SFT format 'alpaca'; known: auto, prompt_completion, messages, text"
 
 
 def test_no_rows_is_an_error():

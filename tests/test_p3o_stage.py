@@ -58,7 +58,7 @@ def test_one_epoch_is_one_rollout_then_update_epochs_passes(tmp_path):
     assert stage.trainer.global_step == 8
 
 
-def varied_scores(examples, ended):
+def varied_scores(examples, ended, prompts=None):
     """Distinct scores per response, so every pair has δ ≠ 0 (a random micro policy earns the
     same gold reward for all its gibberish)."""
     return torch.arange(len(examples), dtype=torch.float32) * torch.tensor([1.0, -1.0]).repeat(len(examples))[: len(examples)]
@@ -70,7 +70,7 @@ def test_non_finite_reward_skips_the_step_and_keeps_weights(tmp_path, capsys):
     # covers the default limit)
     stage = make_stage(minibatch_groups=4, guards=GuardSpec(max_skipped_fraction=1.0))
 
-    def poisoned(examples, ended):
+    def poisoned(examples, ended, prompts=None):
         scores = varied_scores(examples, ended)
         scores[1] = float("nan")
         return scores
@@ -147,7 +147,7 @@ def test_p3o_learns_from_the_kl_regularised_rewards_not_the_raw_scores():
 def run_to_end(tmp_path: Path, epochs: int, resume_from: str | None = None, stop_after: int | None = None):
     L.seed_everything(0)
     stage = make_stage(update_epochs=2, minibatch_groups=2, num_responses=3)
-    stage.scorer.score_examples = lambda examples, ended: torch.randn(len(examples))  # uses the seeded RNG
+    stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.randn(len(examples))  # uses the seeded RNG
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, every_n_epochs=1)
     t = trainer(tmp_path, max_epochs=stop_after or epochs, callbacks=[checkpoint], enable_checkpointing=True)
     t.fit(stage, ckpt_path=resume_from)
@@ -222,7 +222,7 @@ def test_resume_mid_rollout_continues_with_the_next_minibatch(tmp_path):
 
     L.seed_everything(0)
     stage = make_stage(update_epochs=2, minibatch_groups=2, num_responses=3)
-    stage.scorer.score_examples = lambda examples, ended: torch.randn(len(examples))
+    stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.randn(len(examples))
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "mid", save_top_k=-1, every_n_train_steps=6,
                                  save_on_train_epoch_end=False)
     trainer(tmp_path / "cut", max_epochs=3, max_steps=6, callbacks=[checkpoint], enable_checkpointing=True).fit(stage)

@@ -354,7 +354,7 @@ def test_whole_source_problems_always_raise(chat_tokenizer):
     with pytest.raises(DataFormatError) as info:
         parse_preferences(rows_of(TRL), "trl.jsonl", format="ultrafeedback")
     assert str(info.value) == (
-        "trl.jsonl: unknown preference format 'ultrafeedback'; known: auto, hh, tldr, trl, trl_conversational"
+        "trl.jsonl: unknown preference format 'ultrafeedback'; known: auto, hh, tldr, trl, trl_implicit, trl_conversational"
     )
     # a forced format names the columns it lacks
     with pytest.raises(DataFormatError) as info:
@@ -490,7 +490,7 @@ def test_parse_sft_missing_column_lists_columns():
         parse_sft(rows, "sft.jsonl")
     assert str(info.value) == (
         "cannot tell the SFT format of sft.jsonl from its columns (prompt, text): "
-        "expected `prompt` and `completion`, or `messages`"
+        "expected `prompt` and `completion`, `messages`, or `text` (without `prompt`)"
     )
     with pytest.raises(DataFormatError) as info:
         parse_sft(rows, "sft.jsonl", format="prompt_completion", strict=False)
@@ -629,7 +629,7 @@ def test_load_prompts_from_a_prompt_column(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "rate the tea :"}, {"text": "rate the mug :"}])
     with pytest.raises(ValueError) as info:
         load_prompts(str(bad))
-    assert str(info.value) == f"{bad}: row 1: field `prompt` is missing, empty or not text"
+    assert str(info.value) == f"{bad}: row 1: field `prompt`: missing"
 
 
 def test_load_prompts_from_preference_data_are_distinct_and_in_order(caplog):

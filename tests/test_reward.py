@@ -1,4 +1,4 @@
-"""Reward modelling: reward_scores at the last attended token, the Bradley–Terry step and its
+"""Reward modelling: reward_scores where transformers reads them, the Bradley–Terry step and its
 metrics, fit → save → RewardScorer round trip, re-encoding for another tokenizer, GoldScorer,
 build_scorer, and the embedded task's labelled preference pairs."""
 
@@ -101,9 +101,9 @@ def test_reward_scores_do_not_depend_on_padding(reward_model, tok):
     torch.testing.assert_close(alone[0].item(), score_alone(reward_model, short), atol=1e-5, rtol=1e-5)
 
 
-def test_reward_scores_when_pad_is_eos_and_the_response_ends_with_eos():
-    """HF's own pooling takes the last token that is not ``pad_token_id``: with pad = EOS it
-    reads the token before the final EOS; reward_scores reads the EOS position itself."""
+def test_reward_scores_when_pad_is_eos_follow_transformers():
+    """With pad = EOS transformers reads the last token that is not the pad id, i.e. the token
+    before a final EOS; reward_scores reads the same position, so both score alike."""
     tokenizer = TASK.build_tokenizer()
     tokenizer.pad_token = tokenizer.eos_token
     assert tokenizer.pad_token_id == tokenizer.eos_token_id == 1
@@ -117,10 +117,12 @@ def test_reward_scores_when_pad_is_eos_and_the_response_ends_with_eos():
     assert (batch.input_ids[:, -1] == 1).all()  # every row ends with EOS or EOS padding
     with torch.no_grad():
         scores = reward_scores(model, batch)
-        hf = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
-    expected = torch.tensor([score_alone(model, e) for e in examples])
-    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(hf.logits.squeeze(-1), expected, atol=1e-3)  # the pitfall is real
+        hf = [model(input_ids=torch.tensor([e.prompt_ids + e.response_ids])).logits[0, 0] for e in examples]
+    before_eos = torch.tensor([score_alone(model, Encoded(e.prompt_ids, e.response_ids[:-1])) for e in examples])
+    torch.testing.assert_close(scores, torch.stack(hf), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores, before_eos, atol=1e-5, rtol=1e-5)
+    at_eos = torch.tensor([score_alone(model, e) for e in examples])
+    assert not torch.allclose(scores, at_eos, atol=1e-3)  # the position matters
 
 
 def test_reward_scores_under_lora(tok):

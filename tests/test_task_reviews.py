@@ -211,7 +211,7 @@ def test_registry():
     assert isinstance(resolve_embedded(EMBEDDED_PREFIX + "reviews"), ReviewsTask)
     assert resolve_embedded("gpt2") is None
     assert resolve_embedded("data/reviews.jsonl") is None
-    with pytest.raises(ValueError, match="known tasks: reviews"):
+    with pytest.raises(ValueError, match="known tasks: arithmetic, reviews"):
         get_task("poems")
     with pytest.raises(ValueError, match="unknown embedded task 'poems'"):
         resolve_embedded("embedded:poems")

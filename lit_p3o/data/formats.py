@@ -9,6 +9,14 @@ SFT format                    columns
 ``prompt_completion``         ``prompt``/``completion`` text, or TRL conversational: ``prompt`` a
                               list of messages and ``completion`` one assistant message
 ``messages``                  ``messages``: a conversation ending with the assistant's reply
+``text``                      ``text``: plain language modelling (empty prompt, the whole text trained)
+============================  =====================================================================
+
+============================  =====================================================================
+prompt-only format            columns
+============================  =====================================================================
+``prompt``                    ``prompt`` text, or TRL conversational prompt-only: a list of messages
+                              ending with the turn the model answers
 ============================  =====================================================================
 
 ============================  =====================================================================
@@ -18,9 +26,16 @@ preference format             columns
 ``tldr``                      OpenAI summarize-from-feedback comparisons: ``info``, ``summaries``,
                               ``choice``
 ``trl``                       TRL standard preference: ``prompt``/``chosen``/``rejected`` text
+``trl_implicit``              TRL implicit prompt: ``chosen``/``rejected`` texts sharing a prefix
+                              (the prompt, split off as TRL's ``extract_prompt`` does)
 ``trl_conversational``        TRL conversational: ``chosen``/``rejected`` message lists, with an
                               explicit ``prompt`` list or an implicit one (their shared turns)
 ============================  =====================================================================
+
+Every preference format may add TRL's ``margin`` column, a number per pair that the reward
+model's loss subtracts from the reward difference (0 where a row has none). A message's
+``content`` may be text or a list of parts, whose text parts are joined; other parts (images)
+are refused.
 
 Every parser has the signature ``(rows, origin, [tokenizer,] strict=True)`` and returns
 :class:`Parsed`, a list of records whose ``issues`` attribute (a :class:`RowIssues`) holds the
@@ -31,7 +46,9 @@ became a row. Problems of the whole source (no rows, a missing column, an unknow
 tokenizer without chat template) always raise, whatever ``strict`` says.
 
 Conversational prompts are rendered with the tokenizer's chat template, ending with the
-generation prompt, so that ``prompt + response`` is what the model is trained on.
+generation prompt, so that ``prompt + response`` is what the model is trained on. A BOS the
+template writes is left out of the text when the tokenizer adds it while encoding, so it is
+not doubled.
 """
 
 from __future__ import annotations
@@ -39,6 +56,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -67,10 +85,13 @@ __all__ = [
     "parse_messages",
     "parse_preferences",
     "parse_prompt_completion",
+    "parse_prompts",
     "parse_sft",
+    "parse_text",
     "parse_tldr",
     "parse_trl",
     "parse_trl_conversational",
+    "parse_trl_implicit",
 ]
 
 Row = Mapping[str, Any]
@@ -81,8 +102,8 @@ HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
 #: How a TL;DR post becomes a prompt; the summaries follow ``TL;DR:`` after a space.
 TLDR_PROMPT_TEMPLATE = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
-SFT_FORMATS = ("prompt_completion", "messages")
-PREFERENCE_FORMATS = ("hh", "tldr", "trl", "trl_conversational")
+SFT_FORMATS = ("prompt_completion", "messages", "text")
+PREFERENCE_FORMATS = ("hh", "tldr", "trl", "trl_implicit", "trl_conversational")
 
 _JSON_FILES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 _FILE_SUFFIXES = (*_JSON_FILES, ".parquet")
@@ -100,6 +121,7 @@ class PreferenceRecord:
     prompt: str
     chosen: str
     rejected: str
+    margin: float = 0.0
 
 
 class Parsed(list[R], Generic[R]):
@@ -291,14 +313,35 @@ def _as_text(value: Any, field: str, allow_empty: bool = False) -> str:
 
 
 def _as_messages(value: Any, field: str) -> list[Message]:
+    """A non-empty message list with text roles; ``content`` given as a list of parts becomes
+    the text of its text parts, joined (as multimodal chat templates print them)."""
     if value is None:
         raise _BadRow(field, "missing")
     if not isinstance(value, list) or not value:
         raise _BadRow(field, "expected a non-empty list of messages")
+    messages = []
     for message in value:
-        if not (isinstance(message, Mapping) and all(isinstance(message.get(k), str) for k in ("role", "content"))):
+        if not (isinstance(message, Mapping) and isinstance(message.get("role"), str)):
             raise _BadRow(field, "every message needs a text `role` and `content`")
-    return value
+        content = message.get("content")
+        if isinstance(content, list):
+            content = _text_of_parts(content, field)
+        if not isinstance(content, str):
+            raise _BadRow(field, "every message needs a text `role` and `content`")
+        messages.append({**message, "content": content})
+    return messages
+
+
+def _text_of_parts(parts: list[Any], field: str) -> str:
+    """``[{"type": "text", "text": ...}, ...]`` → the texts joined; any other part is refused."""
+    texts = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            what = f"a part of type {kind!r}" if kind is not None else "a part without a `type`"
+            raise _BadRow(field, f"message content holds {what}; only text parts are supported")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _assistant_reply(messages: list[Message], field: str) -> str:
@@ -334,20 +377,38 @@ def _require_chat_template(tokenizer: PreTrainedTokenizerBase | None, origin: st
         )
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str:
-    """The conversation as the model sees it, ending where the assistant's reply begins."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def _render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], chat_template_kwargs: Mapping[str, Any] | None = None
+) -> str:
+    """The conversation as the model sees it, ending where the assistant's reply begins.
+
+    ``chat_template_kwargs`` go to ``apply_chat_template`` (e.g. ``enable_thinking``). A
+    leading BOS written by the template (Llama-3's) is dropped when encoding adds it anyway.
+    """
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
+    )
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos) :]
+    return text
 
 
-def _pair(prompt: str, chosen: str, rejected: str) -> PreferenceRecord:
+def _pair(row: Row, prompt: str, chosen: str, rejected: str) -> PreferenceRecord:
     """The checks all preference formats share: two non-empty responses that differ (beyond
-    surrounding whitespace), since an indistinguishable pair teaches a reward model nothing."""
+    surrounding whitespace), since an indistinguishable pair teaches a reward model nothing;
+    and the row's optional ``margin``, a finite number (0 when absent or null)."""
     for field, response in (("chosen", chosen), ("rejected", rejected)):
         if not response.strip():
             raise _BadRow(field, "empty response")
     if chosen.strip() == rejected.strip():
         raise _BadRow("chosen/rejected", "identical responses")
-    return PreferenceRecord(prompt, chosen, rejected)
+    margin = row.get("margin")
+    if margin is None:
+        return PreferenceRecord(prompt, chosen, rejected)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise _BadRow("margin", "not a finite number")
+    return PreferenceRecord(prompt, chosen, rejected, float(margin))
 
 
 # --------------------------------------------------------------------------- SFT
@@ -360,9 +421,11 @@ def detect_sft_format(columns: Iterable[str], origin: str = "the data") -> str:
         return "messages"
     if {"prompt", "completion"} <= columns:
         return "prompt_completion"
+    if "text" in columns and "prompt" not in columns:  # a prompt without completion is more likely a slip
+        return "text"
     raise DataFormatError(
         f"cannot tell the SFT format of {origin} from its columns ({', '.join(sorted(columns))}): "
-        "expected `prompt` and `completion`, or `messages`"
+        "expected `prompt` and `completion`, `messages`, or `text` (without `prompt`)"
     )
 
 
@@ -406,6 +469,12 @@ def parse_messages(
     return _parse_rows(rows, origin, strict, ("messages",), partial(_conversation, tokenizer=tokenizer))
 
 
+def parse_text(rows: Sequence[Row], origin: str, strict: bool = True) -> Parsed[SFTRecord]:
+    """``text`` rows (TRL's language-modelling format): an empty prompt and the whole text as
+    the completion, so every token of it (and EOS) is trained on."""
+    return _parse_rows(rows, origin, strict, ("text",), lambda row: SFTRecord("", _as_text(row.get("text"), "text")))
+
+
 def parse_sft(
     rows: Sequence[Row],
     origin: str,
@@ -415,12 +484,50 @@ def parse_sft(
 ) -> Parsed[SFTRecord]:
     """SFT records in any of :data:`SFT_FORMATS`, told from the first row's columns unless
     ``format`` names one (when a source has both ``messages`` and prompt/completion)."""
-    parsers = {"prompt_completion": parse_prompt_completion, "messages": parse_messages}
+    parsers = {
+        "prompt_completion": parse_prompt_completion,
+        "messages": parse_messages,
+        "text": lambda rows, origin, tokenizer, strict: parse_text(rows, origin, strict),
+    }
     if format == "auto":
         format = detect_sft_format(_first_row(rows, origin).keys(), origin)
     elif format not in parsers:
         raise DataFormatError(f"{origin}: unknown SFT format {format!r}; known: auto, {', '.join(SFT_FORMATS)}")
     return parsers[format](rows, origin, tokenizer=tokenizer, strict=strict)
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def _prompt(row: Row) -> str:
+    return _as_text(row.get("prompt"), "prompt")
+
+
+def _conversational_prompt(
+    row: Row, tokenizer: PreTrainedTokenizerBase, chat_template_kwargs: Mapping[str, Any] | None
+) -> str:
+    messages = _as_messages(row.get("prompt"), "prompt")
+    if messages[-1]["role"] == "assistant":
+        raise _BadRow("prompt", "the last message is the assistant's; a prompt ends with the turn the model answers")
+    return _render(tokenizer, messages, chat_template_kwargs)
+
+
+def parse_prompts(
+    rows: Sequence[Row],
+    origin: str,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    strict: bool = True,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> Parsed[str]:
+    """Prompt-only rows: ``prompt`` as non-empty text or, when the first row's prompt is a
+    message list (TRL conversational prompt-only), rendered with ``tokenizer``'s chat template
+    and the generation prompt, ``chat_template_kwargs`` passed to ``apply_chat_template``."""
+    if isinstance(_first_row(rows, origin).get("prompt"), list):
+        _require_chat_template(tokenizer, origin)
+        parse_row = partial(_conversational_prompt, tokenizer=tokenizer, chat_template_kwargs=chat_template_kwargs)
+    else:
+        parse_row = _prompt
+    return _parse_rows(rows, origin, strict, ("prompt",), parse_row)
 
 
 # --------------------------------------------------------------------------- preferences
@@ -443,7 +550,7 @@ def _hh(row: Row) -> PreferenceRecord:
     rejected_prompt, rejected = _split_hh(_as_text(row.get("rejected"), "rejected"), "rejected")
     if rejected_prompt != prompt:
         raise _BadRow("chosen/rejected", "the transcripts differ before the final Assistant reply")
-    return _pair(prompt, chosen, rejected)
+    return _pair(row, prompt, chosen, rejected)
 
 
 def _tldr(row: Row) -> PreferenceRecord:
@@ -467,11 +574,12 @@ def _tldr(row: Row) -> PreferenceRecord:
         raise _BadRow("choice", "not an integer")
     if choice not in (0, 1):
         raise _BadRow("choice", "out of range (0 or 1)")
-    return _pair(prompt, texts[choice], texts[1 - choice])
+    return _pair(row, prompt, texts[choice], texts[1 - choice])
 
 
 def _trl(row: Row) -> PreferenceRecord:
     return _pair(
+        row,
         _as_text(row.get("prompt"), "prompt", allow_empty=True),
         _as_text(row.get("chosen"), "chosen", allow_empty=True),
         _as_text(row.get("rejected"), "rejected", allow_empty=True),
@@ -483,11 +591,27 @@ def _trl_conversational(row: Row, tokenizer: PreTrainedTokenizerBase) -> Prefere
     rejected = _as_messages(row.get("rejected"), "rejected")
     if row.get("prompt") is not None:
         prompt = _as_messages(row["prompt"], "prompt")
-        return _pair(_render(tokenizer, prompt), _only_reply(chosen, "chosen"), _only_reply(rejected, "rejected"))
+        return _pair(row, _render(tokenizer, prompt), _only_reply(chosen, "chosen"), _only_reply(rejected, "rejected"))
     prompt = _context(chosen, "chosen")  # implicit prompt: the turns both conversations share
     if rejected[:-1] != prompt:
         raise _BadRow("chosen/rejected", "the conversations differ before the final assistant reply")
-    return _pair(_render(tokenizer, prompt), _assistant_reply(chosen, "chosen"), _assistant_reply(rejected, "rejected"))
+    return _pair(row, _render(tokenizer, prompt), _assistant_reply(chosen, "chosen"), _assistant_reply(rejected, "rejected"))
+
+
+def shared_prefix_length(chosen: str, rejected: str) -> int:
+    """Where TRL's ``extract_prompt`` cuts an implicit prompt: the longest common prefix,
+    less a final space (which then starts both responses)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    return n - 1 if n > 0 and chosen[n - 1] == " " and n < min(len(chosen), len(rejected)) else n
+
+
+def _trl_implicit(row: Row) -> PreferenceRecord:
+    chosen = _as_text(row.get("chosen"), "chosen")
+    rejected = _as_text(row.get("rejected"), "rejected")
+    cut = shared_prefix_length(chosen, rejected)
+    return _pair(row, chosen[:cut], chosen[cut:], rejected[cut:])
 
 
 def parse_hh(rows: Sequence[Row], origin: str, strict: bool = True) -> Parsed[PreferenceRecord]:
@@ -505,6 +629,13 @@ def parse_tldr(rows: Sequence[Row], origin: str, strict: bool = True) -> Parsed[
 def parse_trl(rows: Sequence[Row], origin: str, strict: bool = True) -> Parsed[PreferenceRecord]:
     """TRL standard preference rows: ``prompt``, ``chosen`` and ``rejected`` as plain text."""
     return _parse_rows(rows, origin, strict, ("prompt", "chosen", "rejected"), _trl)
+
+
+def parse_trl_implicit(rows: Sequence[Row], origin: str, strict: bool = True) -> Parsed[PreferenceRecord]:
+    """TRL implicit-prompt rows: ``chosen``/``rejected`` texts whose shared prefix is the prompt
+    (:func:`shared_prefix_length`); a pair where one text contains the other whole leaves an
+    empty response and is a bad row."""
+    return _parse_rows(rows, origin, strict, ("chosen", "rejected"), _trl_implicit)
 
 
 def parse_trl_conversational(
@@ -526,11 +657,13 @@ def detect_preference_format(row: Row, origin: str = "the data") -> str:
     if {"chosen", "rejected"} <= columns:
         if isinstance(row["chosen"], list):
             return "trl_conversational"
-        return "trl" if "prompt" in columns else "hh"
+        if "prompt" in columns:
+            return "trl"
+        return "hh" if isinstance(row["chosen"], str) and HH_ASSISTANT in row["chosen"] else "trl_implicit"
     raise DataFormatError(
         f"cannot tell the preference format of {origin} from its columns ({', '.join(sorted(columns))}); "
         "known formats: hh (chosen, rejected transcripts), tldr (info, summaries, choice), "
-        "trl (prompt, chosen, rejected text), trl_conversational (chosen, rejected messages, optional prompt)"
+        "trl (prompt, chosen, rejected text), trl_implicit (chosen, rejected text sharing a prompt), trl_conversational (chosen, rejected messages, optional prompt)"
     )
 
 
@@ -547,6 +680,7 @@ def parse_preferences(
         "hh": parse_hh,
         "tldr": parse_tldr,
         "trl": parse_trl,
+        "trl_implicit": parse_trl_implicit,
         "trl_conversational": partial(parse_trl_conversational, tokenizer=tokenizer),
     }
     if format == "auto":

@@ -15,6 +15,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import lightning as L
 import torch
@@ -30,7 +31,30 @@ from lit_p3o.tasks import Task, resolve_embedded
 
 log = logging.getLogger(__name__)
 
-Pair = tuple[Encoded, Encoded]  # (chosen, rejected)
+class Pair(tuple):
+    """``(chosen, rejected)`` encoded, unpacking as a 2-tuple, plus ``margin``: TRL's per-pair
+    margin that the reward loss subtracts from ``r_w − r_l`` (0: plain Bradley–Terry)."""
+
+    margin: float
+
+    def __new__(cls, chosen: Encoded, rejected: Encoded, margin: float = 0.0) -> Pair:
+        pair = super().__new__(cls, (chosen, rejected))
+        pair.margin = margin
+        return pair
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # pickling (DataLoader workers) keeps the margin
+        return (*self, self.margin)
+
+
+@dataclass
+class PairBatch(Batch):
+    """:class:`Batch` of chosen rows then rejected rows, with each pair's ``margin`` ``[N]``."""
+
+    margin: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> PairBatch:
+        moved = super().to(device)
+        return PairBatch(**vars(moved), margin=None if self.margin is None else self.margin.to(device))
 
 
 @dataclass
@@ -63,9 +87,12 @@ class EmbeddedPreferenceSpec:
             raise ValueError("EmbeddedPreferenceSpec: train_pairs and val_pairs must be >= 1")
 
 
-def collate_pairs(pairs: list[Pair], pad_token_id: int) -> Batch:
-    """One batch for one forward pass: all chosen rows first, then all rejected rows."""
-    return collate([c for c, _ in pairs] + [r for _, r in pairs], pad_token_id)
+def collate_pairs(pairs: list[Pair] | list[tuple[Encoded, Encoded]], pad_token_id: int) -> PairBatch:
+    """One batch for one forward pass: all chosen rows first, then all rejected rows; plain
+    ``(chosen, rejected)`` tuples have margin 0."""
+    batch = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_token_id)
+    margin = torch.tensor([float(getattr(p, "margin", 0.0)) for p in pairs])
+    return PairBatch(**vars(batch), margin=margin)
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -154,7 +181,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 continue
             budget = max_length - max(len(chosen), len(rejected))
             prompt = fit_prompt(encode_prompt(tokenizer, r.prompt), budget, tokenizer.bos_token_id, self.truncation)
-            pairs.append((Encoded(prompt, chosen), Encoded(list(prompt), rejected)))
+            pairs.append(Pair(Encoded(prompt, chosen), Encoded(list(prompt), rejected), r.margin))
         issues.report(total=len(records))
         return pairs
 

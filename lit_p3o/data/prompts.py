@@ -2,29 +2,61 @@
 
 from __future__ import annotations
 
-from lit_p3o.data.formats import load_rows, parse_preferences
+from collections.abc import Mapping
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from lit_p3o.data.formats import load_rows, parse_preferences, parse_prompts
 from lit_p3o.tasks import resolve_embedded
 
 
-def load_prompts(source: str, split: str = "train", limit: int | None = None, tokenizer=None) -> list[str]:
-    """Prompts from ``"embedded:<task>"``, a dataset with a ``prompt`` text column, or a
-    preference dataset (HH, TL;DR, TRL), whose distinct prompts are used in order."""
+class Prompt(str):
+    """A prompt's text carrying its dataset row's other ``columns`` (e.g. a reference
+    ``answer``), which Python reward functions receive as keyword arguments."""
+
+    columns: dict[str, Any]
+
+    def __new__(cls, text: str, columns: Mapping[str, Any] | None = None) -> Prompt:
+        prompt = super().__new__(cls, text)
+        prompt.columns = dict(columns or {})
+        return prompt
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Prompt, (str(self), self.columns))
+
+
+def load_prompts(
+    source: str,
+    split: str = "train",
+    limit: int | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Prompts from ``"embedded:<task>"``; a dataset with a ``prompt`` column, as text or as
+    TRL's conversational prompt-only form (message lists rendered with ``tokenizer``'s chat
+    template and the generation prompt, ``chat_template_kwargs`` passed through); or a
+    preference dataset (HH, TL;DR, TRL), whose distinct prompts are used in order.
+
+    Prompts are :class:`Prompt` strings: from a ``prompt`` column they carry the row's other
+    columns; an embedded task may give columns through its ``prompt_columns(prompt)``."""
     task = resolve_embedded(source)
     if task is not None:
         if limit is None:
             raise ValueError(f"load_prompts({source!r}): give `limit`, the number of prompts to draw")
-        return task.prompts(split, limit)
+        columns = getattr(task, "prompt_columns", lambda prompt: {})
+        return [Prompt(p, columns(p)) for p in task.prompts(split, limit)]
     rows, origin = load_rows(source, split)
-    if rows and isinstance(rows[0].get("prompt"), str):
-        prompts = [r.get("prompt") for r in rows]  # a later row may lack the column
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"{origin}: row {i}: field `prompt` is missing, empty or not text")
-        if {"chosen", "rejected"} <= rows[0].keys():  # TRL preference pairs: one prompt, many pairs
+    if rows and "prompt" in rows[0]:
+        parsed = parse_prompts(rows, origin, tokenizer, chat_template_kwargs=chat_template_kwargs)
+        prompts = [
+            Prompt(p, {k: v for k, v in rows[n].items() if k != "prompt"}) for n, p in zip(parsed.row_numbers, parsed)
+        ]
+        if {"chosen", "rejected"} <= rows[0].keys():  # preference pairs: one prompt, many pairs
             prompts = list(dict.fromkeys(prompts))
     else:
         records = parse_preferences(rows, origin, tokenizer=tokenizer, strict=False)
-        prompts = list(dict.fromkeys(r.prompt for r in records))
+        prompts = [Prompt(p) for p in dict.fromkeys(r.prompt for r in records)]
     if not prompts:
         raise ValueError(f"{origin}: no prompts found")
     return prompts[:limit] if limit is not None else prompts

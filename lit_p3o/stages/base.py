@@ -35,7 +35,7 @@ from lit_p3o.models import (
 )
 from lit_p3o.optim import OptimizerSpec, configure_adamw
 from lit_p3o.rollout import KLSpec, RolloutCallback, RolloutSpec, gather_from_ranks, this_ranks
-from lit_p3o.scoring import build_scorer
+from lit_p3o.scoring import RewardSource, build_scorer
 from lit_p3o.tasks import resolve_embedded
 from lit_p3o.stages.sharding import ShardableModule
 
@@ -51,8 +51,11 @@ warnings.filterwarnings("ignore", message="Total length of `list` across ranks i
 class RLStage(ShardableModule):
     """Policy π_θ, frozen reference π_ref, frozen scorer r, and the replay buffer.
 
-    ``reward_model`` is the directory of a saved reward model, or ``"embedded:<task>"`` to
-    optimise an embedded task's gold reward directly. One Lightning epoch is one rollout
+    ``reward_model`` is the directory of a saved reward model, ``"embedded:<task>"`` to
+    optimise an embedded task's gold reward directly, a Python reward function
+    ``"package.module:function"`` (TRL's ``reward_funcs`` convention, see
+    :class:`lit_p3o.scoring.FunctionScorer`), or a list of weighted such sources
+    (:class:`lit_p3o.scoring.RewardSpec`), whose weighted sum is the reward. One Lightning epoch is one rollout
     followed by ``rollout.update_epochs`` passes over its buffer, so ``trainer.max_epochs``
     counts rollouts.
 
@@ -67,7 +70,7 @@ class RLStage(ShardableModule):
     def __init__(
         self,
         policy: ModelSpec,
-        reward_model: str,
+        reward_model: RewardSource,
         rollout: RolloutSpec | None = None,
         kl: KLSpec | None = None,
         optimizer: OptimizerSpec | None = None,

@@ -19,6 +19,7 @@ from lit_p3o.evaluation import EvaluationSpec
 from lit_p3o.models import ModelSpec
 from lit_p3o.optim import OptimizerSpec
 from lit_p3o.rollout import KLSpec, RolloutSpec
+from lit_p3o.scoring import RewardSource
 from lit_p3o.stages.base import RLStage
 
 
@@ -28,7 +29,7 @@ class P3OModule(RLStage):
     def __init__(
         self,
         policy: ModelSpec,
-        reward_model: str,
+        reward_model: RewardSource,
         variant: Literal["v1", "v2"] = "v1",
         clip_epsilon: float = 0.2,
         rollout: RolloutSpec | None = None,

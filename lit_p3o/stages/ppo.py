@@ -22,6 +22,7 @@ from lit_p3o.evaluation import EvaluationSpec
 from lit_p3o.models import ModelSpec, as_spec, build_causal_lm
 from lit_p3o.optim import OptimizerSpec
 from lit_p3o.rollout import KLSpec, RolloutSpec
+from lit_p3o.scoring import RewardSource
 from lit_p3o.stages.base import RLStage
 
 
@@ -36,7 +37,7 @@ class PPOModule(RLStage):
     def __init__(
         self,
         policy: ModelSpec,
-        reward_model: str,
+        reward_model: RewardSource,
         clip_epsilon: float = 0.2,
         value_clip_epsilon: float = 0.2,
         value_loss_coef: float = 0.1,

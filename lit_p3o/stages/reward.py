@@ -26,7 +26,8 @@ from lit_p3o.stages.sharding import ShardableModule
 class RewardModule(ShardableModule):
     """Trains ``r(x, y)`` so that ``σ(r(x, y_w) − r(x, y_l))`` is the preference probability.
 
-    Batches hold chosen rows first, then rejected rows (one forward for both). Logs loss,
+    Batches hold chosen rows first, then rejected rows (one forward for both), and each pair's
+    ``margin`` (TRL's column; 0 without one) enters the loss as ``−log σ(r_w − r_l − m)``. Logs loss,
     accuracy (share of pairs with ``r_w > r_l``) and mean margin ``r_w − r_l``. At the end of
     ``fit`` the model is written to ``save_dir`` for :class:`lit_p3o.RewardScorer`.
     """
@@ -57,7 +58,7 @@ class RewardModule(ShardableModule):
     def _step(self, batch: Batch, split: str) -> torch.Tensor:
         scores = reward_scores(self.reward_model, batch)
         chosen, rejected = scores.chunk(2)
-        loss = bradley_terry_loss(chosen, rejected, self.center_coef)
+        loss = bradley_terry_loss(chosen, rejected, self.center_coef, getattr(batch, "margin", None))
         margin = (chosen - rejected).detach()
         self.metrics[f"{split}_accuracy"]((margin > 0).float())
         self.metrics[f"{split}_margin"](margin)

@@ -16,6 +16,7 @@ from lit_p3o.evaluation import EvaluationSpec
 from lit_p3o.models import ModelSpec
 from lit_p3o.optim import OptimizerSpec
 from lit_p3o.rollout import KLSpec, RolloutSpec
+from lit_p3o.scoring import RewardSource
 from lit_p3o.stages.base import RLStage
 
 
@@ -25,7 +26,7 @@ class RLOOModule(RLStage):
     def __init__(
         self,
         policy: ModelSpec,
-        reward_model: str,
+        reward_model: RewardSource,
         clip_epsilon: float | None = 0.2,
         rollout: RolloutSpec | None = None,
         kl: KLSpec | None = None,

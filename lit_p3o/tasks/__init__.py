@@ -9,6 +9,7 @@ from typing import Protocol
 
 from transformers import PreTrainedTokenizerFast
 
+from lit_p3o.tasks.arithmetic import ArithmeticTask
 from lit_p3o.tasks.reviews import ReviewsTask
 
 EMBEDDED_PREFIX = "embedded:"
@@ -35,8 +36,11 @@ class Task(Protocol):
 
     def is_grammatical(self, response: str) -> bool: ...
 
+    # optional: ``prompt_columns(prompt) -> dict`` gives a prompt's extra columns (e.g. a
+    # reference answer) to Python reward functions (see lit_p3o.data.prompts.Prompt)
 
-TASKS: dict[str, Callable[[], Task]] = {ReviewsTask.name: ReviewsTask}
+
+TASKS: dict[str, Callable[[], Task]] = {ReviewsTask.name: ReviewsTask, ArithmeticTask.name: ArithmeticTask}
 
 
 def get_task(name: str) -> Task:

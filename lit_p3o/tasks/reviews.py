@@ -48,10 +48,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tokenizers import Tokenizer, decoders
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import PreTrainedTokenizerFast
+
+from lit_p3o.tasks.words import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, word_tokenizer  # noqa: F401  (re-exported)
 
 FOODS = (
     "pizza", "soup", "coffee", "burger", "salad", "pasta", "cake", "tea",
@@ -88,9 +87,6 @@ PROMPT_OPENERS = (
 )  # fmt: skip
 PROMPT_MENTIONS = ("", "for my friend", "for my family", "for my blog", "for the website", "for our shop")
 TEST_SHARE = 5  # one prompt in TEST_SHARE (by hash) is held out for evaluation
-
-PAD, EOS, UNK, BOS = "<pad>", "<eos>", "<unk>", "<bos>"
-SPECIAL_TOKENS = (PAD, EOS, UNK, BOS)  # ids 0, 1, 2, 3
 
 FLAW_PENALTY = 0.5  # per ungrammatical, off-topic or repeated sentence
 MAX_PENALTY = 2.0
@@ -308,20 +304,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     Special ids: ``<pad>`` 0, ``<eos>`` 1, ``<unk>`` 2, ``<bos>`` 3; nothing is added on
     encoding (the library decides about BOS). Decoding joins words with single spaces.
     """
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *vocabulary()))}
-    backend = Tokenizer(WordLevel(vocab, unk_token=UNK))
-    backend.pre_tokenizer = WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # join with spaces, no cleanup
-    backend.add_special_tokens(list(SPECIAL_TOKENS))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token=PAD,
-        eos_token=EOS,
-        unk_token=UNK,
-        bos_token=BOS,
-        clean_up_tokenization_spaces=False,
-        model_input_names=["input_ids", "attention_mask"],
-    )
+    return word_tokenizer(vocabulary())
 
 
 class ReviewsTask:
