@@ -52,7 +52,7 @@ def trainer(tmp_path: Path, max_epochs: int, **kwargs) -> L.Trainer:
                      enable_model_summary=False, default_root_dir=tmp_path, **kwargs)
 
 
-def varied(examples, ended):
+def varied(examples, ended, prompts=None):
     """Distinct rewards within every group (a random policy's gold rewards all tie)."""
     return torch.arange(len(examples), dtype=torch.float32) * torch.tensor([1.0, -1.0]).repeat(len(examples))[: len(examples)]
 
@@ -60,7 +60,7 @@ def varied(examples, ended):
 def nan_at(*positions: int):
     """Varied rewards with NaN at the given response positions of every rollout."""
 
-    def score(examples, ended):
+    def score(examples, ended, prompts=None):
         scores = varied(examples, ended)
         scores[list(positions)] = float("nan")
         return scores
@@ -115,7 +115,7 @@ def test_consecutive_exactly_zero_gradients_stop_the_run_and_name_the_cause(tmp_
     L.seed_everything(0)
     stage = make_stage(GuardSpec(max_zero_grad_steps=3))
     if tied:  # no learning signal: P3O's pairwise reward differences are all 0
-        stage.scorer.score_examples = lambda examples, ended: torch.full((len(examples),), 0.5)
+        stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.full((len(examples),), 0.5)
     else:  # signal, but the loss does not depend on the weights
         stage.scorer.score_examples = varied
         compute_loss = stage.compute_loss
@@ -195,7 +195,7 @@ def test_all_updates_skipped_stops_early_and_saves_nothing(tmp_path):
     """A reward model that returns NaN: the default limit (0.1) stops a 40-update run at its 5th skip."""
     L.seed_everything(0)
     stage = make_stage(save_dir=tmp_path / "out")
-    stage.scorer.score_examples = lambda examples, ended: torch.full((len(examples),), float("nan"))
+    stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.full((len(examples),), float("nan"))
     counter = StepCounter()
     with pytest.raises(TooManySkippedError, match=r"5 of the 40 planned updates were skipped.*max_skipped_fraction = "
                        r"0\.1.*\(0 updates applied, 5 skipped \(non-finite reward in the minibatch: 5\)\)"):

@@ -82,7 +82,7 @@ class ScorerSpy:
     def __init__(self, scorer, trainer: L.Trainer) -> None:
         self.scorer, self.trainer, self.shown = scorer, trainer, []
 
-    def score_examples(self, examples, ended):
+    def score_examples(self, examples, ended, prompts=None):
         bar = self.trainer.progress_bar_callback
         if isinstance(bar, RichProgressBar) and bar.train_progress_bar_id is not None:
             self.shown.append(bar.train_progress_bar.description)

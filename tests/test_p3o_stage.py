@@ -122,7 +122,7 @@ def test_p3o_learns_from_the_kl_regularised_rewards_not_the_raw_scores():
     responses apart, so the update must follow −β·kl (ALGORITHMS.md §4, property 1 at θ = θ_old)."""
     L.seed_everything(0)
     stage = make_stage(num_responses=3)
-    stage.scorer.score_examples = lambda examples, ended: torch.zeros(len(examples))
+    stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.zeros(len(examples))
     with torch.no_grad():  # move π_old away from π_ref so that the KL differs between responses
         stage.policy.lm_head.weight.add_(0.3 * torch.randn_like(stage.policy.lm_head.weight))
     groups = rollout(stage, load_prompts("embedded:reviews", "train", 4), 0.5, stage.rollout_spec)

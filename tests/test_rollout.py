@@ -104,7 +104,7 @@ def test_missing_eos_penalty_is_subtracted_only_without_generated_eos():
         torch.testing.assert_close(g.scores, h.scores)  # responses that ended keep their score
     # one rollout with both kinds: the penalty follows each response's own `ended`
     force_eos(stage, math.log(0.15 / 0.85 * (len(stage.tokenizer) - 1)))  # EOS with p = 0.15 per token
-    stage.scorer.score_examples = lambda examples, ended: torch.zeros(len(examples))
+    stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.zeros(len(examples))
     mixed = rollout(stage, prompts(4), beta=0.0, spec=stage.rollout_spec)
     ended = torch.cat([g.ended for g in mixed])
     assert ended.any() and not ended.all()
@@ -223,7 +223,7 @@ def test_first_update_of_every_rollout_has_ratio_one_under_the_trainers_precisio
     trainer's autocast bf16-mixed gave 5e-4 to 4e-3, and bf16-true's rounded buffer 4e-2)."""
     stage = make_stage(num_prompts=4, num_responses=2, minibatch_groups=2, forward_batch_size=3,
                        sampling=SamplingSpec(max_new_tokens=10))
-    stage.scorer.score_examples = lambda examples, ended: torch.randn(len(examples))
+    stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.randn(len(examples))
     seen = []
 
     class Spy(L.Callback):

@@ -27,7 +27,7 @@ class TokenScorer:
     """A reward that varies between responses of the micro model (the gold reward scores all
     of its babble alike, which would leave every update at zero)."""
 
-    def score_examples(self, examples, ended):
+    def score_examples(self, examples, ended, prompts=None):
         return torch.tensor([(sum(e.response_ids) % 7) / 7.0 for e in examples])
 
 
