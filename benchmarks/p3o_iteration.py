@@ -7,6 +7,7 @@ and the update inside real Lightning iterations, peak RSS, and the ratio of an i
 the same model calls measured on their own (the target is ≤ 1.15).
 
     python benchmarks/p3o_iteration.py [--iterations 10] [--device cpu|cuda] [--dtype float32|bfloat16]
+        [--size small|large]
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ from lit_p3o.generation import response_logprobs, sample_responses
 from lit_p3o.models import build_reward_model, load_tokenizer, save_pretrained
 from lit_p3o.tasks import get_task
 
-ARCH = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128}
+SIZES = {  # the reference shapes (issue 4) and a larger model (~17M parameters) for issue 12
+    "small": {"model_type": "llama", "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128},
+    "large": {"model_type": "llama", "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4,
+              "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 128},
+}
 PROMPTS, K, PROMPT_WORDS, NEW_TOKENS = 8, 2, 16, 32
 
 
@@ -64,15 +69,16 @@ def sixteen_word_prompts() -> list[str]:
 
 
 def build_stage(args: argparse.Namespace, workdir: str) -> P3OModule:
-    tokenizer = load_tokenizer(ModelSpec(architecture=ARCH, tokenizer="embedded:reviews"))
-    reward = build_reward_model(ModelSpec(architecture=ARCH, tokenizer="embedded:reviews"), tokenizer)
+    arch = SIZES[args.size]
+    tokenizer = load_tokenizer(ModelSpec(architecture=arch, tokenizer="embedded:reviews"))
+    reward = build_reward_model(ModelSpec(architecture=arch, tokenizer="embedded:reviews"), tokenizer)
     save_pretrained(reward, tokenizer, f"{workdir}/reward")
     prompts_file = f"{workdir}/prompts.jsonl"
     with open(prompts_file, "w") as f:
         for p in sixteen_word_prompts():
             f.write(f'{{"prompt": "{p}"}}\n')
     return P3OModule(
-        ModelSpec(architecture=ARCH, tokenizer="embedded:reviews", dtype=args.dtype),
+        ModelSpec(architecture=arch, tokenizer="embedded:reviews", dtype=args.dtype),
         f"{workdir}/reward",
         rollout=RolloutSpec(prompts=prompts_file, prompt_pool=None, num_prompts=PROMPTS, num_responses=K,
                             update_epochs=1, minibatch_groups=PROMPTS, max_prompt_tokens=32,
@@ -129,6 +135,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--size", default="small", choices=list(SIZES))
     args = parser.parse_args()
     L.seed_everything(0)
     timer = Timer()
@@ -159,7 +166,7 @@ def main() -> None:
 
     print(f"device {args.device}, dtype {args.dtype}, torch threads {torch.get_num_threads()}")
     print(f"shapes: {PROMPTS} prompts x K={K}, {PROMPT_WORDS}-word prompts, {NEW_TOKENS} new tokens, "
-          f"tiny Llama {ARCH['num_hidden_layers']}x{ARCH['hidden_size']}")
+          f"Llama {SIZES[args.size]['num_hidden_layers']}x{SIZES[args.size]['hidden_size']}")
     print(f"iteration: {per_iter * 1000:.1f} ms  |  completions/s {PROMPTS * K / per_iter:.1f}  |  "
           f"generated tokens/s {tokens / per_iter:.1f} ({tokens:.0f} tokens/iteration)")
     print("split per iteration:")
