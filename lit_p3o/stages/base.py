@@ -1,7 +1,8 @@
 """What every RL stage shares: models, buffer, rollout wiring, the non-finite guard, saving.
 
 A new algorithm subclasses :class:`RLStage` and implements :meth:`RLStage.compute_loss`
-(calling one function of ``lit_p3o.losses``); the rollout, buffer and checkpointing are here.
+(calling one function of ``lit_p3o.losses``); the rollout, buffer, the update's one policy
+forward and checkpointing are here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lit_p3o.buffer import BufferDataset, ReplayBuffer, RolloutBatch
-from lit_p3o.generation import response_logprobs
+from lit_p3o.generation import response_logprobs_and_states
 from lit_p3o.models import (
     FrozenReference,
     ModelSpec,
@@ -76,8 +77,12 @@ class RLStage(L.LightningModule):
 
     # ------------------------------------------------------------------ what subclasses define
 
-    def compute_loss(self, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        """The algorithm: a scalar loss and detached statistics to log."""
+    policy_states = False  # whether compute_loss needs the policy's last hidden states
+
+    def compute_loss(self, batch: RolloutBatch, logp: Tensor, states: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The algorithm: a scalar loss and detached statistics to log, from the minibatch and
+        the policy's per-token log-probs ``[N, R]`` (with gradient) and, when
+        :attr:`policy_states`, its hidden states ``[N, R, H]``, both from one forward."""
         raise NotImplementedError
 
     def rollout_extras(self, batch: Any) -> dict[str, Tensor]:
@@ -97,9 +102,8 @@ class RLStage(L.LightningModule):
     def configure_optimizers(self) -> Any:
         return configure_adamw(self, self.optimizer_spec)
 
-    def trajectory_logratio(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+    def trajectory_logratio(self, batch: RolloutBatch, logp: Tensor) -> tuple[Tensor, Tensor]:
         """Per-token ``log π_θ − logp_old`` ``[N, R]`` (masked) and its per-response sum ``[G, K]``."""
-        logp = response_logprobs(self.policy, batch.batch)
         token_logratio = (logp - batch.logp_old) * batch.response_mask
         return token_logratio, token_logratio.sum(-1).view_as(batch.rewards)
 
@@ -110,11 +114,24 @@ class RLStage(L.LightningModule):
         approx_kl = ((r.exp() - 1 - r) * mask).sum() / mask.sum().clamp(min=1)
         return {"ratio_mean": ratio.mean(), "ratio_max": ratio.max(), "approx_kl": approx_kl}
 
+    def policy_forward(self, batch: RolloutBatch) -> tuple[RolloutBatch, Tensor, Tensor | None]:
+        """The update's one policy forward; on-policy it also completes the pending minibatch
+        (``logp_old`` = this forward detached, so ρ = 1 exactly; see ``RolloutSpec.defer_logp_old``)."""
+        logp, states = response_logprobs_and_states(self.policy, batch.batch, with_states=self.policy_states)
+        if batch.logp_old is None:
+            batch = batch.complete_on_policy(logp, self.buffer.beta)
+        return batch, logp, states
+
+    def loss(self, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`compute_loss` of a minibatch, forward included (no guard, no logging)."""
+        return self.compute_loss(*self.policy_forward(batch))
+
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> Tensor | None:
         self.buffer.consumed += 1
+        batch, logp, states = self.policy_forward(batch)
         if not self._finite_everywhere(batch.rewards):
             return self._skip("non-finite reward in the minibatch")
-        loss, stats = self.compute_loss(batch)
+        loss, stats = self.compute_loss(batch, logp, states)
         if not self._finite_everywhere(loss):
             return self._skip("non-finite loss")
         n = batch.rewards.numel()
