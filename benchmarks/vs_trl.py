@@ -18,7 +18,7 @@ update and the loop around them). Prints every run's completions/s, generated to
 per-round ratios lit-p3o / TRL.
 
     pip install -e ".[bench]"
-    python benchmarks/vs_trl.py [--size small|large] [--rounds 5] [--iterations 10]
+    python benchmarks/vs_trl.py [--size small|large] [--rounds 5] [--iterations 10] [--lit-compile auto|true|false]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BETA, CLIP, LEARNING_RATE = 0.05, 0.2, 1e-5
+COMPILE = {"auto": "auto", "true": True, "false": False}
 
 
 def prepare(workdir: Path, size: str, seed: int) -> None:
@@ -76,7 +77,8 @@ def run_lit(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
         clip_epsilon=CLIP,
         rollout=RolloutSpec(prompts=str(workdir / "prompts.jsonl"), prompt_pool=None, num_prompts=PROMPTS,
                             num_responses=K, update_epochs=1, minibatch_groups=PROMPTS, max_prompt_tokens=32,
-                            sampling=SamplingSpec(max_new_tokens=NEW_TOKENS), log_samples=0),
+                            sampling=SamplingSpec(max_new_tokens=NEW_TOKENS, compile=COMPILE[args.lit_compile]),
+                            log_samples=0),
         kl=KLSpec(beta=BETA),
         optimizer=OptimizerSpec(learning_rate=LEARNING_RATE),
         seed=args.seed,
@@ -166,7 +168,7 @@ def child(args: argparse.Namespace) -> None:
 def launch(side: str, workdir: Path, args: argparse.Namespace) -> dict[str, float]:
     command = [sys.executable, __file__, "--side", side, "--workdir", str(workdir), "--device", args.device,
                "--dtype", args.dtype, "--iterations", str(args.iterations), "--warmup", str(args.warmup),
-               "--seed", str(args.seed)]
+               "--seed", str(args.seed), "--lit-compile", args.lit_compile]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -183,6 +185,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lit-compile", default="auto", choices=["auto", "true", "false"],
+                        help="lit-p3o's SamplingSpec.compile")
     parser.add_argument("--side", choices=["lit", "trl"], help=argparse.SUPPRESS)  # a child run
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -208,7 +212,8 @@ def main() -> None:
                       f"{result['tokens_per_s']:8.1f} ({result['tokens_per_iteration']:.0f}/iteration)  "
                       f"peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
 
-    print(f"\nsize {args.size}, device {args.device}, dtype {args.dtype}, {args.rounds} rounds x "
+    print(f"\nsize {args.size}, device {args.device}, dtype {args.dtype}, lit-p3o compile {args.lit_compile}, "
+          f"{args.rounds} rounds x "
           f"{args.iterations} iterations (+{args.warmup} warm-up), {time.perf_counter() - start:.0f} s in all")
     for name in figures:
         lit = [r[name] for r in results["lit"]]
