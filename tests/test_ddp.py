@@ -26,3 +26,22 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert single["loss"] != 0.0
     for name, value in single["weights"].items():
         torch.testing.assert_close(ddp["weights"][name], value, atol=1e-6, rtol=1e-5)
+
+
+ROLLOUT_SCRIPT = Path(__file__).parent / "scripts" / "ddp_rollout.py"
+
+
+@pytest.mark.slow
+def test_ddp_on_policy_rollout_compiled_matches_eager(tmp_path):
+    """Under DDP, the compiled decode samples what eager samples on each rank, and the
+    on-policy update (no logp_old pass) runs with ratio 1 and gives the same weights."""
+    results = {}
+    for mode in ("eager", "compiled"):
+        out = tmp_path / f"{mode}.pt"
+        subprocess.run([sys.executable, str(ROLLOUT_SCRIPT), str(out), "2", mode], check=True, timeout=600,
+                       capture_output=True, text=True)
+        results[mode] = torch.load(out, weights_only=False)
+    assert results["compiled"]["responses"] == results["eager"]["responses"]
+    assert results["eager"]["ratio_max"] == results["compiled"]["ratio_max"] == 1.0
+    for name, value in results["eager"]["weights"].items():
+        torch.testing.assert_close(results["compiled"]["weights"][name], value, rtol=0, atol=0)
