@@ -7,7 +7,9 @@ Order of events in one Lightning epoch of an RL stage (tested in ``tests/test_ro
    ``logp_ref`` with :func:`lit_p3o.generation.response_logprobs`, scores the responses with
    the reward model (minus the missing-EOS penalty), the sequence KL and the KL-regularised
    reward ``r̃ = score − β·kl``, lets the stage add per-token extras (PPO's values) and
-   refills the stage's :class:`~lit_p3o.buffer.ReplayBuffer`; then it updates β.
+   refills the stage's :class:`~lit_p3o.buffer.ReplayBuffer`; then it updates β. On-policy
+   (``RolloutSpec.on_policy``) ``logp_old``, the KL and ``r̃`` are left to the update's own
+   forward (``RLStage.policy_forward``), and the statistics and β follow after that step.
 2. The stage's ``train_dataloader`` (a :class:`~lit_p3o.buffer.BufferDataset`) replays the
    buffer for ``update_epochs`` passes of minibatches of whole groups.
 3. The stage's ``training_step`` turns each minibatch into a loss from ``lit_p3o.losses``.
