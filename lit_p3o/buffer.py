@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from lit_p3o.data.encoding import Batch, Encoded, collate
+from lit_p3o.losses import kl_regularized_rewards
 
 
 @dataclass
@@ -27,23 +28,37 @@ class Group:
 
     ``logp_old``/``logp_ref`` hold one float32 tensor of per-token log-probs per response;
     ``extras`` holds per-token tensors an algorithm adds at rollout time (PPO's values).
+    ``logp_old``, ``kl`` and ``rewards`` are ``None`` while *pending*: on-policy, the rollout
+    leaves ``logp_old`` to the update's own forward, which fills them in (:meth:`complete`).
     """
 
     prompt_ids: list[int]
     responses: list[list[int]]
-    logp_old: list[Tensor]
+    logp_old: list[Tensor] | None
     logp_ref: list[Tensor]
     scores: Tensor
-    kl: Tensor
-    rewards: Tensor
+    kl: Tensor | None
+    rewards: Tensor | None
     ended: Tensor
     extras: dict[str, list[Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         k = len(self.responses)
-        sizes = {len(self.logp_old), len(self.logp_ref), len(self.scores), len(self.kl), len(self.rewards), len(self.ended)}
-        if sizes != {k} or any(len(v) != k for v in self.extras.values()):
+        if (self.logp_old is None) != (self.kl is None) or (self.kl is None) != (self.rewards is None):
+            raise ValueError("Group: logp_old, kl and rewards are all given or all pending (None)")
+        present = [x for x in (self.logp_old, self.logp_ref, self.scores, self.kl, self.rewards, self.ended) if x is not None]
+        if {len(x) for x in present} != {k} or any(len(v) != k for v in self.extras.values()):
             raise ValueError(f"Group: inconsistent sizes for {k} responses")
+
+    @property
+    def pending(self) -> bool:
+        return self.logp_old is None
+
+    def complete(self, logp_old: list[Tensor], kl: Tensor, rewards: Tensor) -> None:
+        """Fill in what the on-policy update computed from its own forward."""
+        if len(logp_old) != len(self.responses) or not kl.shape == rewards.shape == self.scores.shape:
+            raise ValueError(f"Group.complete: expected {len(self.responses)} responses")
+        self.logp_old, self.kl, self.rewards = logp_old, kl, rewards
 
 
 class RolloutBatch:
@@ -51,6 +66,8 @@ class RolloutBatch:
 
     Per-token tensors are ``[G·K, R]`` (R = response width), aligned with
     ``batch.input_ids[:, batch.prompt_width:]``; per-response tensors are ``[G, K]``.
+    ``logp_old``, ``kl`` and ``rewards`` are ``None`` when the groups are pending (on-policy);
+    ``groups`` are the buffer's groups it was built from, which the update then completes.
 
     Not a dataclass on purpose: Lightning's ``bf16-true``/``16-true`` precision casts every
     floating tensor it finds inside a batch's dataclasses, lists and dicts to half precision
@@ -59,11 +76,12 @@ class RolloutBatch:
     """
 
     def __init__(
-        self, batch: Batch, logp_old: Tensor, logp_ref: Tensor, scores: Tensor, kl: Tensor, rewards: Tensor,
-        ended: Tensor, extras: dict[str, Tensor],
+        self, batch: Batch, logp_old: Tensor | None, logp_ref: Tensor, scores: Tensor, kl: Tensor | None,
+        rewards: Tensor | None, ended: Tensor, extras: dict[str, Tensor], groups: list[Group] | None = None,
     ) -> None:  # fmt: skip
         self.batch, self.logp_old, self.logp_ref = batch, logp_old, logp_ref
         self.scores, self.kl, self.rewards, self.ended, self.extras = scores, kl, rewards, ended, extras
+        self.groups = groups or []
 
     @property
     def response_mask(self) -> Tensor:
@@ -76,9 +94,25 @@ class RolloutBatch:
     def to(self, device: torch.device | str) -> RolloutBatch:
         return RolloutBatch(
             self.batch.to(device),
-            *(t.to(device) for t in (self.logp_old, self.logp_ref, self.scores, self.kl, self.rewards, self.ended)),
+            *(None if t is None else t.to(device)
+              for t in (self.logp_old, self.logp_ref, self.scores, self.kl, self.rewards, self.ended)),
             {k: v.to(device) for k, v in self.extras.items()},
+            self.groups,
         )
+
+    def complete_on_policy(self, logp: Tensor, beta: float) -> RolloutBatch:
+        """Pending groups, on-policy: ``logp_old`` is the update's own ``logp`` (detached),
+        so the trajectory ratio is exactly 1; then ``kl`` and ``r̃`` as the rollout computes
+        them. Writes the values back to the buffer's groups (rollout statistics, checkpoints)."""
+        logp_old = logp.detach().float() * self.response_mask
+        kl = (logp_old - self.logp_ref).sum(-1).view_as(self.scores)
+        rewards = kl_regularized_rewards(self.scores, kl, beta)
+        rows, kl_cpu, rewards_cpu = logp_old.cpu(), kl.cpu(), rewards.cpu()
+        k = self.scores.shape[1]
+        for g, group in enumerate(self.groups):
+            group.complete([rows[g * k + j, : len(r)].clone() for j, r in enumerate(group.responses)],
+                           kl_cpu[g].clone(), rewards_cpu[g].clone())
+        return RolloutBatch(self.batch, logp_old, self.logp_ref, self.scores, kl, rewards, self.ended, self.extras, self.groups)
 
 
 def _pad_rows(rows: list[Tensor], width: int) -> Tensor:
@@ -99,18 +133,26 @@ def collate_groups(groups: list[Group], pad_token_id: int) -> RolloutBatch:
     batch = collate(examples, pad_token_id)
     width = batch.input_ids.shape[1] - batch.prompt_width
 
+    pending = {g.pending for g in groups}
+    if len(pending) != 1:
+        raise ValueError("a minibatch mixes pending and completed groups")
+
     def per_token(get: Any) -> Tensor:
         return _pad_rows([t for g in groups for t in get(g)], width)
 
+    def per_response(get: Any) -> Tensor | None:
+        return None if groups[0].pending else torch.stack([get(g) for g in groups])
+
     return RolloutBatch(
         batch=batch,
-        logp_old=per_token(lambda g: g.logp_old),
+        logp_old=None if groups[0].pending else per_token(lambda g: g.logp_old),
         logp_ref=per_token(lambda g: g.logp_ref),
         scores=torch.stack([g.scores for g in groups]),
-        kl=torch.stack([g.kl for g in groups]),
-        rewards=torch.stack([g.rewards for g in groups]),
+        kl=per_response(lambda g: g.kl),
+        rewards=per_response(lambda g: g.rewards),
         ended=torch.stack([g.ended for g in groups]),
         extras={name: per_token(lambda g, n=name: g.extras[n]) for name in groups[0].extras},
+        groups=list(groups),
     )
 
 

@@ -2,7 +2,9 @@
 
 ``sample_responses`` wraps ``generate()`` (KV cache on) and returns responses cut at the
 first stop (:func:`response_end`: any of the model's EOS ids, or a stop string); its ``ended``
-flags are the one "did it stop" rule that masks, the missing-EOS penalty and evaluation use. ``response_logprobs`` is the *only* function that turns a batch into
+flags are the one "did it stop" rule that masks, the missing-EOS penalty and evaluation use.
+With ``SamplingSpec.compile`` it decodes through ``torch.compile`` and transformers' static KV
+cache, with the same tokens for the same seed. ``response_logprobs`` is the *only* function that turns a batch into
 per-token log-probs: the rollout (``logp_old``, ``logp_ref``), the updates and the evaluation
 all call it, so at the first update step the trajectory ratio is 1 up to float error.
 
@@ -14,18 +16,24 @@ update's ratio all use logits divided by ``T`` (ALGORITHMS.md §3; TRL does the 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+import torch._dynamo.exc
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import CompileConfig, GenerationConfig, PreTrainedTokenizerBase
 
 from lit_p3o.data.encoding import Batch, Encoded, collate
 from lit_p3o.losses import token_logprobs
 from lit_p3o.models import is_sharded
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +47,13 @@ class SamplingSpec:
     ``synced_gpus``: ranks whose responses all ended keep stepping until every rank's have, so
     sharded weights (whose forwards are collectives) never deadlock. ``None`` turns it on when
     the model is FSDP-sharded and several processes run; set ``true`` under DeepSpeed ZeRO-3.
+
+    ``compile``: decode with ``torch.compile`` and a static KV cache (prompts left-padded to
+    a power-of-two width, so a run compiles one graph per width bucket and batch size).
+    ``"auto"`` turns it on where it pays off: on CUDA, not on CPU, where at this project's
+    sizes the compile time exceeds what it saves over a run (docs/benchmarks.md); never when
+    ``synced_gpus`` is on. Same tokens as eager for the same seed; if compilation fails, a warning
+    is logged and generation continues eagerly from the same RNG state.
     """
 
     max_new_tokens: int = 32
@@ -47,6 +62,7 @@ class SamplingSpec:
     top_p: float = 1.0
     synced_gpus: bool | None = None
     stop_strings: list[str] | None = None
+    compile: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -59,11 +75,20 @@ class SamplingSpec:
             raise ValueError(f"SamplingSpec.top_k: must be >= 0 (0 = off), got {self.top_k}")
         if self.stop_strings is not None and not all(isinstance(s, str) and s for s in self.stop_strings):
             raise ValueError(f"SamplingSpec.stop_strings: must be non-empty strings, got {self.stop_strings!r}")
+        if self.compile not in (True, False, "auto"):
+            raise ValueError(f"SamplingSpec.compile: true, false or 'auto', got {self.compile!r}")
 
-    def generation_config(self, tokenizer: PreTrainedTokenizerBase, stop_ids: list[int] | None = None) -> GenerationConfig:
+    def compiled_on(self, device: torch.device, synced: bool = False) -> bool:
+        """Whether generation on ``device`` takes the compiled path (``synced``: ranks step in lockstep)."""
+        wanted = device.type == "cuda" and not synced if self.compile == "auto" else self.compile
+        return bool(wanted) and not _compile_failed
+
+    def generation_config(
+        self, tokenizer: PreTrainedTokenizerBase, stop_ids: list[int] | None = None, compiled: bool = False
+    ) -> GenerationConfig:
         """A config built from scratch so a model's own defaults (e.g. top_k=50) never leak in;
         ``stop_ids`` (default: the tokenizer's EOS) end a response."""
-        return GenerationConfig(
+        config = GenerationConfig(
             do_sample=True,
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
@@ -74,6 +99,22 @@ class SamplingSpec:
             stop_strings=self.stop_strings or None,
             use_cache=True,
         )
+        if compiled:
+            config.cache_implementation = "static"
+            config.compile_config = _COMPILE_CONFIG
+        return config
+
+
+# transformers compiles the decode step itself when the cache is static, but only on
+# accelerators unless this (documented-as-testing) flag is set: we decide the device policy.
+_COMPILE_CONFIG = CompileConfig(fullgraph=False, dynamic=False)
+_COMPILE_CONFIG._compile_all_devices = True
+_compile_failed = False  # set after a failed compilation: the rest of the process stays eager
+
+
+def bucket_width(width: int) -> int:
+    """The padded prompt width the compiled path uses: the next power of two, at least 16."""
+    return max(16, 1 << (width - 1).bit_length())
 
 
 def stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -159,7 +200,6 @@ def sample_responses(
     size = batch_size or max(1, len(prompts))
     device = next(model.parameters()).device
     stop_ids = stop_token_ids(model, tokenizer)
-    config = spec.generation_config(tokenizer, stop_ids)
     examples, ended = [], []
     synced = spec.synced_gpus
     if synced is None:
@@ -168,18 +208,54 @@ def sample_responses(
         for start in tqdm(range(0, len(prompts), size), desc=progress, leave=False, disable=progress is None):
             chunk = prompts[start : start + size]
             batch = collate([Encoded(p) for p in chunk], tokenizer.pad_token_id)
-            out = model.generate(
-                input_ids=batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device),
-                generation_config=config,
-                synced_gpus=synced,
-                tokenizer=tokenizer if spec.stop_strings else None,
-            )
-            for prompt, row in zip(chunk, out[:, batch.prompt_width :].tolist()):
+            input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+            generated = _generate(model, tokenizer, spec, input_ids, attention_mask, stop_ids, synced)
+            for prompt, row in zip(chunk, generated.tolist()):
                 stop = response_end(row, stop_ids, tokenizer, spec.stop_strings)
                 examples.append(Encoded(prompt, row[:stop] if stop else row))
                 ended.append(stop is not None)
     return Sampled(examples, ended)
+
+
+def _generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: SamplingSpec,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    stop_ids: list[int],
+    synced: bool,
+) -> Tensor:
+    """The generated columns ``[B, ≤ max_new_tokens]`` of one ``generate()`` call."""
+    global _compile_failed
+    device = input_ids.device
+    stops = {"tokenizer": tokenizer} if spec.stop_strings else {}  # generate() needs it for stop_strings
+    if spec.compiled_on(device, synced):
+        pad = bucket_width(input_ids.shape[1]) - input_ids.shape[1]  # bounded recompilation
+        padded_ids = F.pad(input_ids, (pad, 0), value=tokenizer.pad_token_id)
+        padded_mask = F.pad(attention_mask, (pad, 0), value=0)
+        rng = _rng_state(device)
+        try:
+            out = model.generate(input_ids=padded_ids, attention_mask=padded_mask, synced_gpus=synced,
+                                 generation_config=spec.generation_config(tokenizer, stop_ids, compiled=True), **stops)
+            return out[:, padded_ids.shape[1] :]
+        except torch._dynamo.exc.TorchDynamoException as error:  # e.g. no C++ compiler for inductor
+            log.warning("SamplingSpec.compile: compilation failed, generating eagerly from now on: %s", error)
+            _compile_failed = True
+            _set_rng_state(device, rng)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, synced_gpus=synced,
+                         generation_config=spec.generation_config(tokenizer, stop_ids), **stops)
+    return out[:, input_ids.shape[1] :]
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def response_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0) -> Tensor:

@@ -9,7 +9,9 @@ Order of events in one Lightning epoch of an RL stage (tested in ``tests/test_ro
    (minus the missing-EOS penalty), the sequence KL and the KL-regularised reward
    ``r̃ = score − β·kl``, lets the stage add per-token extras (PPO's values) and refills the
    stage's :class:`~lit_p3o.buffer.ReplayBuffer`; then it updates β. All of it runs under
-   the trainer's precision context, as ``training_step`` does.
+   the trainer's precision context, as ``training_step`` does. On-policy
+   (``RolloutSpec.on_policy``) ``logp_old``, the KL and ``r̃`` are left to the update's own
+   forward (``RLStage.policy_forward``), and the statistics and β follow after that step.
 2. The stage's ``train_dataloader`` (a :class:`~lit_p3o.buffer.BufferDataset`) replays the
    buffer for ``update_epochs`` passes of minibatches of whole groups.
 3. The stage's ``training_step`` turns each minibatch into a loss from ``lit_p3o.losses``.
@@ -54,6 +56,9 @@ class RolloutSpec:
     score of responses that did not end within ``sampling.max_new_tokens``.
     ``chat_template_kwargs`` go to ``apply_chat_template`` when conversational prompts
     (lists of messages) are rendered.
+    ``defer_logp_old``: when the rollout is :attr:`on_policy` (replayed once, in one
+    minibatch), skip the rollout's ``logp_old`` forward and take ``logp_old`` from the
+    update's own forward, detached (the ratio is then exactly 1); false keeps the pass.
     """
 
     prompts: str = "embedded:reviews"
@@ -70,6 +75,7 @@ class RolloutSpec:
     forward_batch_size: int = 32
     log_samples: int = 2
     chat_template_kwargs: dict[str, Any] | None = None
+    defer_logp_old: bool = True
 
     def __post_init__(self) -> None:
         if self.num_responses < 2:
@@ -80,6 +86,12 @@ class RolloutSpec:
                 raise ValueError(f"RolloutSpec.{name}: must be >= 1, got {getattr(self, name)}")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise ValueError("RolloutSpec.missing_eos_penalty: it is subtracted, give a value >= 0")
+
+    @property
+    def on_policy(self) -> bool:
+        """One update pass over the rollout in a single minibatch: the policy the update
+        differentiates is the one that sampled, so ``logp_old`` is the update's own log-prob."""
+        return self.update_epochs == 1 and self.minibatch_groups >= self.num_prompts
 
 
 @dataclass
@@ -192,6 +204,7 @@ class RolloutCallback(L.Callback):
         self.seed = seed
         self.sampler: PromptSampler | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._stats_pending = False  # on-policy: KL and r̃ are known after the update's forward
 
     @property
     def state_key(self) -> str:
@@ -220,10 +233,9 @@ class RolloutCallback(L.Callback):
         with seeded(noise, pl_module.device), trainer.precision_plugin.forward_context(), phase(trainer, "rollout"):
             groups = rollout(pl_module, prompts, self.kl.beta, self.spec, show_progress=shows_progress(trainer))
         pl_module.buffer.fill(groups, self.kl.beta)
-        stats = rollout_stats(groups, self.kl.beta)
-        mean_kl = float(trainer.strategy.reduce(torch.tensor(stats["kl_mean"]), reduce_op="mean"))
-        pl_module.log_rollout(stats)
-        self.kl.update(mean_kl, len(groups) * self.spec.num_responses * trainer.world_size)
+        self._stats_pending = groups[0].pending
+        if not self._stats_pending:
+            self._report(trainer, pl_module)
         if self.spec.log_samples and trainer.is_global_zero:
             self._log_samples(trainer, pl_module, groups[: self.spec.log_samples])
 
@@ -239,10 +251,24 @@ class RolloutCallback(L.Callback):
             rank_zero_info(f"[rollout {index}] {prompt!r} -> {rows[-len(g.responses)]['response']!r} (score {g.scores[0]:.3f})")
         log_samples(trainer.loggers, "rollout/samples", rows, trainer.global_step)
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._stats_pending and not any(g.pending for g in pl_module.buffer.groups):
+            self._stats_pending = False
+            self._report(trainer, pl_module)
+
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log the rollout's statistics and move β (once its KL is known)."""
+        groups = pl_module.buffer.groups
+        stats = rollout_stats(groups, pl_module.buffer.beta)
+        mean_kl = float(trainer.strategy.reduce(torch.tensor(stats["kl_mean"]), reduce_op="mean"))
+        pl_module.log_rollout(stats)
+        self.kl.update(mean_kl, len(groups) * self.spec.num_responses * trainer.world_size)
+
     def state_dict(self) -> dict[str, Any]:
         """β, the sampler's position and every rank's RNG state (ranks draw different streams)."""
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         return {
+            "stats_pending": self._stats_pending,
             "kl": self.kl.state_dict(),
             "sampler": self.sampler.state_dict() if self.sampler else None,
             "rng": gather_from_ranks(rng),
@@ -251,6 +277,7 @@ class RolloutCallback(L.Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Lightning restores callbacks after ``setup``; the sampler may already exist."""
         self.kl.load_state_dict(state["kl"])
+        self._stats_pending = state.get("stats_pending", False)
         if self.sampler is not None:
             self.sampler.load_state_dict(state["sampler"])
         else:
@@ -329,7 +356,10 @@ def rollout(
         if not e.response_ids:  # generate() always emits at least one token; guard anyway
             raise RuntimeError("rollout: an empty response was sampled")
 
-    logp_old, logp_ref, extras = _forward_passes(stage, examples, spec.forward_batch_size, spec.sampling.temperature, show_progress)
+    deferred = spec.defer_logp_old and spec.on_policy  # the update's forward gives logp_old, kl, r̃
+    logp_old, logp_ref, extras = _forward_passes(
+        stage, examples, spec.forward_batch_size, spec.sampling.temperature, show_progress, with_old=not deferred
+    )
     n = spec.forward_batch_size
     chunks = tqdm(range(0, len(examples), n), desc="rollout: score", leave=False, disable=not show_progress)
     prompt_of = [p for p in prompts for _ in range(k)]  # the prompt set's row (its columns) for each response
@@ -339,18 +369,24 @@ def rollout(
     ])
     if spec.missing_eos_penalty is not None:
         scores = scores - spec.missing_eos_penalty * (~torch.tensor(ended)).float()
-    kl = torch.stack([(o - r).sum() for o, r in zip(logp_old, logp_ref)])
-    rewards = kl_regularized_rewards(scores, kl, beta)
+    kl = rewards = None
+    if not deferred:
+        kl = torch.stack([(o - r).sum() for o, r in zip(logp_old, logp_ref)])
+        rewards = kl_regularized_rewards(scores, kl, beta)
     ended_t = torch.tensor(ended)
+
+    def rows(values: Any, g: int) -> Any:
+        return None if values is None or deferred else values[g * k : (g + 1) * k]
+
     return [
         Group(
             prompt_ids=prompt_ids[g],
             responses=[e.response_ids for e in examples[g * k : (g + 1) * k]],
-            logp_old=logp_old[g * k : (g + 1) * k],
+            logp_old=rows(logp_old, g),
             logp_ref=logp_ref[g * k : (g + 1) * k],
             scores=scores[g * k : (g + 1) * k],
-            kl=kl[g * k : (g + 1) * k],
-            rewards=rewards[g * k : (g + 1) * k],
+            kl=rows(kl, g),
+            rewards=rows(rewards, g),
             ended=ended_t[g * k : (g + 1) * k],
             extras={name: values[g * k : (g + 1) * k] for name, values in extras.items()},
         )
@@ -360,9 +396,15 @@ def rollout(
 
 @torch.no_grad()
 def _forward_passes(
-    stage: RolloutStage, examples: list[Encoded], batch_size: int, temperature: float, show_progress: bool = False
+    stage: RolloutStage,
+    examples: list[Encoded],
+    batch_size: int,
+    temperature: float,
+    show_progress: bool = False,
+    with_old: bool = True,
 ) -> tuple[list[Tensor], list[Tensor], dict[str, list[Tensor]]]:
-    """Per-token ``logp_old``, ``logp_ref`` (at the sampling temperature) and the stage's
+    """Per-token ``logp_old`` (empty unless ``with_old``), ``logp_ref`` (both at the sampling
+    temperature) and the stage's
     extras, trimmed to each response."""
     device = next(stage.policy.parameters()).device
     logp_old: list[Tensor] = []
@@ -372,13 +414,14 @@ def _forward_passes(
     for start in starts:
         chunk = examples[start : start + batch_size]
         batch = collate(chunk, stage.tokenizer.pad_token_id).to(device)
-        old = response_logprobs(stage.policy, batch, temperature).cpu()
+        old = response_logprobs(stage.policy, batch, temperature).cpu() if with_old else None
         with stage.reference.active() as reference:
             ref = response_logprobs(reference, batch, temperature).cpu()
         more = {name: t.float().cpu() for name, t in stage.rollout_extras(batch).items()}
         for i, e in enumerate(chunk):
             n = len(e.response_ids)
-            logp_old.append(old[i, :n].clone())
+            if old is not None:
+                logp_old.append(old[i, :n].clone())
             logp_ref.append(ref[i, :n].clone())
             for name, t in more.items():
                 extras.setdefault(name, []).append(t[i, :n].clone())

@@ -17,8 +17,9 @@ from micro import MICRO_ARCH as MICRO
 
 def build(cls, k: int = 3, **kwargs):
     L.seed_everything(0)
+    # logp_old from the rollout's own pass, so that perturbing θ afterwards gives ratios ≠ 1
     spec = RolloutSpec(prompt_pool=16, num_prompts=4, num_responses=k, update_epochs=1, minibatch_groups=4,
-                       max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6))
+                       max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6), defer_logp_old=False)
     return cls(ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"), "embedded:reviews", rollout=spec, **kwargs)
 
 
@@ -35,7 +36,7 @@ def fixed_batch(stage, shift: torch.Tensor | None = None) -> RolloutBatch:
 
 def gradient(stage, batch: RolloutBatch) -> torch.Tensor:
     stage.zero_grad(set_to_none=True)
-    loss, _ = stage.compute_loss(batch)
+    loss, _ = stage.loss(batch)
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in stage.parameters() if p.grad is not None])
     stage.zero_grad(set_to_none=True)
@@ -60,7 +61,7 @@ def test_p3o_update_is_invariant_to_per_prompt_reward_shifts(variant):
     assert not torch.allclose(plain.rewards, shifted.rewards)
     perturb(stage)
     torch.testing.assert_close(gradient(stage, shifted), gradient(stage, plain), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(stage.compute_loss(shifted)[0], stage.compute_loss(plain)[0])
+    torch.testing.assert_close(stage.loss(shifted)[0], stage.loss(plain)[0])
 
 
 def test_rloo_and_dpo_updates_are_invariant_too():
@@ -100,7 +101,7 @@ def test_online_dpo_loss_picks_the_higher_score_and_drops_ties():
     batch.scores[0] = torch.tensor([1.0, 1.0])  # a tie carries no preference
     batch.scores[1] = torch.tensor([-1.0, 2.0])  # response 1 wins
     perturb(stage)
-    loss, stats = stage.compute_loss(batch)
+    loss, stats = stage.loss(batch)
     with torch.no_grad():
         from lit_p3o.generation import response_logprobs
 
@@ -138,7 +139,7 @@ def test_ppo_stores_rollout_values_and_separate_critic_works():
     assert batch.extras["values"].shape == batch.logp_old.shape
     assert torch.equal(batch.extras["values"], torch.zeros_like(batch.logp_old))  # zero-initialised head
     critic = build(PPOModule, critic=ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"))
-    loss, stats = critic.compute_loss(fixed_batch(critic))
+    loss, stats = critic.loss(fixed_batch(critic))
     assert torch.isfinite(loss) and "value_loss" in stats
     loss.backward()
     assert critic.value_head.weight.grad is not None

@@ -50,3 +50,22 @@ def test_ranks_sample_independently_and_reproducibly(tmp_path):
     rank0, rank1 = first
     assert rank0["prompts"] == rank1["prompts"]  # the same prompt on both ranks ...
     assert rank0["responses"] != rank1["responses"]  # ... answered with different noise
+
+
+ROLLOUT_SCRIPT = Path(__file__).parent / "scripts" / "ddp_rollout.py"
+
+
+@pytest.mark.slow
+def test_ddp_on_policy_rollout_compiled_matches_eager(tmp_path):
+    """Under DDP, the compiled decode samples what eager samples on each rank, and the
+    on-policy update (no logp_old pass) runs with ratio 1 and gives the same weights."""
+    results = {}
+    for mode in ("eager", "compiled"):
+        out = tmp_path / f"{mode}.pt"
+        subprocess.run([sys.executable, str(ROLLOUT_SCRIPT), str(out), "2", mode], check=True, timeout=600,
+                       capture_output=True, text=True)
+        results[mode] = torch.load(out, weights_only=False)
+    assert results["compiled"]["responses"] == results["eager"]["responses"]
+    assert results["eager"]["ratio_max"] == results["compiled"]["ratio_max"] == 1.0
+    for name, value in results["eager"]["weights"].items():
+        torch.testing.assert_close(results["compiled"]["weights"][name], value, rtol=0, atol=0)

@@ -176,7 +176,7 @@ def test_checkpoint_keeps_buffer_and_drops_frozen_copies(tmp_path):
     assert len(buffer["groups"]) == 4
     assert not [k for k in state["state_dict"] if k.startswith("reference.")]
     assert "RolloutCallback" in state["callbacks"]
-    assert set(state["callbacks"]["RolloutCallback"]) == {"kl", "sampler", "rng"}
+    assert set(state["callbacks"]["RolloutCallback"]) == {"kl", "sampler", "rng", "stats_pending"}
 
 
 @pytest.mark.slow
@@ -234,3 +234,52 @@ def test_resume_mid_rollout_continues_with_the_next_minibatch(tmp_path):
     assert resumed_trainer.global_step == full_trainer.global_step == 12
     for name, value in weights(full).items():
         torch.testing.assert_close(weights(resumed)[name], value, rtol=0, atol=1e-6)
+
+
+def on_policy_run(tmp_path: Path, defer: bool) -> tuple[P3OModule, L.Trainer, int]:
+    """Two on-policy rollouts (one pass, one minibatch) with an adaptive β; counts the
+    policy's full-sequence forwards (generation's cached steps are left out)."""
+    from lit_p3o.rollout import KLSpec
+
+    L.seed_everything(0)
+    stage = P3OModule(
+        ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"), "embedded:reviews",
+        rollout=RolloutSpec(prompt_pool=32, num_prompts=4, num_responses=3, update_epochs=1, minibatch_groups=4,
+                            max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6), defer_logp_old=defer),
+        kl=KLSpec(beta=0.1, target=0.01, horizon=10), optimizer=OptimizerSpec(learning_rate=1e-2),
+    )
+    stage.scorer.score_examples = varied_scores
+    calls = []
+    stage.policy.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(1) if kwargs.get("use_cache") is False else None, with_kwargs=True
+    )
+    t = trainer(tmp_path, max_epochs=2)
+    t.fit(stage)
+    return stage, t, len(calls)
+
+
+def test_on_policy_update_takes_logp_old_from_its_own_forward(tmp_path):
+    kept, kept_trainer, kept_calls = on_policy_run(tmp_path / "kept", defer=False)
+    skipped, skipped_trainer, skipped_calls = on_policy_run(tmp_path / "skipped", defer=True)
+    assert kept_calls == 2 * 2  # per rollout: the rollout's logp_old pass and the update's forward
+    assert skipped_calls == 2 * 1  # the update's forward only
+    assert skipped_trainer.callback_metrics["train/ratio_max"].item() == 1.0  # exactly, by construction
+    assert skipped_trainer.callback_metrics["train/approx_kl"].item() == 0.0
+    for name, value in weights(kept).items():
+        torch.testing.assert_close(weights(skipped)[name], value, rtol=0, atol=1e-6)
+    for a, b in zip(kept.buffer.groups, skipped.buffer.groups):  # the same KL, r̃ and logp_old
+        torch.testing.assert_close(b.kl, a.kl, rtol=0, atol=1e-5)
+        torch.testing.assert_close(b.rewards, a.rewards, rtol=0, atol=1e-5)
+        for old_b, old_a in zip(b.logp_old, a.logp_old):
+            torch.testing.assert_close(old_b, old_a, rtol=0, atol=1e-5)
+    # β moved after each rollout, from the same KL
+    from lit_p3o.rollout import RolloutCallback
+
+    def beta(stage: P3OModule) -> float:
+        return next(c for c in stage.trainer.callbacks if isinstance(c, RolloutCallback)).kl.beta
+
+    assert beta(kept) != 0.1
+    assert beta(skipped) == pytest.approx(beta(kept), rel=0, abs=1e-7)
+    for key in ("rollout/kl_mean", "rollout/reward_mean", "rollout/beta", "train/loss"):
+        torch.testing.assert_close(skipped_trainer.callback_metrics[key], kept_trainer.callback_metrics[key],
+                                   rtol=0, atol=1e-5)

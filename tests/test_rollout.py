@@ -128,7 +128,7 @@ def test_first_update_has_trajectory_ratio_one():
     # minibatches pad differently from the rollout's forward chunks (2 groups vs 5 rows)
     for start in range(0, 6, 2):
         batch = collate_groups(groups[start : start + 2], stage.tokenizer.pad_token_id)
-        token_logratio, logratio = stage.trajectory_logratio(batch)
+        token_logratio, logratio = stage.trajectory_logratio(batch, response_logprobs(stage.policy, batch.batch))
         assert logratio.shape == (2, 3)
         assert logratio.abs().max() < 1e-5
         assert token_logratio.abs().max() < 1e-5

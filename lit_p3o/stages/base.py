@@ -3,7 +3,8 @@ guards, the end-of-run summary, saving, and the held-out evaluation behind ``val
 ``test`` and ``predict``.
 
 A new algorithm subclasses :class:`RLStage` and implements :meth:`RLStage.compute_loss`
-(calling one function of ``lit_p3o.losses``); the rollout, buffer and checkpointing are here.
+(calling one function of ``lit_p3o.losses``); the rollout, buffer, the update's one policy
+forward and checkpointing are here.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader
 from lit_p3o.buffer import BufferDataset, ReplayBuffer, RolloutBatch
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.evaluation import CompletionWriter, EvaluationSpec, evaluate_examples, sample_completions
-from lit_p3o.generation import response_logprobs, seeded
+from lit_p3o.generation import response_logprobs_and_states, seeded
 from lit_p3o.guards import GradientGuard, GuardSpec, TooManySkippedError, UpdateLedger
 from lit_p3o.models import (
     FrozenReference,
@@ -102,8 +103,12 @@ class RLStage(ShardableModule):
 
     # ------------------------------------------------------------------ what subclasses define
 
-    def compute_loss(self, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        """The algorithm: a scalar loss and detached statistics to log."""
+    policy_states = False  # whether compute_loss needs the policy's last hidden states
+
+    def compute_loss(self, batch: RolloutBatch, logp: Tensor, states: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The algorithm: a scalar loss and detached statistics to log, from the minibatch and
+        the policy's per-token log-probs ``[N, R]`` (with gradient) and, when
+        :attr:`policy_states`, its hidden states ``[N, R, H]``, both from one forward."""
         raise NotImplementedError
 
     def rollout_extras(self, batch: Any) -> dict[str, Tensor]:
@@ -180,9 +185,8 @@ class RLStage(ShardableModule):
             out = sample_completions(self.policy, self.tokenizer, prompts, spec.sampling, spec.max_prompt_tokens, spec.batch_size)
         return [{"prompt": p, "response": r, "ended": e} for p, r, e in zip(out.prompts, out.responses, out.ended)]
 
-    def trajectory_logratio(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+    def trajectory_logratio(self, batch: RolloutBatch, logp: Tensor) -> tuple[Tensor, Tensor]:
         """Per-token ``log π_θ − logp_old`` ``[N, R]`` (masked) and its per-response sum ``[G, K]``."""
-        logp = response_logprobs(self.policy, batch.batch, self.temperature)
         token_logratio = (logp - batch.logp_old) * batch.response_mask
         return token_logratio, token_logratio.sum(-1).view_as(batch.rewards)
 
@@ -193,11 +197,26 @@ class RLStage(ShardableModule):
         approx_kl = ((r.exp() - 1 - r) * mask).sum() / mask.sum().clamp(min=1)
         return {"ratio_mean": ratio.mean(), "ratio_max": ratio.max(), "approx_kl": approx_kl}
 
+    def policy_forward(self, batch: RolloutBatch) -> tuple[RolloutBatch, Tensor, Tensor | None]:
+        """The update's one policy forward; on-policy it also completes the pending minibatch
+        (``logp_old`` = this forward detached, so ρ = 1 exactly; see ``RolloutSpec.defer_logp_old``)."""
+        logp, states = response_logprobs_and_states(
+            self.policy, batch.batch, with_states=self.policy_states, temperature=self.temperature
+        )
+        if batch.logp_old is None:
+            batch = batch.complete_on_policy(logp, self.buffer.beta)
+        return batch, logp, states
+
+    def loss(self, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`compute_loss` of a minibatch, forward included (no guard, no logging)."""
+        return self.compute_loss(*self.policy_forward(batch))
+
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> Tensor | None:
         self.buffer.consumed += 1
+        batch, logp, states = self.policy_forward(batch)
         if not self._finite_everywhere(batch.rewards):
             return self._skip("non-finite reward in the minibatch")
-        loss, stats = self.compute_loss(batch)
+        loss, stats = self.compute_loss(batch, logp, states)
         if not self._finite_everywhere(loss):
             return self._skip("non-finite loss")
         self.updates.applied += 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from lit_p3o.buffer import RolloutBatch
-from lit_p3o.generation import response_logprobs
 from lit_p3o.guards import GuardSpec
 from lit_p3o.losses import dpo_loss
 from lit_p3o.evaluation import EvaluationSpec
@@ -45,8 +44,8 @@ class OnlineDPOModule(RLStage):
         super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed, guards, evaluation)
         self.beta_dpo = beta_dpo
 
-    def compute_loss(self, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        logp = response_logprobs(self.policy, batch.batch, self.temperature).sum(-1).view_as(batch.scores)
+    def compute_loss(self, batch: RolloutBatch, logp: Tensor, states: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        logp = logp.sum(-1).view_as(batch.scores)
         logp_ref = batch.logp_ref.sum(-1).view_as(batch.scores)
         decided = batch.scores[:, 0] != batch.scores[:, 1]
         if not decided.any():  # a zero that keeps the graph, so every rank still runs backward;

@@ -66,6 +66,7 @@ class PPOModule(RLStage):
         self.whiten_advantages, self.whiten_over = whiten_advantages, whiten_over
         self._rollout_moments: tuple[int, tuple[Tensor, Tensor]] | None = None  # (buffer.rollouts, (μ, σ²))
         self.critic = build_causal_lm(as_spec(critic), self.tokenizer) if critic is not None else None
+        self.policy_states = self.critic is None  # the value head reads the policy's states
         hidden = (self.critic or self.policy).config.hidden_size
         self.value_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value_head.weight)
@@ -109,12 +110,9 @@ class PPOModule(RLStage):
             advantages = whiten(advantages, batch.response_mask, moments=moments)
         return advantages, returns
 
-    def compute_loss(self, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(self, batch: RolloutBatch, logp: Tensor, states: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         mask = batch.response_mask
         advantages, returns = self.advantages(batch)
-        logp, states = response_logprobs_and_states(
-            self.policy, batch.batch, with_states=self.critic is None, temperature=self.temperature
-        )
         policy_loss, clip_fraction = ppo_policy_loss(logp, batch.logp_old, advantages, mask, self.clip_epsilon)
         values = self._values(batch.batch, states)
         value_loss = ppo_value_loss(values, batch.extras["values"], returns, mask, self.value_clip_epsilon)

@@ -41,7 +41,7 @@ class RLOOModule(RLStage):
         super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed, guards, evaluation)
         self.clip_epsilon = clip_epsilon
 
-    def compute_loss(self, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        token_logratio, logratio = self.trajectory_logratio(batch)
+    def compute_loss(self, batch: RolloutBatch, logp: Tensor, states: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        token_logratio, logratio = self.trajectory_logratio(batch, logp)
         loss = rloo_loss(logratio, rloo_advantages(batch.rewards), self.clip_epsilon)
         return loss, self.ratio_stats(token_logratio, logratio, batch.response_mask)
