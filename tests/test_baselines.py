@@ -121,9 +121,9 @@ def test_online_dpo_logs_the_same_statistics_when_every_pair_ties():
     log the same names as the others, or the reductions pair up wrongly and the run hangs."""
     stage = build(OnlineDPOModule, k=2)
     batch = fixed_batch(stage)
-    decided = stage.compute_loss(batch)[1]
+    decided = stage.loss(batch)[1]
     batch.scores[:] = 1.0
-    loss, tied = stage.compute_loss(batch)
+    loss, tied = stage.loss(batch)
     assert tied.keys() == decided.keys()
     assert float(loss) == 0.0 and float(tied["decided_fraction"]) == 0.0
 
@@ -169,7 +169,7 @@ def test_every_update_scores_at_the_sampling_temperature(cls, k):
     with torch.no_grad():  # peakier logits, so T changes the log-probs a lot
         stage.policy.lm_head.weight.mul_(20.0)
         stage.reference.copy.lm_head.weight.mul_(20.0)
-    _, stats = stage.compute_loss(fixed_batch(stage))
+    _, stats = stage.loss(fixed_batch(stage))
     if cls is OnlineDPOModule:
         assert stats["implicit_margin"].abs() < 1e-4
     else:

@@ -119,7 +119,7 @@ def test_consecutive_exactly_zero_gradients_stop_the_run_and_name_the_cause(tmp_
     else:  # signal, but the loss does not depend on the weights
         stage.scorer.score_examples = varied
         compute_loss = stage.compute_loss
-        stage.compute_loss = lambda batch: (lambda loss, stats: (loss * 0.0, stats))(*compute_loss(batch))
+        stage.compute_loss = lambda *args: (lambda loss, stats: (loss * 0.0, stats))(*compute_loss(*args))
     counter = StepCounter()
     cause = "all responses to each prompt got the same reward" if tied else "the rewards of a prompt's responses differed"
     with pytest.raises(NoGradientError, match=rf"exactly-zero gradients in 3 consecutive optimizer steps.*{cause}"):

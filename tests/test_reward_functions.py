@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from lit_p3o import ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
+from lit_p3o import GuardSpec, ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
 from lit_p3o.cli import LitP3OCLI
 from lit_p3o.data.encoding import Encoded, encode_example
 from lit_p3o.data.prompts import Prompt, load_prompts
@@ -133,7 +133,7 @@ def test_weighted_mix_of_functions_and_a_reward_model(tok, tmp_path):
 # --------------------------------------------------------------------------- in an RL stage
 
 
-def p3o(reward, prompts="embedded:reviews", **rollout):
+def p3o(reward, prompts="embedded:reviews", guards=None, **rollout):
     L.seed_everything(0)
     kwargs = dict(prompts=prompts, prompt_pool=16, num_prompts=4, num_responses=2, update_epochs=1,
                   minibatch_groups=4, max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=4))  # fmt: skip
@@ -141,7 +141,7 @@ def p3o(reward, prompts="embedded:reviews", **rollout):
     tokenizer = prompts if prompts.startswith("embedded:") else "embedded:reviews"
     return P3OModule(
         ModelSpec(architecture=dict(MICRO_ARCH), tokenizer=tokenizer), reward,
-        rollout=RolloutSpec(**kwargs), optimizer=OptimizerSpec(learning_rate=1e-2),
+        rollout=RolloutSpec(**kwargs), optimizer=OptimizerSpec(learning_rate=1e-2), guards=guards,
     )  # fmt: skip
 
 
@@ -153,7 +153,7 @@ def fit(stage, tmp_path, epochs=1):
 
 
 def test_none_rewards_skip_the_update_through_the_guard(tmp_path):
-    stage = p3o([RewardSpec(f"{HERE}:always_none"), RewardSpec("embedded:reviews", 0.5)])
+    stage = p3o([RewardSpec(f"{HERE}:always_none"), RewardSpec("embedded:reviews", 0.5)], guards=GuardSpec(max_skipped_fraction=1.0))
     before = {k: v.clone() for k, v in stage.policy.state_dict().items()}
     fit(stage, tmp_path)
     assert stage.skipped_steps == 1
