@@ -164,7 +164,8 @@ def test_every_update_scores_at_the_sampling_temperature(cls, k):
     online DPO (π_θ = π_ref at start) an implicit margin of 0."""
     L.seed_everything(0)
     spec = RolloutSpec(prompt_pool=16, num_prompts=4, num_responses=k, update_epochs=1, minibatch_groups=4,
-                       max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6, temperature=0.7))
+                       max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6, temperature=0.7),
+                       defer_logp_old=False)  # the rollout's own logp_old pass, at T
     stage = cls(ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"), "embedded:reviews", rollout=spec)
     with torch.no_grad():  # peakier logits, so T changes the log-probs a lot
         stage.policy.lm_head.weight.mul_(20.0)

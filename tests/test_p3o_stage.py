@@ -208,7 +208,7 @@ def test_p3o_raises_reward_of_an_sft_policy(tmp_path):
         policy=ModelSpec(name_or_path=str(tmp_path / "sft")), prompt_pool=400, num_prompts=32,
         minibatch_groups=8, sampling=SamplingSpec(max_new_tokens=24),
     )
-    stage.optimizer_spec = OptimizerSpec(learning_rate=1e-3)
+    stage.optimizer_spec = OptimizerSpec(learning_rate=5e-4)  # 1e-3 gained only ~0.13, near the bar
     before = mean_gold(stage.policy, stage.tokenizer)
     trainer(tmp_path, max_epochs=8, gradient_clip_val=1.0).fit(stage)
     after = mean_gold(stage.policy, stage.tokenizer)
