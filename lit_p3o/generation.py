@@ -80,6 +80,7 @@ class SamplingSpec:
 
     def compiled_on(self, device: torch.device, synced: bool = False) -> bool:
         """Whether generation on ``device`` takes the compiled path (``synced``: ranks step in lockstep)."""
+        synced = synced or bool(self.synced_gpus)
         wanted = device.type == "cuda" and not synced if self.compile == "auto" else self.compile
         return bool(wanted) and not _compile_failed
 

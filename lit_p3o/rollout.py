@@ -247,7 +247,7 @@ class RolloutCallback(L.Callback):
             prompt = decode(tok, g.prompt_ids)
             for i, response in enumerate(g.responses):
                 rows.append({"rollout": index, "prompt": prompt, "response": decode(tok, response),
-                             "score": float(g.scores[i]), "kl": float(g.kl[i]), "ended": bool(g.ended[i])})  # fmt: skip
+                             "score": float(g.scores[i]), "kl": None if g.pending else float(g.kl[i]), "ended": bool(g.ended[i])})  # fmt: skip
             rank_zero_info(f"[rollout {index}] {prompt!r} -> {rows[-len(g.responses)]['response']!r} (score {g.scores[0]:.3f})")
         log_samples(trainer.loggers, "rollout/samples", rows, trainer.global_step)
 

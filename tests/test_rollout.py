@@ -194,7 +194,7 @@ def test_temperature_scales_sampling_logprobs_and_kl_alike():
                 assert not torch.allclose(old, direct(stage.policy, g.prompt_ids, response, 1.0), atol=1e-3)
             torch.testing.assert_close(g.kl, torch.stack([(o - r).sum() for o, r in zip(g.logp_old, g.logp_ref)]))
     batch = collate_groups(groups[:2], stage.tokenizer.pad_token_id)
-    token_logratio, logratio = stage.trajectory_logratio(batch)
+    token_logratio, logratio = stage.trajectory_logratio(*stage.policy_forward(batch)[:2])
     assert logratio.abs().max() < 1e-5 and token_logratio.abs().max() < 1e-5
 
 
