@@ -101,8 +101,10 @@ class GradientGuard(L.Callback):
     @staticmethod
     def _reduce(trainer: L.Trainer, pl_module: L.LightningModule, params: list[nn.Parameter]) -> tuple[bool, bool]:
         """(any gradient on any rank, any non-zero gradient on any rank)."""
-        grads = [p.grad for p in params if p.grad is not None]
-        nonzero = torch.stack([g.detach().abs().amax().float() for g in grads]).amax() > 0 if grads else False
+        # under FSDP2 a gradient is a DTensor: this rank's shard is what it can inspect
+        grads = [getattr(p.grad, "to_local", lambda g=p.grad: g)() for p in params if p.grad is not None]
+        peaks = [g.detach().abs().amax().float() for g in grads if g.numel()]  # a shard can be empty
+        nonzero = bool(peaks) and bool(torch.stack(peaks).amax() > 0)
         found = torch.tensor([float(bool(grads)), float(nonzero)], device=pl_module.device)
         found = trainer.strategy.reduce(found, reduce_op="sum")
         return bool(found[0] > 0), bool(found[1] > 0)

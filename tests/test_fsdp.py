@@ -58,7 +58,8 @@ def test_every_stage_shards_and_unequal_lengths_do_not_deadlock(tmp_path):
     for name in ("ppo", "dpo", "rloo"):
         assert summary[name]["sharded"] and summary[name]["steps"] == 1 and summary[name]["rollouts"] == 1
         # rank 0 stopped generating after 2 tokens, rank 1 after 8: generation stayed in lockstep
-        assert summary[name]["lengths_by_rank"] == [[2], [8]]
+        # (a response may end earlier with EOS; the longest on each rank is its limit)
+        assert [max(lengths) for lengths in summary[name]["lengths_by_rank"]] == [2, 8]
     assert summary["dpo"]["reference_sharded"] and summary["rloo"]["reference_sharded"]  # full fine-tuning
     load_complete(AutoModelForCausalLM, tmp_path / "sft")
     load_complete(AutoModelForSequenceClassification, tmp_path / "reward")

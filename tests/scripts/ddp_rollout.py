@@ -16,7 +16,7 @@ MICRO = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num
          "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
 
 
-def varied_scores(examples, ended):
+def varied_scores(examples, ended, prompts=None):
     """Scores that depend on the sampled tokens, so the update depends on what was sampled."""
     return torch.tensor([float(sum(e.response_ids) % 7) for e in examples])
 
