@@ -42,6 +42,7 @@ def test_cli_optimizer_works_with_an_rl_stage(tmp_path):
     rl = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "logger": False, "enable_checkpointing": False,
+                    "default_root_dir": str(tmp_path),  # LightningCLI saves its config.yaml there
                     "enable_progress_bar": False, "enable_model_summary": False},
         "model": {"class_path": "lit_p3o.P3OModule", "init_args": {
             "policy": {"architecture": MICRO_ARCH, "tokenizer": "embedded:reviews"}, "reward_model": "embedded:reviews",
