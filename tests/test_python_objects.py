@@ -8,17 +8,17 @@ import lightning as L
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
+from micro import MICRO_ARCH
 
 from lit_p3o import P3OModule, RewardModule, SFTModule
 from lit_p3o.data.issues import DataFormatError
-from lit_p3o.data.prompts import load_prompts
 from lit_p3o.data.preferences import PreferenceDataModule
+from lit_p3o.data.prompts import load_prompts
 from lit_p3o.data.sft import SFTDataModule
 from lit_p3o.evaluation import EvaluationSpec
 from lit_p3o.generation import SamplingSpec
 from lit_p3o.models import ModelSpec, build_causal_lm, build_reward_model, has_adapters
 from lit_p3o.rollout import RolloutSpec
-from micro import MICRO_ARCH
 
 PROMPTS = [f"rate the {item} :" for item in ("tea", "mug", "lamp", "bike")]
 

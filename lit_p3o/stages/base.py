@@ -58,7 +58,9 @@ class RLStage(ShardableModule):
     optimise an embedded task's gold reward directly, a Python reward function
     ``"package.module:function"`` (TRL's ``reward_funcs`` convention, see
     :class:`lit_p3o.scoring.FunctionScorer`), or a list of weighted such sources
-    (:class:`lit_p3o.scoring.RewardSpec`), whose weighted sum is the reward. One Lightning epoch is one rollout
+    (:class:`lit_p3o.scoring.RewardSpec`), whose weighted sum is the reward; from Python also the
+    function itself. ``policy`` is a :class:`ModelSpec` or, from Python, a ready model, whose
+    tokenizer is then ``tokenizer``. One Lightning epoch is one rollout
     followed by ``rollout.update_epochs`` passes over its buffer, so ``trainer.max_epochs``
     counts rollouts.
 

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from lit_p3o.data.encoding import Batch
 from lit_p3o.guards import GradientGuard, GuardSpec
 from lit_p3o.losses import bradley_terry_loss
-from lit_p3o.models import ModelSource, as_spec, python_objects, build_reward_model, load_tokenizer
+from lit_p3o.models import ModelSource, as_spec, build_reward_model, load_tokenizer, python_objects
 from lit_p3o.optim import OptimizerSpec, configure_adamw
 from lit_p3o.scoring import reward_scores
 from lit_p3o.stages.sharding import ShardableModule
@@ -30,7 +30,8 @@ class RewardModule(ShardableModule):
     Batches hold chosen rows first, then rejected rows (one forward for both), and each pair's
     ``margin`` (TRL's column; 0 without one) enters the loss as ``−log σ(r_w − r_l − m)``. Logs loss,
     accuracy (share of pairs with ``r_w > r_l``) and mean margin ``r_w − r_l``. At the end of
-    ``fit`` the model is written to ``save_dir`` for :class:`lit_p3o.RewardScorer`.
+    ``fit`` the model is written to ``save_dir`` for :class:`lit_p3o.RewardScorer`. ``model`` is a
+    :class:`ModelSpec` or, from Python, a ready sequence-classification model with its ``tokenizer``.
     """
 
     def __init__(

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from lit_p3o.data.encoding import Batch
 from lit_p3o.guards import GradientGuard, GuardSpec
 from lit_p3o.losses import sft_loss
-from lit_p3o.models import ModelSource, as_spec, python_objects, build_causal_lm, load_tokenizer
+from lit_p3o.models import ModelSource, as_spec, build_causal_lm, load_tokenizer, python_objects
 from lit_p3o.optim import OptimizerSpec, configure_adamw
 from lit_p3o.stages.sharding import ShardableModule
 
@@ -23,6 +23,7 @@ class SFTModule(ShardableModule):
 
     At the end of ``fit`` the model (or its LoRA adapters) and tokenizer are written to
     ``save_dir`` with ``save_pretrained``, so the next stage's ``name_or_path`` can point there.
+    ``model`` is a :class:`ModelSpec` or, from Python, a ready model with its ``tokenizer``.
     """
 
     def __init__(
