@@ -33,10 +33,11 @@ def load_prompts(
     tokenizer: PreTrainedTokenizerBase | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """Prompts from a list of strings (from Python); ``"embedded:<task>"``; a dataset with a ``prompt`` column, as text or as
-    TRL's conversational prompt-only form (message lists rendered with ``tokenizer``'s chat
-    template and the generation prompt, ``chat_template_kwargs`` passed through); or a
-    preference dataset (HH, TL;DR, TRL), whose distinct prompts are used in order.
+    """Prompts from ``"embedded:<task>"``; a dataset (a path, a name or, from Python, a
+    ``datasets`` object) with a ``prompt`` column, as text or as TRL's conversational
+    prompt-only form (message lists rendered with ``tokenizer``'s chat template and the
+    generation prompt, ``chat_template_kwargs`` passed through); a preference dataset (HH,
+    TL;DR, TRL), whose distinct prompts are used in order; or, from Python, a list of strings.
 
     Prompts are :class:`Prompt` strings: from a ``prompt`` column they carry the row's other
     columns; an embedded task may give columns through its ``prompt_columns(prompt)``."""
