@@ -43,7 +43,7 @@ class EvaluationSpec:
     when the stage's ``evaluation`` is set), and the completions ``predict`` writes.
 
     ``prompts`` (``"embedded:<task>"``, a JSONL/parquet file or dataset with a ``prompt``
-    column, or a preference dataset) and ``split`` name the prompt set; ``num_prompts`` caps
+    column, a preference dataset, or a list of prompt strings) and ``split`` name the prompt set; ``num_prompts`` caps
     it (``None``: all of it; required for embedded tasks). One response per prompt is
     sampled with ``sampling``, seeded with ``seed`` plus the batch index (and the rank), the
     training RNG being restored afterwards. ``predict_prompts`` is the prompt source of
@@ -51,14 +51,14 @@ class EvaluationSpec:
     ``<log_dir>/predictions.jsonl``).
     """
 
-    prompts: str = "embedded:reviews"
+    prompts: str | list[str] = "embedded:reviews"
     split: str = "test"
     num_prompts: int | None = 200
     batch_size: int = 64
     max_prompt_tokens: int = 256
     sampling: SamplingSpec = field(default_factory=SamplingSpec)
     seed: int = 0
-    predict_prompts: str | None = None
+    predict_prompts: str | list[str] | None = None
     predictions_file: str | None = None
 
     def __post_init__(self) -> None:

@@ -19,7 +19,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Union
 
 import torch
 from torch import nn
@@ -107,9 +107,15 @@ class ModelSpec:
             )
 
 
-def as_spec(spec: ModelSpec | dict[str, Any]) -> ModelSpec:
-    """Accept plain dicts (handy outside the CLI) as well as specs."""
-    if isinstance(spec, ModelSpec):
+ModelSource = Union[ModelSpec, PreTrainedModel, nn.Module]
+"""What a stage's model argument accepts: a :class:`ModelSpec` (YAML/CLI), or from Python a
+ready ``transformers.PreTrainedModel`` or ``peft.PeftModel``, used as it is (its tokenizer is
+then the stage's ``tokenizer`` argument)."""
+
+
+def as_spec(spec: ModelSource | dict[str, Any]) -> ModelSpec | nn.Module:
+    """Accept plain dicts (handy outside the CLI) as well as specs; a ready model passes through."""
+    if isinstance(spec, (ModelSpec, nn.Module)):
         return spec
     spec = dict(spec)
     if isinstance(spec.get("lora"), dict):
@@ -119,13 +125,31 @@ def as_spec(spec: ModelSpec | dict[str, Any]) -> ModelSpec:
     return ModelSpec(**spec)
 
 
-def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
-    """The tokenizer for a spec, with a pad token guaranteed (EOS when the model has none)."""
-    source = spec.tokenizer or spec.name_or_path
-    if source is None:
+def python_objects(**arguments: Any) -> list[str]:
+    """The names of constructor arguments given as Python objects (models, tokenizers, datasets,
+    functions): ``save_hyperparameters`` leaves them out, as they are neither config nor small."""
+    plain = (str, int, float, bool, type(None), ModelSpec, dict, list, tuple)
+    return [name for name, value in arguments.items() if not isinstance(value, plain)]
+
+
+def load_tokenizer(
+    spec: ModelSpec | nn.Module, given: PreTrainedTokenizerBase | None = None, argument: str = "model"
+) -> PreTrainedTokenizerBase:
+    """The tokenizer for a spec, or ``given`` (required with a ready model), with a pad token
+    guaranteed (EOS when the model has none). ``argument`` names the stage's model argument in errors."""
+    if isinstance(spec, nn.Module):
+        _check_ready_model(spec, argument)
+        if given is None:
+            raise ValueError(
+                f"{argument}: a ready {type(spec).__name__} was given without its tokenizer; "
+                "pass the stage's `tokenizer=` argument too"
+            )
+    source = type(given).__name__ if given is not None else spec.tokenizer or spec.name_or_path
+    if given is not None:
+        tokenizer = given
+    elif source is None:
         raise ValueError("ModelSpec.tokenizer: required when the model is built from `architecture`")
-    task = resolve_embedded(source)
-    if task is not None:
+    elif (task := resolve_embedded(source)) is not None:
         tokenizer = task.build_tokenizer()
     else:
         field_name = "tokenizer" if spec.tokenizer else "name_or_path"  # the field the user wrote
@@ -144,15 +168,18 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A causal LM ready to train: loaded or built, then quantized/LoRA-wrapped as asked."""
+def build_causal_lm(spec: ModelSpec | nn.Module, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A causal LM ready to train: loaded or built, then quantized/LoRA-wrapped as asked (a
+    ready model is used as it is, in train mode)."""
+    if isinstance(spec, nn.Module):
+        return _ready(spec, tokenizer)
     model = _load_or_build(spec, tokenizer, AutoModelForCausalLM)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return _finish(spec, model, task_type="CAUSAL_LM")
 
 
-def build_reward_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def build_reward_model(spec: ModelSpec | nn.Module, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A scalar-head model (``AutoModelForSequenceClassification`` with one label).
 
     Initialising from a causal LM (e.g. the SFT policy) keeps its backbone and adds a new
@@ -160,6 +187,8 @@ def build_reward_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> P
     left as loaded: it decides where the score is read (:func:`lit_p3o.scoring.pooling_positions`),
     as in transformers.
     """
+    if isinstance(spec, nn.Module):
+        return _ready(spec, tokenizer)
     model = _load_or_build(spec, tokenizer, AutoModelForSequenceClassification, num_labels=1)
     return _finish(spec, model, task_type="SEQ_CLS")
 
@@ -291,6 +320,21 @@ def _load_or_build(
         kwargs["quantization_config"] = _bnb_config(spec.quantization)
         kwargs.setdefault("device_map", {"": _quantization_device()})
     return _load_pretrained(source, auto_class, kwargs, "name_or_path")
+
+
+def _check_ready_model(model: nn.Module, argument: str) -> None:
+    if not (isinstance(model, PreTrainedModel) or has_adapters(model)):
+        raise TypeError(
+            f"{argument}: expected a ModelSpec, a transformers PreTrainedModel or a peft PeftModel, "
+            f"got {type(model).__name__}"
+        )
+
+
+def _ready(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+    """A model given from Python: in train mode, with the tokenizer's pad token when it has none."""
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.train()
 
 
 def _finish(spec: ModelSpec, model: PreTrainedModel, task_type: str) -> PreTrainedModel:

@@ -52,7 +52,8 @@ class RolloutSpec:
     ``num_prompts`` prompts per device per rollout, ``num_responses`` (K ≥ 2) responses each;
     ``update_epochs`` passes over the buffer in minibatches of ``minibatch_groups`` groups.
     ``prompt_pool`` caps how many prompts are read from ``prompts`` (required for embedded
-    tasks, which can generate any number). ``missing_eos_penalty`` is subtracted from the
+    tasks, which can generate any number); ``prompts`` is any source
+    :func:`lit_p3o.data.prompts.load_prompts` reads, a list of prompt strings included. ``missing_eos_penalty`` is subtracted from the
     score of responses that did not end within ``sampling.max_new_tokens``.
     ``chat_template_kwargs`` go to ``apply_chat_template`` when conversational prompts
     (lists of messages) are rendered.
@@ -61,7 +62,7 @@ class RolloutSpec:
     update's own forward, detached (the ratio is then exactly 1); false keeps the pass.
     """
 
-    prompts: str = "embedded:reviews"
+    prompts: str | list[str] = "embedded:reviews"
     split: str = "train"
     prompt_pool: int | None = 2000
     num_prompts: int = 64

@@ -239,8 +239,9 @@ class RewardSpec:
             raise ValueError(f"RewardSpec.weight: must be finite, got {self.weight}")
 
 
-RewardSource = Union[str, list[RewardSpec]]
-"""What ``reward_model`` of an RL stage accepts: one source, or a list of weighted ones."""
+RewardSource = Union[str, list[RewardSpec], RewardFunction]
+"""What ``reward_model`` of an RL stage accepts: one source, a list of weighted ones, or (from
+Python) a reward function itself."""
 
 
 def load_function(source: str) -> RewardFunction:
@@ -265,13 +266,15 @@ def is_function_source(source: str) -> bool:
 
 def build_scorer(source: RewardSource | RewardSpec, policy_tokenizer: PreTrainedTokenizerBase):
     """``"embedded:<task>"`` → that task's gold reward; ``"package.module:function"`` → a
-    :class:`FunctionScorer`; a list of :class:`RewardSpec` → their :class:`WeightedScorer`;
-    otherwise a saved reward model's path."""
+    :class:`FunctionScorer`, as is a Python callable itself; a list of :class:`RewardSpec` →
+    their :class:`WeightedScorer`; otherwise a saved reward model's path."""
     if isinstance(source, (list, tuple)):
         specs = [s if isinstance(s, RewardSpec) else RewardSpec(**s) for s in source]
         return WeightedScorer([(build_scorer(s.source, policy_tokenizer), s.weight) for s in specs])
     if isinstance(source, RewardSpec):
         return build_scorer([source], policy_tokenizer)
+    if callable(source):
+        return FunctionScorer(source, policy_tokenizer, name=getattr(source, "__qualname__", repr(source)))
     task = resolve_embedded(source)
     if task is not None:
         return GoldScorer(task, policy_tokenizer)

@@ -61,8 +61,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, Union
 
+from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.issues import DataFormatError, RowIssues
@@ -151,14 +152,37 @@ class _BadRow(Exception):
 # --------------------------------------------------------------------------- loading
 
 
-def load_rows(source: str, split: str = "train") -> tuple[list[dict[str, Any]], str]:
+DataSource = Union[str, Dataset, DatasetDict]
+"""A data module's ``train``/``val``: a path or dataset name, or (from Python) a ``datasets``
+object, whose ``split`` is picked when it is a ``DatasetDict``."""
+
+
+_GIVEN_DATASET, _GIVEN_DATASET_DICT = "the Dataset given", "the DatasetDict given"
+
+
+def source_label(source: DataSource, split: str) -> str:
+    """How errors name a source: its path or name, or the kind of Python object given."""
+    if isinstance(source, Dataset):
+        return _GIVEN_DATASET
+    return f"{_GIVEN_DATASET_DICT if isinstance(source, DatasetDict) else source} [{split}]"
+
+
+def load_rows(source: DataSource, split: str = "train") -> tuple[list[dict[str, Any]], str]:
     """The rows of ``source`` and a label naming it (and the split, where one was chosen).
 
     ``source`` is a ``.jsonl``/``.json`` file (optionally ``.gz``) or a ``.parquet`` file; a
-    directory written by ``save_to_disk``; or anything ``datasets.load_dataset`` reads, such
-    as a directory of data files or a hub name. A missing source that is clearly a path
-    raises :class:`FileNotFoundError` instead of being looked up on the hub.
+    directory written by ``save_to_disk``; anything ``datasets.load_dataset`` reads, such
+    as a directory of data files or a hub name; or a ``datasets.Dataset``/``DatasetDict``. A
+    missing source that is clearly a path raises :class:`FileNotFoundError` instead of being
+    looked up on the hub.
     """
+    if isinstance(source, (Dataset, DatasetDict)):
+        return _dataset_rows(source, split, _GIVEN_DATASET_DICT if isinstance(source, DatasetDict) else _GIVEN_DATASET)
+    if not isinstance(source, (str, Path)):
+        raise TypeError(
+            f"data source: expected a path, a dataset name, a datasets.Dataset or a DatasetDict, "
+            f"got {type(source).__name__}"
+        )
     path = Path(source).expanduser()
     if path.is_file():
         return _read_file(path), str(path)
@@ -248,12 +272,15 @@ def _read_saved(path: Path, split: str) -> tuple[list[dict[str, Any]], str]:
     """A ``save_to_disk`` directory; ``split`` picks from a ``DatasetDict`` and is otherwise moot."""
     import datasets
 
-    saved = datasets.load_from_disk(str(path))
-    if not isinstance(saved, datasets.DatasetDict):
-        return saved.to_list(), str(path)
-    if split not in saved:
-        raise DataFormatError(f"{path}: no split {split!r}; available splits: {', '.join(saved)}")
-    return saved[split].to_list(), f"{path} [{split}]"
+    return _dataset_rows(datasets.load_from_disk(str(path)), split, str(path))
+
+
+def _dataset_rows(dataset: Dataset | DatasetDict, split: str, label: str) -> tuple[list[dict[str, Any]], str]:
+    if not isinstance(dataset, DatasetDict):
+        return dataset.to_list(), label
+    if split not in dataset:
+        raise DataFormatError(f"{label}: no split {split!r}; available splits: {', '.join(dataset)}")
+    return dataset[split].to_list(), f"{label} [{split}]"
 
 
 def _load_dataset(source: str, split: str) -> list[dict[str, Any]]:

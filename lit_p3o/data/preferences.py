@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.encoding import Batch, Encoded, TruncationStats, collate, encode_prompt, encode_response, fit_prompt
-from lit_p3o.data.formats import Parsed, PreferenceRecord, load_rows, parse_preferences
+from lit_p3o.data.formats import DataSource, Parsed, PreferenceRecord, load_rows, parse_preferences
 from lit_p3o.data.issues import RowIssues
 from lit_p3o.generation import SamplingSpec, sample_responses
-from lit_p3o.models import ModelSpec, build_causal_lm, load_tokenizer
+from lit_p3o.models import ModelSpec, build_causal_lm, load_tokenizer, python_objects
 from lit_p3o.tasks import Task, resolve_embedded
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ class PreferenceDataModule(L.LightningDataModule):
     """(prompt, chosen, rejected) pairs, tokenized with the reward model's tokenizer.
 
     ``train``/``val`` accept ``"embedded:<task>"``, ``.jsonl``/``.json`` files, directories
-    written by ``datasets.save_to_disk``, or names/directories for ``datasets.load_dataset``.
+    written by ``datasets.save_to_disk``, names/directories for ``datasets.load_dataset``, or from
+    Python a ``datasets.Dataset``/``DatasetDict``.
     ``format`` is ``auto`` or one of ``hh``, ``tldr``, ``trl``, ``trl_conversational``. With
     ``strict`` the first bad row raises an error naming it; otherwise bad rows are skipped,
     counted and logged.
@@ -107,8 +108,8 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train: str = "embedded:reviews",
-        val: str | None = None,
+        train: DataSource = "embedded:reviews",
+        val: DataSource | None = None,
         train_split: str = "train",
         val_split: str = "test",
         format: str = "auto",
@@ -124,7 +125,8 @@ class PreferenceDataModule(L.LightningDataModule):
         super().__init__()
         if not 0 <= val_fraction < 1:
             raise ValueError(f"PreferenceDataModule.val_fraction: must be in [0, 1), got {val_fraction}")
-        self.save_hyperparameters(ignore=["tokenizer"])
+        self.save_hyperparameters(ignore=["tokenizer", *python_objects(train=train, val=val)])
+        self.train_source, self.val_source = train, val
         self.embedded = embedded or EmbeddedPreferenceSpec()
         self.tokenizer = tokenizer
         self.train_pairs: list[Pair] = []
@@ -138,14 +140,14 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = self.trainer.lightning_module.tokenizer
         hp = self.hparams
-        task = resolve_embedded(hp.train)
+        task = resolve_embedded(self.train_source)
         if task is not None:
             self._setup_embedded(task)
             return
         # encoded in source order, before any split, so that a bad row is named by its row number
-        train = self._encode(*self._read(hp.train, hp.train_split))
-        if hp.val is not None:
-            self.train_pairs, self.val_pairs = train, self._encode(*self._read(hp.val, hp.val_split))
+        train = self._encode(*self._read(self.train_source, hp.train_split))
+        if self.val_source is not None:
+            self.train_pairs, self.val_pairs = train, self._encode(*self._read(self.val_source, hp.val_split))
         else:
             shuffled = random.Random(hp.seed).sample(train, len(train))
             n_val = int(round(len(train) * hp.val_fraction))
@@ -155,7 +157,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if not self.val_pairs:
             log.info("preference data: no validation pairs; validation is skipped")
 
-    def _read(self, source: str, split: str) -> tuple[Parsed[PreferenceRecord], str]:
+    def _read(self, source: DataSource, split: str) -> tuple[Parsed[PreferenceRecord], str]:
         rows, origin = load_rows(source, split)
         records = parse_preferences(
             rows, origin, format=self.hparams.format, tokenizer=self.tokenizer, strict=self.hparams.strict

@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from lit_p3o.data.formats import load_rows, parse_preferences, parse_prompts
+from lit_p3o.data.formats import DataSource, load_rows, parse_preferences, parse_prompts
 from lit_p3o.tasks import resolve_embedded
 
 
@@ -27,19 +27,22 @@ class Prompt(str):
 
 
 def load_prompts(
-    source: str,
+    source: str | list[str] | DataSource,
     split: str = "train",
     limit: int | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """Prompts from ``"embedded:<task>"``; a dataset with a ``prompt`` column, as text or as
-    TRL's conversational prompt-only form (message lists rendered with ``tokenizer``'s chat
-    template and the generation prompt, ``chat_template_kwargs`` passed through); or a
-    preference dataset (HH, TL;DR, TRL), whose distinct prompts are used in order.
+    """Prompts from ``"embedded:<task>"``; a dataset (a path, a name or, from Python, a
+    ``datasets`` object) with a ``prompt`` column, as text or as TRL's conversational
+    prompt-only form (message lists rendered with ``tokenizer``'s chat template and the
+    generation prompt, ``chat_template_kwargs`` passed through); a preference dataset (HH,
+    TL;DR, TRL), whose distinct prompts are used in order; or, from Python, a list of strings.
 
     Prompts are :class:`Prompt` strings: from a ``prompt`` column they carry the row's other
     columns; an embedded task may give columns through its ``prompt_columns(prompt)``."""
+    if isinstance(source, (list, tuple)):
+        return _listed_prompts(source, limit)
     task = resolve_embedded(source)
     if task is not None:
         if limit is None:
@@ -60,3 +63,12 @@ def load_prompts(
     if not prompts:
         raise ValueError(f"{origin}: no prompts found")
     return prompts[:limit] if limit is not None else prompts
+
+
+def _listed_prompts(prompts: list[str] | tuple[str, ...], limit: int | None) -> list[str]:
+    for n, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"prompts[{n}]: expected a non-empty string, got {prompt!r}")
+    if not prompts:
+        raise ValueError("prompts: the list given is empty")
+    return [p if isinstance(p, Prompt) else Prompt(p) for p in prompts[:limit]]

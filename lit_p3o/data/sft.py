@@ -11,8 +11,9 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.encoding import Encoded, ResponseTooLong, TruncationStats, collate, encode_example
-from lit_p3o.data.formats import SFTRecord, load_rows, parse_sft
+from lit_p3o.data.formats import DataSource, SFTRecord, load_rows, parse_sft, source_label
 from lit_p3o.data.issues import DataFormatError, RowIssues
+from lit_p3o.models import python_objects
 from lit_p3o.tasks import resolve_embedded
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,9 @@ class SFTDataModule(L.LightningDataModule):
     """(prompt, completion) pairs, tokenized with the model's tokenizer and fitted to ``max_length``.
 
     ``train`` is ``"embedded:reviews"`` (the embedded task's corpus), a ``.jsonl`` file, a
-    directory written by ``datasets.save_to_disk``, or a dataset name/directory for
-    ``datasets.load_dataset``; rows hold ``prompt``/``completion`` or ``messages``. Without
+    directory written by ``datasets.save_to_disk``, a dataset name/directory for
+    ``datasets.load_dataset``, or from Python a ``datasets.Dataset``/``DatasetDict``; rows hold
+    ``prompt``/``completion`` or ``messages``. Without
     ``val``, a seeded ``val_fraction`` of the training rows is held out (none: no validation).
     With ``strict`` a bad row raises an error naming it (its row number in the file); otherwise bad rows are skipped, counted and logged.
     The tokenizer is the trained module's (``trainer.lightning_module.tokenizer``) unless one
@@ -32,8 +34,8 @@ class SFTDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train: str = "embedded:reviews",
-        val: str | None = None,
+        train: DataSource = "embedded:reviews",
+        val: DataSource | None = None,
         train_split: str = "train",
         val_split: str = "test",
         val_fraction: float = 0.05,
@@ -50,7 +52,8 @@ class SFTDataModule(L.LightningDataModule):
             raise ValueError(f"SFTDataModule.val_fraction: must be in [0, 1), got {val_fraction}")
         if max_length < 2:
             raise ValueError(f"SFTDataModule.max_length: must be >= 2, got {max_length}")
-        self.save_hyperparameters(ignore=["tokenizer"])
+        self.save_hyperparameters(ignore=["tokenizer", *python_objects(train=train, val=val)])
+        self.train_source, self.val_source = train, val
         self.tokenizer = tokenizer
         self.train_examples: list[Encoded] = []
         self.val_examples: list[Encoded] = []
@@ -62,19 +65,21 @@ class SFTDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = self.trainer.lightning_module.tokenizer
         hp = self.hparams
-        task = resolve_embedded(hp.train)
+        task = resolve_embedded(self.train_source)
         if task is not None:
             n_val = max(1, int(hp.embedded_size * hp.val_fraction)) if hp.val_fraction > 0 else 0
             corpus = task.sft_corpus(hp.embedded_size + n_val, seed=hp.seed)
             records = [SFTRecord(r["prompt"], r["completion"]) for r in corpus]
-            examples = self._encode(records, hp.train)
+            examples = self._encode(records, self.train_source)
             self.train_examples, self.val_examples = examples[: hp.embedded_size], examples[hp.embedded_size :]
         else:
             # encoded in file order, so that a bad row is named by its number in the file
-            train = self._encode(self._read(hp.train, hp.train_split), f"{hp.train} [{hp.train_split}]")
-            if hp.val is not None:
+            train_label = source_label(self.train_source, hp.train_split)
+            train = self._encode(self._read(self.train_source, hp.train_split), train_label)
+            if self.val_source is not None:
                 self.train_examples = train
-                self.val_examples = self._encode(self._read(hp.val, hp.val_split), f"{hp.val} [{hp.val_split}]")
+                val_label = source_label(self.val_source, hp.val_split)
+                self.val_examples = self._encode(self._read(self.val_source, hp.val_split), val_label)
             else:
                 shuffled = random.Random(hp.seed).sample(train, len(train))
                 n_val = int(round(len(train) * hp.val_fraction))
@@ -84,7 +89,7 @@ class SFTDataModule(L.LightningDataModule):
         if not self.val_examples:
             log.info("SFT data: no validation examples; validation is skipped")
 
-    def _read(self, source: str, split: str) -> list[SFTRecord]:
+    def _read(self, source: DataSource, split: str) -> list[SFTRecord]:
         rows, origin = load_rows(source, split)
         try:
             return parse_sft(rows, origin, tokenizer=self.tokenizer, strict=self.hparams.strict)

@@ -20,6 +20,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.buffer import BufferDataset, ReplayBuffer, RolloutBatch
 from lit_p3o.data.prompts import load_prompts
@@ -28,8 +29,9 @@ from lit_p3o.generation import response_logprobs_and_states, seeded
 from lit_p3o.guards import GradientGuard, GuardSpec, TooManySkippedError, UpdateLedger
 from lit_p3o.models import (
     FrozenReference,
-    ModelSpec,
+    ModelSource,
     as_spec,
+    python_objects,
     build_causal_lm,
     disable_dropout,
     load_tokenizer,
@@ -56,7 +58,9 @@ class RLStage(ShardableModule):
     optimise an embedded task's gold reward directly, a Python reward function
     ``"package.module:function"`` (TRL's ``reward_funcs`` convention, see
     :class:`lit_p3o.scoring.FunctionScorer`), or a list of weighted such sources
-    (:class:`lit_p3o.scoring.RewardSpec`), whose weighted sum is the reward. One Lightning epoch is one rollout
+    (:class:`lit_p3o.scoring.RewardSpec`), whose weighted sum is the reward; from Python also the
+    function itself. ``policy`` is a :class:`ModelSpec` or, from Python, a ready model, whose
+    tokenizer is then ``tokenizer``. One Lightning epoch is one rollout
     followed by ``rollout.update_epochs`` passes over its buffer, so ``trainer.max_epochs``
     counts rollouts.
 
@@ -70,7 +74,7 @@ class RLStage(ShardableModule):
 
     def __init__(
         self,
-        policy: ModelSpec,
+        policy: ModelSource,
         reward_model: RewardSource,
         rollout: RolloutSpec | None = None,
         kl: KLSpec | None = None,
@@ -79,9 +83,10 @@ class RLStage(ShardableModule):
         seed: int = 0,
         guards: GuardSpec | None = None,
         evaluation: EvaluationSpec | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=python_objects(policy=policy, reward_model=reward_model, tokenizer=tokenizer))
         self.evaluation_spec = evaluation or EvaluationSpec()
         self.validate_during_fit = evaluation is not None
         self.rollout_spec = rollout or RolloutSpec()
@@ -91,7 +96,7 @@ class RLStage(ShardableModule):
         self.seed = seed
         self.guard_spec = guards or GuardSpec()
         self.policy_spec = as_spec(policy)
-        self.tokenizer = load_tokenizer(self.policy_spec)
+        self.tokenizer = load_tokenizer(self.policy_spec, tokenizer, f"{type(self).__name__}.policy")
         self.policy = disable_dropout(build_causal_lm(self.policy_spec, self.tokenizer)).train()
         self.reference = FrozenReference(self.policy)
         self.scorer = build_scorer(reward_model, self.tokenizer)
@@ -153,7 +158,7 @@ class RLStage(ShardableModule):
     def predict_dataloader(self) -> DataLoader:
         return self._prompt_loader(self.evaluation_spec.predict_prompts or self.evaluation_spec.prompts)
 
-    def _prompt_loader(self, source: str) -> DataLoader:
+    def _prompt_loader(self, source: str | list[str]) -> DataLoader:
         spec = self.evaluation_spec
         prompts = load_prompts(source, spec.split, spec.num_prompts, tokenizer=self.tokenizer)
         return DataLoader(prompts, batch_size=spec.batch_size, shuffle=False, collate_fn=list)
@@ -254,7 +259,7 @@ class RLStage(ShardableModule):
             f"[lit-p3o] {self.skipped_steps} {of_what} were skipped, more than "
             f"guards.max_skipped_fraction = {self.guard_spec.max_skipped_fraction} allows "
             f"({self.updates.summary()}); the policy is not saved. Non-finite rewards come from the "
-            f"reward model ({self.hparams['reward_model']}), non-finite losses from the update "
+            f"reward model ({self.hparams.get('reward_model', 'a Python function')}), non-finite losses from the update "
             "(learning rate, precision)."
         )
 

@@ -13,11 +13,12 @@ from typing import Any
 import lightning as L
 import torch
 from torchmetrics import MeanMetric
+from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.encoding import Batch
 from lit_p3o.guards import GradientGuard, GuardSpec
 from lit_p3o.losses import bradley_terry_loss
-from lit_p3o.models import ModelSpec, as_spec, build_reward_model, load_tokenizer
+from lit_p3o.models import ModelSource, as_spec, build_reward_model, load_tokenizer, python_objects
 from lit_p3o.optim import OptimizerSpec, configure_adamw
 from lit_p3o.scoring import reward_scores
 from lit_p3o.stages.sharding import ShardableModule
@@ -29,27 +30,29 @@ class RewardModule(ShardableModule):
     Batches hold chosen rows first, then rejected rows (one forward for both), and each pair's
     ``margin`` (TRL's column; 0 without one) enters the loss as ``−log σ(r_w − r_l − m)``. Logs loss,
     accuracy (share of pairs with ``r_w > r_l``) and mean margin ``r_w − r_l``. At the end of
-    ``fit`` the model is written to ``save_dir`` for :class:`lit_p3o.RewardScorer`.
+    ``fit`` the model is written to ``save_dir`` for :class:`lit_p3o.RewardScorer`. ``model`` is a
+    :class:`ModelSpec` or, from Python, a ready sequence-classification model with its ``tokenizer``.
     """
 
     def __init__(
         self,
-        model: ModelSpec,
+        model: ModelSource,
         optimizer: OptimizerSpec | None = None,
         center_coef: float = 0.0,
         save_dir: str | None = None,
         guards: GuardSpec | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
         super().__init__()
         if center_coef < 0:
             raise ValueError(f"RewardModule.center_coef: must be >= 0, got {center_coef}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=python_objects(model=model, tokenizer=tokenizer))
         self.model_spec = as_spec(model)
         self.optimizer_spec = optimizer or OptimizerSpec()
         self.center_coef = center_coef
         self.save_dir = save_dir
         self.guard_spec = guards or GuardSpec()
-        self.tokenizer = load_tokenizer(self.model_spec)
+        self.tokenizer = load_tokenizer(self.model_spec, tokenizer, "RewardModule.model")
         self.reward_model = build_reward_model(self.model_spec, self.tokenizer)
         self.metrics = torch.nn.ModuleDict(
             {f"{split}_{name}": MeanMetric() for split in ("train", "val") for name in ("accuracy", "margin")}

@@ -8,11 +8,12 @@ from typing import Any
 import lightning as L
 import torch
 from torchmetrics import MeanMetric
+from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.encoding import Batch
 from lit_p3o.guards import GradientGuard, GuardSpec
 from lit_p3o.losses import sft_loss
-from lit_p3o.models import ModelSpec, as_spec, build_causal_lm, load_tokenizer
+from lit_p3o.models import ModelSource, as_spec, build_causal_lm, load_tokenizer, python_objects
 from lit_p3o.optim import OptimizerSpec, configure_adamw
 from lit_p3o.stages.sharding import ShardableModule
 
@@ -22,22 +23,24 @@ class SFTModule(ShardableModule):
 
     At the end of ``fit`` the model (or its LoRA adapters) and tokenizer are written to
     ``save_dir`` with ``save_pretrained``, so the next stage's ``name_or_path`` can point there.
+    ``model`` is a :class:`ModelSpec` or, from Python, a ready model with its ``tokenizer``.
     """
 
     def __init__(
         self,
-        model: ModelSpec,
+        model: ModelSource,
         optimizer: OptimizerSpec | None = None,
         save_dir: str | None = None,
         guards: GuardSpec | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=python_objects(model=model, tokenizer=tokenizer))
         self.model_spec = as_spec(model)
         self.optimizer_spec = optimizer or OptimizerSpec()
         self.save_dir = save_dir
         self.guard_spec = guards or GuardSpec()
-        self.tokenizer = load_tokenizer(self.model_spec)
+        self.tokenizer = load_tokenizer(self.model_spec, tokenizer, "SFTModule.model")
         self.policy = build_causal_lm(self.model_spec, self.tokenizer)
         self.val_loss = MeanMetric()
 

@@ -5,7 +5,7 @@ place, so the whole pipeline runs without downloads. Config strings name them as
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from transformers import PreTrainedTokenizerFast
 
@@ -50,8 +50,9 @@ def get_task(name: str) -> Task:
     return TASKS[name]()
 
 
-def resolve_embedded(spec: str) -> Task | None:
-    """The task for ``"embedded:<name>"``, None for any other string (a path or hub name)."""
-    if not spec.startswith(EMBEDDED_PREFIX):
+def resolve_embedded(spec: Any) -> Task | None:
+    """The task for ``"embedded:<name>"``, None for any other string (a path or hub name) or
+    object (a dataset, a list of prompts)."""
+    if not isinstance(spec, str) or not spec.startswith(EMBEDDED_PREFIX):
         return None
     return get_task(spec[len(EMBEDDED_PREFIX) :])
