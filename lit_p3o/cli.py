@@ -179,6 +179,19 @@ def main(args: list[str] | None = None) -> None:
         command = next((a for a in argv if not a.startswith("-")), "")
         sys.stderr.write(f"{f'lit-p3o {command}'.strip()}: error: {err}\n")
         sys.exit(2)
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Destroy the process group a multi-process run opened, while the interpreter is alive.
+
+    Lightning leaves it open; left to interpreter shutdown, gloo's worker threads are destroyed
+    still joinable and the process aborts ("terminate called without an active exception",
+    exit -6) after a run that succeeded.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _show_our_logs() -> None:

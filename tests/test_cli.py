@@ -190,3 +190,17 @@ def test_resumed_export_goes_only_where_its_own_run_exported(tmp_path):
     (tmp_path / "plain" / "model.safetensors").write_bytes(b"")
     with pytest.raises(ConfigError, match=rf"holds files without a {RUN_MARKER}"):
         check_export_dir(str(tmp_path / "plain"), "run1")
+
+
+def test_close_process_group_destroys_an_open_group(tmp_path):
+    """A multi-process run's group is closed before interpreter shutdown (left open, gloo aborts the
+    process at exit after a run that succeeded); with none open it does nothing."""
+    import torch.distributed as dist
+
+    from lit_p3o.cli import close_process_group
+
+    close_process_group()  # nothing open: no error
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    close_process_group()
+    assert not dist.is_initialized()

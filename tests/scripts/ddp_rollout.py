@@ -11,6 +11,7 @@ import lightning as L
 import torch
 
 from lit_p3o import ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
+from lit_p3o.cli import close_process_group
 
 MICRO = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
          "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
@@ -45,4 +46,7 @@ def main(out: str, devices: int, compile_: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "compiled")
+    try:
+        main(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "compiled")
+    finally:
+        close_process_group()

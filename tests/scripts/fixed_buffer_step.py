@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lit_p3o import ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
+from lit_p3o.cli import close_process_group
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.models import full_state_dict
 from lit_p3o.rollout import rollout
@@ -62,4 +63,7 @@ def main(out: str, devices: int, strategy: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "ddp")
+    try:
+        main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "ddp")
+    finally:
+        close_process_group()

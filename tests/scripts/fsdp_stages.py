@@ -20,6 +20,7 @@ from lit_p3o import (
     LoraSpec, ModelSpec, OnlineDPOModule, OptimizerSpec, PPOModule, PreferenceDataModule, RewardModule, RLOOModule,
     RolloutSpec, SamplingSpec, SFTDataModule, SFTModule,
 )  # fmt: skip
+from lit_p3o.cli import close_process_group
 from lit_p3o.models import is_sharded
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -86,4 +87,7 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(Path(sys.argv[1]))
+    try:
+        main(Path(sys.argv[1]))
+    finally:
+        close_process_group()

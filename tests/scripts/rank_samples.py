@@ -9,6 +9,7 @@ import lightning as L
 import torch
 
 from lit_p3o import ModelSpec, P3OModule, RolloutSpec, SamplingSpec
+from lit_p3o.cli import close_process_group
 
 MICRO = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
          "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
@@ -34,4 +35,7 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    try:
+        main(sys.argv[1])
+    finally:
+        close_process_group()
