@@ -356,7 +356,7 @@ def test_unknown_preference_format_lists_known_formats_and_columns():
     assert str(raised.value) == f"prefs.jsonl: unknown preference format 'shp'; known: {known}"
     with pytest.raises(DataFormatError) as raised:
         parse_sft(rows, "prefs.jsonl", format="alpaca")
-    assert str(raised.value) == "prefs.jsonl: unknown SFT format 'alpaca'; known: auto, prompt_completion, messages, text"
+    assert str(raised.value) == "prefs.jsonl: unknown SFT format 'alpaca'; known: auto, prompt_completion, messages, text, chosen"
 
 
 def test_no_rows_is_an_error():
@@ -535,3 +535,16 @@ def test_load_dataset_reads_a_local_directory_of_parquet_files(tmp_path, dataset
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "sft" / "data" / "train-00000-of-00001.parquet")
     loaded, origin = load_rows(str(tmp_path / "sft"))
     assert (loaded, origin) == (rows, f"{tmp_path / 'sft'} [train]")
+
+
+@pytest.mark.parametrize("fixture", ["hh_sample.jsonl", "tldr_sample.jsonl", "trl_preference.jsonl"])
+def test_a_preference_dataset_is_sft_data_on_its_chosen_replies(fixture, chat_tokenizer):
+    """SFT on HH's preferred transcripts (or TL;DR's preferred summaries): each good pair's
+    prompt and chosen reply, bad pairs skipped under the same row numbers and reasons."""
+    rows, origin = read_fixture(fixture)
+    assert detect_sft_format(rows[0]) == "chosen"
+    pairs = parse_preferences(rows, origin, tokenizer=chat_tokenizer, strict=False)
+    records = parse_sft(rows, origin, tokenizer=chat_tokenizer, strict=False)
+    assert records == [SFTRecord(p.prompt, p.chosen) for p in pairs] and len(records) > 0
+    assert records.row_numbers == pairs.row_numbers
+    assert dict(records.issues.rows) == dict(pairs.issues.rows)

@@ -490,7 +490,8 @@ def test_parse_sft_missing_column_lists_columns():
         parse_sft(rows, "sft.jsonl")
     assert str(info.value) == (
         "cannot tell the SFT format of sft.jsonl from its columns (prompt, text): "
-        "expected `prompt` and `completion`, `messages`, or `text` (without `prompt`)"
+        "expected `prompt` and `completion`, `messages`, `text` (without `prompt`), or a preference "
+        "dataset's `chosen` and `rejected`"
     )
     with pytest.raises(DataFormatError) as info:
         parse_sft(rows, "sft.jsonl", format="prompt_completion", strict=False)

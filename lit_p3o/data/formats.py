@@ -10,6 +10,8 @@ SFT format                    columns
                               list of messages and ``completion`` one assistant message
 ``messages``                  ``messages``: a conversation ending with the assistant's reply
 ``text``                      ``text``: plain language modelling (empty prompt, the whole text trained)
+``chosen``                    any preference format below: the chosen reply after its prompt (SFT on
+                              HH's preferred transcripts or TL;DR's preferred summaries)
 ============================  =====================================================================
 
 ============================  =====================================================================
@@ -82,6 +84,7 @@ __all__ = [
     "detect_preference_format",
     "detect_sft_format",
     "load_rows",
+    "parse_chosen",
     "parse_hh",
     "parse_messages",
     "parse_preferences",
@@ -103,7 +106,7 @@ HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
 #: How a TL;DR post becomes a prompt; the summaries follow ``TL;DR:`` after a space.
 TLDR_PROMPT_TEMPLATE = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
-SFT_FORMATS = ("prompt_completion", "messages", "text")
+SFT_FORMATS = ("prompt_completion", "messages", "text", "chosen")
 PREFERENCE_FORMATS = ("hh", "tldr", "trl", "trl_implicit", "trl_conversational")
 
 _JSON_FILES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -450,9 +453,12 @@ def detect_sft_format(columns: Iterable[str], origin: str = "the data") -> str:
         return "prompt_completion"
     if "text" in columns and "prompt" not in columns:  # a prompt without completion is more likely a slip
         return "text"
+    if {"chosen", "rejected"} <= columns or {"info", "summaries", "choice"} <= columns:
+        return "chosen"
     raise DataFormatError(
         f"cannot tell the SFT format of {origin} from its columns ({', '.join(sorted(columns))}): "
-        "expected `prompt` and `completion`, `messages`, or `text` (without `prompt`)"
+        "expected `prompt` and `completion`, `messages`, `text` (without `prompt`), or a preference "
+        "dataset's `chosen` and `rejected`"
     )
 
 
@@ -502,6 +508,15 @@ def parse_text(rows: Sequence[Row], origin: str, strict: bool = True) -> Parsed[
     return _parse_rows(rows, origin, strict, ("text",), lambda row: SFTRecord("", _as_text(row.get("text"), "text")))
 
 
+def parse_chosen(
+    rows: Sequence[Row], origin: str, tokenizer: PreTrainedTokenizerBase | None = None, strict: bool = True
+) -> Parsed[SFTRecord]:
+    """A preference dataset as SFT data: each pair's prompt and chosen reply (the rejected one
+    is not trained on), as SFT on HH-RLHF's preferred transcripts is usually done."""
+    pairs = parse_preferences(rows, origin, tokenizer=tokenizer, strict=strict)
+    return Parsed((SFTRecord(p.prompt, p.chosen) for p in pairs), pairs.issues, pairs.row_numbers)
+
+
 def parse_sft(
     rows: Sequence[Row],
     origin: str,
@@ -515,6 +530,7 @@ def parse_sft(
         "prompt_completion": parse_prompt_completion,
         "messages": parse_messages,
         "text": lambda rows, origin, tokenizer, strict: parse_text(rows, origin, strict),
+        "chosen": parse_chosen,
     }
     if format == "auto":
         format = detect_sft_format(_first_row(rows, origin).keys(), origin)

@@ -25,7 +25,8 @@ class SFTDataModule(L.LightningDataModule):
     ``train`` is ``"embedded:reviews"`` (the embedded task's corpus), a ``.jsonl`` file, a
     directory written by ``datasets.save_to_disk``, a dataset name/directory for
     ``datasets.load_dataset``, or from Python a ``datasets.Dataset``/``DatasetDict``; rows hold
-    ``prompt``/``completion`` or ``messages``. Without
+    ``prompt``/``completion``, ``messages`` or ``text``, or a preference dataset's pairs, whose chosen
+    replies are trained on (:func:`~lit_p3o.data.formats.parse_chosen`). Without
     ``val``, a seeded ``val_fraction`` of the training rows is held out (none: no validation).
     With ``strict`` a bad row raises an error naming it (its row number in the file); otherwise bad rows are skipped, counted and logged.
     The tokenizer is the trained module's (``trainer.lightning_module.tokenizer``) unless one
