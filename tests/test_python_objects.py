@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from micro import MICRO_ARCH
 
-from lit_p3o import P3OModule, RewardModule, SFTModule
+from lit_p3o import P3OModule, PPOModule, RewardModule, SFTModule
 from lit_p3o.data.issues import DataFormatError
 from lit_p3o.data.preferences import PreferenceDataModule
 from lit_p3o.data.prompts import load_prompts
@@ -49,6 +49,18 @@ def test_stages_take_a_ready_model_with_its_tokenizer(micro_tokenizer):
         P3OModule(policy=model, reward_model="embedded:reviews")
     with pytest.raises(TypeError, match=r"SFTModule.model: expected a ModelSpec, .* got Linear"):
         SFTModule(model=torch.nn.Linear(2, 2), tokenizer=micro_tokenizer)
+
+
+def test_ppo_takes_a_ready_critic_and_keeps_it_out_of_the_hparams(micro_tokenizer, tmp_path):
+    critic = micro_lm(micro_tokenizer)
+    ppo = PPOModule(policy=micro_lm(micro_tokenizer), reward_model="embedded:reviews", critic=critic,
+                    tokenizer=micro_tokenizer, rollout=RolloutSpec(prompt_pool=4, num_prompts=2, minibatch_groups=2,
+                                                                   update_epochs=2, sampling=SamplingSpec(max_new_tokens=4)))  # fmt: skip
+    assert ppo.critic is critic and not ppo.policy_states
+    assert "critic" not in ppo.hparams and "policy" not in ppo.hparams
+    before = {k: v.clone() for k, v in critic.state_dict().items()}
+    trainer(tmp_path).fit(ppo)
+    assert any(not torch.equal(before[k], v) for k, v in critic.state_dict().items())  # trained (from the 2nd step: the value head starts at zero)
 
 
 def test_a_peft_model_is_the_policy_and_its_adapters_off_the_reference(micro_tokenizer):

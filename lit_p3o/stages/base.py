@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +85,13 @@ class RLStage(ShardableModule):
         guards: GuardSpec | None = None,
         evaluation: EvaluationSpec | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        unsaved: Sequence[str] = (),
     ) -> None:
+        """``unsaved``: a subclass's own arguments given as Python objects, left out of the
+        hyperparameters like ``policy`` is (:func:`lit_p3o.models.python_objects`)."""
         super().__init__()
-        self.save_hyperparameters(ignore=python_objects(policy=policy, reward_model=reward_model, tokenizer=tokenizer))
+        ignore = python_objects(policy=policy, reward_model=reward_model, tokenizer=tokenizer)
+        self.save_hyperparameters(ignore=[*ignore, *unsaved])
         self.evaluation_spec = evaluation or EvaluationSpec()
         self.validate_during_fit = evaluation is not None
         self.rollout_spec = rollout or RolloutSpec()

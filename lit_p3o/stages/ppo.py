@@ -20,7 +20,7 @@ from lit_p3o.generation import response_logprobs_and_states
 from lit_p3o.guards import GuardSpec
 from lit_p3o.losses import gae, masked_moments, ppo_policy_loss, ppo_token_rewards, ppo_value_loss, whiten
 from lit_p3o.evaluation import EvaluationSpec
-from lit_p3o.models import ModelSource, ModelSpec, as_spec, build_causal_lm
+from lit_p3o.models import ModelSource, as_spec, build_causal_lm, python_objects
 from lit_p3o.optim import OptimizerSpec
 from lit_p3o.rollout import KLSpec, RolloutSpec
 from lit_p3o.scoring import RewardSource
@@ -28,7 +28,8 @@ from lit_p3o.stages.base import RLStage
 
 
 class PPOModule(RLStage):
-    """PPO with a learned value function; ``critic=None`` puts the value head on the policy.
+    """PPO with a learned value function; ``critic=None`` puts the value head on the policy,
+    ``critic`` (a :class:`ModelSpec` or, from Python, a ready model) on a separate network.
 
     ``whiten_advantages`` whitens the GAE advantages with the mean and variance of
     ``whiten_over``: ``"rollout"`` (every response token of this rank's rollout, as
@@ -46,7 +47,7 @@ class PPOModule(RLStage):
         lam: float = 0.95,
         whiten_advantages: bool = True,
         whiten_over: Literal["rollout", "minibatch"] = "rollout",
-        critic: ModelSpec | None = None,
+        critic: ModelSource | None = None,
         rollout: RolloutSpec | None = None,
         kl: KLSpec | None = None,
         optimizer: OptimizerSpec | None = None,
@@ -62,7 +63,10 @@ class PPOModule(RLStage):
             raise ValueError(f"PPOModule.value_loss_coef: must be >= 0, got {value_loss_coef}")
         if whiten_over not in ("rollout", "minibatch"):
             raise ValueError(f"PPOModule.whiten_over: 'rollout' or 'minibatch', got {whiten_over!r}")
-        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed, guards, evaluation, tokenizer)
+        super().__init__(
+            policy, reward_model, rollout, kl, optimizer, save_dir, seed, guards, evaluation, tokenizer,
+            unsaved=python_objects(critic=critic),
+        )  # fmt: skip
         self.clip_epsilon, self.value_clip_epsilon = clip_epsilon, value_clip_epsilon
         self.value_loss_coef, self.gamma, self.lam = value_loss_coef, gamma, lam
         self.whiten_advantages, self.whiten_over = whiten_advantages, whiten_over
