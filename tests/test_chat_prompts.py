@@ -142,3 +142,31 @@ def test_p3o_rolls_out_on_chat_prompts(tmp_path):
         str(path), "train", 2, tokenizer, chat_template_kwargs={"enable_thinking": True}
     )
     assert len(frontier.rows) == 2  # start and end of fit
+
+
+def test_sft_and_preference_data_render_prompts_as_the_rollout_does(tmp_path):
+    """``chat_template_kwargs`` reach every conversational format, so that SFT, the reward
+    model and the RL prompts put the same text before a reply (Qwen3's ``enable_thinking``)."""
+    from lit_p3o.data.preferences import PreferenceDataModule
+    from lit_p3o.data.sft import SFTDataModule
+
+    tokenizer = llama3_chat_tokenizer(pad=True)
+    tokenizer.chat_template = THINKING_TEMPLATE
+    reply = [{"role": "assistant", "content": "Nineteen."}]
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"messages": CONVERSATIONS[0] + reply}])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": CONVERSATIONS[0], "chosen": reply,
+                                                    "rejected": [{"role": "assistant", "content": "Twenty."}]}])  # fmt: skip
+    kwargs = {"enable_thinking": True}
+    (rollout_prompt,) = parse_prompts([{"prompt": CONVERSATIONS[0]}], "p", tokenizer, chat_template_kwargs=kwargs)
+    assert not rollout_prompt.endswith("<think></think>")
+    expected = encode_prompt(tokenizer, rollout_prompt)
+
+    def first_prompt_ids(data_module: type, source: Path, **kwargs) -> list[int]:
+        module = data_module(train=str(source), val_fraction=0.0, tokenizer=tokenizer, **kwargs)
+        module.setup("fit")
+        examples = getattr(module, "train_examples", None) or [chosen for chosen, _ in module.train_pairs]
+        return examples[0].prompt_ids
+
+    for data_module, source in ((SFTDataModule, sft), (PreferenceDataModule, pairs)):
+        assert first_prompt_ids(data_module, source, chat_template_kwargs=kwargs) == expected, data_module.__name__
+        assert first_prompt_ids(data_module, source) != expected  # the kwargs made the difference

@@ -467,39 +467,53 @@ def _text_prompt_completion(row: Row) -> SFTRecord:
     return SFTRecord(prompt, _as_text(row.get("completion"), "completion"))
 
 
-def _conversational_prompt_completion(row: Row, tokenizer: PreTrainedTokenizerBase) -> SFTRecord:
+def _conversational_prompt_completion(
+    row: Row, tokenizer: PreTrainedTokenizerBase, chat_template_kwargs: Mapping[str, Any] | None = None
+) -> SFTRecord:
     prompt = _as_messages(row.get("prompt"), "prompt")
     completion = _only_reply(_as_messages(row.get("completion"), "completion"), "completion")
-    return SFTRecord(_render(tokenizer, prompt), completion)
+    return SFTRecord(_render(tokenizer, prompt, chat_template_kwargs), completion)
 
 
-def _conversation(row: Row, tokenizer: PreTrainedTokenizerBase) -> SFTRecord:
+def _conversation(row: Row, tokenizer: PreTrainedTokenizerBase, chat_template_kwargs: Mapping[str, Any] | None = None) -> SFTRecord:
     messages = _as_messages(row.get("messages"), "messages")
     completion = _assistant_reply(messages, "messages")
-    return SFTRecord(_render(tokenizer, _context(messages, "messages")), completion)
+    return SFTRecord(_render(tokenizer, _context(messages, "messages"), chat_template_kwargs), completion)
 
 
 def parse_prompt_completion(
-    rows: Sequence[Row], origin: str, tokenizer: PreTrainedTokenizerBase | None = None, strict: bool = True
+    rows: Sequence[Row],
+    origin: str,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    strict: bool = True,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> Parsed[SFTRecord]:
     """``prompt``/``completion`` rows: plain text (the prompt may be empty, the completion not),
     or, when the first row's prompt is a message list, TRL conversational prompt-completion,
-    whose prompt is rendered with ``tokenizer``'s chat template."""
+    whose prompt is rendered with ``tokenizer``'s chat template (``chat_template_kwargs`` passed
+    to ``apply_chat_template``, as for every conversational format)."""
     if isinstance(_first_row(rows, origin).get("prompt"), list):
         _require_chat_template(tokenizer, origin)
-        parse_row = partial(_conversational_prompt_completion, tokenizer=tokenizer)
+        parse_row = partial(
+            _conversational_prompt_completion, tokenizer=tokenizer, chat_template_kwargs=chat_template_kwargs
+        )
     else:
         parse_row = _text_prompt_completion
     return _parse_rows(rows, origin, strict, ("prompt", "completion"), parse_row)
 
 
 def parse_messages(
-    rows: Sequence[Row], origin: str, tokenizer: PreTrainedTokenizerBase | None, strict: bool = True
+    rows: Sequence[Row],
+    origin: str,
+    tokenizer: PreTrainedTokenizerBase | None,
+    strict: bool = True,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> Parsed[SFTRecord]:
     """``messages`` conversations: the completion is the final assistant message, the prompt
     everything before it in ``tokenizer``'s chat template."""
     _require_chat_template(tokenizer, origin)
-    return _parse_rows(rows, origin, strict, ("messages",), partial(_conversation, tokenizer=tokenizer))
+    parse_row = partial(_conversation, tokenizer=tokenizer, chat_template_kwargs=chat_template_kwargs)
+    return _parse_rows(rows, origin, strict, ("messages",), parse_row)
 
 
 def parse_text(rows: Sequence[Row], origin: str, strict: bool = True) -> Parsed[SFTRecord]:
@@ -509,11 +523,15 @@ def parse_text(rows: Sequence[Row], origin: str, strict: bool = True) -> Parsed[
 
 
 def parse_chosen(
-    rows: Sequence[Row], origin: str, tokenizer: PreTrainedTokenizerBase | None = None, strict: bool = True
+    rows: Sequence[Row],
+    origin: str,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    strict: bool = True,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> Parsed[SFTRecord]:
     """A preference dataset as SFT data: each pair's prompt and chosen reply (the rejected one
     is not trained on), as SFT on HH-RLHF's preferred transcripts is usually done."""
-    pairs = parse_preferences(rows, origin, tokenizer=tokenizer, strict=strict)
+    pairs = parse_preferences(rows, origin, tokenizer=tokenizer, strict=strict, chat_template_kwargs=chat_template_kwargs)
     return Parsed((SFTRecord(p.prompt, p.chosen) for p in pairs), pairs.issues, pairs.row_numbers)
 
 
@@ -523,20 +541,21 @@ def parse_sft(
     tokenizer: PreTrainedTokenizerBase | None = None,
     strict: bool = True,
     format: str = "auto",
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> Parsed[SFTRecord]:
     """SFT records in any of :data:`SFT_FORMATS`, told from the first row's columns unless
     ``format`` names one (when a source has both ``messages`` and prompt/completion)."""
     parsers = {
         "prompt_completion": parse_prompt_completion,
         "messages": parse_messages,
-        "text": lambda rows, origin, tokenizer, strict: parse_text(rows, origin, strict),
+        "text": lambda rows, origin, tokenizer, strict, chat_template_kwargs: parse_text(rows, origin, strict),
         "chosen": parse_chosen,
     }
     if format == "auto":
         format = detect_sft_format(_first_row(rows, origin).keys(), origin)
     elif format not in parsers:
         raise DataFormatError(f"{origin}: unknown SFT format {format!r}; known: auto, {', '.join(SFT_FORMATS)}")
-    return parsers[format](rows, origin, tokenizer=tokenizer, strict=strict)
+    return parsers[format](rows, origin, tokenizer=tokenizer, strict=strict, chat_template_kwargs=chat_template_kwargs)
 
 
 # --------------------------------------------------------------------------- prompts
@@ -629,16 +648,18 @@ def _trl(row: Row) -> PreferenceRecord:
     )
 
 
-def _trl_conversational(row: Row, tokenizer: PreTrainedTokenizerBase) -> PreferenceRecord:
+def _trl_conversational(row: Row, tokenizer: PreTrainedTokenizerBase, chat_template_kwargs: Mapping[str, Any] | None = None) -> PreferenceRecord:
     chosen = _as_messages(row.get("chosen"), "chosen")
     rejected = _as_messages(row.get("rejected"), "rejected")
     if row.get("prompt") is not None:
         prompt = _as_messages(row["prompt"], "prompt")
-        return _pair(row, _render(tokenizer, prompt), _only_reply(chosen, "chosen"), _only_reply(rejected, "rejected"))
+        prompt_text = _render(tokenizer, prompt, chat_template_kwargs)
+        return _pair(row, prompt_text, _only_reply(chosen, "chosen"), _only_reply(rejected, "rejected"))
     prompt = _context(chosen, "chosen")  # implicit prompt: the turns both conversations share
     if rejected[:-1] != prompt:
         raise _BadRow("chosen/rejected", "the conversations differ before the final assistant reply")
-    return _pair(row, _render(tokenizer, prompt), _assistant_reply(chosen, "chosen"), _assistant_reply(rejected, "rejected"))
+    prompt_text = _render(tokenizer, prompt, chat_template_kwargs)
+    return _pair(row, prompt_text, _assistant_reply(chosen, "chosen"), _assistant_reply(rejected, "rejected"))
 
 
 def shared_prefix_length(chosen: str, rejected: str) -> int:
@@ -682,13 +703,18 @@ def parse_trl_implicit(rows: Sequence[Row], origin: str, strict: bool = True) ->
 
 
 def parse_trl_conversational(
-    rows: Sequence[Row], origin: str, tokenizer: PreTrainedTokenizerBase | None, strict: bool = True
+    rows: Sequence[Row],
+    origin: str,
+    tokenizer: PreTrainedTokenizerBase | None,
+    strict: bool = True,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> Parsed[PreferenceRecord]:
     """TRL conversational preference rows. With a ``prompt`` message list, ``chosen`` and
     ``rejected`` each hold one assistant message; without, they are whole conversations whose
     turns before the final reply are the (shared) prompt. Prompts use ``tokenizer``'s chat template."""
     _require_chat_template(tokenizer, origin)
-    return _parse_rows(rows, origin, strict, ("chosen", "rejected"), partial(_trl_conversational, tokenizer=tokenizer))
+    parse_row = partial(_trl_conversational, tokenizer=tokenizer, chat_template_kwargs=chat_template_kwargs)
+    return _parse_rows(rows, origin, strict, ("chosen", "rejected"), parse_row)
 
 
 def detect_preference_format(row: Row, origin: str = "the data") -> str:
@@ -716,15 +742,19 @@ def parse_preferences(
     format: str = "auto",
     tokenizer: PreTrainedTokenizerBase | None = None,
     strict: bool = True,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> Parsed[PreferenceRecord]:
     """Preference records in any of :data:`PREFERENCE_FORMATS`, detected from the first row
-    unless ``format`` names one."""
+    unless ``format`` names one; ``chat_template_kwargs`` go to ``apply_chat_template`` for
+    conversational rows."""
     parsers: dict[str, Callable[..., Parsed[PreferenceRecord]]] = {
         "hh": parse_hh,
         "tldr": parse_tldr,
         "trl": parse_trl,
         "trl_implicit": parse_trl_implicit,
-        "trl_conversational": partial(parse_trl_conversational, tokenizer=tokenizer),
+        "trl_conversational": partial(
+            parse_trl_conversational, tokenizer=tokenizer, chat_template_kwargs=chat_template_kwargs
+        ),
     }
     if format == "auto":
         format = detect_preference_format(_first_row(rows, origin), origin)

@@ -101,9 +101,10 @@ class PreferenceDataModule(L.LightningDataModule):
     ``train``/``val`` accept ``"embedded:<task>"``, ``.jsonl``/``.json`` files, directories
     written by ``datasets.save_to_disk``, names/directories for ``datasets.load_dataset``, or from
     Python a ``datasets.Dataset``/``DatasetDict``.
-    ``format`` is ``auto`` or one of ``hh``, ``tldr``, ``trl``, ``trl_conversational``. With
-    ``strict`` the first bad row raises an error naming it; otherwise bad rows are skipped,
-    counted and logged.
+    ``format`` is ``auto`` or one of ``hh``, ``tldr``, ``trl``, ``trl_implicit``,
+    ``trl_conversational``. With ``strict`` the first bad row raises an error naming it;
+    otherwise bad rows are skipped, counted and logged. ``chat_template_kwargs`` go to
+    ``apply_chat_template`` for conversational rows.
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class PreferenceDataModule(L.LightningDataModule):
         strict: bool = False,
         seed: int = 0,
         embedded: EmbeddedPreferenceSpec | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
         super().__init__()
@@ -160,8 +162,9 @@ class PreferenceDataModule(L.LightningDataModule):
     def _read(self, source: DataSource, split: str) -> tuple[Parsed[PreferenceRecord], str]:
         rows, origin = load_rows(source, split)
         records = parse_preferences(
-            rows, origin, format=self.hparams.format, tokenizer=self.tokenizer, strict=self.hparams.strict
-        )
+            rows, origin, format=self.hparams.format, tokenizer=self.tokenizer, strict=self.hparams.strict,
+            chat_template_kwargs=self.hparams.chat_template_kwargs,
+        )  # fmt: skip
         return records, origin
 
     def _encode(self, records: Parsed[PreferenceRecord], origin: str) -> list[Pair]:

@@ -58,7 +58,9 @@ def load_prompts(
         if {"chosen", "rejected"} <= rows[0].keys():  # preference pairs: one prompt, many pairs
             prompts = list(dict.fromkeys(prompts))
     else:
-        records = parse_preferences(rows, origin, tokenizer=tokenizer, strict=False)
+        records = parse_preferences(
+            rows, origin, tokenizer=tokenizer, strict=False, chat_template_kwargs=chat_template_kwargs
+        )
         prompts = [Prompt(p) for p in dict.fromkeys(r.prompt for r in records)]
     if not prompts:
         raise ValueError(f"{origin}: no prompts found")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 from functools import partial
+from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -29,6 +30,8 @@ class SFTDataModule(L.LightningDataModule):
     replies are trained on (:func:`~lit_p3o.data.formats.parse_chosen`). Without
     ``val``, a seeded ``val_fraction`` of the training rows is held out (none: no validation).
     With ``strict`` a bad row raises an error naming it (its row number in the file); otherwise bad rows are skipped, counted and logged.
+    ``chat_template_kwargs`` go to ``apply_chat_template`` for conversational rows (give the
+    RL stage's ``rollout.chat_template_kwargs`` too, so that both render prompts alike).
     The tokenizer is the trained module's (``trainer.lightning_module.tokenizer``) unless one
     is passed for use outside a Trainer.
     """
@@ -46,6 +49,7 @@ class SFTDataModule(L.LightningDataModule):
         num_workers: int = 0,
         strict: bool = True,
         seed: int = 0,
+        chat_template_kwargs: dict[str, Any] | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
         super().__init__()
@@ -93,7 +97,10 @@ class SFTDataModule(L.LightningDataModule):
     def _read(self, source: DataSource, split: str) -> list[SFTRecord]:
         rows, origin = load_rows(source, split)
         try:
-            return parse_sft(rows, origin, tokenizer=self.tokenizer, strict=self.hparams.strict)
+            return parse_sft(
+                rows, origin, tokenizer=self.tokenizer, strict=self.hparams.strict,
+                chat_template_kwargs=self.hparams.chat_template_kwargs,
+            )  # fmt: skip
         except DataFormatError as err:
             if origin in str(err):
                 raise
