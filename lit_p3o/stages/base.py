@@ -91,7 +91,7 @@ class RLStage(ShardableModule):
         hyperparameters like ``policy`` is (:func:`lit_p3o.models.python_objects`)."""
         super().__init__()
         ignore = python_objects(policy=policy, reward_model=reward_model, tokenizer=tokenizer)
-        self.save_hyperparameters(ignore=[*ignore, *unsaved])
+        self.save_hyperparameters(ignore=[*ignore, *unsaved, "unsaved"])
         self.evaluation_spec = evaluation or EvaluationSpec()
         self.validate_during_fit = evaluation is not None
         self.rollout_spec = rollout or RolloutSpec()
