@@ -20,7 +20,10 @@ Figures (``docs/results/frontier.md``):
   (each policy of A against each policy of B), with a bootstrap 95% interval that resamples
   A's seeds, B's seeds and the prompts; judged by the gold reward and by the reward model.
 
-    python benchmarks/frontier.py [--seeds 5] [--rollouts 20] [--skip-base] [--methods ...]
+    python benchmarks/frontier.py [--seeds 5] [--rollouts 20] [--skip-base] [--methods ...] [--jobs N]
+
+``--jobs N`` runs N runs at a time, each on (cores / N) threads: results do not depend on it
+beyond float rounding, wall time does.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,8 +75,12 @@ TUNING_SEED = 100
 MATCHED_KL = (1.0, 2.0, 4.0, 8.0)
 
 
+THREADS: int | None = None  # torch threads of each run; None: torch's default (all cores)
+
+
 def lit_p3o(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "lit_p3o", *args], check=True)
+    env = dict(os.environ) if THREADS is None else {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+    subprocess.run([sys.executable, "-m", "lit_p3o", *args], check=True, env=env)
 
 
 def train_base(work: Path) -> None:
@@ -109,11 +118,26 @@ def run(work: Path, name: str, knob: float, lr: float, seed: int, rollouts: int)
     return csv_path, policy
 
 
-def tune_learning_rate(work: Path, name: str, rollouts: int) -> tuple[float, dict[float, float]]:
-    """The grid value whose tuning run reached the highest gold reward at any evaluation."""
-    middle = METHODS[name].sweep[1]
-    peaks = {lr: max(read_frontier(run(work, name, middle, lr, TUNING_SEED, rollouts)[0])["gold"]) for lr in LR_GRID}
-    return max(peaks, key=peaks.get), peaks
+RunSpec = tuple[Path, str, float, float, int, int]
+"""The arguments of :func:`run`: work, method, knob, learning rate, seed, rollouts."""
+
+
+def run_all(specs: list[RunSpec], jobs: int) -> list[tuple[Path, Path]]:
+    """:func:`run` for every spec, ``jobs`` at a time; results in the order of ``specs``."""
+    with ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(lambda spec: run(*spec), specs))
+
+
+def tune_learning_rates(work: Path, names: list[str], rollouts: int, jobs: int) -> dict[str, tuple[float, dict]]:
+    """Per method, the grid value whose tuning run reached the highest gold reward at any
+    evaluation, and every value's peak."""
+    specs = [(work, name, METHODS[name].sweep[1], lr, TUNING_SEED, rollouts) for name in names for lr in LR_GRID]
+    peaks = {(spec[1], spec[3]): max(read_frontier(csv)["gold"]) for spec, (csv, _) in zip(specs, run_all(specs, jobs))}
+    tuned = {}
+    for name in names:
+        by_lr = {lr: peaks[name, lr] for lr in LR_GRID}
+        tuned[name] = (max(by_lr, key=by_lr.get), by_lr)
+    return tuned
 
 
 def frontier_fit(csvs: list[Path]) -> tuple[list[Estimate | None], float]:
@@ -138,25 +162,28 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("outputs/frontier"))
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     parser.add_argument("--skip-base", action="store_true", help="reuse SFT and reward model under --work")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each on cores/jobs threads")
     args = parser.parse_args()
+    global THREADS
+    THREADS = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     if "ppo" not in args.methods:
         parser.error("--methods: ppo is the reference of the win-rate table; keep it")
     start = time.time()
     if not args.skip_base:
         train_base(args.work)
-    tuned = {name: tune_learning_rate(args.work, name, args.rollouts) for name in args.methods}
+    tuned = tune_learning_rates(args.work, args.methods, args.rollouts, args.jobs)
     csvs: dict[str, list[Path]] = {}
     labelled: dict[str, Path] = {}
     middle_policies: dict[str, list[Path]] = {}
-    for name in args.methods:
-        lr = tuned[name][0]
-        for knob in METHODS[name].sweep:
-            for seed in range(args.seeds):
-                path, policy = run(args.work, name, knob, lr, seed, args.rollouts)
-                csvs.setdefault(name, []).append(path)
-                labelled[f"{name} knob={knob} seed={seed}"] = path
-                if knob == METHODS[name].sweep[1]:
-                    middle_policies.setdefault(name, []).append(policy)
+    specs = [
+        (args.work, name, knob, tuned[name][0], seed, args.rollouts)
+        for name in args.methods for knob in METHODS[name].sweep for seed in range(args.seeds)
+    ]  # fmt: skip
+    for (_, name, knob, _, seed, _), (path, policy) in zip(specs, run_all(specs, args.jobs)):
+        csvs.setdefault(name, []).append(path)
+        labelled[f"{name} knob={knob} seed={seed}"] = path
+        if knob == METHODS[name].sweep[1]:
+            middle_policies.setdefault(name, []).append(policy)
     args.out.mkdir(parents=True, exist_ok=True)
     plot_frontier(labelled, args.out / "frontier.png")
     flat = {"sft": args.work / "sft"} | {f"{n} {i}": p for n, ps in middle_policies.items() for i, p in enumerate(ps)}
@@ -179,7 +206,7 @@ def _win_cell(estimate: Estimate | None) -> str:
 
 
 def write_report(args, tuned, csvs, win_rates, wall: float) -> None:
-    command = f"python benchmarks/frontier.py --rollouts {args.rollouts} --seeds {args.seeds}"
+    command = f"python benchmarks/frontier.py --rollouts {args.rollouts} --seeds {args.seeds} --jobs {args.jobs}"
     command += " --skip-base" * args.skip_base
     if args.methods != list(METHODS):
         command += " --methods " + " ".join(args.methods)
