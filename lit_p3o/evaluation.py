@@ -25,7 +25,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.encoding import Encoded, collate, encode_prompt, fit_prompt
-from lit_p3o.data.formats import read_text
+from lit_p3o.data.sources import read_text
 from lit_p3o.data.issues import DataFormatError
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.generation import SamplingSpec, decode, eval_mode, response_logprobs, sample_responses, seeded

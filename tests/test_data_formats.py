@@ -1,4 +1,4 @@
-"""lit_p3o.data.formats: loading sources, each parser on its fixture, every bad row strict and skipped."""
+"""lit_p3o.data.sources and lit_p3o.data.formats: loading sources, each parser on its fixture, every bad row strict and skipped."""
 
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from lit_p3o.data.formats import (
     SFTRecord,
     detect_preference_format,
     detect_sft_format,
-    load_rows,
     parse_hh,
     parse_messages,
     parse_preferences,
@@ -33,6 +32,7 @@ from lit_p3o.data.formats import (
     parse_trl,
     parse_trl_conversational,
 )
+from lit_p3o.data.sources import load_rows
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CHAT_TEMPLATE = (

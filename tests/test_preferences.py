@@ -21,7 +21,6 @@ from lit_p3o.data.formats import (
     SFTRecord,
     detect_preference_format,
     detect_sft_format,
-    load_rows,
     parse_hh,
     parse_preferences,
     parse_sft,
@@ -29,6 +28,7 @@ from lit_p3o.data.formats import (
     parse_trl,
     parse_trl_conversational,
 )
+from lit_p3o.data.sources import load_rows
 from lit_p3o.data.preferences import PreferenceDataModule, collate_pairs
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.tasks import get_task

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.encoding import Batch, Encoded, TruncationStats, collate, encode_prompt, encode_response, fit_prompt
-from lit_p3o.data.formats import DataSource, Parsed, PreferenceRecord, load_rows, parse_preferences
+from lit_p3o.data.formats import Parsed, PreferenceRecord, parse_preferences
+from lit_p3o.data.sources import DataSource, load_rows
 from lit_p3o.data.issues import RowIssues
 from lit_p3o.generation import SamplingSpec, sample_responses
 from lit_p3o.models import ModelSpec, build_causal_lm, load_tokenizer, python_objects

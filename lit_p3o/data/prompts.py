@@ -7,7 +7,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from lit_p3o.data.formats import DataSource, load_rows, parse_preferences, parse_prompts
+from lit_p3o.data.formats import parse_preferences, parse_prompts
+from lit_p3o.data.sources import DataSource, load_rows
 from lit_p3o.tasks import resolve_embedded
 
 

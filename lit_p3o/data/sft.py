@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.encoding import Encoded, ResponseTooLong, TruncationStats, collate, encode_example
-from lit_p3o.data.formats import DataSource, SFTRecord, load_rows, parse_sft, source_label
+from lit_p3o.data.formats import SFTRecord, parse_sft
+from lit_p3o.data.sources import DataSource, load_rows, source_label
 from lit_p3o.data.issues import DataFormatError, RowIssues
 from lit_p3o.models import python_objects
 from lit_p3o.tasks import resolve_embedded
