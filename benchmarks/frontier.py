@@ -246,14 +246,24 @@ def write_report(args, tuned, csvs, win_rates, wall: float) -> None:
         lines.append("")
     lines.append("\\* the interval excludes 0.5: the difference is significant at the 5% level.")
     lines.append("")
-    lines.append("Frontier plot: `frontier.png`; runs: `frontier_runs.csv`.")
+    lines.append("Frontier plot: `frontier.png`; every evaluation of every run: `frontier_runs.csv`.")
     (args.out / "frontier.md").write_text("\n".join(lines) + "\n")
-    with open(args.out / "frontier_runs.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["method", "frontier_csv"])
-        for name, paths in csvs.items():
-            writer.writerows([name, str(p)] for p in paths)
+    write_runs(csvs, args.out / "frontier_runs.csv")
     print((args.out / "frontier.md").read_text())
+
+
+def write_runs(csvs: dict[str, list[Path]], out: Path) -> None:
+    """Every run's evaluations in one file, each row tagged with its method and run."""
+    with open(out, "w", newline="") as f:
+        writer = None
+        for name, paths in csvs.items():
+            for path in paths:
+                with open(path, newline="") as run_file:
+                    for row in csv.DictReader(run_file):
+                        if writer is None:
+                            writer = csv.DictWriter(f, ["method", "run", *row])
+                            writer.writeheader()
+                        writer.writerow({"method": name, "run": path.parents[1].name, **row})
 
 
 if __name__ == "__main__":
