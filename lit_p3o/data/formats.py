@@ -39,9 +39,10 @@ model's loss subtracts from the reward difference (0 where a row has none). A me
 ``content`` may be text or a list of parts, whose text parts are joined; other parts (images)
 are refused.
 
-Every parser has the signature ``(rows, origin, [tokenizer,] strict=True)`` and returns
-:class:`Parsed`, a list of records whose ``issues`` attribute (a :class:`RowIssues`) holds the
-rows it skipped, by reason. With ``strict`` the first bad row raises :class:`DataFormatError`
+Every parser has the signature ``(rows, origin, [tokenizer,] strict=True)`` (those that can
+meet conversational rows also take ``chat_template_kwargs``) and returns :class:`Parsed`, a
+list of records whose ``issues`` attribute (a :class:`RowIssues`) holds the rows it skipped, by
+reason. With ``strict`` the first bad row raises :class:`DataFormatError`
 instead. Rows are numbered from 0 in the order read, so row ``n`` is ``rows[n]`` (and
 ``dataset[n]``); only malformed JSON is named by its 1-based line in the file, as it never
 became a row. Problems of the whole source (no rows, a missing column, an unknown format, a
