@@ -28,6 +28,7 @@ from lit_p3o import ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSp
 from lit_p3o.data.encoding import collate
 from lit_p3o.generation import response_logprobs, sample_responses
 from lit_p3o.models import build_reward_model, load_tokenizer, save_pretrained
+from lit_p3o.stages.base import RLStage
 from lit_p3o.tasks import get_task
 
 SIZES = {  # the reference shapes (issue 4) and a larger model (~17M parameters) for issue 12
@@ -62,6 +63,19 @@ class Timer:
 
         return timed
 
+
+
+def count_generated_tokens(stage: RLStage) -> list[int]:
+    """A list that receives, at every rollout, the number of tokens the stage generated."""
+    generated: list[int] = []
+    fill = stage.buffer.fill
+
+    def counting_fill(groups, beta):
+        generated.append(sum(len(r) for g in groups for r in g.responses))
+        fill(groups, beta)
+
+    stage.buffer.fill = counting_fill
+    return generated
 
 def sixteen_word_prompts() -> list[str]:
     words = [w for w in get_task("reviews").build_tokenizer().get_vocab() if not w.startswith("<")]
@@ -157,14 +171,7 @@ def main() -> None:
         trainer = L.Trainer(accelerator=args.device, devices=1, max_epochs=args.warmup + args.iterations,
                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, callbacks=[clock])
-        generated: list[int] = []
-        real_fill = stage.buffer.fill
-
-        def counting_fill(groups, beta):
-            generated.append(sum(len(r) for g in groups for r in g.responses))
-            real_fill(groups, beta)
-
-        stage.buffer.fill = counting_fill
+        generated = count_generated_tokens(stage)
         trainer.fit(stage)
         stage.scorer.score_examples = score_examples  # the calls alone must not enter the loop's split
         measured = clock.iterations[args.warmup :]

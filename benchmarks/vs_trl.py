@@ -66,7 +66,7 @@ def run_lit(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
     import lightning as L
 
     sys.path.insert(0, str(HERE))
-    from p3o_iteration import K, NEW_TOKENS, PROMPTS
+    from p3o_iteration import K, NEW_TOKENS, PROMPTS, count_generated_tokens
 
     from lit_p3o import KLSpec, ModelSpec, OptimizerSpec, RLOOModule, RolloutSpec, SamplingSpec
 
@@ -83,14 +83,7 @@ def run_lit(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
         optimizer=OptimizerSpec(learning_rate=LEARNING_RATE),
         seed=args.seed,
     )
-    generated: list[int] = []
-    fill = stage.buffer.fill
-
-    def counting_fill(groups, beta):
-        generated.append(sum(len(r) for g in groups for r in g.responses))
-        fill(groups, beta)
-
-    stage.buffer.fill = counting_fill
+    generated = count_generated_tokens(stage)
     stamps: list[float] = []
 
     class Stamp(L.Callback):
