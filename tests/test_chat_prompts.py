@@ -170,3 +170,17 @@ def test_sft_and_preference_data_render_prompts_as_the_rollout_does(tmp_path):
     for data_module, source in ((SFTDataModule, sft), (PreferenceDataModule, pairs)):
         assert first_prompt_ids(data_module, source, chat_template_kwargs=kwargs) == expected, data_module.__name__
         assert first_prompt_ids(data_module, source) != expected  # the kwargs made the difference
+
+
+def test_sft_on_conversational_preferences_renders_with_the_kwargs():
+    """The ``chosen`` SFT format passes ``chat_template_kwargs`` on to the preference parser."""
+    from lit_p3o.data.formats import parse_chosen
+
+    tokenizer = llama3_chat_tokenizer()
+    tokenizer.chat_template = THINKING_TEMPLATE
+    rows = [{"prompt": CONVERSATIONS[0], "chosen": [{"role": "assistant", "content": "Nineteen."}],
+             "rejected": [{"role": "assistant", "content": "Twenty."}]}]  # fmt: skip
+    (expected,) = parse_prompts([{"prompt": CONVERSATIONS[0]}], "p", tokenizer, chat_template_kwargs={"enable_thinking": True})
+    (record,) = parse_chosen(rows, "pairs.jsonl", tokenizer, chat_template_kwargs={"enable_thinking": True})
+    assert record.prompt == expected and record.completion == "Nineteen."
+    assert parse_chosen(rows, "pairs.jsonl", tokenizer)[0].prompt != expected
