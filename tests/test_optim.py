@@ -115,3 +115,46 @@ def test_bitsandbytes_optimizer_without_the_package_says_what_to_install(monkeyp
     module = sft_module("adamw_8bit")
     with pytest.raises(ImportError, match=r"'adamw_8bit' needs the `bitsandbytes` package"):
         configure_adamw(module, module.optimizer_spec)
+
+
+def adamw_trajectory(fused: bool | None, steps: int = 3) -> tuple[torch.optim.Optimizer, dict[str, torch.Tensor]]:
+    """Weights after ``steps`` AdamW steps (weight decay on) of an SFT module on a fixed batch."""
+    module = sft_module("adamw")
+    module.optimizer_spec = OptimizerSpec(learning_rate=1e-2, weight_decay=0.1, fused=fused)
+    dm = SFTDataModule(train="embedded:reviews", embedded_size=16, max_length=48, batch_size=8, tokenizer=module.tokenizer)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    optimizer = configure_adamw(module, module.optimizer_spec)["optimizer"]
+    for _ in range(steps):
+        optimizer.zero_grad()
+        module._loss(batch).backward()
+        optimizer.step()
+    return optimizer, {k: v.clone() for k, v in module.policy.state_dict().items()}
+
+
+def test_adamw_is_fused_by_default_and_steps_like_torchs_default_implementation():
+    fused, fused_weights = adamw_trajectory(None)
+    plain, plain_weights = adamw_trajectory(False)
+    assert fused.param_groups[0]["fused"] is True and not plain.param_groups[0]["fused"]
+    start = sft_module("adamw").policy.state_dict()
+    for k, w in plain_weights.items():
+        torch.testing.assert_close(fused_weights[k], w, atol=1e-6, rtol=1e-5)
+    assert max((plain_weights[k] - start[k]).abs().max().item() for k in start) > 1e-2  # the steps moved the weights
+
+
+def test_fused_is_refused_for_bitsandbytes_optimizers():
+    with pytest.raises(ValueError, match=r"OptimizerSpec.fused: .* 'adamw', not 'adamw_8bit'"):
+        OptimizerSpec(name="adamw_8bit", fused=True)
+
+
+@pytest.mark.parametrize("precision, clip, fused", [("32-true", 1.0, True), ("bf16-mixed", None, True), ("bf16-mixed", 1.0, False)])
+def test_fused_adamw_where_lightning_allows_it(precision, clip, fused):
+    """Lightning's mixed-precision plugin refuses to clip a fused optimizer's gradients."""
+    module = sft_module("adamw")
+    module.trainer = L.Trainer(accelerator="cpu", precision=precision, gradient_clip_val=clip, logger=False,
+                               enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    assert bool(configure_adamw(module, module.optimizer_spec)["optimizer"].param_groups[0]["fused"]) is fused
+    if not fused:
+        with pytest.raises(ValueError, match=r"OptimizerSpec.fused: true cannot be combined with trainer.gradient_clip_val=1.0"):
+            configure_adamw(module, OptimizerSpec(fused=True))

@@ -304,7 +304,8 @@ def test_optimizer_covers_trainable_parameters_with_warmup_then_cosine(micro_spe
 
     micro_spec.lora = LoraSpec(r=2, target_modules=["q_proj"])
     module = SFTModule(model=micro_spec)
-    module._trainer = SimpleNamespace(estimated_stepping_batches=6)  # all configure_adamw reads
+    # all configure_adamw reads
+    module._trainer = SimpleNamespace(estimated_stepping_batches=6, gradient_clip_val=None, precision_plugin=None)
     spec = OptimizerSpec(learning_rate=0.1, weight_decay=0.5, warmup_steps=2, schedule="cosine")
     config = configure_adamw(module, spec)
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
