@@ -70,10 +70,10 @@ def child(args: argparse.Namespace) -> None:
 
         base.FrozenReference = lambda policy: NoReference()
 
-        def logprobs(model, batch):
+        def logprobs(model, batch, temperature=1.0):
             if isinstance(model, NoReference):
                 return torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - batch.prompt_width)
-            return rollout_module_ref(model, batch)
+            return rollout_module_ref(model, batch, temperature)
 
         rollout_module.response_logprobs = logprobs
     stage = P3OModule(

@@ -10,7 +10,9 @@ no gradient checkpointing, the same dtype. TRL's logging, saving, evaluation and
 completion logging are off.
 
 Each side runs in its own subprocess (so its peak RSS is its own), the sides alternate
-(the order flips every round) for ``--rounds`` rounds, and each run times ``--iterations``
+(the order flips every round) for ``--rounds`` rounds, round ``r`` sampling under seed
+``--seed + r`` on both sides (so the length of the sampled responses, which is luck, varies
+over rounds instead of repeating), and each run times ``--iterations``
 iterations after ``--warmup`` unmeasured ones, an iteration being the wall time from the
 end of one optimizer step to the end of the next (generation, scoring, log-prob passes,
 update and the loop around them). Prints every run's completions/s, generated tokens/s
@@ -158,10 +160,10 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def launch(side: str, workdir: Path, args: argparse.Namespace) -> dict[str, float]:
+def launch(side: str, workdir: Path, args: argparse.Namespace, seed: int) -> dict[str, float]:
     command = [sys.executable, __file__, "--side", side, "--workdir", str(workdir), "--device", args.device,
                "--dtype", args.dtype, "--iterations", str(args.iterations), "--warmup", str(args.warmup),
-               "--seed", str(args.seed), "--lit-compile", args.lit_compile]
+               "--seed", str(seed), "--lit-compile", args.lit_compile]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -198,7 +200,9 @@ def main() -> None:
         prepare(workdir, args.size, args.seed)
         for r in range(args.rounds):
             for side in ("trl", "lit") if r % 2 == 0 else ("lit", "trl"):
-                result = launch(side, workdir, args)
+                # a seed per round, the same for both sides: how long the sampled responses run is
+                # luck of the draw, and one seed for every round would repeat the same luck
+                result = launch(side, workdir, args, args.seed + r)
                 results[side].append(result)
                 print(f"round {r + 1} {side:>3}: {result['iteration_ms']:7.1f} ms/iteration  "
                       f"completions/s {result['completions_per_s']:7.1f}  generated tokens/s "
