@@ -103,8 +103,9 @@ class GradientGuard(L.Callback):
         """(any gradient on any rank, any non-zero gradient on any rank)."""
         # under FSDP2 a gradient is a DTensor: this rank's shard is what it can inspect
         grads = [getattr(p.grad, "to_local", lambda g=p.grad: g)() for p in params if p.grad is not None]
-        peaks = [g.detach().abs().amax().float() for g in grads if g.numel()]  # a shard can be empty
-        nonzero = bool(peaks) and bool(torch.stack(peaks).amax() > 0)
+        grads = [g.detach() for g in grads if g.numel()]  # a shard can be empty
+        # the largest |gradient| over all tensors in one foreach pass (a loop costs ~1 ms a step on CPU)
+        nonzero = bool(grads) and bool(torch.nn.utils.get_total_norm(grads, norm_type=math.inf) > 0)
         found = torch.tensor([float(bool(grads)), float(nonzero)], device=pl_module.device)
         found = trainer.strategy.reduce(found, reduce_op="sum")
         return bool(found[0] > 0), bool(found[1] > 0)
