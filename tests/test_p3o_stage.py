@@ -249,6 +249,15 @@ def on_policy_run(tmp_path: Path, defer: bool) -> tuple[P3OModule, L.Trainer, in
         kl=KLSpec(beta=0.1, target=0.01, horizon=10), optimizer=OptimizerSpec(learning_rate=1e-2),
     )
     stage.scorer.score_examples = varied_scores
+    stage.loss_stats = []  # what compute_loss reported, minibatch by minibatch
+    compute_loss = stage.compute_loss
+
+    def recording(*args):
+        loss, stats = compute_loss(*args)
+        stage.loss_stats.append(stats)
+        return loss, stats
+
+    stage.compute_loss = recording
     calls = []
     stage.policy.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(1) if kwargs.get("use_cache") is False else None, with_kwargs=True
@@ -263,8 +272,12 @@ def test_on_policy_update_takes_logp_old_from_its_own_forward(tmp_path):
     skipped, skipped_trainer, skipped_calls = on_policy_run(tmp_path / "skipped", defer=True)
     assert kept_calls == 2 * 2  # per rollout: the rollout's logp_old pass and the update's forward
     assert skipped_calls == 2 * 1  # the update's forward only
-    assert skipped_trainer.callback_metrics["train/ratio_max"].item() == 1.0  # exactly, by construction
-    assert skipped_trainer.callback_metrics["train/approx_kl"].item() == 0.0
+    for stats in skipped.loss_stats:  # exactly, by construction
+        assert stats["ratio_max"].item() == 1.0 and stats["approx_kl"].item() == 0.0
+    # constants are not logged on-policy; with the separate pass they are, as measured
+    assert not any(key in skipped_trainer.callback_metrics for key in ("train/ratio_max", "train/clip_fraction"))
+    assert kept_trainer.callback_metrics["train/ratio_max"].item() == pytest.approx(1.0, abs=1e-4)
+    assert "train/loss" in skipped_trainer.callback_metrics
     for name, value in weights(kept).items():
         torch.testing.assert_close(weights(skipped)[name], value, rtol=0, atol=1e-6)
     for a, b in zip(kept.buffer.groups, skipped.buffer.groups):  # the same KL, r̃ and logp_old

@@ -44,6 +44,8 @@ from lit_p3o.tasks import resolve_embedded
 from lit_p3o.stages.sharding import ShardableModule
 
 _NOT_CHECKPOINTED = ("reward_model.", "reference.")
+# statistics of the ratio π_θ / π_old: constant on an on-policy minibatch (ρ = 1, nothing clipped)
+_RATIO_STATS = ("ratio_mean", "ratio_max", "approx_kl", "clip_fraction")
 
 # BufferDataset defines __len__ on purpose (progress bar, schedulers) and is only ever read
 # by the main process (num_workers=0), which is the case Lightning's warning is not about.
@@ -223,6 +225,7 @@ class RLStage(ShardableModule):
 
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> Tensor | None:
         self.buffer.consumed += 1
+        on_policy = batch.logp_old is None  # completed by this forward: ρ = 1 exactly
         batch, logp, states = self.policy_forward(batch)
         if not self._finite_everywhere(batch.rewards):
             return self._skip("non-finite reward in the minibatch")
@@ -232,6 +235,8 @@ class RLStage(ShardableModule):
         self.updates.applied += 1
         self._tied_streak = self._tied_streak + 1 if bool((batch.rewards == batch.rewards[:, :1]).all()) else 0
         n = batch.rewards.numel()
+        if on_policy:  # ratio statistics would be constants; each self.log costs ~0.3-0.7 ms on CPU
+            stats = {k: v for k, v in stats.items() if k not in _RATIO_STATS}
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=n, sync_dist=True)
         return loss
