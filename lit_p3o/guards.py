@@ -103,9 +103,9 @@ class GradientGuard(L.Callback):
         """(any gradient on any rank, any non-zero gradient on any rank)."""
         # under FSDP2 a gradient is a DTensor: this rank's shard is what it can inspect
         grads = [getattr(p.grad, "to_local", lambda g=p.grad: g)() for p in params if p.grad is not None]
-        grads = [g.detach() for g in grads if g.numel()]  # a shard can be empty
-        # the largest |gradient| over all tensors in one foreach pass (a loop costs ~1 ms a step on CPU)
-        nonzero = bool(grads) and bool(torch.nn.utils.get_total_norm(grads, norm_type=math.inf) > 0)
+        # stops at the first tensor with a non-zero entry: one small op in a healthy run (a
+        # max-abs over every tensor cost 0.2 ms a step on CPU, a foreach inf-norm 1.3 ms)
+        nonzero = any(bool(g.any()) for g in grads if g.numel())  # a shard can be empty
         found = torch.tensor([float(bool(grads)), float(nonzero)], device=pl_module.device)
         found = trainer.strategy.reduce(found, reduce_op="sum")
         return bool(found[0] > 0), bool(found[1] > 0)
