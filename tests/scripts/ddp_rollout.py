@@ -35,13 +35,22 @@ def main(out: str, devices: int, compile_: bool) -> None:
         stage.policy.model.embed_tokens.weight.normal_(std=0.5)  # peaked: varied lengths, some EOS
     stage.reference.copy.load_state_dict(stage.policy.state_dict())
     stage.scorer.score_examples = varied_scores
+    ratio_max = []  # on-policy minibatches do not log their (constant) ratio statistics
+    compute_loss = stage.compute_loss
+
+    def recording(*args):
+        loss, stats = compute_loss(*args)
+        ratio_max.append(float(stats["ratio_max"]))
+        return loss, stats
+
+    stage.compute_loss = recording
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.fit(stage)
     if trainer.is_global_zero:
         torch.save({"responses": [g.responses for g in stage.buffer.groups],
-                    "ratio_max": float(trainer.callback_metrics["train/ratio_max"]),
+                    "ratio_max": max(ratio_max),
                     "weights": {k: v.detach().clone() for k, v in stage.policy.state_dict().items()}}, out)
 
 
