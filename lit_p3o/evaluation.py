@@ -30,7 +30,7 @@ from lit_p3o.data.issues import DataFormatError
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.generation import SamplingSpec, decode, eval_mode, response_logprobs, sample_responses, seeded
 from lit_p3o.models import FrozenReference, is_sharded
-from lit_p3o.monitoring import phase, shows_progress
+from lit_p3o.monitoring import log_point, phase, shows_progress
 from lit_p3o.rollout import Scorer
 from lit_p3o.tasks import Task, resolve_embedded
 
@@ -264,10 +264,7 @@ class FrontierCallback(L.Callback):
         evaluates = trainer.is_global_zero or is_sharded(pl_module.policy)
         point = self._evaluate(trainer, pl_module) if evaluates else None
         point = trainer.strategy.broadcast(point, src=0)
-        metrics = {f"eval/{k}": v for k, v in point.items() if v is not None}
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        for logger in trainer.loggers:  # rank-zero loggers write on rank 0 only
-            logger.log_metrics(metrics, step=trainer.global_step)
+        log_point(trainer, {f"eval/{k}": v for k, v in point.items() if v is not None})
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float | None]:
         """One point; every rank evaluating uses the same prompts and seed, only rank 0 writes."""

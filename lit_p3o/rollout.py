@@ -258,12 +258,14 @@ class RolloutCallback(L.Callback):
             self._report(trainer, pl_module)
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Log the rollout's statistics and move β (once its KL is known)."""
+        """Log the rollout's statistics (means over ranks, one collective) and move β (once its
+        KL is known)."""
         groups = pl_module.buffer.groups
         stats = rollout_stats(groups, pl_module.buffer.beta)
-        mean_kl = float(trainer.strategy.reduce(torch.tensor(stats["kl_mean"]), reduce_op="mean"))
+        values = torch.tensor(list(stats.values()), device=pl_module.device)
+        stats = dict(zip(stats, trainer.strategy.reduce(values, reduce_op="mean").tolist()))
         pl_module.log_rollout(stats)
-        self.kl.update(mean_kl, len(groups) * self.spec.num_responses * trainer.world_size)
+        self.kl.update(stats["kl_mean"], len(groups) * self.spec.num_responses * trainer.world_size)
 
     def state_dict(self) -> dict[str, Any]:
         """β, the sampler's position and every rank's RNG state (ranks draw different streams)."""

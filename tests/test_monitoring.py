@@ -4,6 +4,7 @@ the phases of a rollout and an evaluation in the progress output."""
 from __future__ import annotations
 
 import json
+from csv import DictReader
 from pathlib import Path
 from unittest.mock import MagicMock
 
@@ -53,9 +54,9 @@ def test_log_samples_writes_to_each_logger_in_its_form(tmp_path):
     )  # fmt: skip
 
 
-def p3o_stage(log_samples_groups: int = 2) -> P3OModule:
+def p3o_stage(log_samples_groups: int = 2, minibatch_groups: int = 2) -> P3OModule:
     L.seed_everything(0)
-    rollout = RolloutSpec(prompt_pool=16, num_prompts=4, num_responses=2, update_epochs=1, minibatch_groups=2,
+    rollout = RolloutSpec(prompt_pool=16, num_prompts=4, num_responses=2, update_epochs=1, minibatch_groups=minibatch_groups,
                           max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6), log_samples=log_samples_groups,
                           forward_batch_size=3)  # fmt: skip
     spec = ModelSpec(architecture=MICRO_ARCH, tokenizer="embedded:reviews")
@@ -74,6 +75,24 @@ def test_rollout_samples_reach_tensorboard_and_a_jsonl_next_to_the_csv_metrics(t
     texts = tensorboard_texts(tensorboard.log_dir)["rollout/samples/text_summary"]
     assert [step for step, _ in texts] == [0, 2]
     assert all(r["prompt"] in texts[r["rollout"] - 1][1] for r in rows)
+
+
+@pytest.mark.parametrize("on_policy", [True, False])
+def test_every_rollouts_statistics_reach_the_csv_at_their_step(tmp_path, on_policy):
+    """One row per rollout, even when log_every_n_steps skips the steps in between: at the step
+    the rollout was drawn, or after its update when that update gives its KL (on-policy)."""
+    # on-policy: one minibatch of all 4 groups, whose update gives logp_old, the KL and r̃
+    stage = p3o_stage(log_samples_groups=0, minibatch_groups=4 if on_policy else 2)
+    csv = CSVLogger(tmp_path, name="csv")
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=csv, log_every_n_steps=50, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(stage)
+    csv.save()
+    with open(Path(csv.log_dir) / "metrics.csv") as f:
+        rows = [r for r in DictReader(f) if r["rollout/kl_mean"]]
+    assert [int(r["step"]) for r in rows] == ([1, 2, 3] if on_policy else [0, 2, 4])
+    assert all(rows[0][f"rollout/{name}"] for name in ("score_mean", "reward_mean", "beta", "eos_rate"))
+    assert float(rows[-1]["rollout/kl_mean"]) == pytest.approx(trainer.callback_metrics["rollout/kl_mean"].item())
 
 
 class ScorerSpy:

@@ -37,6 +37,7 @@ from lit_p3o.models import (
     disable_dropout,
     load_tokenizer,
 )
+from lit_p3o.monitoring import log_point
 from lit_p3o.optim import OptimizerSpec, configure_adamw
 from lit_p3o.rollout import KLSpec, RolloutCallback, RolloutSpec, gather_from_ranks, this_ranks
 from lit_p3o.scoring import RewardSource, build_scorer
@@ -281,7 +282,8 @@ class RLStage(ShardableModule):
         return "Here: the rewards of a prompt's responses differed, so the loss does not reach the weights."
 
     def log_rollout(self, stats: dict[str, float]) -> None:
-        self.log_dict({f"rollout/{k}": v for k, v in stats.items()}, sync_dist=True, batch_size=1)
+        """One point per rollout, at the step it was drawn (on-policy: after its update)."""
+        log_point(self.trainer, {f"rollout/{k}": v for k, v in stats.items()})
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
