@@ -4,7 +4,8 @@ Shapes (issue 4): tiny Llama (2 layers, hidden 128, 4 heads), 8 prompts × K=2, 
 prompts, 32 new tokens, update_epochs 1, a reward model of the same size. Prints
 completions/s, generated tokens/s, the split between generation, scoring, log-prob passes
 and the update inside real Lightning iterations, peak RSS, and the ratio of an iteration to
-the same model calls and optimizer step measured on their own (the target is ≤ 1.10).
+the same model calls and optimizer step measured on their own, between the iterations (the
+target is ≤ 1.10).
 
     python benchmarks/p3o_iteration.py [--iterations 10] [--device cpu|cuda] [--dtype float32|bfloat16]
         [--size small|large] [--prompts 8] [--k 2] [--compile auto|true|false]
@@ -19,7 +20,7 @@ import tempfile
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import lightning as L
 import torch
@@ -105,10 +106,12 @@ def build_stage(args: argparse.Namespace, workdir: str) -> P3OModule:
 
 
 class IterationClock(L.Callback):
-    """Wall time of each whole iteration (rollout + update) and of the update alone."""
+    """Wall time of each whole iteration (rollout + update) and of the update alone; after each
+    measured iteration, ``between`` (if given) runs outside the clock."""
 
-    def __init__(self, timer: Timer, warmup: int) -> None:
+    def __init__(self, timer: Timer, warmup: int, between: Callable[[], None] | None = None) -> None:
         self.timer, self.warmup, self.iterations, self._start = timer, warmup, [], 0.0
+        self.between = between
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:  # runs before the rollout callback's
         if trainer.current_epoch == self.warmup:
@@ -123,35 +126,42 @@ class IterationClock(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.iterations.append(time.perf_counter() - self._start)
+        if self.between is not None and trainer.current_epoch >= self.warmup:
+            self.between()
 
 
-def isolated_calls(stage: P3OModule, repeats: int) -> dict[str, list[float]]:
+class IsolatedCalls:
     """Generate + the forwards, backward and optimizer step an iteration needs, each timed on
-    its own (the optimizer is the one the run trained with): seconds per repeat, per call."""
-    tok = stage.tokenizer
-    spec = stage.rollout_spec
-    prompts = [tok(p)["input_ids"] for p in sixteen_word_prompts()[: spec.num_prompts] for _ in range(spec.num_responses)]
-    optimizer = stage.trainer.optimizers[0]
-    samples: dict[str, list[float]] = defaultdict(list)
-    for _ in range(repeats):
+    its own (the optimizer is the one the run trains with). Called between the loop's
+    iterations, so that both see the same machine: a shared machine's speed drifts over a run,
+    and calls timed after the loop came out 20% faster than the same calls in it."""
+
+    def __init__(self, stage: P3OModule, score_examples: Callable) -> None:
+        self.stage, self.score_examples = stage, score_examples  # the scorer's own, not the split's wrapper
+        tok, spec = stage.tokenizer, stage.rollout_spec
+        self.prompts = [tok(p)["input_ids"] for p in sixteen_word_prompts()[: spec.num_prompts] for _ in range(spec.num_responses)]
+        self.samples: dict[str, list[float]] = defaultdict(list)  # seconds per call, per repeat
+
+    def __call__(self) -> None:
+        stage, tok, spec = self.stage, self.stage.tokenizer, self.stage.rollout_spec
+        optimizer = stage.trainer.optimizers[0]
         timer = Timer()
         with timer.phase("generate"):
-            sampled = sample_responses(stage.policy, tok, prompts, spec.sampling, spec.generation_batch_size)
+            sampled = sample_responses(stage.policy, tok, self.prompts, spec.sampling, spec.generation_batch_size)
         batch = collate(sampled.examples, tok.pad_token_id).to(stage.device)
         with timer.phase("forwards"), torch.no_grad():
             if not (spec.on_policy and spec.defer_logp_old):  # else the update's forward gives logp_old
                 response_logprobs(stage.policy, batch)
             with stage.reference.active() as ref:
                 response_logprobs(ref, batch)
-            stage.scorer.score_examples(sampled.examples, sampled.ended)
+            self.score_examples(sampled.examples, sampled.ended)
         with timer.phase("update"):
             loss = response_logprobs(stage.policy, batch).sum()
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         for name, seconds in timer.totals.items():
-            samples[name].append(seconds)
-    return samples
+            self.samples[name].append(seconds)
 
 
 def main() -> None:
@@ -174,17 +184,16 @@ def main() -> None:
         rollout_module.response_logprobs = timer.wrap("logprob passes (ref; old if replayed)", rollout_module.response_logprobs)
         score_examples = stage.scorer.score_examples
         stage.scorer.score_examples = timer.wrap("reward scoring", score_examples)
-        clock = IterationClock(timer, args.warmup)
+        isolated = None if args.no_isolated else IsolatedCalls(stage, score_examples)
+        clock = IterationClock(timer, args.warmup, between=isolated)
         trainer = L.Trainer(accelerator=args.device, devices=1, max_epochs=args.warmup + args.iterations,
                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, callbacks=[clock])
         generated = count_generated_tokens(stage)
         trainer.fit(stage)
-        stage.scorer.score_examples = score_examples  # the calls alone must not enter the loop's split
         measured = clock.iterations[args.warmup :]
         per_iter = sum(measured) / len(measured)
         tokens = sum(generated[args.warmup :]) / len(measured)
-        isolated = None if args.no_isolated else isolated_calls(stage, repeats=args.iterations)
 
     print(f"device {args.device}, dtype {args.dtype}, torch threads {torch.get_num_threads()}")
     print(f"shapes: {args.prompts} prompts x K={args.k}, {PROMPT_WORDS}-word prompts, {NEW_TOKENS} new tokens, "
@@ -200,7 +209,7 @@ def main() -> None:
     print(f"  {'other (Lightning, collation, logs)':<34} {(per_iter - accounted) * 1000:8.1f} ms  "
           f"{(per_iter - accounted) / per_iter:6.1%}")
     if isolated is not None:
-        report_isolated(isolated, measured)
+        report_isolated(isolated.samples, measured)
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
