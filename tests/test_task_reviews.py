@@ -18,6 +18,7 @@ from lit_p3o.tasks.reviews import (
     gold_reward,
     gold_reward_batch,
     is_grammatical,
+    polarity_and_flaws,
     prompts,
     sft_corpus,
 )
@@ -82,6 +83,16 @@ def test_repetition_and_ungrammatical_text_are_punished():
     assert reward("the pizza is great") < 0  # never finished its sentence
     assert reward("the pizza is great . is great the") < once
     assert reward("") < 0
+
+
+def test_polarity_and_flaws_are_the_formulas_s_and_u_plus_d_plus_o():
+    assert polarity_and_flaws(PROMPT, "the pizza is great . i love it .") == (2.0 + 2.0, 0)
+    assert polarity_and_flaws(PROMPT, "the pizza is great . it is great .") == (2.0, 1)  # D
+    assert polarity_and_flaws(PROMPT, "the burger is great . the pizza is good .") == (1.0, 1)  # O
+    assert polarity_and_flaws(PROMPT, "the pizza great is . the pizza is great") == (0.0, 2)  # U twice
+    for response in (GOOD, NEUTRAL, "great great", "the burger is great . it is great ."):
+        s, flaws = polarity_and_flaws(PROMPT, response)
+        assert reward(response) == pytest.approx(math.tanh(s / 2) - min(2, 0.5 * flaws))
 
 
 def test_gold_reward_formula_and_range():

@@ -162,6 +162,14 @@ def _as_it(sentence: str, item: str) -> str:
 
 def gold_reward(prompt: str, response: str, ended_with_eos: bool) -> float:
     """The task's "human" score of a response; the formula is in the module docstring."""
+    total, flaws = polarity_and_flaws(prompt, response)
+    penalty = min(MAX_PENALTY, FLAW_PENALTY * flaws)
+    return math.tanh(total / 2) - penalty - (0.0 if ended_with_eos else NO_EOS_PENALTY)
+
+
+def polarity_and_flaws(prompt: str, response: str) -> tuple[float, int]:
+    """``S`` and ``U + D + O`` of the gold reward: the summed polarity of the sentences about
+    the requested item, and the count of unparseable, repeated and off-topic sentences."""
     item = prompt_item(prompt)
     referent, seen = item, set()
     sentences, unfinished = split_sentences(response)
@@ -178,8 +186,7 @@ def gold_reward(prompt: str, response: str, ended_with_eos: bool) -> float:
             continue
         seen.add(key)
         total += sentence.value
-    penalty = min(MAX_PENALTY, FLAW_PENALTY * flaws)
-    return math.tanh(total / 2) - penalty - (0.0 if ended_with_eos else NO_EOS_PENALTY)
+    return total, flaws
 
 
 def gold_reward_batch(prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool]) -> list[float]:
