@@ -20,7 +20,6 @@ and measures it on held-out pairs from the SFT policy, the ones the demo's figur
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import time
 from functools import partial
@@ -31,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from lit_p3o import ModelSpec, OptimizerSpec, RewardModule
 from lit_p3o.data.encoding import collate
-from lit_p3o.data.preferences import EmbeddedPreferenceSpec, Pair, collate_pairs, sample_labelled_pairs
+from lit_p3o.data.preferences import EmbeddedPreferenceSpec, Pair, _sigmoid, collate_pairs, sample_labelled_pairs
 from lit_p3o.models import build_reward_model, load_tokenizer
 from lit_p3o.scoring import reward_scores
 from lit_p3o.tasks import get_task, reviews
@@ -58,10 +57,6 @@ def gold_and_flaws(pairs: list[Pair], tokenizer) -> tuple[list[tuple[float, floa
     return golds, flawed
 
 
-def sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-max(-60.0, min(60.0, x))))
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, pad: int, pairs: list[Pair], golds: list[tuple[float, float]], flawed: list[bool]) -> dict:
     """acc against the labels (chosen first), E[acc] and the ceiling, overall and by kind of pair."""
@@ -75,9 +70,9 @@ def evaluate(model: torch.nn.Module, pad: int, pairs: list[Pair], golds: list[tu
     out = {"acc": sum(m > 0 for m in margins) / len(margins)}
     for kind, keep in (("all", lambda f: True), ("clean", lambda f: not f), ("flawed", lambda f: f)):
         rows = [(m, g) for m, g, f in zip(margins, golds, flawed) if keep(f)]
-        expected = [sigmoid((g[0] - g[1]) / LABEL_TEMPERATURE) if m > 0 else sigmoid((g[1] - g[0]) / LABEL_TEMPERATURE)
+        expected = [_sigmoid((g[0] - g[1]) / LABEL_TEMPERATURE) if m > 0 else _sigmoid((g[1] - g[0]) / LABEL_TEMPERATURE)
                     for m, g in rows]
-        best = [sigmoid(abs(g[0] - g[1]) / LABEL_TEMPERATURE) for _, g in rows]
+        best = [_sigmoid(abs(g[0] - g[1]) / LABEL_TEMPERATURE) for _, g in rows]
         out[kind] = (len(rows), sum(expected) / len(rows), sum(best) / len(rows))
     return out
 
