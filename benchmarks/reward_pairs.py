@@ -10,8 +10,8 @@ and measures it on held-out pairs from the SFT policy, the ones the demo's figur
 - **E[acc]**: its expectation over the label draw, ``mean σ(±Δgold/T)`` on the side the model
   prefers; the **ceiling** is the same quantity for the gold ranking, so ``ceiling − E[acc]``
   is the gap free of label-draw noise;
-- the same gap on pairs of two clean responses and on pairs with a flawed one (unparseable,
-  repeated or off-topic sentence).
+- the same gap on pairs of two clean responses, on pairs with a flawed one, and by kind of
+  flaw (unparseable, repeated or off-topic sentences; ``mixed`` for several kinds).
 
     python benchmarks/reward_pairs.py --sft outputs/demo/sft --drift-policy outputs/demo/p3o \\
         [--sft-pairs 8000] [--drift-pairs 8000] [--epochs 3] [--lr 3e-4] [--seed 0]
@@ -27,6 +27,7 @@ from functools import partial
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
+from transformers import AutoConfig
 
 from lit_p3o import ModelSpec, OptimizerSpec, RewardModule
 from lit_p3o.data.encoding import collate
@@ -38,27 +39,31 @@ from lit_p3o.tasks import get_task, reviews
 LABEL_TEMPERATURE, VAL_PAIRS = 0.25, 1000
 
 
-def pairs_from(policy: str, split: str, n: int, seed: int, vocab: dict[str, int]) -> tuple[list[Pair], float]:
-    spec = EmbeddedPreferenceSpec(policy=policy, train_pairs=max(n, 1), val_pairs=1,
-                                  label_temperature=LABEL_TEMPERATURE, max_new_tokens=32)
+def pairs_from(
+    policy: str, split: str, n: int, seed: int, vocab: dict[str, int], temperatures: tuple[float, ...] = (1.0,)
+) -> tuple[list[Pair], float]:
+    spec = EmbeddedPreferenceSpec(policy=policy, train_pairs=max(n, 1), val_pairs=1, label_temperature=LABEL_TEMPERATURE,
+                                  max_new_tokens=32, sampling_temperatures=list(temperatures))
     return sample_labelled_pairs(get_task("reviews"), spec, split, n, seed, vocab)
 
 
-def gold_and_flaws(pairs: list[Pair], tokenizer) -> tuple[list[tuple[float, float]], list[bool]]:
-    """Gold rewards of (first, second) of each pair, and whether either response has an
-    unparseable, repeated or off-topic sentence."""
-    golds, flawed = [], []
+def gold_and_flaws(pairs: list[Pair], tokenizer) -> tuple[list[tuple[float, float]], list[str]]:
+    """Gold rewards of (first, second) of each pair, and the pair's kind: ``clean``, the kind of
+    flaw its responses have (``unparseable``, ``repeated`` or ``off-topic`` sentences), or
+    ``mixed`` for several kinds."""
+    golds, kinds = [], []
     for pair in pairs:
         prompt = tokenizer.decode(pair[0].prompt_ids, skip_special_tokens=True)
         texts = [tokenizer.decode(e.response_ids, skip_special_tokens=True) for e in pair]
         ended = [bool(e.response_ids) and e.response_ids[-1] == tokenizer.eos_token_id for e in pair]
         golds.append(tuple(reviews.gold_reward(prompt, t, end) for t, end in zip(texts, ended)))
-        flawed.append(any(reviews.polarity_and_flaws(prompt, t)[1] > 0 for t in texts))
-    return golds, flawed
+        flaws = {kind for t in texts for kind, n in reviews.polarity_and_flaws(prompt, t)[1].items() if n}
+        kinds.append("clean" if not flaws else flaws.pop() if len(flaws) == 1 else "mixed")
+    return golds, kinds
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, pad: int, pairs: list[Pair], golds: list[tuple[float, float]], flawed: list[bool]) -> dict:
+def evaluate(model: torch.nn.Module, pad: int, pairs: list[Pair], golds: list[tuple[float, float]], kinds: list[str]) -> dict:
     """acc against the labels (chosen first), E[acc] and the ceiling, overall and by kind of pair."""
     model.eval()
     margins = []
@@ -68,8 +73,10 @@ def evaluate(model: torch.nn.Module, pad: int, pairs: list[Pair], golds: list[tu
         chosen, rejected = scores.chunk(2)
         margins += (chosen - rejected).tolist()
     out = {"acc": sum(m > 0 for m in margins) / len(margins)}
-    for kind, keep in (("all", lambda f: True), ("clean", lambda f: not f), ("flawed", lambda f: f)):
-        rows = [(m, g) for m, g, f in zip(margins, golds, flawed) if keep(f)]
+    groups = {"all": lambda k: True, "clean": lambda k: k == "clean", "flawed": lambda k: k != "clean"}
+    groups |= {kind: (lambda k, kind=kind: k == kind) for kind in sorted(set(kinds) - {"clean"})}
+    for kind, keep in groups.items():
+        rows = [(m, g) for m, g, k in zip(margins, golds, kinds) if keep(k)]
         expected = [_sigmoid((g[0] - g[1]) / LABEL_TEMPERATURE) if m > 0 else _sigmoid((g[1] - g[0]) / LABEL_TEMPERATURE)
                     for m, g in rows]
         best = [_sigmoid(abs(g[0] - g[1]) / LABEL_TEMPERATURE) for _, g in rows]
@@ -86,44 +93,54 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0],
+                        help="sampling temperatures of the SFT training pairs, pair i at the (i mod n)-th")
+    parser.add_argument("--layers", type=int,
+                        help="train a randomly initialised reward model of the SFT model's shape with this many layers")
     parser.add_argument("--evaluate", help="measure this saved reward model instead of training one")
     args = parser.parse_args()
     start = time.perf_counter()
     tokenizer = load_tokenizer(ModelSpec(name_or_path=args.sft))
     vocab = tokenizer.get_vocab()
     val, ceiling = pairs_from(args.sft, "test", VAL_PAIRS, 1, vocab)  # the demo's held-out pairs (seed 0 + 1)
-    golds, flawed = gold_and_flaws(val, tokenizer)
+    golds, kinds = gold_and_flaws(val, tokenizer)
     if args.evaluate:
         report(evaluate(build_reward_model(ModelSpec(name_or_path=args.evaluate), tokenizer), tokenizer.pad_token_id,
-                        val, golds, flawed), ceiling, f"{args.evaluate} (as saved)")
+                        val, golds, kinds), ceiling, f"{args.evaluate} (as saved)")
         return
-    train, _ = pairs_from(args.sft, "train", args.sft_pairs, args.seed, vocab) if args.sft_pairs else ([], 0.0)
+    train, _ = pairs_from(args.sft, "train", args.sft_pairs, args.seed, vocab, args.temperatures) if args.sft_pairs else ([], 0.0)
     if args.drift_pairs:
         train += pairs_from(args.drift_policy, "train", args.drift_pairs, args.seed + 2, vocab)[0]
     random.Random(args.seed).shuffle(train)
     sampled = time.perf_counter() - start
-    train_flawed = gold_and_flaws(train, tokenizer)[1]
+    train_flawed = [k != "clean" for k in gold_and_flaws(train, tokenizer)[1]]
 
     L.seed_everything(args.seed, verbose=False)
-    module = RewardModule(ModelSpec(name_or_path=args.sft),
+    model = ModelSpec(name_or_path=args.sft)
+    if args.layers:
+        shape = AutoConfig.from_pretrained(args.sft).to_dict()
+        keep = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                "max_position_embeddings", "tie_word_embeddings")
+        model = ModelSpec(architecture={k: shape[k] for k in keep} | {"num_hidden_layers": args.layers}, tokenizer=args.sft)
+    module = RewardModule(model,
                           optimizer=OptimizerSpec(learning_rate=args.lr, weight_decay=0.01, warmup_steps=20,
                                                   schedule="cosine"))  # fmt: skip
     loader = DataLoader(train, batch_size=32, shuffle=True, collate_fn=partial(collate_pairs, pad_token_id=tokenizer.pad_token_id))
     L.Trainer(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False).fit(module, loader)
-    report(evaluate(module.reward_model, tokenizer.pad_token_id, val, golds, flawed), ceiling,
-           f"{args.sft_pairs} SFT + {args.drift_pairs} {args.drift_policy} pairs "
+    report(evaluate(module.reward_model, tokenizer.pad_token_id, val, golds, kinds), ceiling,
+           f"{args.sft_pairs} SFT (temperatures {args.temperatures}) + {args.drift_pairs} {args.drift_policy} pairs "
            f"({sum(train_flawed) / max(1, len(train_flawed)):.1%} with a flawed response), {args.epochs} epochs, "
-           f"lr {args.lr}, seed {args.seed}; sampling {sampled:.0f} s, all {time.perf_counter() - start:.0f} s")
+           f"lr {args.lr}, seed {args.seed}, {f'{args.layers} layers from scratch' if args.layers else 'from SFT'}; sampling {sampled:.0f} s, all {time.perf_counter() - start:.0f} s")
 
 
 def report(result: dict, ceiling: float, what: str) -> None:
     print(f"reward model: {what}")
     print(f"held-out ({result['all'][0]} SFT pairs): acc {result['acc']:.1%}  E[acc] {result['all'][1]:.1%}  "
           f"ceiling {ceiling:.1%}  gap {(ceiling - result['all'][1]) * 100:.1f} points")
-    for kind in ("clean", "flawed"):
+    for kind in (k for k in result if k not in ("acc", "all")):
         n, expected, best = result[kind]
-        print(f"  {kind:>6} pairs: {n:4d}  E[acc] {expected:.1%}  ceiling {best:.1%}  "
+        print(f"  {kind:>11} pairs: {n:4d}  E[acc] {expected:.1%}  ceiling {best:.1%}  "
               f"points lost overall {(best - expected) * n / result['all'][0] * 100:.1f}")
 
 

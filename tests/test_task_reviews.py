@@ -85,14 +85,20 @@ def test_repetition_and_ungrammatical_text_are_punished():
     assert reward("") < 0
 
 
-def test_polarity_and_flaws_are_the_formulas_s_and_u_plus_d_plus_o():
-    assert polarity_and_flaws(PROMPT, "the pizza is great . i love it .") == (2.0 + 2.0, 0)
-    assert polarity_and_flaws(PROMPT, "the pizza is great . it is great .") == (2.0, 1)  # D
-    assert polarity_and_flaws(PROMPT, "the burger is great . the pizza is good .") == (1.0, 1)  # O
-    assert polarity_and_flaws(PROMPT, "the pizza great is . the pizza is great") == (0.0, 2)  # U twice
+def test_polarity_and_flaws_are_the_formulas_s_and_u_plus_d_plus_o_by_kind():
+    def flaws_of(response: str) -> tuple[float, dict[str, int]]:
+        s, flaws = polarity_and_flaws(PROMPT, response)
+        return s, {kind: n for kind, n in flaws.items() if n}
+
+    assert flaws_of("the pizza is great . i love it .") == (2.0 + 2.0, {})
+    assert flaws_of("the pizza is great . it is great .") == (2.0, {"repeated": 1})
+    assert flaws_of("the burger is great . the pizza is good .") == (1.0, {"off-topic": 1})
+    assert flaws_of("the burger is great . it is great .") == (0.0, {"off-topic": 2})  # "it" is the burger
+    assert flaws_of("the pizza great is . the pizza is great") == (0.0, {"unparseable": 2})  # and a tail
+    assert flaws_of("") == (0.0, {"unparseable": 1})
     for response in (GOOD, NEUTRAL, "great great", "the burger is great . it is great ."):
         s, flaws = polarity_and_flaws(PROMPT, response)
-        assert reward(response) == pytest.approx(math.tanh(s / 2) - min(2, 0.5 * flaws))
+        assert reward(response) == pytest.approx(math.tanh(s / 2) - min(2, 0.5 * flaws.total()))
 
 
 def test_gold_reward_formula_and_range():

@@ -45,6 +45,7 @@ import hashlib
 import math
 import random
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -163,26 +164,27 @@ def _as_it(sentence: str, item: str) -> str:
 def gold_reward(prompt: str, response: str, ended_with_eos: bool) -> float:
     """The task's "human" score of a response; the formula is in the module docstring."""
     total, flaws = polarity_and_flaws(prompt, response)
-    penalty = min(MAX_PENALTY, FLAW_PENALTY * flaws)
+    penalty = min(MAX_PENALTY, FLAW_PENALTY * flaws.total())
     return math.tanh(total / 2) - penalty - (0.0 if ended_with_eos else NO_EOS_PENALTY)
 
 
-def polarity_and_flaws(prompt: str, response: str) -> tuple[float, int]:
-    """``S`` and ``U + D + O`` of the gold reward: the summed polarity of the sentences about
-    the requested item, and the count of unparseable, repeated and off-topic sentences."""
+def polarity_and_flaws(prompt: str, response: str) -> tuple[float, Counter[str]]:
+    """``S`` of the gold reward, the summed polarity of the sentences about the requested item,
+    and its flaws by kind: ``"unparseable"`` (U), ``"off-topic"`` (O) and ``"repeated"`` (D)
+    sentences; ``flaws.total()`` is ``U + D + O``. Kinds help explain where a learned reward errs."""
     item = prompt_item(prompt)
     referent, seen = item, set()
     sentences, unfinished = split_sentences(response)
-    total, flaws = 0.0, int(unfinished or not sentences)  # U for a tail or an empty response
+    total, flaws = 0.0, Counter({"unparseable": int(unfinished or not sentences)})  # a tail or an empty response
     for text in sentences:
         sentence = parse_sentence(text)
         if sentence is None:
-            flaws += 1  # U
+            flaws["unparseable"] += 1
             continue
         referent = sentence.item or referent
         key = _as_it(text, referent)
         if referent != item or key in seen:
-            flaws += 1  # O or D
+            flaws["off-topic" if referent != item else "repeated"] += 1
             continue
         seen.add(key)
         total += sentence.value
