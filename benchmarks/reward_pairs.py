@@ -13,6 +13,9 @@ and measures it on held-out pairs from the SFT policy, the ones the demo's figur
 - the same gap on pairs of two clean responses, on pairs with a flawed one, and by kind of
   flaw (unparseable, repeated or off-topic sentences; ``mixed`` for several kinds).
 
+It first prints the same figures for a reference scorer that knows the gold sentiment of every
+sentence and nothing of flaws: the floor a reward model reaches by learning sentiment alone.
+
     python benchmarks/reward_pairs.py --sft outputs/demo/sft --drift-policy outputs/demo/p3o \\
         [--sft-pairs 8000] [--drift-pairs 8000] [--epochs 3] [--lr 3e-4] [--seed 0]
 """
@@ -20,6 +23,7 @@ and measures it on held-out pairs from the SFT policy, the ones the demo's figur
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import time
 from functools import partial
@@ -63,8 +67,8 @@ def gold_and_flaws(pairs: list[Pair], tokenizer) -> tuple[list[tuple[float, floa
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, pad: int, pairs: list[Pair], golds: list[tuple[float, float]], kinds: list[str]) -> dict:
-    """acc against the labels (chosen first), E[acc] and the ceiling, overall and by kind of pair."""
+def model_margins(model: torch.nn.Module, pad: int, pairs: list[Pair]) -> list[float]:
+    """``r(first) − r(second)`` of each pair under a reward model."""
     model.eval()
     margins = []
     for i in range(0, len(pairs), 64):
@@ -72,14 +76,34 @@ def evaluate(model: torch.nn.Module, pad: int, pairs: list[Pair], golds: list[tu
         scores = reward_scores(model, collate([c for c, _ in chunk] + [r for _, r in chunk], pad))
         chosen, rejected = scores.chunk(2)
         margins += (chosen - rejected).tolist()
-    out = {"acc": sum(m > 0 for m in margins) / len(margins)}
+    return margins
+
+
+def flaw_blind_margins(pairs: list[Pair], tokenizer) -> list[float]:
+    """Margins of a reference scorer that knows the gold sentiment of every sentence it can parse
+    but nothing of flaws: ``tanh(S'/2)`` (minus 1 without EOS), where ``S'`` also counts
+    repeated and off-topic sentences and unparseable ones count for nothing. A reward model
+    that learned sentiment perfectly and flaws not at all scores like this."""
+    def score(example) -> float:
+        sentences, _ = reviews.split_sentences(tokenizer.decode(example.response_ids, skip_special_tokens=True))
+        parsed = [reviews.parse_sentence(text) for text in sentences]
+        ended = bool(example.response_ids) and example.response_ids[-1] == tokenizer.eos_token_id
+        return math.tanh(sum(p.value for p in parsed if p) / 2) - (0.0 if ended else 1.0)
+
+    return [score(a) - score(b) for a, b in pairs]
+
+
+def evaluate(margins: list[float], golds: list[tuple[float, float]], kinds: list[str]) -> dict:
+    """acc against the labels (chosen first), E[acc] and the ceiling, overall and by kind of
+    pair; a tied margin counts as a coin flip."""
+    out = {"acc": sum((m > 0) + 0.5 * (m == 0) for m in margins) / len(margins)}
     groups = {"all": lambda k: True, "clean": lambda k: k == "clean", "flawed": lambda k: k != "clean"}
     groups |= {kind: (lambda k, kind=kind: k == kind) for kind in sorted(set(kinds) - {"clean"})}
     for kind, keep in groups.items():
         rows = [(m, g) for m, g, k in zip(margins, golds, kinds) if keep(k)]
-        expected = [_sigmoid((g[0] - g[1]) / LABEL_TEMPERATURE) if m > 0 else _sigmoid((g[1] - g[0]) / LABEL_TEMPERATURE)
-                    for m, g in rows]
-        best = [_sigmoid(abs(g[0] - g[1]) / LABEL_TEMPERATURE) for _, g in rows]
+        p_first = [_sigmoid((g[0] - g[1]) / LABEL_TEMPERATURE) for _, g in rows]
+        expected = [p if m > 0 else 1.0 - p if m < 0 else 0.5 for (m, _), p in zip(rows, p_first)]
+        best = [max(p, 1.0 - p) for p in p_first]
         out[kind] = (len(rows), sum(expected) / len(rows), sum(best) / len(rows))
     return out
 
@@ -104,9 +128,11 @@ def main() -> None:
     vocab = tokenizer.get_vocab()
     val, ceiling = pairs_from(args.sft, "test", VAL_PAIRS, 1, vocab)  # the demo's held-out pairs (seed 0 + 1)
     golds, kinds = gold_and_flaws(val, tokenizer)
+    report(evaluate(flaw_blind_margins(val, tokenizer), golds, kinds), ceiling,
+           "reference: gold sentiment of every parseable sentence, blind to flaws")
     if args.evaluate:
-        report(evaluate(build_reward_model(ModelSpec(name_or_path=args.evaluate), tokenizer), tokenizer.pad_token_id,
-                        val, golds, kinds), ceiling, f"{args.evaluate} (as saved)")
+        model = build_reward_model(ModelSpec(name_or_path=args.evaluate), tokenizer)
+        report(evaluate(model_margins(model, tokenizer.pad_token_id, val), golds, kinds), ceiling, f"{args.evaluate} (as saved)")
         return
     train, _ = pairs_from(args.sft, "train", args.sft_pairs, args.seed, vocab, args.temperatures) if args.sft_pairs else ([], 0.0)
     if args.drift_pairs:
@@ -128,7 +154,7 @@ def main() -> None:
     loader = DataLoader(train, batch_size=32, shuffle=True, collate_fn=partial(collate_pairs, pad_token_id=tokenizer.pad_token_id))
     L.Trainer(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False).fit(module, loader)
-    report(evaluate(module.reward_model, tokenizer.pad_token_id, val, golds, kinds), ceiling,
+    report(evaluate(model_margins(module.reward_model, tokenizer.pad_token_id, val), golds, kinds), ceiling,
            f"{args.sft_pairs} SFT (temperatures {args.temperatures}) + {args.drift_pairs} {args.drift_policy} pairs "
            f"({sum(train_flawed) / max(1, len(train_flawed)):.1%} with a flawed response), {args.epochs} epochs, "
            f"lr {args.lr}, seed {args.seed}, {f'{args.layers} layers from scratch' if args.layers else 'from SFT'}; sampling {sampled:.0f} s, all {time.perf_counter() - start:.0f} s")
