@@ -34,10 +34,11 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig
 
 from lit_p3o import ModelSpec, OptimizerSpec, RewardModule
-from lit_p3o.data.encoding import collate
+from lit_p3o.data.encoding import Batch, collate
 from lit_p3o.data.preferences import EmbeddedPreferenceSpec, Pair, _sigmoid, collate_pairs, sample_labelled_pairs
 from lit_p3o.models import build_reward_model, load_tokenizer
 from lit_p3o.scoring import reward_scores
+from lit_p3o.stages import reward as reward_stage
 from lit_p3o.tasks import get_task, reviews
 
 LABEL_TEMPERATURE, VAL_PAIRS = 0.25, 1000
@@ -66,14 +67,23 @@ def gold_and_flaws(pairs: list[Pair], tokenizer) -> tuple[list[tuple[float, floa
     return golds, kinds
 
 
+def summed_scores(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Experimental reward: the score head applied at every response token, summed over the
+    response (the gold reward is a sum over sentences), instead of read at the last token."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    return (model.score(hidden).squeeze(-1).float() * batch.response_mask).sum(dim=1)
+
+
 @torch.no_grad()
-def model_margins(model: torch.nn.Module, pad: int, pairs: list[Pair]) -> list[float]:
+def model_margins(model: torch.nn.Module, pad: int, pairs: list[Pair], scores_of=reward_scores) -> list[float]:
     """``r(first) − r(second)`` of each pair under a reward model."""
     model.eval()
     margins = []
     for i in range(0, len(pairs), 64):
         chunk = pairs[i : i + 64]
-        scores = reward_scores(model, collate([c for c, _ in chunk] + [r for _, r in chunk], pad))
+        scores = scores_of(model, collate([c for c, _ in chunk] + [r for _, r in chunk], pad))
         chosen, rejected = scores.chunk(2)
         margins += (chosen - rejected).tolist()
     return margins
@@ -121,6 +131,12 @@ def main() -> None:
                         help="sampling temperatures of the SFT training pairs, pair i at the (i mod n)-th")
     parser.add_argument("--layers", type=int,
                         help="train a randomly initialised reward model of the SFT model's shape with this many layers")
+    parser.add_argument("--keep-flawed", type=int, default=0,
+                        help="diagnostic that uses the gold reward to pick pairs: train on the first N sampled pairs "
+                             "with a flawed response (sample enough --sft-pairs) and --keep-clean clean ones")
+    parser.add_argument("--keep-clean", type=int, default=0)
+    parser.add_argument("--pooling", choices=["last", "sum"], default="last",
+                        help="experiment: 'sum' trains and measures a per-token score summed over the response")
     parser.add_argument("--evaluate", help="measure this saved reward model instead of training one")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -140,6 +156,10 @@ def main() -> None:
     random.Random(args.seed).shuffle(train)
     sampled = time.perf_counter() - start
     train_flawed = [k != "clean" for k in gold_and_flaws(train, tokenizer)[1]]
+    if args.keep_flawed:
+        flawed = [p for p, f in zip(train, train_flawed) if f][: args.keep_flawed]
+        train = flawed + [p for p, f in zip(train, train_flawed) if not f][: args.keep_clean]
+        train_flawed = [True] * len(flawed) + [False] * (len(train) - len(flawed))
 
     L.seed_everything(args.seed, verbose=False)
     model = ModelSpec(name_or_path=args.sft)
@@ -148,16 +168,19 @@ def main() -> None:
         keep = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                 "max_position_embeddings", "tie_word_embeddings")
         model = ModelSpec(architecture={k: shape[k] for k in keep} | {"num_hidden_layers": args.layers}, tokenizer=args.sft)
+    scores_of = summed_scores if args.pooling == "sum" else reward_scores
+    reward_stage.reward_scores = scores_of  # experiment only: the stage reads rewards this way in this process
     module = RewardModule(model,
                           optimizer=OptimizerSpec(learning_rate=args.lr, weight_decay=0.01, warmup_steps=20,
                                                   schedule="cosine"))  # fmt: skip
     loader = DataLoader(train, batch_size=32, shuffle=True, collate_fn=partial(collate_pairs, pad_token_id=tokenizer.pad_token_id))
     L.Trainer(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False).fit(module, loader)
-    report(evaluate(model_margins(module.reward_model, tokenizer.pad_token_id, val), golds, kinds), ceiling,
+    report(evaluate(model_margins(module.reward_model, tokenizer.pad_token_id, val, scores_of), golds, kinds), ceiling,
            f"{args.sft_pairs} SFT (temperatures {args.temperatures}) + {args.drift_pairs} {args.drift_policy} pairs "
            f"({sum(train_flawed) / max(1, len(train_flawed)):.1%} with a flawed response), {args.epochs} epochs, "
-           f"lr {args.lr}, seed {args.seed}, {f'{args.layers} layers from scratch' if args.layers else 'from SFT'}; sampling {sampled:.0f} s, all {time.perf_counter() - start:.0f} s")
+           f"lr {args.lr}, seed {args.seed}, {f'{args.layers} layers from scratch' if args.layers else 'from SFT'}, "
+           f"pooling {args.pooling}; sampling {sampled:.0f} s, all {time.perf_counter() - start:.0f} s")
 
 
 def report(result: dict, ceiling: float, what: str) -> None:
