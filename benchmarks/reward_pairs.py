@@ -36,7 +36,8 @@ from transformers import AutoConfig
 from lit_p3o import ModelSpec, OptimizerSpec, RewardModule
 from lit_p3o.data.encoding import Batch, collate
 from lit_p3o.data.preferences import EmbeddedPreferenceSpec, Pair, _sigmoid, collate_pairs, sample_labelled_pairs
-from lit_p3o.models import build_reward_model, load_tokenizer
+from lit_p3o.generation import response_logprobs
+from lit_p3o.models import build_causal_lm, build_reward_model, load_tokenizer
 from lit_p3o.scoring import reward_scores
 from lit_p3o.stages import reward as reward_stage
 from lit_p3o.tasks import get_task, reviews
@@ -74,6 +75,20 @@ def summed_scores(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                       position_ids=batch.position_ids, use_cache=False).last_hidden_state
     return (model.score(hidden).squeeze(-1).float() * batch.response_mask).sum(dim=1)
+
+
+@torch.no_grad()
+def least_likely_token(policy_dir: str, tokenizer, pairs: list[Pair]) -> list[float]:
+    """Per pair, the lowest log-probability the policy gives any response token of either
+    response: a label-free sign that one of them strays from what the policy usually writes."""
+    policy = build_causal_lm(ModelSpec(name_or_path=policy_dir), tokenizer).eval()
+    lowest = []
+    for i in range(0, len(pairs), 128):
+        rows = [e for pair in pairs[i : i + 128] for e in pair]
+        batch = collate(rows, tokenizer.pad_token_id)
+        logp = response_logprobs(policy, batch).masked_fill(batch.response_mask[:, batch.prompt_width :] == 0, 0.0)
+        lowest += logp.min(dim=1).values.view(-1, 2).min(dim=1).values.tolist()
+    return lowest
 
 
 @torch.no_grad()
@@ -135,6 +150,10 @@ def main() -> None:
                         help="diagnostic that uses the gold reward to pick pairs: train on the first N sampled pairs "
                              "with a flawed response (sample enough --sft-pairs) and --keep-clean clean ones")
     parser.add_argument("--keep-clean", type=int, default=0)
+    parser.add_argument("--keep-unlikely", type=int, default=0,
+                        help="label-free selection: train on the N sampled pairs with the least likely response token "
+                             "under the SFT policy plus --keep-rest others drawn at random")
+    parser.add_argument("--keep-rest", type=int, default=0)
     parser.add_argument("--pooling", choices=["last", "sum"], default="last",
                         help="experiment: 'sum' trains and measures a per-token score summed over the response")
     parser.add_argument("--evaluate", help="measure this saved reward model instead of training one")
@@ -156,6 +175,11 @@ def main() -> None:
     random.Random(args.seed).shuffle(train)
     sampled = time.perf_counter() - start
     train_flawed = [k != "clean" for k in gold_and_flaws(train, tokenizer)[1]]
+    if args.keep_unlikely:
+        order = sorted(range(len(train)), key=least_likely_token(args.sft, tokenizer, train).__getitem__)
+        rest = random.Random(args.seed).sample(order[args.keep_unlikely :], args.keep_rest)
+        chosen = order[: args.keep_unlikely] + rest
+        train, train_flawed = [train[i] for i in chosen], [train_flawed[i] for i in chosen]
     if args.keep_flawed:
         flawed = [p for p, f in zip(train, train_flawed) if f][: args.keep_flawed]
         train = flawed + [p for p, f in zip(train, train_flawed) if not f][: args.keep_clean]
