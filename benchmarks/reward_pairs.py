@@ -86,7 +86,7 @@ def least_likely_token(policy_dir: str, tokenizer, pairs: list[Pair]) -> list[fl
     for i in range(0, len(pairs), 128):
         rows = [e for pair in pairs[i : i + 128] for e in pair]
         batch = collate(rows, tokenizer.pad_token_id)
-        logp = response_logprobs(policy, batch).masked_fill(batch.response_mask[:, batch.prompt_width :] == 0, 0.0)
+        logp = response_logprobs(policy, batch)  # 0 off the response: never below a token's log-prob
         lowest += logp.min(dim=1).values.view(-1, 2).min(dim=1).values.tolist()
     return lowest
 
@@ -193,7 +193,8 @@ def main() -> None:
                 "max_position_embeddings", "tie_word_embeddings")
         model = ModelSpec(architecture={k: shape[k] for k in keep} | {"num_hidden_layers": args.layers}, tokenizer=args.sft)
     scores_of = summed_scores if args.pooling == "sum" else reward_scores
-    reward_stage.reward_scores = scores_of  # experiment only: the stage reads rewards this way in this process
+    if args.pooling == "sum":  # experiment only: the stage reads rewards this way in this process
+        reward_stage.reward_scores = summed_scores
     module = RewardModule(model,
                           optimizer=OptimizerSpec(learning_rate=args.lr, weight_decay=0.01, warmup_steps=20,
                                                   schedule="cosine"))  # fmt: skip
