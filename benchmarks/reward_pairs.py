@@ -3,8 +3,8 @@
 Trains ``RewardModule`` from the demo's SFT model on pairs drawn as ``configs/demo/reward.yaml``
 draws them (Bradley–Terry labels on the gold reward at T = 0.25, 32 new tokens), ``--sft-pairs``
 from the SFT policy and ``--drift-pairs`` from a second policy (``--drift-policy``, e.g. the
-demo's P3O policy: it writes the repeated and off-topic sentences a drifting policy writes),
-and measures it on held-out pairs from the SFT policy, the ones the demo's figure uses:
+demo's P3O policy: it writes the repeated and off-topic sentences a drifting policy writes)
+and ``--edited-pairs`` pairs of a sampled response and an edited copy of it, and measures it on held-out pairs from the SFT policy, the ones the demo's figure uses:
 
 - **acc**: accuracy against the drawn labels (what the reward stage prints);
 - **E[acc]**: its expectation over the label draw, ``mean σ(±Δgold/T)`` on the side the model
@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig
 
 from lit_p3o import ModelSpec, OptimizerSpec, RewardModule
-from lit_p3o.data.encoding import Batch, collate
+from lit_p3o.data.encoding import Batch, Encoded, collate
 from lit_p3o.data.preferences import EmbeddedPreferenceSpec, Pair, _sigmoid, collate_pairs, sample_labelled_pairs
 from lit_p3o.generation import response_logprobs
 from lit_p3o.models import build_causal_lm, build_reward_model, load_tokenizer
@@ -51,6 +51,80 @@ def pairs_from(
     spec = EmbeddedPreferenceSpec(policy=policy, train_pairs=max(n, 1), val_pairs=1, label_temperature=LABEL_TEMPERATURE,
                                   max_new_tokens=32, sampling_temperatures=list(temperatures))
     return sample_labelled_pairs(get_task("reviews"), spec, split, n, seed, vocab)
+
+
+def edited_pairs(pairs: list[Pair], tokenizer, seed: int, balanced: bool = False) -> list[Pair]:
+    """Experiment: each pair's second response replaced by an edited copy of its first, relabelled
+    by Bradley–Terry on the gold reward: a response next to its own near miss, made without
+    labels from generic text flaws (a repeated sentence, a sentence from another prompt's
+    response, a word dropped, doubled or replaced). ``balanced`` edits never lengthen the
+    response, so a shorter response is not a cue for the better one."""
+    rng, period, eos = random.Random(seed), tokenizer.convert_tokens_to_ids("."), tokenizer.eos_token_id
+
+    def sentences(ids: list[int]) -> list[list[int]]:
+        out, current = [], []
+        for token in ids:
+            current.append(token)
+            if token == period:
+                out.append(current)
+                current = []
+        return out
+
+    out = []
+    for a, _ in pairs:
+        body, ends = (a.response_ids[:-1], a.response_ids[-1:]) if a.response_ids[-1:] == [eos] else (a.response_ids, [])
+        parts = sentences(body)
+        tail = body[sum(map(len, parts)) :]  # an unfinished last sentence stays as it was
+        donor = sentences([t for t in rng.choice(pairs)[0].response_ids if t != eos])
+        if not parts or not donor or not _edit(parts, donor, rng, balanced):
+            continue
+        edited = Encoded(a.prompt_ids, [t for s in parts for t in s] + tail + ends)
+        if edited.response_ids == a.response_ids:
+            continue
+        prompt = tokenizer.decode(a.prompt_ids, skip_special_tokens=True)
+        gold = [reviews.gold_reward(prompt, tokenizer.decode(e.response_ids, skip_special_tokens=True), bool(ends))
+                for e in (a, edited)]
+        out.append(Pair(a, edited) if rng.random() < _sigmoid((gold[0] - gold[1]) / LABEL_TEMPERATURE) else Pair(edited, a))
+    return out
+
+
+def _edit(parts: list[list[int]], donor: list[list[int]], rng: random.Random, balanced: bool) -> bool:
+    """One random edit of ``parts`` (sentences, each ending with its period) in place, using
+    ``donor``'s sentences and words; False when the drawn edit does not apply."""
+    i = rng.randrange(len(parts))
+    donor_word = lambda: rng.choice([w for s in donor for w in s[:-1]])  # noqa: E731
+    if balanced:
+        others = [k for k in range(len(parts)) if k != i]
+        j = rng.choice(others or [None])
+        edit = rng.choice(("repeat", "splice", "replace", "cut") if others else ("splice", "replace"))
+        if edit == "repeat":  # sentence i said again in place of sentence j
+            parts[j] = list(parts[i])
+        elif edit == "splice":  # a foreign sentence in place of sentence i
+            parts[i] = rng.choice(donor)
+        elif edit == "cut":
+            del parts[i]
+        elif len(parts[i]) > 1:
+            k = rng.randrange(len(parts[i]) - 1)
+            parts[i] = parts[i][:k] + [donor_word()] + parts[i][k + 1 :]
+        return True
+    edit = rng.choice(("repeat", "splice", "word"))
+    if edit == "repeat":
+        parts.insert(i + 1, list(parts[i]))
+    elif edit == "splice":
+        parts.insert(rng.randrange(len(parts) + 1), rng.choice(donor))
+    elif len(parts[i]) > 1:
+        words, k = parts[i][:-1], rng.randrange(len(parts[i]) - 1)
+        how = rng.choice(("drop", "double", "replace"))
+        if how == "drop":
+            words = words[:k] + words[k + 1 :]
+        elif how == "double":
+            words = words[: k + 1] + words[k:]
+        else:
+            words = words[:k] + [donor_word()] + words[k + 1 :]
+        parts[i] = words + parts[i][-1:]
+    else:
+        return False
+    return True
 
 
 def gold_and_flaws(pairs: list[Pair], tokenizer) -> tuple[list[tuple[float, float]], list[str]]:
@@ -146,6 +220,11 @@ def main() -> None:
                         help="sampling temperatures of the SFT training pairs, pair i at the (i mod n)-th")
     parser.add_argument("--layers", type=int,
                         help="train a randomly initialised reward model of the SFT model's shape with this many layers")
+    parser.add_argument("--edited-pairs", type=int, default=0,
+                        help="experiment: N more SFT pairs whose second response is an edited copy of the first")
+    parser.add_argument("--balanced-edits", action="store_true",
+                        help="edits that keep the length or shorten: repeat over another sentence, swap in a foreign "
+                             "sentence, replace a word, cut a sentence")
     parser.add_argument("--keep-flawed", type=int, default=0,
                         help="diagnostic that uses the gold reward to pick pairs: train on the first N sampled pairs "
                              "with a flawed response (sample enough --sft-pairs) and --keep-clean clean ones")
@@ -172,6 +251,8 @@ def main() -> None:
     train, _ = pairs_from(args.sft, "train", args.sft_pairs, args.seed, vocab, args.temperatures) if args.sft_pairs else ([], 0.0)
     if args.drift_pairs:
         train += pairs_from(args.drift_policy, "train", args.drift_pairs, args.seed + 2, vocab)[0]
+    if args.edited_pairs:
+        train += edited_pairs(pairs_from(args.sft, "train", args.edited_pairs, args.seed + 3, vocab)[0], tokenizer, args.seed, args.balanced_edits)
     random.Random(args.seed).shuffle(train)
     sampled = time.perf_counter() - start
     train_flawed = [k != "clean" for k in gold_and_flaws(train, tokenizer)[1]]
@@ -202,7 +283,8 @@ def main() -> None:
     L.Trainer(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False).fit(module, loader)
     report(evaluate(model_margins(module.reward_model, tokenizer.pad_token_id, val, scores_of), golds, kinds), ceiling,
-           f"{args.sft_pairs} SFT (temperatures {args.temperatures}) + {args.drift_pairs} {args.drift_policy} pairs "
+           f"{args.sft_pairs} SFT (temperatures {args.temperatures}) + {args.drift_pairs} {args.drift_policy} "
+           f"+ {args.edited_pairs} {'balanced ' if args.balanced_edits else ''}edited pairs "
            f"({sum(train_flawed) / max(1, len(train_flawed)):.1%} with a flawed response), {args.epochs} epochs, "
            f"lr {args.lr}, seed {args.seed}, {f'{args.layers} layers from scratch' if args.layers else 'from SFT'}, "
            f"pooling {args.pooling}; sampling {sampled:.0f} s, all {time.perf_counter() - start:.0f} s")

@@ -16,7 +16,13 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
 from lit_p3o.data.encoding import Encoded, collate, encode_example
-from lit_p3o.data.preferences import EmbeddedPreferenceSpec, PreferenceDataModule, collate_pairs, sample_labelled_pairs
+from lit_p3o.data.preferences import (
+    EmbeddedPreferenceSpec,
+    Pair,
+    PreferenceDataModule,
+    collate_pairs,
+    sample_labelled_pairs,
+)
 from lit_p3o.losses import bradley_terry_loss
 from lit_p3o.models import LoraSpec, ModelSpec, build_reward_model, load_tokenizer
 from lit_p3o.optim import OptimizerSpec
@@ -218,6 +224,35 @@ def test_accuracy_and_margin_metrics(module, monkeypatch):
     assert module.metrics["train_accuracy"].compute().item() == 0.5  # splits keep separate metrics
 
 
+def test_expected_accuracy_weighs_each_ranking_by_the_labellers_probability(module, monkeypatch):
+    """Margins [2, -0.5] with P(chosen wins) = [0.9, 0.3]: the first pair is ranked as its label
+    (right with probability 0.9), the second against it (right with 1 − 0.3); then a tie, which
+    like accuracy counts as preferring the rejected response."""
+    calls = iter([torch.tensor([3.0, 0.0, 1.0, 0.5]), torch.tensor([1.0, 1.0, 1.0, 2.0])])
+    monkeypatch.setattr("lit_p3o.stages.reward.reward_scores", lambda model, batch: next(calls))
+    encoded = [Pair(c, r, preference=p) for (c, r), p in zip(pair_batch(module.tokenizer)[0], (0.9, 0.3))]
+    batch = collate_pairs(encoded, module.tokenizer.pad_token_id)
+    torch.testing.assert_close(batch.preference, torch.tensor([0.9, 0.3]))
+    module.training_step(batch, 0)
+    assert module.metrics["train_expected_accuracy"].compute().item() == pytest.approx((0.9 + 0.7) / 2)
+    assert "train/expected_accuracy" in module.logged
+    module.validation_step(batch, 0)  # margins [0, -1]
+    assert module.metrics["val_expected_accuracy"].compute().item() == pytest.approx((0.1 + 0.7) / 2)
+
+
+def test_pairs_keep_margin_and_preference_through_pickling_and_collate(tok):
+    import pickle
+
+    (c, r), (c2, r2) = pair_batch(tok)[0]
+    known = pickle.loads(pickle.dumps(Pair(c, r, margin=0.5, preference=0.8)))
+    assert (known.margin, known.preference) == (0.5, 0.8) and tuple(known) == (c, r)
+    batch = collate_pairs([known, Pair(c2, r2, preference=0.25)], tok.pad_token_id)
+    torch.testing.assert_close(batch.preference, torch.tensor([0.8, 0.25]))
+    torch.testing.assert_close(batch.to("cpu").preference, batch.preference)
+    assert collate_pairs([known, Pair(c2, r2)], tok.pad_token_id).preference is None  # one unknown: none
+    assert collate_pairs([(c, r)], tok.pad_token_id).preference is None
+
+
 # --------------------------------------------------------------------------- fit → save → score
 
 
@@ -241,7 +276,7 @@ def test_fit_save_and_score_round_trip(tmp_path, capsys):
     assert not torch.equal(module.reward_model.score.weight, before)
     assert {"train/loss", "val/loss", "val/accuracy", "val/margin"} <= set(trainer.callback_metrics)
     out = capsys.readouterr().out
-    assert "[lit-p3o] reward model held-out accuracy" in out
+    assert "[lit-p3o] reward model held-out accuracy" in out and "label draw" not in out  # TRL pairs: no probabilities
     assert f"[lit-p3o] saved the reward model to {save_dir.resolve()}" in out
     assert (save_dir / "config.json").is_file() and (save_dir / "tokenizer_config.json").is_file()
 
@@ -394,6 +429,10 @@ def test_sample_labelled_pairs_from_a_saved_policy(micro_model_dir, tok):
         assert chosen.prompt_ids == rejected.prompt_ids == tok(prompt)["input_ids"]
         assert 1 <= len(chosen.response_ids) <= 4
     assert 0.5 <= ceiling <= 1.0
+    # each pair carries P(chosen wins) = σ((gold_chosen − gold_rejected) / T), the draw's own probability
+    preference = [1 / (1 + math.exp(-(gold_of(tok, c.prompt_ids, c) - gold_of(tok, r.prompt_ids, r)) / 0.5)) for c, r in pairs]
+    assert [p.preference for p in pairs] == pytest.approx(preference, abs=1e-9)
+    assert ceiling == pytest.approx(sum(max(p, 1 - p) for p in preference) / 6, abs=1e-9)
     again, again_ceiling = sample_labelled_pairs(TASK, spec_, "train", 6, seed=0)
     assert again == pairs and again_ceiling == ceiling  # seeded
 
@@ -502,3 +541,23 @@ def test_embedded_datamodule_reports_the_ceiling(micro_model_dir, tok, capsys):
     assert "embedded preferences: 3 train / 2 val pairs, labels at T=0.5" in capsys.readouterr().out
     batch = next(iter(data.val_dataloader()))
     assert batch.input_ids.shape[0] == 4
+
+
+def test_fit_on_embedded_pairs_prints_the_expected_accuracy(micro_model_dir, tok, capsys):
+    """The stage's ``val/expected_accuracy`` is the mean over held-out pairs of P(the model's
+    side wins), recomputed here from the trained model's margins and the pairs' probabilities."""
+    torch.manual_seed(0)
+    module = RewardModule(ModelSpec(name_or_path=str(micro_model_dir)), optimizer=OptimizerSpec(learning_rate=1e-2))
+    spec_ = EmbeddedPreferenceSpec(policy=str(micro_model_dir), train_pairs=4, val_pairs=6, max_new_tokens=4)
+    data = PreferenceDataModule(train="embedded:reviews", embedded=spec_, batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(module, data)
+    batch = collate_pairs(data.val_pairs, tok.pad_token_id)
+    with torch.no_grad():
+        chosen, rejected = reward_scores(module.reward_model.eval(), batch).chunk(2)
+    by_hand = sum(p.preference if m > 0 else 1 - p.preference for p, m in zip(data.val_pairs, (chosen - rejected).tolist())) / 6
+    expected = trainer.callback_metrics["val/expected_accuracy"].item()
+    assert expected == pytest.approx(by_hand, abs=1e-6)
+    out = capsys.readouterr().out
+    assert f"(expected over the label draw: {expected:.1%}; Bayes-optimal for these noisy labels: " in out

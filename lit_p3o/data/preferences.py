@@ -34,28 +34,33 @@ log = logging.getLogger(__name__)
 
 class Pair(tuple):
     """``(chosen, rejected)`` encoded, unpacking as a 2-tuple, plus ``margin``: TRL's per-pair
-    margin that the reward loss subtracts from ``r_w − r_l`` (0: plain Bradley–Terry)."""
+    margin that the reward loss subtracts from ``r_w − r_l`` (0: plain Bradley–Terry), and
+    ``preference``: the labeller's probability that ``chosen`` wins, where the labels were drawn
+    from a known model (the embedded task's Bradley–Terry draw; None for real data)."""
 
     margin: float
+    preference: float | None
 
-    def __new__(cls, chosen: Encoded, rejected: Encoded, margin: float = 0.0) -> Pair:
+    def __new__(cls, chosen: Encoded, rejected: Encoded, margin: float = 0.0, preference: float | None = None) -> Pair:
         pair = super().__new__(cls, (chosen, rejected))
-        pair.margin = margin
+        pair.margin, pair.preference = margin, preference
         return pair
 
-    def __getnewargs__(self) -> tuple[Any, ...]:  # pickling (DataLoader workers) keeps the margin
-        return (*self, self.margin)
+    def __getnewargs__(self) -> tuple[Any, ...]:  # pickling (DataLoader workers) keeps both
+        return (*self, self.margin, self.preference)
 
 
 @dataclass
 class PairBatch(Batch):
-    """:class:`Batch` of chosen rows then rejected rows, with each pair's ``margin`` ``[N]``."""
+    """:class:`Batch` of chosen rows then rejected rows, with each pair's ``margin`` ``[N]`` and,
+    when every pair knows it, its ``preference`` ``[N]`` (see :class:`Pair`)."""
 
     margin: torch.Tensor | None = None
+    preference: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> PairBatch:
-        moved = super().to(device)
-        return PairBatch(**vars(moved), margin=None if self.margin is None else self.margin.to(device))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PairBatch(**vars(super().to(device)), margin=move(self.margin), preference=move(self.preference))
 
 
 @dataclass
@@ -90,10 +95,12 @@ class EmbeddedPreferenceSpec:
 
 def collate_pairs(pairs: list[Pair] | list[tuple[Encoded, Encoded]], pad_token_id: int) -> PairBatch:
     """One batch for one forward pass: all chosen rows first, then all rejected rows; plain
-    ``(chosen, rejected)`` tuples have margin 0."""
+    ``(chosen, rejected)`` tuples have margin 0 and no preference."""
     batch = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_token_id)
     margin = torch.tensor([float(getattr(p, "margin", 0.0)) for p in pairs])
-    return PairBatch(**vars(batch), margin=margin)
+    known = [getattr(p, "preference", None) for p in pairs]
+    preference = None if None in known else torch.tensor(known, dtype=torch.float32)
+    return PairBatch(**vars(batch), margin=margin, preference=preference)
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -272,7 +279,7 @@ def sample_labelled_pairs(
             ]
             p_a = _sigmoid((gold[0] - gold[1]) / spec.label_temperature)
             ceiling += max(p_a, 1.0 - p_a)
-            pairs.append((a, b) if rng.random() < p_a else (b, a))
+            pairs.append(Pair(a, b, preference=p_a) if rng.random() < p_a else Pair(b, a, preference=1.0 - p_a))
     if not pairs:
         raise RuntimeError(f"{spec.policy}: every sampled pair was identical; the SFT policy is degenerate")
     return pairs, ceiling / len(pairs)

@@ -29,7 +29,10 @@ class RewardModule(ShardableModule):
 
     Batches hold chosen rows first, then rejected rows (one forward for both), and each pair's
     ``margin`` (TRL's column; 0 without one) enters the loss as ``−log σ(r_w − r_l − m)``. Logs loss,
-    accuracy (share of pairs with ``r_w > r_l``) and mean margin ``r_w − r_l``. At the end of
+    accuracy (share of pairs with ``r_w > r_l``) and mean margin ``r_w − r_l``; where the labels
+    were drawn with known probabilities (the embedded task), also ``expected_accuracy``, the
+    accuracy's mean over the label draw, which compares with the Bayes ceiling without the
+    draw's noise. At the end of
     ``fit`` the model is written to ``save_dir`` for :class:`lit_p3o.RewardScorer`. ``model`` is a
     :class:`ModelSpec` or, from Python, a ready sequence-classification model with its ``tokenizer``.
     """
@@ -55,7 +58,11 @@ class RewardModule(ShardableModule):
         self.tokenizer = load_tokenizer(self.model_spec, tokenizer, "RewardModule.model")
         self.reward_model = build_reward_model(self.model_spec, self.tokenizer)
         self.metrics = torch.nn.ModuleDict(
-            {f"{split}_{name}": MeanMetric() for split in ("train", "val") for name in ("accuracy", "margin")}
+            {
+                f"{split}_{name}": MeanMetric()
+                for split in ("train", "val")
+                for name in ("accuracy", "expected_accuracy", "margin")
+            }
         )
 
     def _step(self, batch: Batch, split: str) -> torch.Tensor:
@@ -65,9 +72,14 @@ class RewardModule(ShardableModule):
         margin = (chosen - rejected).detach()
         self.metrics[f"{split}_accuracy"]((margin > 0).float())
         self.metrics[f"{split}_margin"](margin)
+        names = ["accuracy", "margin"]
+        preference = getattr(batch, "preference", None)
+        if preference is not None:  # P(chosen wins): ranking the pair as the model does is right this often
+            self.metrics[f"{split}_expected_accuracy"](torch.where(margin > 0, preference, 1.0 - preference))
+            names.append("expected_accuracy")
         n = chosen.shape[0]
         self.log(f"{split}/loss", loss, prog_bar=True, batch_size=n, sync_dist=split == "val")
-        for name in ("accuracy", "margin"):
+        for name in names:
             self.log(f"{split}/{name}", self.metrics[f"{split}_{name}"], prog_bar=name == "accuracy", batch_size=n)
         return loss
 
@@ -90,12 +102,14 @@ class RewardModule(ShardableModule):
             path = self.export_pretrained(self.reward_model, rebuild, self.tokenizer, self.save_dir)
         if not self.trainer.is_global_zero:
             return
-        accuracy = self.trainer.callback_metrics.get("val/accuracy")
+        metrics = self.trainer.callback_metrics
+        accuracy, expected = metrics.get("val/accuracy"), metrics.get("val/expected_accuracy")
         ceiling = getattr(self.trainer.datamodule, "label_accuracy_ceiling", None)
         if accuracy is not None:
             line = f"[lit-p3o] reward model held-out accuracy {float(accuracy):.1%}"
+            notes = [] if expected is None else [f"expected over the label draw: {float(expected):.1%}"]
             if ceiling is not None:
-                line += f" (Bayes-optimal for these noisy labels: {ceiling:.1%})"
-            print(line)
+                notes.append(f"Bayes-optimal for these noisy labels: {ceiling:.1%}")
+            print(line + (f" ({'; '.join(notes)})" if notes else ""))
         if path is not None:
             print(f"[lit-p3o] saved the reward model to {Path(path).resolve()}")
