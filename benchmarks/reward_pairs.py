@@ -236,6 +236,9 @@ def main() -> None:
     parser.add_argument("--pooling", choices=["last", "sum"], default="last",
                         help="experiment: 'sum' trains and measures a per-token score summed over the response")
     parser.add_argument("--evaluate", help="measure this saved reward model instead of training one")
+    parser.add_argument("--uncertainty-of",
+                        help="active-learning check: the share of flawed pairs and gold ties among the --sft-pairs "
+                             "sampled pairs this saved reward model is least and most sure of; trains nothing")
     args = parser.parse_args()
     start = time.perf_counter()
     tokenizer = load_tokenizer(ModelSpec(name_or_path=args.sft))
@@ -249,6 +252,9 @@ def main() -> None:
         report(evaluate(model_margins(model, tokenizer.pad_token_id, val), golds, kinds), ceiling, f"{args.evaluate} (as saved)")
         return
     train, _ = pairs_from(args.sft, "train", args.sft_pairs, args.seed, vocab, args.temperatures) if args.sft_pairs else ([], 0.0)
+    if args.uncertainty_of:
+        report_uncertainty(build_reward_model(ModelSpec(name_or_path=args.uncertainty_of), tokenizer), train, tokenizer)
+        return
     if args.drift_pairs:
         train += pairs_from(args.drift_policy, "train", args.drift_pairs, args.seed + 2, vocab)[0]
     if args.edited_pairs:
@@ -288,6 +294,21 @@ def main() -> None:
            f"({sum(train_flawed) / max(1, len(train_flawed)):.1%} with a flawed response), {args.epochs} epochs, "
            f"lr {args.lr}, seed {args.seed}, {f'{args.layers} layers from scratch' if args.layers else 'from SFT'}, "
            f"pooling {args.pooling}; sampling {sampled:.0f} s, all {time.perf_counter() - start:.0f} s")
+
+
+def report_uncertainty(model: torch.nn.Module, pairs: list[Pair], tokenizer) -> None:
+    """Would a first reward model's uncertainty pick the flawed pairs for labelling? Shares of
+    flawed pairs and of gold ties among the pairs with the smallest and the largest |margin|."""
+    golds, kinds = gold_and_flaws(pairs, tokenizer)
+    margins = model_margins(model, tokenizer.pad_token_id, pairs)
+    order = sorted(range(len(pairs)), key=lambda i: abs(margins[i]))
+    for side, share in (("least", 0.1), ("least", 0.25), ("least", 1.0), ("most", 0.25), ("most", 0.1)):
+        n = int(share * len(order))
+        chosen = order[:n] if side == "least" else order[-n:]
+        flawed = sum(kinds[i] != "clean" for i in chosen) / n
+        ties = sum(golds[i][0] == golds[i][1] for i in chosen) / n
+        which = "all pairs" if share == 1 else f"the {share:.0%} of pairs the model is {side} sure of"
+        print(f"{which}: {flawed:.1%} flawed, {ties:.1%} gold ties")
 
 
 def report(result: dict, ceiling: float, what: str) -> None:
