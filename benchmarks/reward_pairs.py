@@ -235,6 +235,8 @@ def main() -> None:
     parser.add_argument("--keep-rest", type=int, default=0)
     parser.add_argument("--pooling", choices=["last", "sum"], default="last",
                         help="experiment: 'sum' trains and measures a per-token score summed over the response")
+    parser.add_argument("--init-from",
+                        help="curriculum: go on training this saved reward model instead of starting from the SFT model")
     parser.add_argument("--evaluate", help="measure this saved reward model instead of training one")
     parser.add_argument("--uncertainty-of",
                         help="active-learning check: the share of flawed pairs and gold ties among the --sft-pairs "
@@ -273,7 +275,7 @@ def main() -> None:
         train_flawed = [True] * len(flawed) + [False] * (len(train) - len(flawed))
 
     L.seed_everything(args.seed, verbose=False)
-    model = ModelSpec(name_or_path=args.sft)
+    model = ModelSpec(name_or_path=args.init_from or args.sft)
     if args.layers:
         shape = AutoConfig.from_pretrained(args.sft).to_dict()
         keep = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -292,7 +294,8 @@ def main() -> None:
            f"{args.sft_pairs} SFT (temperatures {args.temperatures}) + {args.drift_pairs} {args.drift_policy} "
            f"+ {args.edited_pairs} {'balanced ' if args.balanced_edits else ''}edited pairs "
            f"({sum(train_flawed) / max(1, len(train_flawed)):.1%} with a flawed response), {args.epochs} epochs, "
-           f"lr {args.lr}, seed {args.seed}, {f'{args.layers} layers from scratch' if args.layers else 'from SFT'}, "
+           f"lr {args.lr}, seed {args.seed}, "
+           f"{f'{args.layers} layers from scratch' if args.layers else f'from {args.init_from}' if args.init_from else 'from SFT'}, "
            f"pooling {args.pooling}; sampling {sampled:.0f} s, all {time.perf_counter() - start:.0f} s")
 
 
