@@ -220,6 +220,8 @@ def main() -> None:
                         help="sampling temperatures of the SFT training pairs, pair i at the (i mod n)-th")
     parser.add_argument("--layers", type=int,
                         help="train a randomly initialised reward model of the SFT model's shape with this many layers")
+    parser.add_argument("--width", type=int,
+                        help="with --layers: this hidden size (and 3x for the MLP) instead of the SFT model's")
     parser.add_argument("--edited-pairs", type=int, default=0,
                         help="experiment: N more SFT pairs whose second response is an edited copy of the first")
     parser.add_argument("--balanced-edits", action="store_true",
@@ -276,11 +278,15 @@ def main() -> None:
 
     L.seed_everything(args.seed, verbose=False)
     model = ModelSpec(name_or_path=args.init_from or args.sft)
+    origin = f"from {args.init_from or 'SFT'}"
     if args.layers:
         shape = AutoConfig.from_pretrained(args.sft).to_dict()
         keep = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                 "max_position_embeddings", "tie_word_embeddings")
-        model = ModelSpec(architecture={k: shape[k] for k in keep} | {"num_hidden_layers": args.layers}, tokenizer=args.sft)
+        wider = {"hidden_size": args.width, "intermediate_size": 3 * args.width} if args.width else {}
+        model = ModelSpec(architecture={k: shape[k] for k in keep} | {"num_hidden_layers": args.layers} | wider,
+                          tokenizer=args.sft)
+        origin = f"{args.layers} layers of width {model.architecture['hidden_size']} from scratch"
     scores_of = summed_scores if args.pooling == "sum" else reward_scores
     if args.pooling == "sum":  # experiment only: the stage reads rewards this way in this process
         reward_stage.reward_scores = summed_scores
@@ -295,7 +301,7 @@ def main() -> None:
            f"+ {args.edited_pairs} {'balanced ' if args.balanced_edits else ''}edited pairs "
            f"({sum(train_flawed) / max(1, len(train_flawed)):.1%} with a flawed response), {args.epochs} epochs, "
            f"lr {args.lr}, seed {args.seed}, "
-           f"{f'{args.layers} layers from scratch' if args.layers else f'from {args.init_from}' if args.init_from else 'from SFT'}, "
+           f"{origin}, "
            f"pooling {args.pooling}; sampling {sampled:.0f} s, all {time.perf_counter() - start:.0f} s")
 
 
