@@ -4,7 +4,8 @@ Trains ``RewardModule`` from the demo's SFT model on pairs drawn as ``configs/de
 draws them (Bradley–Terry labels on the gold reward at T = 0.25, 32 new tokens), ``--sft-pairs``
 from the SFT policy and ``--drift-pairs`` from a second policy (``--drift-policy``, e.g. the
 demo's P3O policy: it writes the repeated and off-topic sentences a drifting policy writes)
-and ``--edited-pairs`` pairs of a sampled response and an edited copy of it, and measures it on held-out pairs from the SFT policy, the ones the demo's figure uses:
+and ``--edited-pairs`` pairs of a sampled response and an edited copy of it, and measures it on
+held-out pairs from the SFT policy, the ones the demo's figure uses:
 
 - **acc**: accuracy against the drawn labels (what the reward stage prints);
 - **E[acc]**: its expectation over the label draw, ``mean σ(±Δgold/T)`` on the side the model
@@ -35,7 +36,14 @@ from transformers import AutoConfig
 
 from lit_p3o import ModelSpec, OptimizerSpec, RewardModule
 from lit_p3o.data.encoding import Batch, Encoded, collate
-from lit_p3o.data.preferences import EmbeddedPreferenceSpec, Pair, _sigmoid, collate_pairs, sample_labelled_pairs
+from lit_p3o.data.preferences import (
+    EmbeddedPreferenceSpec,
+    Pair,
+    _sigmoid,
+    collate_pairs,
+    draw_label,
+    sample_labelled_pairs,
+)
 from lit_p3o.generation import response_logprobs
 from lit_p3o.models import build_causal_lm, build_reward_model, load_tokenizer
 from lit_p3o.scoring import reward_scores
@@ -84,7 +92,7 @@ def edited_pairs(pairs: list[Pair], tokenizer, seed: int, balanced: bool = False
         prompt = tokenizer.decode(a.prompt_ids, skip_special_tokens=True)
         gold = [reviews.gold_reward(prompt, tokenizer.decode(e.response_ids, skip_special_tokens=True), bool(ends))
                 for e in (a, edited)]
-        out.append(Pair(a, edited) if rng.random() < _sigmoid((gold[0] - gold[1]) / LABEL_TEMPERATURE) else Pair(edited, a))
+        out.append(draw_label(a, edited, _sigmoid((gold[0] - gold[1]) / LABEL_TEMPERATURE), rng))
     return out
 
 
@@ -127,19 +135,16 @@ def _edit(parts: list[list[int]], donor: list[list[int]], rng: random.Random, ba
     return True
 
 
-def gold_and_flaws(pairs: list[Pair], tokenizer) -> tuple[list[tuple[float, float]], list[str]]:
-    """Gold rewards of (first, second) of each pair, and the pair's kind: ``clean``, the kind of
-    flaw its responses have (``unparseable``, ``repeated`` or ``off-topic`` sentences), or
-    ``mixed`` for several kinds."""
-    golds, kinds = [], []
+def flaw_kinds(pairs: list[Pair], tokenizer) -> list[str]:
+    """Each pair's kind: ``clean``, the kind of flaw its responses have (``unparseable``,
+    ``repeated`` or ``off-topic`` sentences), or ``mixed`` for several kinds."""
+    kinds = []
     for pair in pairs:
         prompt = tokenizer.decode(pair[0].prompt_ids, skip_special_tokens=True)
         texts = [tokenizer.decode(e.response_ids, skip_special_tokens=True) for e in pair]
-        ended = [bool(e.response_ids) and e.response_ids[-1] == tokenizer.eos_token_id for e in pair]
-        golds.append(tuple(reviews.gold_reward(prompt, t, end) for t, end in zip(texts, ended)))
         flaws = {kind for t in texts for kind, n in reviews.polarity_and_flaws(prompt, t)[1].items() if n}
         kinds.append("clean" if not flaws else flaws.pop() if len(flaws) == 1 else "mixed")
-    return golds, kinds
+    return kinds
 
 
 def summed_scores(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -192,17 +197,16 @@ def flaw_blind_margins(pairs: list[Pair], tokenizer) -> list[float]:
     return [score(a) - score(b) for a, b in pairs]
 
 
-def evaluate(margins: list[float], golds: list[tuple[float, float]], kinds: list[str]) -> dict:
-    """acc against the labels (chosen first), E[acc] and the ceiling, overall and by kind of
-    pair; a tied margin counts as a coin flip."""
+def evaluate(margins: list[float], pairs: list[Pair], kinds: list[str]) -> dict:
+    """acc against the labels (chosen first), E[acc] and the ceiling from each pair's
+    ``preference``, overall and by kind of pair; a tied margin counts as a coin flip."""
     out = {"acc": sum((m > 0) + 0.5 * (m == 0) for m in margins) / len(margins)}
     groups = {"all": lambda k: True, "clean": lambda k: k == "clean", "flawed": lambda k: k != "clean"}
     groups |= {kind: (lambda k, kind=kind: k == kind) for kind in sorted(set(kinds) - {"clean"})}
     for kind, keep in groups.items():
-        rows = [(m, g) for m, g, k in zip(margins, golds, kinds) if keep(k)]
-        p_first = [_sigmoid((g[0] - g[1]) / LABEL_TEMPERATURE) for _, g in rows]
-        expected = [p if m > 0 else 1.0 - p if m < 0 else 0.5 for (m, _), p in zip(rows, p_first)]
-        best = [max(p, 1.0 - p) for p in p_first]
+        rows = [(m, pair.preference) for m, pair, k in zip(margins, pairs, kinds) if keep(k)]
+        expected = [p if m > 0 else 1.0 - p if m < 0 else 0.5 for m, p in rows]
+        best = [max(p, 1.0 - p) for _, p in rows]
         out[kind] = (len(rows), sum(expected) / len(rows), sum(best) / len(rows))
     return out
 
@@ -248,12 +252,12 @@ def main() -> None:
     tokenizer = load_tokenizer(ModelSpec(name_or_path=args.sft))
     vocab = tokenizer.get_vocab()
     val, ceiling = pairs_from(args.sft, "test", VAL_PAIRS, 1, vocab)  # the demo's held-out pairs (seed 0 + 1)
-    golds, kinds = gold_and_flaws(val, tokenizer)
-    report(evaluate(flaw_blind_margins(val, tokenizer), golds, kinds), ceiling,
+    kinds = flaw_kinds(val, tokenizer)
+    report(evaluate(flaw_blind_margins(val, tokenizer), val, kinds), ceiling,
            "reference: gold sentiment of every parseable sentence, blind to flaws")
     if args.evaluate:
         model = build_reward_model(ModelSpec(name_or_path=args.evaluate), tokenizer)
-        report(evaluate(model_margins(model, tokenizer.pad_token_id, val), golds, kinds), ceiling, f"{args.evaluate} (as saved)")
+        report(evaluate(model_margins(model, tokenizer.pad_token_id, val), val, kinds), ceiling, f"{args.evaluate} (as saved)")
         return
     train, _ = pairs_from(args.sft, "train", args.sft_pairs, args.seed, vocab, args.temperatures) if args.sft_pairs else ([], 0.0)
     if args.uncertainty_of:
@@ -265,7 +269,7 @@ def main() -> None:
         train += edited_pairs(pairs_from(args.sft, "train", args.edited_pairs, args.seed + 3, vocab)[0], tokenizer, args.seed, args.balanced_edits)
     random.Random(args.seed).shuffle(train)
     sampled = time.perf_counter() - start
-    train_flawed = [k != "clean" for k in gold_and_flaws(train, tokenizer)[1]]
+    train_flawed = [k != "clean" for k in flaw_kinds(train, tokenizer)]
     if args.keep_unlikely:
         order = sorted(range(len(train)), key=least_likely_token(args.sft, tokenizer, train).__getitem__)
         rest = random.Random(args.seed).sample(order[args.keep_unlikely :], args.keep_rest)
@@ -296,26 +300,24 @@ def main() -> None:
     loader = DataLoader(train, batch_size=32, shuffle=True, collate_fn=partial(collate_pairs, pad_token_id=tokenizer.pad_token_id))
     L.Trainer(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False).fit(module, loader)
-    report(evaluate(model_margins(module.reward_model, tokenizer.pad_token_id, val, scores_of), golds, kinds), ceiling,
+    report(evaluate(model_margins(module.reward_model, tokenizer.pad_token_id, val, scores_of), val, kinds), ceiling,
            f"{args.sft_pairs} SFT (temperatures {args.temperatures}) + {args.drift_pairs} {args.drift_policy} "
            f"+ {args.edited_pairs} {'balanced ' if args.balanced_edits else ''}edited pairs "
            f"({sum(train_flawed) / max(1, len(train_flawed)):.1%} with a flawed response), {args.epochs} epochs, "
-           f"lr {args.lr}, seed {args.seed}, "
-           f"{origin}, "
-           f"pooling {args.pooling}; sampling {sampled:.0f} s, all {time.perf_counter() - start:.0f} s")
+           f"lr {args.lr}, seed {args.seed}, {origin}, pooling {args.pooling}; sampling {sampled:.0f} s, all {time.perf_counter() - start:.0f} s")
 
 
 def report_uncertainty(model: torch.nn.Module, pairs: list[Pair], tokenizer) -> None:
     """Would a first reward model's uncertainty pick the flawed pairs for labelling? Shares of
     flawed pairs and of gold ties among the pairs with the smallest and the largest |margin|."""
-    golds, kinds = gold_and_flaws(pairs, tokenizer)
+    kinds = flaw_kinds(pairs, tokenizer)
     margins = model_margins(model, tokenizer.pad_token_id, pairs)
     order = sorted(range(len(pairs)), key=lambda i: abs(margins[i]))
     for side, share in (("least", 0.1), ("least", 0.25), ("least", 1.0), ("most", 0.25), ("most", 0.1)):
         n = int(share * len(order))
         chosen = order[:n] if side == "least" else order[-n:]
         flawed = sum(kinds[i] != "clean" for i in chosen) / n
-        ties = sum(golds[i][0] == golds[i][1] for i in chosen) / n
+        ties = sum(pairs[i].preference == 0.5 for i in chosen) / n  # equal gold: a coin-flip label
         which = "all pairs" if share == 1 else f"the {share:.0%} of pairs the model is {side} sure of"
         print(f"{which}: {flawed:.1%} flawed, {ties:.1%} gold ties")
 

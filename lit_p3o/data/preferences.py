@@ -279,10 +279,16 @@ def sample_labelled_pairs(
             ]
             p_a = _sigmoid((gold[0] - gold[1]) / spec.label_temperature)
             ceiling += max(p_a, 1.0 - p_a)
-            pairs.append(Pair(a, b, preference=p_a) if rng.random() < p_a else Pair(b, a, preference=1.0 - p_a))
+            pairs.append(draw_label(a, b, p_a, rng))
     if not pairs:
         raise RuntimeError(f"{spec.policy}: every sampled pair was identical; the SFT policy is degenerate")
     return pairs, ceiling / len(pairs)
+
+
+def draw_label(a: Encoded, b: Encoded, p_a: float, rng: random.Random) -> Pair:
+    """One labeller's verdict on ``a`` against ``b``: ``a`` is chosen with probability ``p_a``,
+    and the pair keeps the probability of its chosen side as ``preference``."""
+    return Pair(a, b, preference=p_a) if rng.random() < p_a else Pair(b, a, preference=1.0 - p_a)
 
 
 def _sigmoid(x: float) -> float:
