@@ -40,9 +40,9 @@ from lit_p3o.data.preferences import (
     EmbeddedPreferenceSpec,
     Pair,
     _sigmoid,
-    collate_pairs,
+    collate_groups,
     draw_label,
-    sample_labelled_pairs,
+    sample_labelled_groups,
 )
 from lit_p3o.generation import response_logprobs
 from lit_p3o.models import build_causal_lm, build_reward_model, load_tokenizer
@@ -53,12 +53,20 @@ from lit_p3o.tasks import get_task, reviews
 LABEL_TEMPERATURE, VAL_PAIRS = 0.25, 1000
 
 
+def groups_from(
+    policy: str, split: str, n: int, seed: int, vocab: dict[str, int], temperatures: tuple[float, ...] = (1.0,),
+    responses_per_prompt: int = 2,
+) -> tuple[list[list[Pair]], float]:
+    spec = EmbeddedPreferenceSpec(policy=policy, train_pairs=max(n, 1), val_pairs=1, label_temperature=LABEL_TEMPERATURE,
+                                  max_new_tokens=32, sampling_temperatures=list(temperatures))
+    return sample_labelled_groups(get_task("reviews"), spec, split, n, seed, vocab, responses_per_prompt)
+
+
 def pairs_from(
     policy: str, split: str, n: int, seed: int, vocab: dict[str, int], temperatures: tuple[float, ...] = (1.0,)
 ) -> tuple[list[Pair], float]:
-    spec = EmbeddedPreferenceSpec(policy=policy, train_pairs=max(n, 1), val_pairs=1, label_temperature=LABEL_TEMPERATURE,
-                                  max_new_tokens=32, sampling_temperatures=list(temperatures))
-    return sample_labelled_pairs(get_task("reviews"), spec, split, n, seed, vocab)
+    groups, ceiling = groups_from(policy, split, n, seed, vocab, temperatures)
+    return [pair for group in groups for pair in group], ceiling
 
 
 def edited_pairs(pairs: list[Pair], tokenizer, seed: int, balanced: bool = False) -> list[Pair]:
@@ -243,6 +251,10 @@ def main() -> None:
                         help="experiment: 'sum' trains and measures a per-token score summed over the response")
     parser.add_argument("--init-from",
                         help="curriculum: go on training this saved reward model instead of starting from the SFT model")
+    parser.add_argument("--responses-per-prompt", type=int, default=2,
+                        help="K-wise comparisons: K SFT responses per prompt, all K(K-1)/2 pairs labelled, batched "
+                             "by prompt (--sft-pairs counts pairs)")
+    parser.add_argument("--batch-size", type=int, default=32, help="pairs per batch")
     parser.add_argument("--evaluate", help="measure this saved reward model instead of training one")
     parser.add_argument("--uncertainty-of",
                         help="active-learning check: the share of flawed pairs and gold ties among the --sft-pairs "
@@ -259,7 +271,12 @@ def main() -> None:
         model = build_reward_model(ModelSpec(name_or_path=args.evaluate), tokenizer)
         report(evaluate(model_margins(model, tokenizer.pad_token_id, val), val, kinds), ceiling, f"{args.evaluate} (as saved)")
         return
-    train, _ = pairs_from(args.sft, "train", args.sft_pairs, args.seed, vocab, args.temperatures) if args.sft_pairs else ([], 0.0)
+    grouped = args.responses_per_prompt > 2
+    if grouped and (args.drift_pairs or args.edited_pairs or args.keep_flawed or args.keep_unlikely):
+        parser.error("--responses-per-prompt > 2 trains on SFT pairs only: set --drift-pairs 0, no edits or picks")
+    sft_groups, _ = groups_from(args.sft, "train", args.sft_pairs, args.seed, vocab, args.temperatures,
+                                args.responses_per_prompt) if args.sft_pairs else ([], 0.0)
+    train = [pair for group in sft_groups for pair in group]
     if args.uncertainty_of:
         report_uncertainty(build_reward_model(ModelSpec(name_or_path=args.uncertainty_of), tokenizer), train, tokenizer)
         return
@@ -297,11 +314,14 @@ def main() -> None:
     module = RewardModule(model,
                           optimizer=OptimizerSpec(learning_rate=args.lr, weight_decay=0.01, warmup_steps=20,
                                                   schedule="cosine"))  # fmt: skip
-    loader = DataLoader(train, batch_size=32, shuffle=True, collate_fn=partial(collate_pairs, pad_token_id=tokenizer.pad_token_id))
+    groups = sft_groups if grouped else [[pair] for pair in train]
+    loader = DataLoader(groups, batch_size=args.batch_size // max(map(len, groups)), shuffle=True,
+                        collate_fn=partial(collate_groups, pad_token_id=tokenizer.pad_token_id))
     L.Trainer(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False).fit(module, loader)
     report(evaluate(model_margins(module.reward_model, tokenizer.pad_token_id, val, scores_of), val, kinds), ceiling,
-           f"{args.sft_pairs} SFT (temperatures {args.temperatures}) + {args.drift_pairs} {args.drift_policy} "
+           f"{args.sft_pairs} SFT ({args.responses_per_prompt} per prompt, temperatures {args.temperatures}, "
+           f"batches of {args.batch_size}) + {args.drift_pairs} {args.drift_policy} "
            f"+ {args.edited_pairs} {'balanced ' if args.balanced_edits else ''}edited pairs "
            f"({sum(train_flawed) / max(1, len(train_flawed)):.1%} with a flawed response), {args.epochs} epochs, "
            f"lr {args.lr}, seed {args.seed}, {origin}, pooling {args.pooling}; sampling {sampled:.0f} s, all {time.perf_counter() - start:.0f} s")

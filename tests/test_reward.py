@@ -21,6 +21,7 @@ from lit_p3o.data.preferences import (
     Pair,
     PreferenceDataModule,
     collate_pairs,
+    sample_labelled_groups,
     sample_labelled_pairs,
 )
 from lit_p3o.losses import bradley_terry_loss
@@ -253,6 +254,32 @@ def test_pairs_keep_margin_and_preference_through_pickling_and_collate(tok):
     assert collate_pairs([(c, r)], tok.pad_token_id).preference is None
 
 
+def test_a_response_in_several_pairs_is_scored_once_with_the_same_loss_and_gradient(tok):
+    """K-wise comparisons: pairs (a, b), (a, c), (c, b) of one prompt make three rows, not six;
+    the loss and its gradient equal those of scoring every pair's rows separately."""
+    prompt, texts = PAIRS[0][0], ("it is great .", "it is awful .", "i would recommend it .")
+    a, b, c = (encode_example(tok, prompt, t, 64) for t in texts)
+    pairs = [Pair(a, b, preference=0.9), Pair(a, c), Pair(c, b)]
+    batch = collate_pairs(pairs, tok.pad_token_id)
+    assert batch.input_ids.shape[0] == 3  # rows a, c, b: chosen sides first, each once
+    assert (batch.chosen_rows.tolist(), batch.rejected_rows.tolist()) == ([0, 0, 1], [2, 1, 2])
+    assert batch.preference is None and batch.margin.tolist() == [0.0, 0.0, 0.0]
+
+    torch.manual_seed(0)
+    module = RewardModule(spec())
+    module.log = Logged()
+    loss = module.training_step(batch, 0)
+    (grad,) = torch.autograd.grad(loss, [module.reward_model.score.weight])
+    separate = collate([x for x, _ in pairs] + [y for _, y in pairs], tok.pad_token_id)  # six rows
+    chosen, rejected = reward_scores(module.reward_model, separate).chunk(2)
+    by_rows = bradley_terry_loss(chosen, rejected)
+    (grad_by_rows,) = torch.autograd.grad(by_rows, [module.reward_model.score.weight])
+    torch.testing.assert_close(loss, by_rows, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad, grad_by_rows, atol=1e-6, rtol=1e-5)
+    distinct = collate_pairs(pair_batch(tok)[0], tok.pad_token_id)  # no shared response: chosen rows, then rejected
+    assert (distinct.chosen_rows.tolist(), distinct.rejected_rows.tolist()) == ([0, 1], [2, 3])
+
+
 # --------------------------------------------------------------------------- fit → save → score
 
 
@@ -437,6 +464,65 @@ def test_sample_labelled_pairs_from_a_saved_policy(micro_model_dir, tok):
     assert again == pairs and again_ceiling == ceiling  # seeded
 
 
+def test_k_wise_groups_label_every_pair_of_distinct_responses(micro_model_dir, tok):
+    """K = 3 responses per prompt: each group holds the pairs among its distinct responses,
+    all on one prompt, each with P(chosen wins) = σ(Δgold / T); the last group is cut so that
+    exactly ``n_pairs`` come out, and K = 2 gives sample_labelled_pairs' pairs."""
+    spec_ = EmbeddedPreferenceSpec(policy=str(micro_model_dir), label_temperature=0.5, max_new_tokens=4)
+    groups, ceiling = sample_labelled_groups(TASK, spec_, "train", 8, seed=0, responses_per_prompt=3)
+    assert sum(map(len, groups)) == 8 and all(1 <= len(g) <= 3 for g in groups)
+    prompts = TASK.prompts("train", len(groups))
+    preference = []
+    for group, prompt in zip(groups, prompts):
+        responses = {tuple(e.response_ids) for pair in group for e in pair}
+        assert all(c.prompt_ids == r.prompt_ids == tok(prompt)["input_ids"] for c, r in group)
+        assert all(c.response_ids != r.response_ids for c, r in group)
+        unordered = {frozenset((tuple(c.response_ids), tuple(r.response_ids))) for c, r in group}
+        assert len(unordered) == len(group)  # no pair twice
+        if group is not groups[-1]:
+            assert len(group) == math.comb(len(responses), 2)  # every pair of its distinct responses
+        preference += [1 / (1 + math.exp(-(gold_of(tok, c.prompt_ids, c) - gold_of(tok, r.prompt_ids, r)) / 0.5)) for c, r in group]
+    assert [p.preference for g in groups for p in g] == pytest.approx(preference, abs=1e-9)
+    assert ceiling == pytest.approx(sum(max(p, 1 - p) for p in preference) / 8, abs=1e-9)
+    pairs, pair_ceiling = sample_labelled_pairs(TASK, spec_, "train", 6, seed=0)
+    two, two_ceiling = sample_labelled_groups(TASK, spec_, "train", 6, seed=0, responses_per_prompt=2)
+    assert [p for g in two for p in g] == pairs and two_ceiling == pair_ceiling
+    with pytest.raises(ValueError, match="responses_per_prompt: must be >= 2, got 1"):
+        sample_labelled_groups(TASK, spec_, "train", 6, seed=0, responses_per_prompt=1)
+
+
+def test_k_wise_groups_drop_identical_responses(micro_model_dir, monkeypatch):
+    """Four samples [x, x, y, z] of one prompt: x once, three pairs (x, y), (x, z), (y, z)."""
+    from lit_p3o.generation import Sampled
+
+    def fake_sample(policy, tokenizer, ids, sampling, batch_size=None):
+        texts = ["it is great .", "it is great .", "it is awful .", "it is okay ."]
+        return Sampled([Encoded(p, tokenizer(texts[i % 4])["input_ids"] + [1]) for i, p in enumerate(ids)], [True] * len(ids))
+
+    monkeypatch.setattr("lit_p3o.data.preferences.sample_responses", fake_sample)
+    spec_ = EmbeddedPreferenceSpec(policy=str(micro_model_dir), label_temperature=1e-4)
+    groups, ceiling = sample_labelled_groups(TASK, spec_, "train", 6, seed=0, responses_per_prompt=4)
+    assert [len(g) for g in groups] == [3, 3]  # topped up from a second prompt
+    decoded = [{TASK.build_tokenizer().decode(e.response_ids, skip_special_tokens=True) for e in pair} for pair in groups[0]]
+    assert decoded == [{"it is great .", "it is awful ."}, {"it is great .", "it is okay ."}, {"it is awful .", "it is okay ."}]
+    assert ceiling == 1.0  # distinct gold everywhere, T → 0
+
+
+def test_k_wise_batches_hold_whole_groups(micro_model_dir, tok):
+    spec_ = EmbeddedPreferenceSpec(policy=str(micro_model_dir), train_pairs=12, val_pairs=2, max_new_tokens=4,
+                                   responses_per_prompt=3)  # fmt: skip
+    data = PreferenceDataModule(train="embedded:reviews", embedded=spec_, tokenizer=tok, batch_size=6)
+    data.setup("fit")
+    assert len(data.train_pairs) == 12 and sum(map(len, data.train_groups)) == 12
+    for batch in data.train_dataloader():  # two groups of three pairs per batch, each response once
+        assert batch.chosen_rows.shape[0] == 6
+        rows = {tuple(row) for row in batch.input_ids.tolist()}
+        assert len(rows) == batch.input_ids.shape[0] <= 2 * 3
+    assert next(iter(data.val_dataloader())).input_ids.shape[0] == 4  # held-out pairs stay one per prompt
+    with pytest.raises(ValueError, match="batch_size: 4 is not a multiple of the 3 pairs per prompt"):
+        PreferenceDataModule(train="embedded:reviews", embedded=spec_, tokenizer=tok, batch_size=4).setup("fit")
+
+
 def test_tiny_label_temperature_labels_by_gold(micro_model_dir, tok):
     """T → 0: the labeller always prefers the higher gold reward; the Bayes accuracy is 1 on
     pairs with distinct gold and 1/2 on ties (no overflow for huge |Δgold| / T)."""
@@ -525,6 +611,7 @@ def test_policy_with_another_tokenizer_is_refused(micro_model_dir):
         ({"label_temperature": -1.0}, "label_temperature: must be > 0"),
         ({"train_pairs": 0}, "train_pairs and val_pairs must be >= 1"),
         ({"val_pairs": 0}, "train_pairs and val_pairs must be >= 1"),
+        ({"responses_per_prompt": 1}, "responses_per_prompt: must be >= 2, got 1"),
     ],
 )
 def test_invalid_embedded_preference_spec(kwargs, match):

@@ -10,6 +10,7 @@ as :attr:`PreferenceDataModule.label_accuracy_ceiling`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -52,15 +53,24 @@ class Pair(tuple):
 
 @dataclass
 class PairBatch(Batch):
-    """:class:`Batch` of chosen rows then rejected rows, with each pair's ``margin`` ``[N]`` and,
-    when every pair knows it, its ``preference`` ``[N]`` (see :class:`Pair`)."""
+    """:class:`Batch` of the distinct rows of some pairs, with ``chosen_rows`` and
+    ``rejected_rows`` ``[N]`` naming each pair's two rows (a response compared several times,
+    as in K-wise comparisons, is scored once), each pair's ``margin`` ``[N]`` and, when every
+    pair knows it, its ``preference`` ``[N]`` (see :class:`Pair`)."""
 
+    chosen_rows: torch.Tensor | None = None
+    rejected_rows: torch.Tensor | None = None
     margin: torch.Tensor | None = None
     preference: torch.Tensor | None = None
 
+    def pair_scores(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row ``scores`` ``[rows]`` as (chosen, rejected) ``[N]``."""
+        return scores[self.chosen_rows], scores[self.rejected_rows]
+
     def to(self, device: torch.device | str) -> PairBatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return PairBatch(**vars(super().to(device)), margin=move(self.margin), preference=move(self.preference))
+        extra = {name: move(getattr(self, name)) for name in ("chosen_rows", "rejected_rows", "margin", "preference")}
+        return PairBatch(**vars(super().to(device)), **extra)
 
 
 @dataclass
@@ -72,6 +82,10 @@ class EmbeddedPreferenceSpec:
     the responses: pair i is sampled at ``sampling_temperatures[i % len]`` (both responses at
     the same temperature), so a value above 1 shows the reward model the flawed texts (repeats,
     off-topic or unfinished sentences) that a policy drifting from SFT writes.
+    ``responses_per_prompt`` K > 2 samples K responses per training prompt and labels all
+    K(K−1)/2 pairs among them, each by its own draw; a batch then holds whole prompts' groups,
+    so each response is scored once for its K − 1 comparisons. Held-out pairs stay one per
+    prompt, so that their accuracy is over independent comparisons.
     """
 
     policy: str = "outputs/demo/sft"
@@ -81,6 +95,7 @@ class EmbeddedPreferenceSpec:
     max_new_tokens: int = 32
     generation_batch_size: int = 256
     sampling_temperatures: list[float] = field(default_factory=lambda: [1.0])
+    responses_per_prompt: int = 2
 
     def __post_init__(self) -> None:
         if self.label_temperature <= 0:
@@ -91,16 +106,30 @@ class EmbeddedPreferenceSpec:
             )
         if self.train_pairs < 1 or self.val_pairs < 1:
             raise ValueError("EmbeddedPreferenceSpec: train_pairs and val_pairs must be >= 1")
+        if self.responses_per_prompt < 2:
+            raise ValueError(f"EmbeddedPreferenceSpec.responses_per_prompt: must be >= 2, got {self.responses_per_prompt}")
+
+    @property
+    def pairs_per_prompt(self) -> int:
+        """Training pairs labelled per prompt: K(K−1)/2 for K responses."""
+        return math.comb(self.responses_per_prompt, 2)
 
 
 def collate_pairs(pairs: list[Pair] | list[tuple[Encoded, Encoded]], pad_token_id: int) -> PairBatch:
-    """One batch for one forward pass: all chosen rows first, then all rejected rows; plain
-    ``(chosen, rejected)`` tuples have margin 0 and no preference."""
-    batch = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_token_id)
+    """One batch for one forward pass: the chosen rows first, then the rejected rows, each
+    distinct (prompt, response) once; plain ``(chosen, rejected)`` tuples have margin 0 and
+    no preference."""
+    rows: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    for side in (0, 1):
+        for pair in pairs:
+            rows.setdefault((tuple(pair[side].prompt_ids), tuple(pair[side].response_ids)), len(rows))
+    index = [[rows[tuple(pair[side].prompt_ids), tuple(pair[side].response_ids)] for pair in pairs] for side in (0, 1)]
+    batch = collate([Encoded(list(prompt), list(response)) for prompt, response in rows], pad_token_id)
     margin = torch.tensor([float(getattr(p, "margin", 0.0)) for p in pairs])
     known = [getattr(p, "preference", None) for p in pairs]
     preference = None if None in known else torch.tensor(known, dtype=torch.float32)
-    return PairBatch(**vars(batch), margin=margin, preference=preference)
+    chosen_rows, rejected_rows = torch.tensor(index, dtype=torch.long)
+    return PairBatch(**vars(batch), chosen_rows=chosen_rows, rejected_rows=rejected_rows, margin=margin, preference=preference)
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -141,6 +170,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
         self.train_pairs: list[Pair] = []
         self.val_pairs: list[Pair] = []
+        self.train_groups: list[list[Pair]] = []  # pairs that share responses, batched together
         self.truncation = TruncationStats()
         self.label_accuracy_ceiling: float | None = None
 
@@ -201,7 +231,16 @@ class PreferenceDataModule(L.LightningDataModule):
     def _setup_embedded(self, task: Task) -> None:
         spec = self.embedded
         vocab = self.tokenizer.get_vocab()
-        self.train_pairs, _ = sample_labelled_pairs(task, spec, "train", spec.train_pairs, self.hparams.seed, vocab)
+        per_batch = self.hparams.batch_size
+        if per_batch % spec.pairs_per_prompt:
+            raise ValueError(
+                f"PreferenceDataModule.batch_size: {per_batch} is not a multiple of the {spec.pairs_per_prompt} pairs "
+                f"per prompt that embedded.responses_per_prompt={spec.responses_per_prompt} makes"
+            )
+        self.train_groups, _ = sample_labelled_groups(
+            task, spec, "train", spec.train_pairs, self.hparams.seed, vocab, spec.responses_per_prompt
+        )
+        self.train_pairs = [pair for group in self.train_groups for pair in group]
         self.val_pairs, self.label_accuracy_ceiling = sample_labelled_pairs(
             task, spec, "test", spec.val_pairs, self.hparams.seed + 1, vocab
         )
@@ -210,24 +249,32 @@ class PreferenceDataModule(L.LightningDataModule):
             f"labels at T={spec.label_temperature}; Bayes-optimal val accuracy {self.label_accuracy_ceiling:.1%}"
         )
 
-    def _loader(self, pairs: list[Pair], shuffle: bool) -> DataLoader:
-        if not pairs:
+    def _loader(self, groups: list[list[Pair]], shuffle: bool) -> DataLoader:
+        """Batches of whole groups, ``batch_size`` pairs in all (fewer where a group lost a
+        duplicate response)."""
+        if not groups:
             raise ValueError("PreferenceDataModule: no pairs left after reading and filtering the data")
+        per_group = max(len(group) for group in groups)
         return DataLoader(
-            pairs,
-            batch_size=self.hparams.batch_size,
+            groups,
+            batch_size=max(1, self.hparams.batch_size // per_group),
             shuffle=shuffle,
             num_workers=self.hparams.num_workers,
-            collate_fn=partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id),
+            collate_fn=partial(collate_groups, pad_token_id=self.tokenizer.pad_token_id),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_pairs, shuffle=True)
+        return self._loader(self.train_groups or [[pair] for pair in self.train_pairs], shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_pairs:  # e.g. val_fraction=0: an empty list makes Lightning skip validation
             return []
-        return self._loader(self.val_pairs, shuffle=False)
+        return self._loader([[pair] for pair in self.val_pairs], shuffle=False)
+
+
+def collate_groups(groups: list[list[Pair]], pad_token_id: int) -> PairBatch:
+    """:func:`collate_pairs` over the pairs of some groups."""
+    return collate_pairs([pair for group in groups for pair in group], pad_token_id)
 
 
 def sample_labelled_pairs(
@@ -238,8 +285,27 @@ def sample_labelled_pairs(
     seed: int,
     expected_vocab: dict[str, int] | None = None,
 ) -> tuple[list[Pair], float]:
-    """Sample two distinct responses per prompt from ``spec.policy``, label them by a
-    Bradley–Terry draw on the gold reward; return the pairs and their Bayes accuracy."""
+    """``n_pairs`` independent pairs, one per prompt (:func:`sample_labelled_groups` with two
+    responses per prompt), and their Bayes accuracy: what held-out accuracy is measured on."""
+    groups, ceiling = sample_labelled_groups(task, spec, split, n_pairs, seed, expected_vocab, responses_per_prompt=2)
+    return [pair for group in groups for pair in group], ceiling
+
+
+def sample_labelled_groups(
+    task: Task,
+    spec: EmbeddedPreferenceSpec,
+    split: str,
+    n_pairs: int,
+    seed: int,
+    expected_vocab: dict[str, int] | None = None,
+    responses_per_prompt: int = 2,
+) -> tuple[list[list[Pair]], float]:
+    """Sample ``responses_per_prompt`` (K) responses per prompt from ``spec.policy`` and label
+    every pair of distinct ones by its own Bradley–Terry draw on the gold reward, K(K−1)/2
+    pairs per prompt (InstructGPT's K-wise comparisons: more labels per sampled response).
+    Returns ``n_pairs`` pairs grouped by prompt, and their Bayes accuracy."""
+    if responses_per_prompt < 2:
+        raise ValueError(f"responses_per_prompt: must be >= 2, got {responses_per_prompt}")
     model_spec = ModelSpec(name_or_path=spec.policy)
     tokenizer = load_tokenizer(model_spec)
     if expected_vocab is not None and tokenizer.get_vocab() != expected_vocab:
@@ -247,42 +313,49 @@ def sample_labelled_pairs(
             f"EmbeddedPreferenceSpec.policy: {spec.policy!r} uses another tokenizer than the reward model"
         )
     policy = build_causal_lm(model_spec, tokenizer)
-    temperatures = spec.sampling_temperatures
+    temperatures, k = spec.sampling_temperatures, responses_per_prompt
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    pairs: list[Pair] = []
-    ceiling = 0.0
-    prompts = task.prompts(split, n_pairs)
-    for attempt in range(4):  # identical pairs are dropped; top up a few times
-        need = n_pairs - len(pairs)
+    groups: list[list[Pair]] = []
+    made, ceiling = 0, 0.0
+    n_prompts = math.ceil(n_pairs / math.comb(k, 2))
+    prompts = task.prompts(split, n_prompts)
+    for attempt in range(4):  # identical responses are dropped; top up a few times
+        need = n_pairs - made
         if need == 0:
             break
-        batch_prompts = [prompts[(attempt * n_pairs + i) % len(prompts)] for i in range(need)]
-        examples: list[Encoded] = [None] * (2 * need)  # type: ignore[list-item]
-        ended: list[bool] = [False] * (2 * need)
+        batch_prompts = [prompts[(attempt * n_prompts + i) % len(prompts)] for i in range(math.ceil(need / math.comb(k, 2)))]
+        examples: list[Encoded] = [None] * (k * len(batch_prompts))  # type: ignore[list-item]
+        ended: list[bool] = [False] * len(examples)
         for t, temperature in enumerate(temperatures):
-            rows = [r for i in range(t, need, len(temperatures)) for r in (2 * i, 2 * i + 1)]
+            rows = [r for i in range(t, len(batch_prompts), len(temperatures)) for r in range(k * i, k * i + k)]
             if not rows:
                 continue
-            ids = [tokenizer(batch_prompts[r // 2], add_special_tokens=True)["input_ids"] for r in rows]
+            ids = [tokenizer(batch_prompts[r // k], add_special_tokens=True)["input_ids"] for r in rows]
             sampling = SamplingSpec(max_new_tokens=spec.max_new_tokens, temperature=temperature)
             sampled = sample_responses(policy, tokenizer, ids, sampling, spec.generation_batch_size)
             for r, example, stop in zip(rows, sampled.examples, sampled.ended):
                 examples[r], ended[r] = example, stop
         for i, prompt in enumerate(batch_prompts):
-            a, b = examples[2 * i], examples[2 * i + 1]
-            if a.response_ids == b.response_ids:
-                continue
-            gold = [
-                task.gold_reward(prompt, tokenizer.decode(e.response_ids, skip_special_tokens=True), stop)
-                for e, stop in ((a, ended[2 * i]), (b, ended[2 * i + 1]))
-            ]
-            p_a = _sigmoid((gold[0] - gold[1]) / spec.label_temperature)
-            ceiling += max(p_a, 1.0 - p_a)
-            pairs.append(draw_label(a, b, p_a, rng))
-    if not pairs:
+            distinct = {tuple(examples[r].response_ids): r for r in reversed(range(k * i, k * i + k))}
+            rows = sorted(distinct.values())  # the first of identical responses, in sampling order
+            gold = {
+                r: task.gold_reward(prompt, tokenizer.decode(examples[r].response_ids, skip_special_tokens=True), ended[r])
+                for r in rows
+            }
+            group = []
+            for a, b in itertools.combinations(rows, 2):
+                if made == n_pairs:
+                    break
+                p_a = _sigmoid((gold[a] - gold[b]) / spec.label_temperature)
+                ceiling += max(p_a, 1.0 - p_a)
+                group.append(draw_label(examples[a], examples[b], p_a, rng))
+                made += 1
+            if group:
+                groups.append(group)
+    if not groups:
         raise RuntimeError(f"{spec.policy}: every sampled pair was identical; the SFT policy is degenerate")
-    return pairs, ceiling / len(pairs)
+    return groups, ceiling / made
 
 
 def draw_label(a: Encoded, b: Encoded, p_a: float, rng: random.Random) -> Pair:

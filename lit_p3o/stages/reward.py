@@ -16,6 +16,7 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.encoding import Batch
+from lit_p3o.data.preferences import PairBatch
 from lit_p3o.guards import GradientGuard, GuardSpec
 from lit_p3o.losses import bradley_terry_loss
 from lit_p3o.models import ModelSource, as_spec, build_reward_model, load_tokenizer, python_objects
@@ -27,7 +28,8 @@ from lit_p3o.stages.sharding import ShardableModule
 class RewardModule(ShardableModule):
     """Trains ``r(x, y)`` so that ``σ(r(x, y_w) − r(x, y_l))`` is the preference probability.
 
-    Batches hold chosen rows first, then rejected rows (one forward for both), and each pair's
+    A :class:`PairBatch` names each pair's chosen and rejected rows (one forward for all; a plain
+    :class:`Batch` holds chosen rows first, then rejected rows), and each pair's
     ``margin`` (TRL's column; 0 without one) enters the loss as ``−log σ(r_w − r_l − m)``. Logs loss,
     accuracy (share of pairs with ``r_w > r_l``) and mean margin ``r_w − r_l``; where the labels
     were drawn with known probabilities (the embedded task), also ``expected_accuracy``, the
@@ -67,7 +69,7 @@ class RewardModule(ShardableModule):
 
     def _step(self, batch: Batch, split: str) -> torch.Tensor:
         scores = reward_scores(self.reward_model, batch)
-        chosen, rejected = scores.chunk(2)
+        chosen, rejected = batch.pair_scores(scores) if isinstance(batch, PairBatch) else scores.chunk(2)
         loss = bradley_terry_loss(chosen, rejected, self.center_coef, getattr(batch, "margin", None))
         margin = (chosen - rejected).detach()
         self.metrics[f"{split}_accuracy"]((margin > 0).float())
