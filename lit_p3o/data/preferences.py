@@ -141,7 +141,9 @@ class PreferenceDataModule(L.LightningDataModule):
     ``format`` is ``auto`` or one of ``hh``, ``tldr``, ``trl``, ``trl_implicit``,
     ``trl_conversational``. With ``strict`` the first bad row raises an error naming it;
     otherwise bad rows are skipped, counted and logged. ``chat_template_kwargs`` go to
-    ``apply_chat_template`` for conversational rows.
+    ``apply_chat_template`` for conversational rows. ``batch_size`` counts pairs; with
+    ``embedded.responses_per_prompt`` K > 2 it must be a multiple of K(K−1)/2, as a batch holds
+    whole prompts' groups of pairs.
     """
 
     def __init__(
