@@ -2,8 +2,8 @@
 
 Real data goes through one parser per format (:mod:`lit_p3o.data.formats`: Anthropic HH,
 TL;DR comparisons, TRL standard and conversational) into ``(prompt, chosen, rejected)``
-records. The embedded task instead samples two responses per prompt from the SFT policy and
-labels them like noisy people would: ``P(a ≻ b) = σ((gold(a) − gold(b)) / T)``. The best any
+records. The embedded task instead samples two (or K) responses per prompt from the SFT policy
+and labels each pair like noisy people would: ``P(a ≻ b) = σ((gold(a) − gold(b)) / T)``. The best any
 reward model can do on such labels is the Bayes accuracy ``mean σ(|Δgold| / T)``, reported
 as :attr:`PreferenceDataModule.label_accuracy_ceiling`.
 """
@@ -79,8 +79,8 @@ class EmbeddedPreferenceSpec:
 
     ``policy`` is the saved SFT model that writes the responses; ``label_temperature`` T sets
     the labelling noise (smaller = more decisive labellers). ``sampling_temperatures`` spreads
-    the responses: pair i is sampled at ``sampling_temperatures[i % len]`` (both responses at
-    the same temperature), so a value above 1 shows the reward model the flawed texts (repeats,
+    the responses: prompt i's responses are sampled at ``sampling_temperatures[i % len]`` (all
+    at the same temperature), so a value above 1 shows the reward model the flawed texts (repeats,
     off-topic or unfinished sentences) that a policy drifting from SFT writes.
     ``responses_per_prompt`` K > 2 samples K responses per training prompt and labels all
     K(K−1)/2 pairs among them, each by its own draw; a batch then holds whole prompts' groups,
@@ -320,13 +320,14 @@ def sample_labelled_groups(
     torch.manual_seed(seed)
     groups: list[list[Pair]] = []
     made, ceiling = 0, 0.0
-    n_prompts = math.ceil(n_pairs / math.comb(k, 2))
+    per_prompt = math.comb(k, 2)
+    n_prompts = math.ceil(n_pairs / per_prompt)
     prompts = task.prompts(split, n_prompts)
     for attempt in range(4):  # identical responses are dropped; top up a few times
         need = n_pairs - made
         if need == 0:
             break
-        batch_prompts = [prompts[(attempt * n_prompts + i) % len(prompts)] for i in range(math.ceil(need / math.comb(k, 2)))]
+        batch_prompts = [prompts[(attempt * n_prompts + i) % len(prompts)] for i in range(math.ceil(need / per_prompt))]
         examples: list[Encoded] = [None] * (k * len(batch_prompts))  # type: ignore[list-item]
         ended: list[bool] = [False] * len(examples)
         for t, temperature in enumerate(temperatures):
