@@ -119,16 +119,13 @@ def collate_pairs(pairs: list[Pair] | list[tuple[Encoded, Encoded]], pad_token_i
     """One batch for one forward pass: the chosen rows first, then the rejected rows, each
     distinct (prompt, response) once; plain ``(chosen, rejected)`` tuples have margin 0 and
     no preference."""
-    rows: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
-    for side in (0, 1):
-        for pair in pairs:
-            rows.setdefault((tuple(pair[side].prompt_ids), tuple(pair[side].response_ids)), len(rows))
-    index = [[rows[tuple(pair[side].prompt_ids), tuple(pair[side].response_ids)] for pair in pairs] for side in (0, 1)]
+    keys = [[(tuple(pair[side].prompt_ids), tuple(pair[side].response_ids)) for pair in pairs] for side in (0, 1)]
+    rows = {key: row for row, key in enumerate(dict.fromkeys(keys[0] + keys[1]))}  # first occurrences, in order
     batch = collate([Encoded(list(prompt), list(response)) for prompt, response in rows], pad_token_id)
     margin = torch.tensor([float(getattr(p, "margin", 0.0)) for p in pairs])
     known = [getattr(p, "preference", None) for p in pairs]
     preference = None if None in known else torch.tensor(known, dtype=torch.float32)
-    chosen_rows, rejected_rows = torch.tensor(index, dtype=torch.long)
+    chosen_rows, rejected_rows = (torch.tensor([rows[key] for key in side], dtype=torch.long) for side in keys)
     return PairBatch(**vars(batch), chosen_rows=chosen_rows, rejected_rows=rejected_rows, margin=margin, preference=preference)
 
 
@@ -170,14 +167,18 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_source, self.val_source = train, val
         self.embedded = embedded or EmbeddedPreferenceSpec()
         self.tokenizer = tokenizer
-        self.train_pairs: list[Pair] = []
+        self.train_groups: list[list[Pair]] = []  # pairs that share responses are batched together
         self.val_pairs: list[Pair] = []
-        self.train_groups: list[list[Pair]] = []  # pairs that share responses, batched together
         self.truncation = TruncationStats()
         self.label_accuracy_ceiling: float | None = None
 
+    @property
+    def train_pairs(self) -> list[Pair]:
+        """The training pairs, group after group."""
+        return [pair for group in self.train_groups for pair in group]
+
     def setup(self, stage: str | None = None) -> None:
-        if self.train_pairs:
+        if self.train_groups:
             return
         if self.tokenizer is None:
             self.tokenizer = self.trainer.lightning_module.tokenizer
@@ -189,11 +190,12 @@ class PreferenceDataModule(L.LightningDataModule):
         # encoded in source order, before any split, so that a bad row is named by its row number
         train = self._encode(*self._read(self.train_source, hp.train_split))
         if self.val_source is not None:
-            self.train_pairs, self.val_pairs = train, self._encode(*self._read(self.val_source, hp.val_split))
+            val = self._encode(*self._read(self.val_source, hp.val_split))
         else:
             shuffled = random.Random(hp.seed).sample(train, len(train))
             n_val = int(round(len(train) * hp.val_fraction))
-            self.train_pairs, self.val_pairs = shuffled[n_val:], shuffled[:n_val]
+            train, val = shuffled[n_val:], shuffled[:n_val]
+        self.train_groups, self.val_pairs = [[pair] for pair in train], val
         if self.truncation.truncated_prompts:
             log.warning("preference data: %s", self.truncation.describe())
         if not self.val_pairs:
@@ -242,7 +244,6 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_groups, _ = sample_labelled_groups(
             task, spec, "train", spec.train_pairs, self.hparams.seed, vocab, spec.responses_per_prompt
         )
-        self.train_pairs = [pair for group in self.train_groups for pair in group]
         self.val_pairs, self.label_accuracy_ceiling = sample_labelled_pairs(
             task, spec, "test", spec.val_pairs, self.hparams.seed + 1, vocab
         )
@@ -266,7 +267,7 @@ class PreferenceDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_groups or [[pair] for pair in self.train_pairs], shuffle=True)
+        return self._loader(self.train_groups, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_pairs:  # e.g. val_fraction=0: an empty list makes Lightning skip validation
