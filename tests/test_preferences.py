@@ -620,6 +620,13 @@ def test_datamodule_rejects_bad_val_fraction(tokenizer):
         PreferenceDataModule(train=str(TRL), tokenizer=tokenizer, val_fraction=1.0)
 
 
+@pytest.mark.parametrize("field, value", [("batch_size", 0), ("batch_size", -2), ("max_length", 1), ("num_workers", -1)])
+def test_datamodule_rejects_bad_sizes(tokenizer, field, value):
+    """batch_size 0 was accepted (a multiple of every K-wise group size) and became one group per batch."""
+    with pytest.raises(ValueError, match=rf"^PreferenceDataModule\.{field}: must be >= \d+.*got {value}$"):
+        PreferenceDataModule(train=str(TRL), tokenizer=tokenizer, **{field: value})
+
+
 # --------------------------------------------------------------------------- load_prompts
 
 

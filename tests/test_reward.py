@@ -4,6 +4,7 @@ build_scorer, and the embedded task's labelled preference pairs."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -521,6 +522,10 @@ def test_k_wise_batches_hold_whole_groups(micro_model_dir, tok):
     assert next(iter(data.val_dataloader())).input_ids.shape[0] == 4  # held-out pairs stay one per prompt
     with pytest.raises(ValueError, match="batch_size: 4 is not a multiple of the 3 pairs per prompt"):
         PreferenceDataModule(train="embedded:reviews", embedded=spec_, tokenizer=tok, batch_size=4).setup("fit")
+    # K = 4 makes 6 pairs per prompt: a batch of 4 pairs (a multiple of K) would split a group
+    four = dataclasses.replace(spec_, responses_per_prompt=4)
+    with pytest.raises(ValueError, match="batch_size: 4 is not a multiple of the 6 pairs per prompt"):
+        PreferenceDataModule(train="embedded:reviews", embedded=four, tokenizer=tok, batch_size=4).setup("fit")
 
 
 def test_tiny_label_temperature_labels_by_gold(micro_model_dir, tok):

@@ -163,6 +163,12 @@ class PreferenceDataModule(L.LightningDataModule):
         super().__init__()
         if not 0 <= val_fraction < 1:
             raise ValueError(f"PreferenceDataModule.val_fraction: must be in [0, 1), got {val_fraction}")
+        if batch_size < 1:
+            raise ValueError(f"PreferenceDataModule.batch_size: must be >= 1 pair, got {batch_size}")
+        if max_length < 2:  # one prompt token and the response's EOS at least
+            raise ValueError(f"PreferenceDataModule.max_length: must be >= 2 tokens, got {max_length}")
+        if num_workers < 0:
+            raise ValueError(f"PreferenceDataModule.num_workers: must be >= 0, got {num_workers}")
         self.save_hyperparameters(ignore=["tokenizer", *python_objects(train=train, val=val)])
         self.train_source, self.val_source = train, val
         self.embedded = embedded or EmbeddedPreferenceSpec()
