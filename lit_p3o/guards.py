@@ -25,7 +25,8 @@ class GuardSpec:
 
     ``max_zero_grad_steps``: consecutive optimizer steps in which every trainable weight of a
     network gets an exactly-zero gradient before the run stops (a step in which they get *no*
-    gradient at all stops it at once; deliberately skipped steps do not count).
+    gradient at all stops it at once; deliberately skipped steps do not count, nor do steps in
+    which every importance ratio was clipped, whose clipped objective is flat by design).
     ``max_skipped_fraction`` (RL stages): the largest share of updates that may be skipped for
     a non-finite reward or loss. The run stops as soon as the share over its planned updates
     can no longer stay below it, and at the end the share over the updates it ran is checked
@@ -59,24 +60,35 @@ class GradientGuard(L.Callback):
 
     Ranks reduce their findings, so under DDP/FSDP they stop together (or not at all). A
     module may define ``zero_gradient_hint() -> str`` to say which cause its data points to.
+
+    A clipped objective (PPO, P3O) has an exactly-zero gradient where every ratio is clipped,
+    which is normal when the policy has moved far on one rollout (e.g. one minibatch and
+    several update epochs). A module that sets ``fully_clipped = True`` for such a batch
+    excuses that step: it is counted in :attr:`fully_clipped_steps` and logged as
+    ``train/fully_clipped_steps``, and neither extends nor resets the zero-gradient streak.
     """
 
     def __init__(self, max_zero_grad_steps: int = 3) -> None:
         self.max_zero_grad_steps = max_zero_grad_steps
+        self.fully_clipped_steps = 0
         self._backwards = 0
+        self._clipped_backwards = 0
         self._zero_streak: Counter[str] = Counter()
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         self._backwards += 1
+        self._clipped_backwards += bool(getattr(pl_module, "fully_clipped", False))
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if self._backwards == 0:  # every batch since the last step was skipped on purpose
             return
-        self._backwards = 0
+        clipped = self._clipped_backwards == self._backwards  # every accumulated batch was
+        self._backwards = self._clipped_backwards = 0
+        excused = False
         for name, params in trainable_networks(pl_module).items():
-            reached, nonzero = self._reduce(trainer, pl_module, params)
+            reached, nonzero, all_clipped = self._reduce(trainer, pl_module, params, clipped)
             if not reached:
                 raise NoGradientError(
                     f"[lit-p3o] optimizer step {trainer.global_step}: none of the {len(params)} trainable "
@@ -85,6 +97,9 @@ class GradientGuard(L.Callback):
                     "a quantized layer computed by a kernel without autograd) or the loss is detached "
                     "from them. Stopping instead of training nothing."
                 )
+            if not nonzero and all_clipped:
+                excused = True
+                continue
             self._zero_streak[name] = 0 if nonzero else self._zero_streak[name] + 1
             if self._zero_streak[name] >= self.max_zero_grad_steps:
                 hint = getattr(pl_module, "zero_gradient_hint", None)
@@ -97,18 +112,23 @@ class GradientGuard(L.Callback):
                     "e.g. a constant reward model). Stopping instead of training nothing."
                     + (f" {hint()}" if callable(hint) else "")
                 )
+        if excused:
+            self.fully_clipped_steps += 1
+            pl_module.log("train/fully_clipped_steps", float(self.fully_clipped_steps), batch_size=1)
 
     @staticmethod
-    def _reduce(trainer: L.Trainer, pl_module: L.LightningModule, params: list[nn.Parameter]) -> tuple[bool, bool]:
-        """(any gradient on any rank, any non-zero gradient on any rank)."""
+    def _reduce(
+        trainer: L.Trainer, pl_module: L.LightningModule, params: list[nn.Parameter], clipped: bool
+    ) -> tuple[bool, bool, bool]:
+        """(any gradient on any rank, any non-zero gradient on any rank, every rank fully clipped)."""
         # under FSDP2 a gradient is a DTensor: this rank's shard is what it can inspect
         grads = [getattr(p.grad, "to_local", lambda g=p.grad: g)() for p in params if p.grad is not None]
         # stops at the first tensor with a non-zero entry: one small op in a healthy run (a
         # max-abs over every tensor cost 0.2 ms a step on CPU, a foreach inf-norm 1.3 ms)
         nonzero = any(bool(g.any()) for g in grads if g.numel())  # a shard can be empty
-        found = torch.tensor([float(bool(grads)), float(nonzero)], device=pl_module.device)
+        found = torch.tensor([float(bool(grads)), float(nonzero), float(not clipped)], device=pl_module.device)
         found = trainer.strategy.reduce(found, reduce_op="sum")
-        return bool(found[0] > 0), bool(found[1] > 0)
+        return bool(found[0] > 0), bool(found[1] > 0), bool(found[2] == 0)
 
 
 def trainable_networks(module: nn.Module) -> dict[str, list[nn.Parameter]]:

@@ -127,18 +127,34 @@ def test_consecutive_exactly_zero_gradients_stop_the_run_and_name_the_cause(tmp_
     assert counter.batches == 3
 
 
+def test_steps_whose_every_ratio_is_clipped_do_not_stop_a_healthy_run(tmp_path):
+    """One group per minibatch and 4 passes: the policy moves so far on its rollout that every
+    ratio of some later minibatches is clipped, and P3O's clipped loss is flat there (issue 22)."""
+    L.seed_everything(0)
+    stage = make_stage(GuardSpec(max_zero_grad_steps=1), minibatch_groups=1, update_epochs=4)
+    stage.scorer.score_examples = varied
+    run = trainer(tmp_path, max_epochs=1)
+    run.fit(stage)
+    guard = next(c for c in run.callbacks if isinstance(c, GradientGuard))
+    assert guard.fully_clipped_steps > 0 and stage.updates.applied == 16
+    assert float(run.callback_metrics["train/fully_clipped_steps"]) == guard.fully_clipped_steps
+
+
 class Toy(L.LightningModule):
-    """One weight; ``pattern[i]`` says what batch ``i`` does: 'g' gradient, '0' zero gradient, 's' skip."""
+    """One weight; ``pattern[i]`` says what batch ``i`` does: 'g' gradient, '0' zero gradient,
+    'c' zero gradient because every ratio was clipped, 's' skip."""
 
     def __init__(self, pattern: str, max_zero_grad_steps: int) -> None:
         super().__init__()
         self.pattern, self.max_zero = pattern, max_zero_grad_steps
         self.weight = nn.Parameter(torch.ones(1))
+        self.fully_clipped = False
 
     def training_step(self, batch, batch_idx):
         kind = self.pattern[batch_idx]
         if kind == "s":
             return None
+        self.fully_clipped = kind == "c"
         return (self.weight * batch).sum() * (1.0 if kind == "g" else 0.0)
 
     def train_dataloader(self):
@@ -160,6 +176,9 @@ class Toy(L.LightningModule):
         ("0s0s", False),  # skipped steps neither count nor reset the streak, and are not "no gradient"
         ("0s0s0", True),
         ("ssss", False),
+        ("cccccg", False),  # fully clipped steps neither count nor reset the streak
+        ("0c0c0", True),
+        ("00c", False),
     ],
 )
 def test_zero_gradient_streak(tmp_path, pattern, fails):
@@ -170,6 +189,37 @@ def test_zero_gradient_streak(tmp_path, pattern, fails):
             run()
     else:
         run()
+
+
+def test_fully_clipped_steps_are_counted_and_logged(tmp_path):
+    module = Toy("gcc0c", max_zero_grad_steps=3)
+    guard = GradientGuard(3)
+    module.configure_callbacks = lambda: [guard]
+    run = trainer(tmp_path, max_epochs=1)
+    run.fit(module)
+    assert guard.fully_clipped_steps == 3
+    assert float(run.callback_metrics["train/fully_clipped_steps"]) == 3.0
+
+
+class OneTensorIdle(Toy):
+    """A network (``net``) one of whose tensors always gets an exactly-zero gradient (its bias
+    is multiplied by 0), as a LoRA ``A`` matrix does while ``B`` is still zero."""
+
+    def __init__(self) -> None:
+        super().__init__("gggg", max_zero_grad_steps=2)
+        self.net = nn.Linear(1, 1)
+
+    def training_step(self, batch, batch_idx):
+        return (self.net.weight * batch).sum() + 0.0 * self.net.bias.sum()
+
+
+def test_one_tensor_with_zero_gradient_does_not_stop_a_network_that_learns(tmp_path):
+    """The guard asks whether *any* of a network's tensors got a non-zero gradient, not all."""
+    module = OneTensorIdle()
+    module.weight.requires_grad_(False)
+    weight, bias = module.net.weight.detach().clone(), module.net.bias.detach().clone()
+    trainer(tmp_path, max_epochs=1).fit(module)
+    assert not torch.equal(module.net.weight, weight) and torch.equal(module.net.bias, bias)
 
 
 def test_guard_spec_validation():

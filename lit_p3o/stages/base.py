@@ -112,6 +112,7 @@ class RLStage(ShardableModule):
         self.buffer = ReplayBuffer(self.rollout_spec.update_epochs, self.rollout_spec.minibatch_groups, seed)
         self.updates = UpdateLedger()
         self._tied_streak = 0  # consecutive updates whose every group scored its responses alike
+        self.fully_clipped = False  # every ratio of the last minibatch clipped: a flat loss (GradientGuard)
         self.strict_loading = False  # frozen models are rebuilt from their sources, not stored
 
     # ------------------------------------------------------------------ what subclasses define
@@ -235,6 +236,7 @@ class RLStage(ShardableModule):
             return self._skip("non-finite loss")
         self.updates.applied += 1
         self._tied_streak = self._tied_streak + 1 if bool((batch.rewards == batch.rewards[:, :1]).all()) else 0
+        self.fully_clipped = bool(stats.get("clip_fraction", 0.0) == 1)
         n = batch.rewards.numel()
         if on_policy:  # ratio statistics would be constants; each self.log costs ~0.3-0.7 ms on CPU
             stats = {k: v for k, v in stats.items() if k not in _RATIO_STATS}
