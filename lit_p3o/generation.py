@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import CompileConfig, GenerationConfig, PreTrainedTokenizerBase
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from lit_p3o.data.encoding import Batch, Encoded, collate
 from lit_p3o.losses import token_logprobs
@@ -116,6 +117,34 @@ _compile_failed = False  # set after a failed compilation: the rest of the proce
 def bucket_width(width: int) -> int:
     """The padded prompt width the compiled path uses: the next power of two, at least 16."""
     return max(16, 1 << (width - 1).bit_length())
+
+
+def context_limit(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> tuple[int, str] | None:
+    """The most positions the model can attend to and where that number comes from: its
+    config's ``max_position_embeddings``, else the tokenizer's ``model_max_length``; None
+    when neither says."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int):
+        return positions, "max_position_embeddings of its config"
+    if tokenizer.model_max_length < VERY_LARGE_INTEGER:  # the value transformers uses for "not set"
+        return int(tokenizer.model_max_length), "model_max_length of its tokenizer"
+    return None
+
+
+def check_fits_context(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: str, max_prompt_tokens: int, sampling: str,
+    max_new_tokens: int,
+) -> None:
+    """Refuse a prompt budget plus response budget beyond the model's context: positions past
+    it are garbage (or an index error) deep inside a run, never a clear message. ``spec`` and
+    ``sampling`` name the two fields, e.g. ``"RolloutSpec"`` and ``"rollout.sampling"``."""
+    limit = context_limit(model, tokenizer)
+    if limit is not None and max_prompt_tokens + max_new_tokens > limit[0]:
+        raise ValueError(
+            f"{spec}.max_prompt_tokens: {max_prompt_tokens} prompt tokens + {sampling}.max_new_tokens = "
+            f"{max_new_tokens} make {max_prompt_tokens + max_new_tokens} positions, more than the policy's context "
+            f"of {limit[0]} ({limit[1]}); lower one of them"
+        )
 
 
 def stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -118,7 +118,8 @@ def test_p3o_rolls_out_on_chat_prompts(tmp_path):
         "embedded:reviews",
         rollout=RolloutSpec(
             prompts=str(path), prompt_pool=None, num_prompts=2, num_responses=2, update_epochs=1,
-            minibatch_groups=2, sampling=SamplingSpec(max_new_tokens=4), chat_template_kwargs={"enable_thinking": True},
+            minibatch_groups=2, max_prompt_tokens=64, sampling=SamplingSpec(max_new_tokens=4),
+            chat_template_kwargs={"enable_thinking": True},
         ),
         optimizer=OptimizerSpec(learning_rate=1e-2),
     )  # fmt: skip

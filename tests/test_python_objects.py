@@ -21,6 +21,7 @@ from lit_p3o.models import ModelSpec, build_causal_lm, build_reward_model, has_a
 from lit_p3o.rollout import RolloutSpec
 
 PROMPTS = [f"rate the {item} :" for item in ("tea", "mug", "lamp", "bike")]
+FITS = RolloutSpec(max_prompt_tokens=16)  # within the micro model's 64 positions
 
 
 def micro_lm(tokenizer):
@@ -42,11 +43,11 @@ def test_stages_take_a_ready_model_with_its_tokenizer(micro_tokenizer):
     assert sft.tokenizer is micro_tokenizer and "model" not in sft.hparams  # not copied into the hparams
     scorer = build_reward_model(ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews"), micro_tokenizer)
     assert RewardModule(model=scorer, tokenizer=micro_tokenizer).reward_model is scorer
-    p3o = P3OModule(policy=model, reward_model="embedded:reviews", tokenizer=micro_tokenizer)
+    p3o = P3OModule(policy=model, reward_model="embedded:reviews", tokenizer=micro_tokenizer, rollout=FITS)
     assert p3o.policy is model
     assert p3o.reference.copy is not None and p3o.reference.copy is not model  # a frozen copy, as from a spec
     with pytest.raises(ValueError, match=r"P3OModule.policy: a ready LlamaForCausalLM .* `tokenizer=`"):
-        P3OModule(policy=model, reward_model="embedded:reviews")
+        P3OModule(policy=model, reward_model="embedded:reviews", rollout=FITS)
     with pytest.raises(TypeError, match=r"SFTModule.model: expected a ModelSpec, .* got Linear"):
         SFTModule(model=torch.nn.Linear(2, 2), tokenizer=micro_tokenizer)
 
@@ -54,7 +55,7 @@ def test_stages_take_a_ready_model_with_its_tokenizer(micro_tokenizer):
 def test_ppo_takes_a_ready_critic_and_keeps_it_out_of_the_hparams(micro_tokenizer, tmp_path):
     critic = micro_lm(micro_tokenizer)
     ppo = PPOModule(policy=micro_lm(micro_tokenizer), reward_model="embedded:reviews", critic=critic,
-                    tokenizer=micro_tokenizer, rollout=RolloutSpec(prompt_pool=4, num_prompts=2, minibatch_groups=2,
+                    tokenizer=micro_tokenizer, rollout=RolloutSpec(prompt_pool=4, num_prompts=2, minibatch_groups=2, max_prompt_tokens=16,
                                                                    update_epochs=2, sampling=SamplingSpec(max_new_tokens=4)))  # fmt: skip
     assert ppo.critic is critic and not ppo.policy_states
     assert "critic" not in ppo.hparams and "policy" not in ppo.hparams
@@ -67,7 +68,7 @@ def test_a_peft_model_is_the_policy_and_its_adapters_off_the_reference(micro_tok
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(micro_lm(micro_tokenizer), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    p3o = P3OModule(policy=model, reward_model="embedded:reviews", tokenizer=micro_tokenizer)
+    p3o = P3OModule(policy=model, reward_model="embedded:reviews", tokenizer=micro_tokenizer, rollout=FITS)
     assert p3o.policy is model and has_adapters(p3o.policy)
     assert p3o.reference.copy is None  # π_ref is the policy with its adapters switched off
 
@@ -114,7 +115,7 @@ def p3o(reward, prompts, evaluation=None, **rollout) -> P3OModule:
 
 def test_a_list_of_prompts_for_the_rollout_and_the_evaluation(tmp_path):
     CALLS.clear()
-    evaluation = EvaluationSpec(prompts=PROMPTS[:3], num_prompts=None, sampling=SamplingSpec(max_new_tokens=4))
+    evaluation = EvaluationSpec(prompts=PROMPTS[:3], num_prompts=None, max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=4))
     stage = p3o(f"{__name__}:completion_length", PROMPTS, evaluation, prompt_pool=None)
     trainer(tmp_path).fit(stage)
     (call,) = [c for c in CALLS if len(c["prompts"]) == 8]  # the rollout: 4 prompts x 2 responses

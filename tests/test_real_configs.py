@@ -61,7 +61,8 @@ def make_hub_stand_ins(work: Path) -> None:
     """Directories named like the hub ids, under the working directory the runs start in."""
     for name, (model_type, pad) in HUB_MODELS.items():
         tokenizer = gpt2_style_tokenizer(pad=pad)
-        config = tiny_config(tokenizer, model_type, hidden_size=64, intermediate_size=128)  # whole 4-bit blocks
+        # whole 4-bit blocks; the shipped prompt + response budgets fit (Pythia has 2048 positions, Qwen2.5 more)
+        config = tiny_config(tokenizer, model_type, hidden_size=64, intermediate_size=128, max_position_embeddings=2048)
         model = AutoModelForCausalLM.from_config(config)
         model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
         model.save_pretrained(work / name)

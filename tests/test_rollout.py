@@ -1,5 +1,6 @@
 """The shared rollout on a micro model: shapes, masks, EOS handling, log-probs, KL, ratio = 1."""
 
+import copy
 import math
 
 import lightning as L
@@ -10,7 +11,8 @@ from torch import nn
 from lit_p3o import ModelSpec, P3OModule, RolloutSpec, SamplingSpec
 from lit_p3o.buffer import collate_groups
 from lit_p3o.data.prompts import load_prompts
-from lit_p3o.generation import response_logprobs
+from lit_p3o.evaluation import EvaluationSpec
+from lit_p3o.generation import check_fits_context, context_limit, response_logprobs
 from lit_p3o.losses import token_logprobs
 from lit_p3o.rollout import KLController, KLSpec, PromptSampler, rollout, sampling_seed
 
@@ -169,6 +171,34 @@ def test_kl_controller_fixed_and_adaptive():
 def test_rollout_spec_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RolloutSpec(**kwargs)
+
+
+@pytest.mark.parametrize("section", ["rollout", "evaluation"])
+def test_prompt_and_response_budgets_beyond_the_context_are_refused_before_sampling(section):
+    """400 + 8 on a 128-position model ran on silently (issue 22); the micro model has 64."""
+    too_long = dict(max_prompt_tokens=60, sampling=SamplingSpec(max_new_tokens=8))
+    spec = ModelSpec(architecture=MICRO, tokenizer="embedded:reviews")
+    rollout_spec = RolloutSpec(prompt_pool=8, num_prompts=2, **(too_long if section == "rollout" else {"max_prompt_tokens": 16}))
+    evaluation = EvaluationSpec(**too_long) if section == "evaluation" else None
+    cls = "RolloutSpec" if section == "rollout" else "EvaluationSpec"
+    with pytest.raises(ValueError, match=rf"^{cls}\.max_prompt_tokens: 60 prompt tokens \+ {section}\.sampling\."
+                       r"max_new_tokens = 8 make 68 positions, more than the policy's context of 64 "
+                       r"\(max_position_embeddings of its config\)"):
+        P3OModule(spec, "embedded:reviews", rollout=rollout_spec, evaluation=evaluation)
+    P3OModule(spec, "embedded:reviews", rollout=RolloutSpec(prompt_pool=8, num_prompts=2, max_prompt_tokens=56,
+                                                            sampling=SamplingSpec(max_new_tokens=8)))  # exactly 64 fits
+
+
+def test_context_limit_falls_back_to_the_tokenizer():
+    stage = make_stage()
+    assert context_limit(stage.policy, stage.tokenizer) == (64, "max_position_embeddings of its config")
+    no_positions = nn.Linear(1, 1)  # a model whose config says nothing
+    tokenizer = copy.copy(stage.tokenizer)
+    assert context_limit(no_positions, tokenizer) is None  # model_max_length not set either
+    tokenizer.model_max_length = 20
+    assert context_limit(no_positions, tokenizer) == (20, "model_max_length of its tokenizer")
+    with pytest.raises(ValueError, match=r"EvaluationSpec\.max_prompt_tokens: 16 .* context of 20 \(model_max_length"):
+        check_fits_context(no_positions, tokenizer, "EvaluationSpec", 16, "evaluation.sampling", 8)
 
 
 def test_temperature_scales_sampling_logprobs_and_kl_alike():

@@ -147,7 +147,7 @@ def test_rollout_masks_penalty_and_ended_follow_the_eos_list(chat_dir):
         "embedded:reviews",
         rollout=RolloutSpec(
             prompts="embedded:reviews", prompt_pool=8, num_prompts=4, num_responses=4,
-            sampling=SamplingSpec(max_new_tokens=8), missing_eos_penalty=2.0,
+            max_prompt_tokens=64, sampling=SamplingSpec(max_new_tokens=8), missing_eos_penalty=2.0,
         ),
     )  # fmt: skip
     eot = stage.tokenizer.convert_tokens_to_ids(EOT)

@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from lit_p3o.buffer import BufferDataset, ReplayBuffer, RolloutBatch
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.evaluation import CompletionWriter, EvaluationSpec, evaluate_examples, sample_completions
-from lit_p3o.generation import response_logprobs_and_states, seeded
+from lit_p3o.generation import check_fits_context, response_logprobs_and_states, seeded
 from lit_p3o.guards import GradientGuard, GuardSpec, TooManySkippedError, UpdateLedger
 from lit_p3o.models import (
     FrozenReference,
@@ -106,6 +106,7 @@ class RLStage(ShardableModule):
         self.policy_spec = as_spec(policy)
         self.tokenizer = load_tokenizer(self.policy_spec, tokenizer, f"{type(self).__name__}.policy")
         self.policy = disable_dropout(build_causal_lm(self.policy_spec, self.tokenizer)).train()
+        self._check_context(evaluation)
         self.reference = FrozenReference(self.policy)
         self.scorer = build_scorer(reward_model, self.tokenizer)
         self.reward_model = getattr(self.scorer, "model", None)  # registered so it follows the device
@@ -114,6 +115,16 @@ class RLStage(ShardableModule):
         self._tied_streak = 0  # consecutive updates whose every group scored its responses alike
         self.fully_clipped = False  # every ratio of the last minibatch clipped: a flat loss (GradientGuard)
         self.strict_loading = False  # frozen models are rebuilt from their sources, not stored
+
+    def _check_context(self, evaluation: EvaluationSpec | None) -> None:
+        """Prompt plus response budgets within the policy's context, checked before anything is
+        sampled (``evaluation`` only when given: its defaults serve validate/test on request)."""
+        rollout = self.rollout_spec
+        check_fits_context(self.policy, self.tokenizer, "RolloutSpec", rollout.max_prompt_tokens, "rollout.sampling",
+                           rollout.sampling.max_new_tokens)  # fmt: skip
+        if evaluation is not None:
+            check_fits_context(self.policy, self.tokenizer, "EvaluationSpec", evaluation.max_prompt_tokens,
+                               "evaluation.sampling", evaluation.sampling.max_new_tokens)  # fmt: skip
 
     # ------------------------------------------------------------------ what subclasses define
 
