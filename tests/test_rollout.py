@@ -14,7 +14,7 @@ from lit_p3o.data.prompts import load_prompts
 from lit_p3o.evaluation import EvaluationSpec
 from lit_p3o.generation import check_fits_context, context_limit, response_logprobs, sample_responses, seeded
 from lit_p3o.losses import token_logprobs
-from lit_p3o.rollout import KLController, KLSpec, PromptSampler, rollout, sampling_seed
+from lit_p3o.rollout import KLController, KLSpec, PromptSampler, RolloutCallback, rollout, sampling_seed
 
 from micro import MICRO_ARCH as MICRO
 
@@ -158,6 +158,22 @@ def test_kl_controller_fixed_and_adaptive():
     assert adaptive.beta == pytest.approx(0.1 * (1 + 0.2 * 100 / 1000))
     adaptive.update(kl=5.4, n_samples=100)  # error -0.1
     assert adaptive.beta == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 0.1))
+
+
+def test_adaptive_beta_after_one_rollout_counts_every_response(tmp_path):
+    """6 prompts × K = 3 responses: the controller moves β by n = 18 samples, not 6 prompts."""
+    L.seed_everything(0)
+    stage = P3OModule(ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"), "embedded:reviews",
+                      rollout=make_stage().rollout_spec, kl=KLSpec(beta=0.1, target=6.0, horizon=100))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(stage)
+    (callback,) = [c for c in trainer.callbacks if isinstance(c, RolloutCallback)]
+    kl = float(torch.cat([g.kl for g in stage.buffer.groups]).mean())  # frozen at rollout time
+    assert len(stage.buffer.groups) == 6 and stage.buffer.beta == 0.1
+    error = min(max(kl / 6.0 - 1, -0.2), 0.2)
+    assert callback.kl.beta == pytest.approx(0.1 * (1 + error * 18 / 100), rel=1e-6)
+    assert callback.kl.beta != pytest.approx(0.1, rel=1e-3)
 
 
 @pytest.mark.parametrize(
