@@ -241,15 +241,17 @@ def test_ledger_summary_and_limit():
     assert not ledger.too_many_skipped(0.0, math.inf) and not ledger.too_many_skipped(0.0, -1)
 
 
-def test_all_updates_skipped_stops_early_and_saves_nothing(tmp_path):
-    """A reward model that returns NaN: the default limit (0.1) stops a 40-update run at its 5th skip."""
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_all_updates_skipped_stops_early_and_saves_nothing(tmp_path, accumulate):
+    """A reward model that returns NaN: the default limit (0.1) stops a 40-update run at its 5th
+    skip; an update is a minibatch, so accumulating 2 per optimizer step plans 40 all the same."""
     L.seed_everything(0)
     stage = make_stage(save_dir=tmp_path / "out")
     stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.full((len(examples),), float("nan"))
     counter = StepCounter()
     with pytest.raises(TooManySkippedError, match=r"5 of the 40 planned updates were skipped.*max_skipped_fraction = "
                        r"0\.1.*\(0 updates applied, 5 skipped \(non-finite reward in the minibatch: 5\)\)"):
-        trainer(tmp_path, max_epochs=10, callbacks=[counter]).fit(stage)
+        trainer(tmp_path, max_epochs=10, callbacks=[counter], accumulate_grad_batches=accumulate).fit(stage)
     assert counter.batches == 5
     assert not (tmp_path / "out").exists()
 
