@@ -29,6 +29,12 @@ def test_bootstrap_interval_of_a_constant_is_a_point_and_narrows_with_more_data(
     assert e.low < e.value < e.high and not e.excludes(0.0) and e.excludes(1.0)
 
 
+def test_estimate_excludes_only_values_outside_its_closed_interval():
+    e = Estimate(0.5, low=0.25, high=0.75)
+    assert not e.excludes(0.25) and not e.excludes(0.75) and not e.excludes(0.5)  # the bounds are inside
+    assert e.excludes(np.nextafter(0.25, 0.0)) and e.excludes(np.nextafter(0.75, 1.0))
+
+
 def test_bootstrap_resamples_rows_of_a_two_dimensional_sample():
     runs = np.array([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])
     got = bootstrap(runs, lambda rows: rows[:, 1].mean() - rows[:, 0].mean(), n_resamples=50)
