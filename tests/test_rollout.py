@@ -2,8 +2,10 @@
 
 import copy
 import math
+from types import SimpleNamespace
 
 import lightning as L
+from lightning.pytorch.plugins.precision import Precision
 import pytest
 import torch
 from torch import nn
@@ -317,6 +319,25 @@ def test_first_update_of_every_rollout_has_ratio_one_under_the_trainers_precisio
     for ratio, kl in firsts:
         assert abs(ratio - 1) < 1e-4 and kl < 1e-9
     assert any(ratio != 1.0 for idx, ratio, _ in seen if idx > 0)  # later steps do move θ
+
+
+def test_ranks_draw_different_sampling_noise_for_the_same_prompts():
+    """The rollout callback seeds each rank's sampling with its own rank (a fast stand-in for
+    the two-process test): the same prompts on rank 0 and rank 1 get different responses, and
+    the same rank redraws its own."""
+    pool = prompts(8)
+
+    def responses(rank: int) -> list[list[int]]:
+        stage = make_stage(num_prompts=4, minibatch_groups=4, log_samples=0)
+        callback = RolloutCallback(stage.rollout_spec, KLSpec(), seed=0)
+        callback.sampler = PromptSampler(pool, seed=0, rank=0, world_size=1)  # the same prompts on every rank
+        trainer = SimpleNamespace(global_rank=rank, world_size=2, is_global_zero=rank == 0, precision_plugin=Precision(),
+                                  progress_bar_callback=None)  # fmt: skip
+        callback.on_train_epoch_start(trainer, stage)
+        return [r for g in stage.buffer.groups for r in g.responses]
+
+    rank0 = responses(0)
+    assert responses(0) == rank0 and responses(1) != rank0
 
 
 def test_sampling_seed_differs_for_every_run_seed_rank_and_rollout():
