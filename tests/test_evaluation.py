@@ -287,14 +287,18 @@ def test_plot_frontier_draws_a_gold_panel_only_with_gold(tmp_path):
     assert png_width(two) == 2 * png_width(one)
 
 
-def test_cli_dispatches_frontier(tmp_path):
+def test_cli_dispatches_frontier(tmp_path, capsys):
     a = write_frontier(tmp_path / "a.csv", [(0.0, 0.1, -1.0), (0.4, 0.3, -0.5)])
     b = write_frontier(tmp_path / "b.csv", [(0.0, 0.1, -1.0), (0.9, 0.6, -0.4)])
     out = tmp_path / "plots" / "frontier.png"
     main(["frontier", f"p3o-v1 beta=0.05={a}", f"ppo beta=0.05={b}", "--out", str(out)])
     assert out.stat().st_size > 0
-    with pytest.raises(SystemExit):
-        main(["frontier", f"p3o={a}", f"p3o={b}", "--out", str(out)])  # duplicate labels
+    out.unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frontier", f"p3o={a}", f"p3o={b}", "--out", str(out)])
+    assert exit_info.value.code == 2  # argparse's usage error, not a crash
+    assert "error: duplicate labels: p3o" in capsys.readouterr().err
+    assert not out.exists()  # refused before plotting
 
 
 def test_labels_may_contain_equals_signs(tmp_path):
