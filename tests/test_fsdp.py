@@ -108,3 +108,34 @@ def test_readme_fsdp_command_runs(tmp_path):
     assert list(logs.rglob("*.ckpt"))
     frontier = (logs / "demo" / "frontier.csv").read_text().splitlines()
     assert len(frontier) == 3  # header, before training, after training (written by rank 0 only)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)])
+def test_fsdp2_runs_the_forward_in_the_trainers_mixed_precision(tmp_path, precision, dtype):
+    """``bf16-mixed`` under FSDP2 becomes its MixedPrecisionPolicy: the sharded layers compute
+    with bfloat16 weights; ``32-true`` keeps float32. One process, gloo, in-process."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from micro import MICRO_ARCH
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lit_p3o.models import ModelSpec, build_causal_lm, is_sharded, load_tokenizer
+    from lit_p3o.stages.sharding import ShardableModule
+
+    spec = ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews")
+    module = ShardableModule()
+    module.policy = build_causal_lm(spec, load_tokenizer(spec))
+    seen = []
+    q_proj = next(m for name, m in module.policy.named_modules() if name.endswith("q_proj"))
+    q_proj.register_forward_hook(lambda mod, args, out: seen.append((mod.weight.dtype, out.dtype)))
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        module._device_mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
+        module._trainer = SimpleNamespace(precision=precision)
+        module.configure_model()
+        assert is_sharded(module.policy)
+        module.policy(input_ids=torch.tensor([[1, 2, 3]]))
+    finally:
+        dist.destroy_process_group()
+    assert seen == [(dtype, dtype)]
