@@ -151,6 +151,12 @@ def rloo_advantages(rewards: Tensor) -> Tensor:
     return (rewards - others).detach()
 
 
+def clip_fraction(ratio: Tensor, advantage: Tensor, eps: float) -> Tensor:
+    """The (detached) share of ``min(ρA, clip(ρ, 1−ε, 1+ε)A)`` terms on their clipped branch,
+    whose gradient is zero."""
+    return _clipped_surrogate(ratio.detach(), advantage.detach(), eps)[1].float().mean()
+
+
 def rloo_loss(logratio: Tensor, advantages: Tensor, clip_epsilon: float | None = None) -> Tensor:
     """REINFORCE with leave-one-out baseline on trajectory ratios ``ρ = exp ℓ``, ``[G, K]``:
     ``−mean(ρA)``, or the PPO-style ``−mean(min(ρA, clip(ρ, 1−ε, 1+ε)A))`` when

@@ -9,7 +9,7 @@ import torch
 from lit_p3o import ModelSpec, OnlineDPOModule, P3OModule, PPOModule, RLOOModule, RolloutSpec, SamplingSpec
 from lit_p3o.buffer import RolloutBatch, collate_groups
 from lit_p3o.data.prompts import load_prompts
-from lit_p3o.losses import dpo_loss, gae, ppo_token_rewards
+from lit_p3o.losses import dpo_loss, gae, ppo_token_rewards, rloo_advantages
 from lit_p3o.rollout import rollout
 
 from micro import MICRO_ARCH as MICRO
@@ -93,6 +93,23 @@ def test_rloo_and_p3o_agree_on_policy():
     rloo = build(RLOOModule, clip_epsilon=None)
     rloo.load_state_dict(p3o.state_dict())
     torch.testing.assert_close(gradient(p3o, batch), gradient(rloo, batch), rtol=1e-5, atol=1e-8)
+
+
+def test_clipped_rloo_reports_a_fully_clipped_minibatch():
+    """Every ratio moved past the clip range in its advantage's direction: the loss is flat, and
+    the stage says so (``fully_clipped``, which GradientGuard excuses) instead of looking broken."""
+    stage = build(RLOOModule, clip_epsilon=0.2)
+    batch = fixed_batch(stage)
+    advantages = rloo_advantages(batch.rewards)
+    assert bool((advantages != 0).all())
+    first = batch.response_mask.float().argmax(1)  # each response's first token
+    batch.logp_old[torch.arange(len(first)), first] -= advantages.flatten().sign()  # ρ = e^{±1}
+    loss, stats = stage.loss(batch)
+    assert float(stats["clip_fraction"]) == 1.0
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in stage.policy.parameters())
+    batch.logp_old[torch.arange(len(first)), first] += 2 * advantages.flatten().sign()  # against A: unclipped
+    assert float(stage.loss(batch)[1]["clip_fraction"]) == 0.0
 
 
 def test_online_dpo_loss_picks_the_higher_score_and_drops_ties():

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.buffer import RolloutBatch
 from lit_p3o.guards import GuardSpec
-from lit_p3o.losses import rloo_advantages, rloo_loss
+from lit_p3o.losses import clip_fraction, rloo_advantages, rloo_loss
 from lit_p3o.evaluation import EvaluationSpec
 from lit_p3o.models import ModelSource
 from lit_p3o.optim import OptimizerSpec
@@ -45,5 +45,9 @@ class RLOOModule(RLStage):
 
     def compute_loss(self, batch: RolloutBatch, logp: Tensor, states: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         token_logratio, logratio = self.trajectory_logratio(batch, logp)
-        loss = rloo_loss(logratio, rloo_advantages(batch.rewards), self.clip_epsilon)
-        return loss, self.ratio_stats(token_logratio, logratio, batch.response_mask)
+        advantages = rloo_advantages(batch.rewards)
+        loss = rloo_loss(logratio, advantages, self.clip_epsilon)
+        stats = self.ratio_stats(token_logratio, logratio, batch.response_mask)
+        if self.clip_epsilon is not None:  # every term clipped: a flat loss, not a fault (GradientGuard)
+            stats["clip_fraction"] = clip_fraction(logratio.exp(), advantages, self.clip_epsilon)
+        return loss, stats
