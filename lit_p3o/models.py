@@ -17,6 +17,8 @@ import errno
 import importlib.util
 import json
 import logging
+import os
+import re
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Union
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -279,7 +282,13 @@ def save_pretrained(
         tokenizer = copy.deepcopy(tokenizer)
         tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # init_kwargs is what is saved
     with replaced_directory(directory) as staging:
-        model.save_pretrained(staging)
+        try:
+            model.save_pretrained(staging)
+        except SafetensorError as err:  # safetensors reports a full disk as its own error type
+            code = re.search(r"\(os error (\d+)\)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(staging)) from err
         if has_adapters(model):
             _absolute_adapter_bases(staging)
         tokenizer.save_pretrained(staging)
