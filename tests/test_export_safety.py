@@ -132,6 +132,7 @@ def reward(prompts, completions, **kwargs):
 '''
 
 
+@pytest.mark.slow  # two fits
 def test_a_second_fit_on_the_same_save_dir_is_stopped(tmp_path):
     (tmp_path / "waiting.py").write_text(WAITING_REWARD)
     write_yaml(tmp_path / "p3o.yaml", p3o_config(reward_model="waiting:reward"))
@@ -195,6 +196,7 @@ def test_a_new_run_refuses_a_save_dir_of_other_files(tmp_path):
 # --------------------------------------------------------------------------- 10. full disks and read-only places
 
 
+@pytest.mark.slow  # a resumed fit
 def test_checkpoint_on_a_full_disk_keeps_the_last_good_one(work):
     config = p3o_config()  # a copied run: ModelCheckpoint would write last-v1.ckpt beside last.ckpt
     config["trainer"]["callbacks"][0]["init_args"]["enable_version_counter"] = False
@@ -212,6 +214,8 @@ def test_checkpoint_on_a_full_disk_keeps_the_last_good_one(work):
 
 
 def test_export_on_a_full_disk_keeps_the_previous_export(work):
+    config = json.loads((work / "export/config.json").read_text())  # the previous export, told apart
+    (work / "export/config.json").write_text(json.dumps({**config, "_previous_export": True}))
     before = snapshot(work / "export")
     result = run_cli("export", "--ckpt", "ckpt/last.ckpt", "--out", "export", cwd=work, file_limit=20_000)
     assert refused(result) == (
