@@ -247,7 +247,8 @@ def read_checkpoint(path: str | Path, flag: str = "--ckpt_path") -> dict[str, An
             ) from None
         kind = describe_file(file)
         if kind == "a zip archive":  # the format torch.save writes
-            reason = str(err).split(". ", 1)[0].splitlines()[0]
+            unpickler = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(err))  # not torch's advice around it
+            reason = unpickler[1] if unpickler else str(err).split(". ", 1)[0].splitlines()[0]
             raise ConfigError(f"{flag} {path}: is truncated or corrupted (torch cannot read it: {reason})") from None
         raise ConfigError(
             f"{flag} {path}: is {kind}, not a Lightning checkpoint (the .ckpt files ModelCheckpoint writes)"

@@ -31,9 +31,9 @@ from typing import IO, Any
 
 import lightning as L
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from fsspec.implementations.local import LocalFileSystem
 
 
 def write_error(what: str, path: str | Path, err: OSError) -> Exception:

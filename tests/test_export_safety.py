@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,7 @@ def test_export_over_another_runs_export_is_refused_and_over_its_own_replaces_it
 
 WAITING_REWARD = '''
 import time
+import zipfile
 from pathlib import Path
 
 
@@ -267,13 +269,18 @@ class RunsACommand:
 def bad_checkpoints(work: Path) -> dict[str, Path]:
     good = (work / "ckpt/last.ckpt").read_bytes()
     (work / "truncated.ckpt").write_bytes(good[: len(good) // 2])
+    with zipfile.ZipFile(work / "ckpt/last.ckpt") as source, zipfile.ZipFile(work / "corrupted.ckpt", "w") as target:
+        for item in source.infolist():  # the archive intact, its pickle stream garbled
+            data = source.read(item)
+            target.writestr(item, b"\x80\x02\xff" + data[3:] if item.filename.endswith("data.pkl") else data)
     checkpoint = torch.load(work / "ckpt/last.ckpt", weights_only=False)
     checkpoint["callbacks"] = {"Evil": RunsACommand()}
     torch.save(checkpoint, work / "unsafe.ckpt")
-    return {"truncated": work / "truncated.ckpt", "unsafe": work / "unsafe.ckpt", "text": work / "p3o.yaml"}
+    return {"truncated": work / "truncated.ckpt", "corrupted": work / "corrupted.ckpt", "unsafe": work / "unsafe.ckpt", "text": work / "p3o.yaml"}
 
 
 EXPECTED = {
+    "corrupted": "is truncated or corrupted (torch cannot read it: Unsupported operand 255)",
     "truncated": "is truncated or corrupted (torch cannot read it: PytorchStreamReader failed reading zip archive: "
     "failed finding central directory)",
     "unsafe": "holds posix.system, which torch's safe loader refuses to load (loading would run or build them); "
