@@ -227,6 +227,21 @@ def test_export_on_a_full_disk_keeps_the_previous_export(work):
     assert snapshot(work / "export") == before and leftovers(work) == []
 
 
+@pytest.mark.slow  # a fit
+def test_fit_export_on_a_full_disk_keeps_the_previous_export(run, tmp_path):
+    config = p3o_config()
+    config["trainer"] |= {"callbacks": [], "enable_checkpointing": False}  # the export is the largest file
+    write_yaml(tmp_path / "p3o.yaml", config)
+    shutil.copytree(run / "export", tmp_path / "export")  # another run's export, which this run would replace
+    before = snapshot(tmp_path / "export")
+    result = run_cli("fit", "--config", "p3o.yaml", cwd=tmp_path, file_limit=20_000)
+    assert refused(result) == (
+        "lit-p3o fit: error: model.init_args.save_dir export: could not be written (File too large); "
+        "the previous one there, if any, is unchanged"
+    )
+    assert snapshot(tmp_path / "export") == before and leftovers(tmp_path) == []
+
+
 def read_only_directory(tmp_path: Path) -> Path:
     """A directory nobody can create files in: permissions, or (as root) a read-only system one."""
     candidate = tmp_path / "read_only"
