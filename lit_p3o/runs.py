@@ -170,14 +170,21 @@ def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
 def replaced_directory(target: str | Path) -> Iterator[Path]:
     """An empty directory beside ``target`` to write into; once the block succeeds it takes
     ``target``'s place (the previous ``target`` is removed), otherwise it is removed and
-    ``target`` is left as it was."""
+    ``target`` is left as it was.
+
+    A ``target`` that is a mount point cannot be renamed: the staging directory is made inside
+    it and its entries are moved into place once written (renames only, which need no space)."""
     target = Path(target).expanduser()
     token = uuid.uuid4().hex[:8]
-    staging = target.with_name(f".{target.name}.{token}.partial")
+    mounted = os.path.ismount(target)
+    staging = target / f".{token}.partial" if mounted else target.with_name(f".{target.name}.{token}.partial")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging.mkdir()
     try:
         yield staging
+        if mounted:
+            _move_entries_into(target, staging, token)
+            return
         try:
             os.rename(staging, target)  # a missing or empty target is replaced in one step
         except OSError as err:
@@ -190,6 +197,19 @@ def replaced_directory(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _move_entries_into(target: Path, staging: Path, token: str) -> None:
+    """Replace ``target``'s entries with ``staging``'s (which lies inside it), then remove ``staging``."""
+    previous = target / f".{token}.previous"
+    previous.mkdir()
+    for entry in target.iterdir():
+        if entry not in (staging, previous):
+            os.rename(entry, previous / entry.name)
+    for entry in staging.iterdir():
+        os.rename(entry, target / entry.name)
+    staging.rmdir()
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -26,7 +26,7 @@ import torch
 
 from test_bad_inputs import ENV, error_line, lit_p3o, p3o_config, write_yaml
 
-from lit_p3o.runs import OutputLock, atomic_file, lock_path
+from lit_p3o.runs import OutputLock, atomic_file, lock_path, replaced_directory
 
 
 def run_cli(*args: str, cwd: Path, file_limit: int | None = None) -> subprocess.CompletedProcess:
@@ -314,3 +314,20 @@ def test_bad_checkpoints_are_named_for_fit_and_export(work, command, case):
     assert refused(result) == f"lit-p3o {command}: error: {flag} {path}: {EXPECTED[case]}"
     assert "weights_only" not in result.stderr and "this ran" not in result.stdout
     assert not (work / "out").exists()
+
+
+@pytest.mark.parametrize("mounted", [False, True])
+def test_replaced_directory_swaps_whole_or_not_at_all(tmp_path, monkeypatch, mounted):
+    """A mount point cannot be renamed: its entries are swapped instead, with the same outcome."""
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "old.bin").write_bytes(b"previous export")
+    monkeypatch.setattr("lit_p3o.runs.os.path.ismount", lambda path: mounted and Path(path) == target)
+    with pytest.raises(OSError, match="No space left"):
+        with replaced_directory(target) as staging:
+            (staging / "new.bin").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert snapshot(target) == {"old.bin": b"previous export"} and leftovers(tmp_path) == []
+    with replaced_directory(target) as staging:
+        (staging / "new.bin").write_bytes(b"new export")
+    assert snapshot(target) == {"new.bin": b"new export"} and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
