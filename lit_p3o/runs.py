@@ -88,16 +88,20 @@ class OutputLock(L.Callback):
             if _same_file(fd, self.path):  # not a lock file its holder removed while we waited
                 break
             os.close(fd)
+        self._fd = fd
         info = {"holder": self.holder, "pid": os.getpid(), "host": socket.gethostname(),
                 "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
-        os.ftruncate(fd, 0)
-        os.write(fd, (json.dumps(info) + "\n").encode())
-        self._fd = fd
+        try:  # who holds it, for the message of whoever is stopped
+            os.ftruncate(fd, 0)
+            os.write(fd, (json.dumps(info) + "\n").encode())
+        except OSError as err:
+            self.release()
+            raise write_error(self.field, self.directory, err) from err
         return self
 
     def release(self) -> None:
-        """Remove the lock file and drop the lock (removing first: a waiter that opened the
-        old file sees it is gone and retries)."""
+        """Remove the lock file and drop the lock (removing first: a process that opened the
+        old file and then gets the lock sees the file is gone and retries)."""
         if self._fd is None:
             return
         if _same_file(self._fd, self.path):

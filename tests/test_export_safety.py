@@ -1,10 +1,12 @@
 """Exports and checkpoints that survive a second writer, a full disk and bad files (issue 22,
 part 1 items 6, 7 and 10, and part 2's checkpoint and export cases).
 
-Every case runs ``python -m lit_p3o …`` in a subprocess, as a user meets it, and checks the
-exit code, that stderr holds no traceback, and the one line naming the flag or field and the
-file. One micro P3O run (module fixture) supplies the checkpoint and export; each case that
-writes copies what it needs first.
+Every user-facing case runs ``python -m lit_p3o …`` in a subprocess, as a user meets it, and
+checks the exit code, that stderr holds no traceback, and the one line naming the flag or field
+and the file; a full disk is a file-size limit on that process. One micro P3O run (module
+fixture) supplies the checkpoint and export; each case that writes copies what it needs first.
+A few tests check the helpers of :mod:`lit_p3o.runs` in process (failures mid-write, a lock
+left by a killed process, mount points).
 """
 
 from __future__ import annotations
