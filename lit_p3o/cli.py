@@ -12,7 +12,9 @@ silently (a :class:`ConfigError` names the config field):
   match the config, except those in :data:`CHANGEABLE_ON_RESUME` (trainer settings, such as
   epochs, logging, evaluation callbacks and checkpointing, come from the config anyway);
   a resumed run refuses an export directory that holds another run's export (runs are told
-  apart by the id in :data:`RUN_MARKER`) and appends to its CSV metrics instead of replacing them.
+  apart by the id in :data:`RUN_MARKER`) and appends to its CSV metrics instead of replacing them;
+* a new run refuses an export directory that holds files but no run's export, and a second
+  run (or ``lit-p3o export``) on an export directory in use is stopped (:class:`~lit_p3o.runs.OutputLock`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import csv
 import json
 import logging
 import os
+import pickle
+import re
 import sys
 import tempfile
 import uuid
@@ -39,6 +43,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lit_p3o.data.issues import DataFormatError
 from lit_p3o.models import check_model_source
+from lit_p3o.runs import OutputLock, atomic_file, is_launching_process
 from lit_p3o.tasks import resolve_embedded
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,7 @@ RUN_MARKER = "lit_p3o_run.json"
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values that are no file name
 _RUN_ID_KEY = "lit_p3o_run_id"  # where checkpoints keep the run id
 _MODEL_DIR_ARGS = ("reward_model", "policy")  # string arguments naming a saved model directory
+_COMMAND_MODULES = ("os", "posix", "nt", "sys", "subprocess", "builtins")  # in a checkpoint: an attack
 
 class ConfigError(Exception):
     """A config or command line that cannot run; ``lit-p3o`` prints it without a traceback."""
@@ -136,13 +142,24 @@ class LitP3OCLI(LightningCLI):
         if problems:
             raise ConfigError("\n".join(problems))
         run_id = (self.checkpoint or {}).get(_RUN_ID_KEY)
-        if self.checkpoint is not None:
-            check_export_dir(save_dir, run_id)
-            keep_csv_history(self.trainer, self.checkpoint)
-        elif save_dir is not None and (marker := read_run_marker(Path(save_dir))) is not None:
-            log.warning("%s holds the export of run %s; this new run will replace it", save_dir, marker.get("run_id"))
-        run_id = run_id or uuid.uuid4().hex[:12]
-        self.trainer.callbacks.append(RunMarker(run_id, type(self.model).__qualname__, save_dir))
+        new_id = run_id or uuid.uuid4().hex[:12]
+        lock = None  # one run writes save_dir at a time, until it ends
+        if save_dir is not None and is_launching_process():
+            lock = OutputLock(save_dir, "model.init_args.save_dir", f"run {new_id} (lit-p3o fit)").acquire()
+            self.trainer.callbacks.append(lock)
+        try:
+            if self.checkpoint is not None:
+                check_export_dir(save_dir, run_id)
+                keep_csv_history(self.trainer, self.checkpoint)
+            elif save_dir is not None and (marker := read_run_marker(Path(save_dir))) is not None:
+                log.warning("%s holds the export of run %s; this new run will replace it", save_dir, marker.get("run_id"))
+            else:  # the export replaces save_dir whole: never a directory of other files
+                check_export_dir(save_dir, None, writer=f"this new run (run {new_id})")
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        self.trainer.callbacks.append(RunMarker(new_id, type(self.model).__qualname__, save_dir))
 
 
 class _RawEpilogFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
@@ -208,27 +225,48 @@ def _show_our_logs() -> None:
 # --------------------------------------------------------------------------- checkpoints and resuming
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint, or a :class:`ConfigError` saying what the file is instead."""
+def read_checkpoint(path: str | Path, flag: str = "--ckpt_path") -> dict[str, Any]:
+    """A Lightning checkpoint, read with torch's safe loader only, or a :class:`ConfigError`
+    naming ``flag`` and saying what the file is instead: missing, truncated or corrupted,
+    holding objects the safe loader refuses (named), or not a checkpoint at all. Never
+    suggests ``weights_only=False``: that would run whatever the file holds."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise ConfigError(f"--ckpt_path {path}: no such file")
+        raise ConfigError(f"{flag} {path}: no such file")
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types; its advice (weights_only=False) is unsafe
-        unsafe = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), None)
-        if unsafe:  # a torch file holding a class nobody allowed: name it, do not advise unpickling anything
+    except Exception as err:  # torch raises several types; its own message advises weights_only=False
+        unsafe = _unsafe_globals(file, err)
+        if unsafe:
+            commands = any(name.split(".")[0] in _COMMAND_MODULES for name in unsafe)
+            advice = ("they can run commands: do not load this file" if commands else "if you trust the file and "
+                      "these classes, allow them with torch.serialization.add_safe_globals")  # fmt: skip
             raise ConfigError(
-                f"--ckpt_path {path}: holds an object torch does not load safely ({unsafe}); register its class "
-                "with torch.serialization.add_safe_globals if you trust it"
-            ) from err
+                f"{flag} {path}: holds {', '.join(unsafe)}, which torch's safe loader refuses to load (loading "
+                f"would run or build them); lit-p3o checkpoints hold no such objects, and {advice}"
+            ) from None
+        kind = describe_file(file)
+        if kind == "a zip archive":  # the format torch.save writes
+            unpickler = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(err))  # not torch's advice around it
+            reason = unpickler[1] if unpickler else str(err).split(". ", 1)[0].splitlines()[0]
+            raise ConfigError(f"{flag} {path}: is truncated or corrupted (torch cannot read it: {reason})") from None
         raise ConfigError(
-            f"--ckpt_path {path}: is {describe_file(file)}, not a Lightning checkpoint "
-            "(the .ckpt files ModelCheckpoint writes)"
-        ) from err
+            f"{flag} {path}: is {kind}, not a Lightning checkpoint (the .ckpt files ModelCheckpoint writes)"
+        ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint:
-        raise ConfigError(f"--ckpt_path {path}: a torch file but not a Lightning checkpoint (no `state_dict`/`loops`)")
+        raise ConfigError(f"{flag} {path}: a torch file but not a Lightning checkpoint (no `state_dict`/`loops`)")
     return checkpoint
+
+
+def _unsafe_globals(file: Path, err: Exception) -> list[str]:
+    """The classes and functions in a torch file that its safe loading refused (empty when
+    the load failed for another reason, such as a truncated file)."""
+    if not isinstance(err, pickle.UnpicklingError):
+        return []
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+    except Exception:  # not a zip archive (legacy format) or a corrupted one: read torch's message
+        return sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(err))))
 
 
 def describe_file(path: Path) -> str:
@@ -285,25 +323,57 @@ def check_resume(
     return differences
 
 
-def check_export_dir(save_dir: str | None, run_id: str | None) -> None:
-    """A resumed run exports only into a missing or empty directory, or one its own run wrote."""
+def check_export_dir(
+    save_dir: str | Path | None,
+    run_id: str | None,
+    flag: str = "model.init_args.save_dir",
+    writer: str | None = None,
+    checkpoint: str | None = None,
+) -> None:
+    """An export goes only into a missing or empty directory, or over an export of its own run:
+    one whose :data:`RUN_MARKER` names ``run_id`` (or, for a checkpoint that holds no run id,
+    the same ``checkpoint`` file). Anything else is refused with one line naming ``flag``, what
+    the directory holds and ``writer`` (default: this resumed run)."""
     if save_dir is None:
         return
     directory = Path(save_dir).expanduser()
     if not directory.is_dir() or not any(directory.iterdir()):
         return
     marker = read_run_marker(directory)
-    if marker is not None and run_id is not None and marker.get("run_id") == run_id:
+    if marker is not None and _same_run(marker, run_id, checkpoint):
         return
     owner = (
-        f"the export of run {marker.get('run_id')} ({marker.get('stage')})"
-        if marker is not None
-        else f"files without a {RUN_MARKER} (not exported by a lit-p3o run)"
+        f"files without a {RUN_MARKER} (not exported by a lit-p3o run)" if marker is None else _export_of(marker)
     )
+    writer = writer or f"this resumed run (run {run_id or 'without an id'})"
+    option = flag if flag.startswith("-") else f"--{flag}"
     raise ConfigError(
-        f"model.init_args.save_dir {save_dir}: holds {owner}; this resumed run (run {run_id or 'without an id'}) "
-        "would overwrite it. Give another --model.init_args.save_dir, or move that directory away"
+        f"{flag} {save_dir}: holds {owner}; {writer} would overwrite it. Give another {option}, or move that "
+        "directory away"
     )
+
+
+def _same_run(marker: dict[str, Any], run_id: str | None, checkpoint: str | None) -> bool:
+    if run_id is not None:
+        return marker.get("run_id") == run_id
+    return checkpoint is not None and marker.get("checkpoint") == checkpoint
+
+
+def _export_of(marker: dict[str, Any]) -> str:
+    """'the export of run 3f2a… (P3OModule)', plus how it was made when not by ``fit`` itself."""
+    text = f"the export of run {marker.get('run_id') or 'without an id'} ({marker.get('stage')})"
+    if marker.get("checkpoint"):
+        text += f" made by `lit-p3o export` of {marker['checkpoint']}"
+    return text
+
+
+def run_marker(run_id: str | None, stage: str, checkpoint: str | None = None) -> str:
+    """The text of :data:`RUN_MARKER`: the run, its stage and, for ``lit-p3o export``, the
+    checkpoint (absolute path) the export was made from."""
+    marker: dict[str, Any] = {"run_id": run_id, "stage": stage}
+    if checkpoint is not None:
+        marker |= {"exported_by": "lit-p3o export", "checkpoint": checkpoint}
+    return json.dumps(marker) + "\n"
 
 
 def read_run_marker(directory: Path) -> dict[str, Any] | None:
@@ -329,8 +399,8 @@ class RunMarker(L.Callback):
         """After the stage's export (``on_train_end``), on success only."""
         if self.save_dir is None or not trainer.is_global_zero or not Path(self.save_dir).is_dir():
             return
-        marker = {"run_id": self.run_id, "stage": self.stage}
-        Path(self.save_dir, RUN_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+        with atomic_file(Path(self.save_dir, RUN_MARKER)) as f:
+            f.write(run_marker(self.run_id, self.stage).encode())
 
 
 def keep_csv_history(trainer: L.Trainer, checkpoint: dict[str, Any]) -> None:

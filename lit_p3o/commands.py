@@ -34,6 +34,7 @@ from lit_p3o.data.prompts import load_prompts
 from lit_p3o.evaluation import evaluate_examples, read_frontier, sample_completions
 from lit_p3o.generation import SamplingSpec, seeded
 from lit_p3o.models import FrozenReference, ModelSpec, build_causal_lm, has_adapters, load_tokenizer, save_pretrained
+from lit_p3o.runs import OutputLock, write_error
 from lit_p3o.scoring import GoldScorer, RewardScorer, build_scorer
 from lit_p3o.statistics import bootstrap_mean
 from lit_p3o.tasks import resolve_embedded
@@ -467,39 +468,54 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, merge: bool = False, cl
     The stage is rebuilt from the checkpoint's hyperparameters, so its model sources (e.g.
     ``policy.name_or_path``) must resolve from the working directory, as in training. An RL
     stage's reward model is not rebuilt (it is not exported); PPO's value head is not exported.
+
+    ``out`` follows the rules of ``fit``'s ``save_dir``: it must be missing, empty, or hold an
+    export of the checkpoint's own run (re-exporting after more training replaces it), and it
+    is locked while written. The export is marked with :data:`~lit_p3o.cli.RUN_MARKER` (the
+    run and the checkpoint it was made from) and replaces ``out`` whole, so a failure leaves
+    the previous export as it was. Errors are :class:`~lit_p3o.cli.ConfigError` lines naming
+    ``--ckpt`` or ``--out``.
     """
     import lit_p3o  # noqa: F401  (registers the checkpoint's classes as safe to unpickle)
+    from lit_p3o.cli import _RUN_ID_KEY, RUN_MARKER, ConfigError, check_export_dir, read_checkpoint, run_marker
     from lit_p3o.stages.base import RLStage
 
-    ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"export: no such checkpoint file {str(ckpt)!r}")
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise ValueError(f"{ckpt}: not a Lightning checkpoint of a lit-p3o stage (no state_dict/hyper_parameters)")
-    hparams = dict(checkpoint["hyper_parameters"])
-    cls = stage_class(hparams, class_path)
-    if issubclass(cls, RLStage):
-        hparams["reward_model"] = "embedded:reviews"  # the scorer is frozen, not in the checkpoint, not exported
-    try:
-        if hparams.pop("_instantiator", None) is not None:  # written by LightningCLI: the parsed config
-            hparams.pop("_class_path", None)
-            module = instantiate_module(cls, hparams)
-        else:
-            module = cls(**hparams)
-    except (FileNotFoundError, OSError) as err:
-        raise type(err)(f"{ckpt}: rebuilding {cls.__name__} failed; run export from the directory training ran in ({err})") from err
-    missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
-    missing = [k for k in missing if not k.startswith(("reference.", "reward_model."))]
-    if missing or unexpected:
-        raise ValueError(f"{ckpt}: weights do not fit {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    network = module.policy if hasattr(module, "policy") else module.reward_model
-    if has_adapters(network) and not merge:
-        bases = [c.base_model_name_or_path for c in network.peft_config.values()]
-        if any(Path(b, "adapter_config.json").is_file() for b in bases if b):
-            print(f"[lit-p3o] the adapters' base {bases[0]} is itself an adapter directory; merging (peft cannot stack them)")
-            merge = True
-    path = save_pretrained(network.eval(), module.tokenizer, out, merge=merge)
+    checkpoint = read_checkpoint(ckpt, "--ckpt")
+    if "hyper_parameters" not in checkpoint:
+        raise ConfigError(f"--ckpt {ckpt}: a Lightning checkpoint without hyperparameters; it was not written by a lit-p3o stage")
+    source, run_id = str(Path(ckpt).expanduser().resolve()), checkpoint.get(_RUN_ID_KEY)
+    writer = f"this export of {ckpt} (run {run_id or 'without an id'})"
+    with OutputLock(out, "--out", f"lit-p3o export of {ckpt}"):
+        check_export_dir(out, run_id, "--out", writer, checkpoint=source)
+        hparams = dict(checkpoint["hyper_parameters"])
+        cls = stage_class(hparams, class_path)
+        if issubclass(cls, RLStage):
+            hparams["reward_model"] = "embedded:reviews"  # the scorer is frozen, not in the checkpoint, not exported
+        try:
+            if hparams.pop("_instantiator", None) is not None:  # written by LightningCLI: the parsed config
+                hparams.pop("_class_path", None)
+                module = instantiate_module(cls, hparams)
+            else:
+                module = cls(**hparams)
+        except OSError as err:
+            raise ConfigError(f"--ckpt {ckpt}: rebuilding {cls.__name__} failed; run export from the directory "
+                              f"training ran in ({err})") from err  # fmt: skip
+        missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
+        missing = [k for k in missing if not k.startswith(("reference.", "reward_model."))]
+        if missing or unexpected:
+            raise ConfigError(f"--ckpt {ckpt}: weights do not fit {cls.__name__}: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")  # fmt: skip
+        network = module.policy if hasattr(module, "policy") else module.reward_model
+        if has_adapters(network) and not merge:
+            bases = [c.base_model_name_or_path for c in network.peft_config.values()]
+            if any(Path(b, "adapter_config.json").is_file() for b in bases if b):
+                print(f"[lit-p3o] the adapters' base {bases[0]} is itself an adapter directory; merging (peft cannot stack them)")
+                merge = True
+        marker = {RUN_MARKER: run_marker(run_id, cls.__name__, checkpoint=source)}
+        try:
+            path = save_pretrained(network.eval(), module.tokenizer, out, merge=merge, extra_files=marker)
+        except OSError as err:  # a full disk, a read-only directory, a file in the way
+            raise write_error("--out", out, err) from err
     print(f"[lit-p3o] exported {cls.__name__}.{'policy' if hasattr(module, 'policy') else 'reward_model'} "
           f"of {ckpt} to {Path(path).resolve()}")  # fmt: skip
     return path
@@ -507,13 +523,18 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, merge: bool = False, cl
 
 def export_main(argv: Sequence[str] | None = None) -> Path:
     """``lit-p3o export --ckpt CKPT --out DIR [--merge] [--stage CLASS_PATH]``."""
+    from lit_p3o.cli import ConfigError
+
     parser = argparse.ArgumentParser(prog="lit-p3o export", description=export_checkpoint.__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, type=Path, help="a Lightning checkpoint (.ckpt) of any lit-p3o stage")
-    parser.add_argument("--out", required=True, type=Path, help="directory to write")
+    parser.add_argument("--out", required=True, type=Path, help="directory to write (missing, empty, or an export of the same run)")
     parser.add_argument("--merge", action="store_true", help="merge LoRA adapters into the base and save it whole")
     parser.add_argument("--stage", default=None, help="the stage's class path, when it cannot be told from the checkpoint")
     args = parser.parse_args(argv)
-    return export_checkpoint(args.ckpt, args.out, args.merge, args.stage)
+    try:
+        return export_checkpoint(args.ckpt, args.out, args.merge, args.stage)
+    except ConfigError as err:  # names --ckpt or --out and the file: one line, no usage
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {

@@ -13,15 +13,20 @@ without LoRA it is a frozen deep copy, which doubles the weight memory of the po
 from __future__ import annotations
 
 import copy
+import errno
 import importlib.util
 import json
 import logging
+import os
+import re
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Union
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -32,6 +37,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lit_p3o.runs import replaced_directory
 from lit_p3o.tasks import resolve_embedded
 
 log = logging.getLogger(__name__)
@@ -241,7 +247,11 @@ class FrozenReference(nn.Module):
 
 
 def save_pretrained(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path, merge: bool = False
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    directory: str | Path,
+    merge: bool = False,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write model (or its adapters) and tokenizer so plain transformers/peft load them from
     any working directory.
@@ -256,20 +266,49 @@ def save_pretrained(
     side: HF's sequence-classification heads read the last token that is not
     ``pad_token_id``, on either side (so when pad = EOS a final EOS is not the token read;
     :class:`lit_p3o.RewardScorer` reads the last attended token instead).
+
+    ``extra_files`` (name → text) are written beside them. The directory is written beside
+    ``directory`` and then renamed into its place (:func:`lit_p3o.runs.replaced_directory`):
+    a failure (a full disk) leaves the previous export whole, and files of an earlier export
+    that this one does not write (full weights under new adapters) do not linger. A non-empty
+    ``directory`` that holds no saved model is refused rather than replaced.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(directory)
     if has_adapters(model) and (merge or not all(c.base_model_name_or_path for c in model.peft_config.values())):
         log.info("saving the model with its adapters merged to %s", directory)
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(directory)
-    if has_adapters(model):
-        _absolute_adapter_bases(directory)
     if _is_causal_lm(model) and tokenizer.padding_side != "left":
         tokenizer = copy.deepcopy(tokenizer)
         tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # init_kwargs is what is saved
-    tokenizer.save_pretrained(directory)
+    with replaced_directory(directory) as staging:
+        try:
+            model.save_pretrained(staging)
+        except SafetensorError as err:  # safetensors reports a full disk as its own error type
+            code = re.search(r"\(os error (\d+)\)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(staging)) from err
+        if has_adapters(model):
+            _absolute_adapter_bases(staging)
+        tokenizer.save_pretrained(staging)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
     return directory
+
+
+def _check_replaceable(directory: Path) -> None:
+    """Refuse to replace a file, or a directory of files that are no saved model."""
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(errno.EEXIST, f"{directory} is a file, not a directory to save a model in")
+    if directory.is_dir() and any(directory.iterdir()) and not any(
+        (directory / name).is_file() for name in ("config.json", "adapter_config.json")
+    ):
+        raise FileExistsError(
+            errno.ENOTEMPTY,
+            f"{directory} holds files but no saved model (no config.json or adapter_config.json); an export "
+            "replaces its directory whole, so it is not written there",
+        )
 
 
 def _is_causal_lm(model: nn.Module) -> bool:

@@ -25,7 +25,7 @@ from lit_p3o import (
     SFTDataModule,
     SFTModule,
 )
-from lit_p3o.cli import main
+from lit_p3o.cli import ConfigError, main
 from lit_p3o.commands import export_checkpoint, stage_class
 from lit_p3o.data.encoding import Encoded, collate
 from lit_p3o.models import save_pretrained
@@ -121,7 +121,7 @@ def test_reward_stage_export_scores_like_the_module(workdir, tmp_path, monkeypat
 
 
 def test_export_refuses_what_it_cannot_read(tmp_path, workdir):
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    with pytest.raises(ConfigError, match="--ckpt .*missing.ckpt: no such file"):
         export_checkpoint(tmp_path / "missing.ckpt", tmp_path / "out")
     with pytest.raises(ValueError, match="pass --stage"):
         stage_class({"policy": None, "unknown_knob": 1})
@@ -129,7 +129,7 @@ def test_export_refuses_what_it_cannot_read(tmp_path, workdir):
     module = SFTModule(ModelSpec(name_or_path="./base"), optimizer=OPT)
     ckpt = train_and_checkpoint(module, workdir / "sft.ckpt", sft_data(module.tokenizer), max_steps=1)
     shutil.rmtree(workdir / "base")
-    with pytest.raises(FileNotFoundError, match="run export from the directory training ran in"):
+    with pytest.raises(ConfigError, match="run export from the directory training ran in"):
         export_checkpoint(ckpt, tmp_path / "out")
 
 

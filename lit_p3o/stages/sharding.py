@@ -22,10 +22,15 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.models import full_weights, is_sharded, save_pretrained, shard_model
+from lit_p3o.runs import use_atomic_checkpoints, write_error
 
 
 class ShardableModule(L.LightningModule):
-    """A LightningModule whose networks FSDP2 can shard (see the module docstring)."""
+    """A LightningModule whose networks FSDP2 can shard (see the module docstring), and
+    whose checkpoints and exports are written atomically (:mod:`lit_p3o.runs`)."""
+
+    def setup(self, stage: str) -> None:
+        use_atomic_checkpoints(self.trainer)
 
     def configure_model(self) -> None:
         mesh = self.device_mesh
@@ -55,6 +60,11 @@ class ShardableModule(L.LightningModule):
         ``rebuild`` makes a fresh unsharded model of the same spec to hold the gathered weights.
         """
         full = full_weights(model, rebuild)
-        path = save_pretrained(full, tokenizer, directory) if self.trainer.is_global_zero else None
+        path = None
+        if self.trainer.is_global_zero:
+            try:
+                path = save_pretrained(full, tokenizer, directory)
+            except OSError as err:  # a full disk, or a directory that holds something else
+                raise write_error("model.init_args.save_dir", directory, err) from err
         self.trainer.strategy.barrier("export_pretrained")  # the directory is complete for every rank after
         return path
