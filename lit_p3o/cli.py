@@ -13,6 +13,10 @@ silently (a :class:`ConfigError` names the config field):
   epochs, logging, evaluation callbacks and checkpointing, come from the config anyway);
   a resumed run refuses an export directory that holds another run's export (runs are told
   apart by the id in :data:`RUN_MARKER`) and appends to its CSV metrics instead of replacing them.
+  Lightning's names (``--ckpt_path last``, ``hpc``, …) are resolved to their file and checked alike.
+
+A run stopped by SIGTERM saves a checkpoint (:class:`SignalCheckpoint`) and exits with status 143
+and one line saying how to resume.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.trainer.states import TrainerFn
@@ -121,6 +125,8 @@ class LitP3OCLI(LightningCLI):
         name = fit_args.get("ckpt_path")
         if name is not None and not _is_lightning_name(name):
             return
+        if name is None and any(isinstance(cb, OnExceptionCheckpoint) for cb in self.trainer.callbacks):
+            name = "last"  # what Lightning's fit loads by itself then
         connector = self.trainer._checkpoint_connector  # Lightning's own resolution (private API)
         try:
             path = connector._parse_ckpt_path(TrainerFn.FITTING, name, model_provided=True, model_connected=False)
