@@ -160,7 +160,18 @@ def test_sigterm_during_a_rollout_checkpoints_exits_143_and_resumes_with_ckpt_pa
     (tmp_path / "p3o.yaml").write_text(yaml.safe_dump(config(demo_checkpointing())))
     resumed = lit_p3o(tmp_path, "--ckpt_path", "last")
     assert f"--ckpt_path last: resuming from {saved}" in resumed.stderr
+    assert "dataloader is not resumable" not in resumed.stderr  # it is: the buffer holds the position
     assert_same_run(tmp_path, uninterrupted, resumed)
+
+
+@pytest.mark.slow
+def test_sigterm_on_an_epochs_last_update_resumes_exactly(uninterrupted, tmp_path):
+    """Lightning stops at the end of the epoch then: the checkpoint holds a finished epoch."""
+    result = run(tmp_path, demo_checkpointing(), {"step": 4, "when": "update", "signal": "SIGTERM"})
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert global_step(tmp_path / "ckpt/last.ckpt") == 4
+    (tmp_path / "p3o.yaml").write_text(yaml.safe_dump(config(demo_checkpointing())))
+    assert_same_run(tmp_path, uninterrupted, lit_p3o(tmp_path, "--ckpt_path", "last"))
 
 
 def test_sigterm_without_a_model_checkpoint_says_nothing_can_resume(tmp_path):

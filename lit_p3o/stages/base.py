@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lit_p3o.buffer import BufferDataset, ReplayBuffer, RolloutBatch
+from lit_p3o.buffer import BufferDataset, BufferLoader, ReplayBuffer, RolloutBatch
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.evaluation import CompletionWriter, EvaluationSpec, evaluate_examples, sample_completions
 from lit_p3o.generation import response_logprobs_and_states, seeded
@@ -51,8 +51,6 @@ _RATIO_STATS = ("ratio_mean", "ratio_max", "approx_kl", "clip_fraction")
 # BufferDataset defines __len__ on purpose (progress bar, schedulers) and is only ever read
 # by the main process (num_workers=0), which is the case Lightning's warning is not about.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
-# a checkpoint inside a rollout resumes exactly: the buffer, restored from it, holds the remaining minibatches
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 # RL stages return no validation loader during `fit` unless `evaluation` is set (see val_dataloader)
 warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero", category=UserWarning)
 
@@ -172,7 +170,7 @@ class RLStage(ShardableModule):
     def train_dataloader(self) -> DataLoader:
         dataset = BufferDataset(self.buffer, self.tokenizer.pad_token_id, self.rollout_spec.num_prompts)
         # its own generator: creating the iterator must not consume the global RNG (resume equality)
-        return DataLoader(dataset, batch_size=None, generator=torch.Generator().manual_seed(self.seed))
+        return BufferLoader(dataset, batch_size=None, generator=torch.Generator().manual_seed(self.seed))
 
     def configure_optimizers(self) -> Any:
         return configure_adamw(self, self.optimizer_spec)
