@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from lit_p3o.data.encoding import Batch, Encoded, collate
 from lit_p3o.losses import kl_regularized_rewards
@@ -228,3 +228,16 @@ class BufferDataset(IterableDataset):
     def __iter__(self) -> Iterator[RolloutBatch]:
         for indices in self.buffer.schedule()[self.buffer.consumed :]:
             yield collate_groups([self.buffer.groups[i] for i in indices], self.pad_token_id)
+
+
+class BufferLoader(DataLoader):
+    """The loader of a :class:`BufferDataset`, resumable in Lightning's sense: where a rollout's
+    replay stands is the buffer's ``consumed``, checkpointed with the stage, so the loader has
+    no state of its own to save (Lightning otherwise warns, wrongly here, that resuming inside
+    an epoch is unreliable)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore: the buffer is restored from the stage's checkpoint."""

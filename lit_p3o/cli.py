@@ -12,9 +12,13 @@ silently (a :class:`ConfigError` names the config field):
   match the config, except those in :data:`CHANGEABLE_ON_RESUME` (trainer settings, such as
   epochs, logging, evaluation callbacks and checkpointing, come from the config anyway);
   a resumed run refuses an export directory that holds another run's export (runs are told
-  apart by the id in :data:`RUN_MARKER`) and appends to its CSV metrics instead of replacing them;
+  apart by the id in :data:`RUN_MARKER`) and appends to its CSV metrics instead of replacing them.
+  Lightning's names (``--ckpt_path last``, ``hpc``, …) are resolved to their file and checked alike;
 * a new run refuses an export directory that holds files but no run's export, and a second
   run (or ``lit-p3o export``) on an export directory in use is stopped (:class:`~lit_p3o.runs.OutputLock`).
+
+A run stopped by SIGTERM saves a checkpoint (:class:`SignalCheckpoint`) and exits with status 143
+and one line saying how to resume.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import logging
 import os
 import pickle
 import re
+import signal
 import sys
 import tempfile
 import uuid
@@ -38,8 +43,11 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from jsonargparse import DefaultHelpFormatter
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_p3o.data.issues import DataFormatError
 from lit_p3o.models import check_model_source
@@ -99,16 +107,42 @@ class LitP3OCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Replaces LightningCLI's, which overwrites the config with the checkpoint's
         hyperparameters (so the checkpoint's stage, reward model and export directory win
-        silently): here they are compared, and the config is used when they agree."""
+        silently): here they are compared, and the config is used when they agree. A name
+        Lightning resolves (``last``, ``hpc``, ...) is checked in :meth:`before_fit`, once the
+        trainer that resolves it exists."""
         if not self.config.get("subcommand"):
             return
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
-        if not ckpt_path or (not Path(ckpt_path).exists() and str(ckpt_path).startswith(_LIGHTNING_CKPT_NAMES)):
-            return  # resolved by Lightning itself
+        if ckpt_path and not _is_lightning_name(ckpt_path):
+            self._check_checkpoint(ckpt_path)
+
+    def _check_checkpoint(self, ckpt_path: str | Path) -> None:
+        """Read the checkpoint a run resumes from and compare its settings with the config."""
         self.checkpoint = read_checkpoint(ckpt_path)
         config = {section: self._section(section) for section in ("model", "data")}
         for key, (saved, given) in check_resume(config, self.checkpoint, ckpt_path).items():
             log.info("resuming %s with %s = %r (the checkpoint had %r)", ckpt_path, key, given, saved)
+
+    def _resolve_ckpt_name(self) -> None:
+        """``--ckpt_path last|hpc|best|registry`` (or none under SLURM with an ``hpc`` checkpoint
+        to requeue from): the file Lightning would load, checked like a path and then passed to
+        ``fit`` in place of the name, so the checked file is the one resumed."""
+        fit_args = self.config_init[self.subcommand]
+        name = fit_args.get("ckpt_path")
+        if name is not None and not _is_lightning_name(name):
+            return
+        if name is None and any(isinstance(cb, OnExceptionCheckpoint) for cb in self.trainer.callbacks):
+            name = "last"  # what Lightning's fit loads by itself then
+        connector = self.trainer._checkpoint_connector  # Lightning's own resolution (private API)
+        try:
+            path = connector._parse_ckpt_path(TrainerFn.FITTING, name, model_provided=True, model_connected=False)
+        except ValueError as err:  # "best" before any fit, "hpc" without an hpc checkpoint
+            raise ConfigError(f"--ckpt_path {name}: {err}") from err
+        if path is None:
+            return  # `last` before the first checkpoint: a new run, as in Lightning
+        log.info("--ckpt_path %s: resuming from %s", name or "(none, SLURM requeue)", path)
+        self._check_checkpoint(path)
+        fit_args["ckpt_path"] = str(path)
 
     def before_instantiate_classes(self) -> None:
         self._check_optimizer_flags()
@@ -141,6 +175,7 @@ class LitP3OCLI(LightningCLI):
         problems = check_writable(self.trainer, save_dir)
         if problems:
             raise ConfigError("\n".join(problems))
+        self._resolve_ckpt_name()
         run_id = (self.checkpoint or {}).get(_RUN_ID_KEY)
         new_id = run_id or uuid.uuid4().hex[:12]
         lock = None  # one run writes save_dir at a time, until it ends
@@ -160,6 +195,27 @@ class LitP3OCLI(LightningCLI):
                 lock.release()
             raise
         self.trainer.callbacks.append(RunMarker(new_id, type(self.model).__qualname__, save_dir))
+        self.trainer.callbacks.append(SignalCheckpoint())
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """A run stopped by SIGTERM ends with exit status 143 (128 + SIGTERM) and one line saying
+        where its checkpoint is, instead of Lightning's silent exit 0 (its ``SIGTERMException``
+        is a ``SystemExit`` without a code)."""
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            if self.trainer.is_global_zero:
+                sys.stderr.write(f"lit-p3o {subcommand}: error: {self._stopped_by_signal()}\n")
+            sys.exit(128 + signal.SIGTERM)
+
+    def _stopped_by_signal(self) -> str:
+        saved = next((cb.path for cb in self.trainer.callbacks if isinstance(cb, SignalCheckpoint) and cb.path), None)
+        where = f"stopped by SIGTERM after {self.trainer.global_step} optimizer steps (epoch {self.trainer.current_epoch})"
+        if saved is None:
+            return (f"{where}; no checkpoint was written (no ModelCheckpoint in trainer.callbacks) and nothing "
+                    "was exported: the run cannot be resumed")  # fmt: skip
+        return (f"{where}; nothing was exported. Checkpoint: {saved}; resume by running the same command with "
+                f"--ckpt_path {saved}")  # fmt: skip
 
 
 class _RawEpilogFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
@@ -403,10 +459,53 @@ class RunMarker(L.Callback):
             f.write(run_marker(self.run_id, self.stage).encode())
 
 
+def resumed_log_step(checkpoint: dict[str, Any]) -> int:
+    """The logging step at which a run resumed from ``checkpoint`` writes its first metrics.
+
+    Lightning keeps it as ``_batches_that_stepped``, which a checkpoint written in
+    ``on_train_batch_end`` holds before that update's own increment (its metrics rows carry
+    the stored step); Lightning adds the missing one when it restarts from such a checkpoint.
+    """
+    loop = checkpoint["loops"]["fit_loop"]
+    step = loop["epoch_loop.state_dict"].get("_batches_that_stepped", 0)
+    batches = loop["epoch_loop.batch_progress"]["total"]
+    saved_on_batch_end = batches["ready"] == batches["started"] == batches["processed"] == batches["completed"] + 1
+    return step + int(saved_on_batch_end)
+
+
+class SignalCheckpoint(L.Callback):
+    """Checkpoints the point at which Lightning stops a run on SIGTERM.
+
+    Lightning's signal handler only notes the signal; the loop stops at the end of the current
+    update (a rollout under way is finished and its first update applied) by raising
+    ``SIGTERMException``. Here that point, a consistent one to resume from exactly, is written
+    as the ``ModelCheckpoint``'s last checkpoint (``last.ckpt`` in its directory; a
+    ``save_last: link`` link is replaced, not written through). Without a ModelCheckpoint no
+    file is written. Lightning's other handlers (SLURM requeue on SIGUSR1) are unchanged.
+    """
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        callback = trainer.checkpoint_callback
+        if not isinstance(exception, SIGTERMException) or not isinstance(callback, ModelCheckpoint):
+            return
+        if trainer.state.fn != TrainerFn.FITTING or callback.dirpath is None:
+            return
+        last = callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION
+        path = callback.last_model_path or os.path.join(callback.dirpath, last)
+        if trainer.is_global_zero and os.path.islink(path):
+            os.remove(path)
+        trainer.save_checkpoint(path)
+        self.path = str(Path(path).resolve())
+
+
 def keep_csv_history(trainer: L.Trainer, checkpoint: dict[str, Any]) -> None:
     """A CSVLogger writing into an existing version deletes its ``metrics.csv``; on resume,
-    keep the rows logged before the checkpoint so the new ones are appended to them."""
-    step = checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"].get("_batches_that_stepped", 0)
+    keep the rows logged before the resumed run's first step (:func:`resumed_log_step`), so
+    the new ones are appended to them: no row is lost and none is written twice."""
+    step = resumed_log_step(checkpoint)
     for logger in trainer.loggers:
         if not isinstance(logger, CSVLogger) or trainer.global_rank != 0:
             continue
@@ -525,6 +624,12 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, str) and isinstance(b, str) and Path(a).expanduser().exists():
         return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
     return False
+
+
+def _is_lightning_name(ckpt_path: str | Path) -> bool:
+    """``--ckpt_path`` values Lightning resolves itself (``last``, ``hpc``, ``registry:…``), unless a file has that name."""
+    name = str(ckpt_path)
+    return not Path(name).exists() and (name in _LIGHTNING_CKPT_NAMES or name.startswith("registry"))
 
 
 def _short(class_path: str) -> str:

@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lit_p3o.buffer import BufferDataset, ReplayBuffer, RolloutBatch
+from lit_p3o.buffer import BufferDataset, BufferLoader, ReplayBuffer, RolloutBatch
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.evaluation import CompletionWriter, EvaluationSpec, evaluate_examples, sample_completions
 from lit_p3o.generation import check_fits_context, response_logprobs_and_states, seeded
@@ -53,6 +53,33 @@ _RATIO_STATS = ("ratio_mean", "ratio_max", "approx_kl", "clip_fraction")
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
 # RL stages return no validation loader during `fit` unless `evaluation` is set (see val_dataloader)
 warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero", category=UserWarning)
+
+
+def close_finished_epoch(checkpoint: dict[str, Any]) -> None:
+    """Record a checkpoint taken on an epoch's last update as one taken at the epoch's end.
+
+    Lightning resumes a checkpoint written in ``on_train_batch_end`` of an epoch's last batch
+    (``ModelCheckpoint(every_n_train_steps=…)``) by counting that epoch as done but then runs the
+    next epoch as a restarted one, without ``on_train_epoch_start``: an RL stage would replay
+    its spent buffer (no batch) instead of drawing the next rollout, and skip a rollout. The
+    buffer says the rollout is spent, so the loops' counters are moved to where the epoch's end
+    leaves them (what an ``on_train_epoch_end`` checkpoint holds), which Lightning resumes by
+    starting the next epoch with its hooks.
+    """
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if loop is None:
+        return
+    epochs, batches = loop["epoch_progress"], loop["epoch_loop.batch_progress"]
+    total = batches["total"]
+    saved_on_batch_end = total["ready"] == total["started"] == total["processed"] == total["completed"] + 1
+    inside_epoch = epochs["total"]["started"] == epochs["total"]["processed"] + 1
+    if not (saved_on_batch_end and inside_epoch):
+        return
+    for progress in (epochs["total"], epochs["current"]):
+        progress["processed"] += 1
+    for progress in (batches["total"], batches["current"]):
+        progress["completed"] += 1
+    loop["epoch_loop.state_dict"]["_batches_that_stepped"] = loop["epoch_loop.state_dict"].get("_batches_that_stepped", 0) + 1
 
 
 class RLStage(ShardableModule):
@@ -155,7 +182,7 @@ class RLStage(ShardableModule):
     def train_dataloader(self) -> DataLoader:
         dataset = BufferDataset(self.buffer, self.tokenizer.pad_token_id, self.rollout_spec.num_prompts)
         # its own generator: creating the iterator must not consume the global RNG (resume equality)
-        return DataLoader(dataset, batch_size=None, generator=torch.Generator().manual_seed(self.seed))
+        return BufferLoader(dataset, batch_size=None, generator=torch.Generator().manual_seed(self.seed))
 
     def configure_optimizers(self) -> Any:
         return configure_adamw(self, self.optimizer_spec)
@@ -317,6 +344,8 @@ class RLStage(ShardableModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.buffer.load_state_dict(this_ranks(checkpoint["replay_buffer"], "replay buffer"))
+        if self.buffer.groups and self.buffer.consumed >= self.buffer.num_minibatches():
+            close_finished_epoch(checkpoint)
         if "updates" in checkpoint:
             self.updates.load_state_dict(checkpoint["updates"])
         else:  # written before the ledger: a count of skips, and a global step that includes them
