@@ -37,7 +37,7 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
-from lit_p3o.data.issues import DataFormatError
+from lit_p3o.errors import UserError, exit_with, user_error
 from lit_p3o.models import check_model_source
 from lit_p3o.tasks import resolve_embedded
 
@@ -59,7 +59,7 @@ _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path value
 _RUN_ID_KEY = "lit_p3o_run_id"  # where checkpoints keep the run id
 _MODEL_DIR_ARGS = ("reward_model", "policy")  # string arguments naming a saved model directory
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A config or command line that cannot run; ``lit-p3o`` prints it without a traceback."""
 
 
@@ -84,10 +84,20 @@ class LitP3OCLI(LightningCLI):
         parser_kwargs.setdefault("epilog", _extra_commands())
         parser_kwargs.setdefault("formatter_class", _RawEpilogFormatter)
         self.checkpoint: dict[str, Any] | None = None  # the --ckpt_path checkpoint, once read
-        super().__init__(model_class=None, datamodule_class=None, **kwargs)
+        _read_paths_only_as_configs()
+        try:
+            super().__init__(model_class=None, datamodule_class=None, **kwargs)
+        except Exception as err:  # name a spec's or reward function's field by its config path
+            config = self._section(None) if getattr(self, "config", None) is not None else None
+            located = user_error(err, config)
+            if located is None or located is err or located in _causes(err):
+                raise
+            raise located from err
 
-    def _section(self, name: str) -> dict[str, Any]:
-        value = self.config[self.config.subcommand].get(name)
+    def _section(self, name: str | None) -> dict[str, Any]:
+        """One section of the subcommand's config (``None``: all of it) as plain dicts."""
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        value = config if name is None else config.get(name)
         return {} if value is None else _plain(value)
 
     def _parse_ckpt_path(self) -> None:
@@ -167,20 +177,51 @@ def main(args: list[str] | None = None) -> None:
     from lit_p3o.commands import COMMANDS
 
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in COMMANDS:
-        COMMANDS[argv[0]](argv[1:])
-        return
-    import lit_p3o  # noqa: F401  (registers the classes' import paths for short names)
-
-    _show_our_logs()
+    command = next((a for a in argv if not a.startswith("-")), "")
+    if "" not in sys.path and os.getcwd() not in sys.path:  # as `python -m`: `module:function` rewards in the cwd
+        sys.path.insert(0, os.getcwd())
     try:
+        if argv and argv[0] in COMMANDS:
+            COMMANDS[argv[0]](argv[1:])
+            return
+        import lit_p3o  # noqa: F401  (registers the classes' import paths for short names)
+
+        _show_our_logs()
         LitP3OCLI(args=args)
-    except (ConfigError, DataFormatError) as err:  # bad input, named in the message: no traceback
-        command = next((a for a in argv if not a.startswith("-")), "")
-        sys.stderr.write(f"{f'lit-p3o {command}'.strip()}: error: {err}\n")
-        sys.exit(2)
+    except Exception as err:  # the user's mistake, named in one line (errors.py); a bug keeps its traceback
+        located = user_error(err)
+        if located is None:
+            raise
+        exit_with(command, located, err)
     finally:
         close_process_group()
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    while err.__cause__ is not None:
+        err = err.__cause__
+        yield err
+
+
+def _read_paths_only_as_configs() -> None:
+    """jsonargparse reads a string that names an existing file as the file's contents wherever
+    the argument's type also accepts a config (``reward_model``: a list of RewardSpec;
+    ``train``: a Dataset), so a CSV or text file's contents became the data source or the hub
+    id to download. Keep the string as the path unless the file holds a mapping or a list."""
+    import jsonargparse._typehints as typehints
+
+    parse = typehints.parse_value_or_config
+    if getattr(parse, "keeps_paths", False):
+        return
+
+    def parse_value_or_config(value: Any, enable_path: bool = True, simple_types: bool = False) -> tuple[Any, Any]:
+        parsed, path = parse(value, enable_path=enable_path, simple_types=simple_types)
+        if path is not None and isinstance(value, str) and not isinstance(parsed, (dict, list)):
+            return value, None
+        return parsed, path
+
+    parse_value_or_config.keeps_paths = True
+    typehints.parse_value_or_config = parse_value_or_config
 
 
 def close_process_group() -> None:
