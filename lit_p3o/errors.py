@@ -51,12 +51,12 @@ def user_error(err: BaseException, config: dict[str, Any] | None = None) -> Base
         if isinstance(err, RewardFunctionError) and config is not None:
             paths = list(_paths_holding(config, err.source))
             return UserError(f"{' or '.join(paths)}: {err}") if paths else err
-        if isinstance(err, USER_ERRORS):
-            return err
-        if type(err) is ValueError and config is not None:
-            located = locate(str(err), config)
+        if isinstance(err, USER_ERRORS) or type(err) is ValueError:
+            located = locate(str(err), config) if config is not None else None
             if located is not None:
                 return UserError(located)
+            if isinstance(err, USER_ERRORS):
+                return err
         err = err.__cause__
     return None
 
