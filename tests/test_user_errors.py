@@ -74,36 +74,124 @@ def models(tmp_path_factory) -> Path:
     return root
 
 
-def p3o_run(tmp_path: Path, *args: str, **init_args) -> subprocess.CompletedProcess:
-    write_yaml(tmp_path / "p3o.yaml", p3o_config(**init_args))
-    return lit_p3o("fit", "--config", "p3o.yaml", *args, cwd=tmp_path)
+def reward_config(policy: Path, **embedded) -> dict:
+    """A K-wise (3 responses per prompt) reward stage on embedded pairs sampled from ``policy``."""
+    return {
+        "trainer": {"accelerator": "cpu", "max_steps": 1, "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "enable_model_summary": False},
+        "model": {"class_path": "lit_p3o.RewardModule", "init_args": {"model": {"name_or_path": str(policy)}}},
+        "data": {"class_path": "lit_p3o.PreferenceDataModule", "init_args": {
+            "train": "embedded:reviews", "max_length": 32, "batch_size": 4,
+            "embedded": {"policy": str(policy), "train_pairs": 6, "val_pairs": 2, "max_new_tokens": 4,
+                         "responses_per_prompt": 3, **embedded}}},
+    }  # fmt: skip
+
+
+SPEC_VALUES = [
+    ("rollout.num_responses", "1", "pairwise methods need K >= 2, got 1"),
+    ("optimizer.learning_rate", "-1", "must be > 0, got -1.0"),
+    ("clip_epsilon", "-0.2", "must be in (0, 1), got -0.2"),
+    ("rollout.sampling.max_new_tokens", "0", "must be >= 1, got 0"),
+    ("rollout.sampling.temperature", "0", "must be > 0, got 0.0"),
+    ("kl.beta", "-1", "must be >= 0, got -1.0"),
+    ("guards.max_zero_grad_steps", "0", "must be >= 1, got 0"),
+    ("guards.max_skipped_fraction", "2", "must be in [0, 1], got 2.0"),
+]
+
+BAD_REWARD_FUNCTIONS = [
+    ("raises", "raised KeyError: 'answer'"),
+    ("one_value", "must return one value per completion (8), got 1 values"),
+    ("text", "value 0 is 'good'; expected a float or None"),
+    ("passed", "value 0 is "),  # True or False: booleans are refused, not read as 1.0/0.0
+    ("missing", "module 'rewards' has no attribute 'missing'"),
+]
+
+
+def cases(models: Path, work: Path) -> dict[str, list[str]]:
+    """Every case's command line (configs written into ``work``), by name."""
+    (work / "rewards.py").write_text(REWARDS)
+    (work / "notes.txt").write_text("my reward model\n")
+    (work / "train.csv").write_text("prompt,completion\nhello,world\n")
+    (work / "empty_data").mkdir()
+    (work / "frontier.csv").write_text("step,kl,score,gold\n")
+    configs = {
+        "p3o": p3o_config(),
+        "sft": sft_config(),
+        "sft_csv": sft_config(train="train.csv"),
+        "sft_empty_dir": sft_config(train="empty_data"),
+        "no_eos": p3o_config(policy={"name_or_path": str(models / "no_eos")}),
+        "nan_weights": p3o_config(policy={"name_or_path": str(models / "nan")}),
+        "k_wise_batch": reward_config(models / "sft"),
+        "k_wise_one": reward_config(models / "sft", responses_per_prompt=1),
+        "nan_rewards": p3o_config(reward_model="rewards:nan"),
+        "constant_rewards": p3o_config(reward_model="rewards:constant", guards={"max_zero_grad_steps": 2}),
+        "weighted": p3o_config(reward_model=[{"source": "embedded:reviews"}, {"source": "rewards:text", "weight": 0.5}]),
+        "no_module": p3o_config(reward_model="no_such_rewards:score"),
+        **{f"function_{name}": p3o_config(reward_model=f"rewards:{name}") for name, _ in BAD_REWARD_FUNCTIONS},
+    }
+    for name, config in configs.items():
+        write_yaml(work / f"{name}.yaml", config)
+    fit = lambda name, *args: ["fit", "--config", f"{name}.yaml", *args]  # noqa: E731
+    sft, judge_args = str(models / "sft"), ["--num-prompts", "2", "--max-new-tokens", "2", "--out-dir", "w"]
+    return {
+        **{f"spec {field}": fit("p3o", f"--model.init_args.{field}", value) for field, value, _ in SPEC_VALUES},
+        "spec in two places": fit("p3o", "--model.init_args.rollout.sampling.temperature", "0.7",
+                                  "--model.init_args.evaluation.sampling.temperature", "0"),
+        "reward model file": fit("p3o", "--model.init_args.reward_model", "notes.txt"),
+        "data file on the command line": fit("sft", "--data.init_args.train", "train.csv"),
+        "data file in the config": fit("sft_csv"),
+        **{name: fit(name) for name in configs if name not in ("p3o", "sft", "sft_csv")},
+        "constant_rewards": fit("constant_rewards", "--trainer.max_epochs", "2"),
+        "frontier without rows": ["frontier", "p3o=frontier.csv", "--out", "f.png"],
+        "report missing policy": ["report", "--reference", sft, "--policy", "outputs/missing",
+                                  "--judge", "embedded:reviews", "--num-prompts", "2"],
+        "winrate missing judge": ["winrate", f"a={sft}", f"b={sft}", "--judge", "./judges/missing", *judge_args],
+        "winrate judge not importable": ["winrate", f"a={sft}", f"b={sft}", "--judge", "no_such_judge:score", *judge_args],
+        "winrate judge raises": ["winrate", f"a={sft}", f"b={sft}", "--judge", "rewards:raises", *judge_args],
+    }  # fmt: skip
+
+
+RUN_EACH = """
+import json, sys
+from lit_p3o.cli import main
+for args in json.loads(sys.argv[1]):
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    print(f"\\n@@ exit {code}", file=sys.stderr, flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def results(models, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """All cases through ``main()`` in one interpreter (its imports paid once, not per case):
+    each one's exit code and stderr."""
+    work = tmp_path_factory.mktemp("cases")
+    command_lines = cases(models, work)
+    run = subprocess.run([sys.executable, "-c", RUN_EACH, json.dumps(list(command_lines.values()))],
+                         cwd=work, env=ENV, capture_output=True, text=True, timeout=900)  # fmt: skip
+    chunks = run.stderr.split("\n@@ exit ")
+    assert run.returncode == 0 and len(chunks) == len(command_lines) + 1, run.stderr[-5000:]
+    out = {}
+    for (name, args), before, after in zip(command_lines.items(), chunks, chunks[1:]):
+        code, _, _ = after.partition("\n")
+        out[name] = subprocess.CompletedProcess(args, int(code) if code.isdigit() else 1, "", before)
+        out[name].work = work
+    return out
 
 
 # --------------------------------------------------------------------------- spec values
 
 
-@pytest.mark.parametrize(
-    "field, value, message",
-    [
-        ("rollout.num_responses", "1", "pairwise methods need K >= 2, got 1"),
-        ("optimizer.learning_rate", "-1", "must be > 0, got -1.0"),
-        ("clip_epsilon", "-0.2", "must be in (0, 1), got -0.2"),
-        ("rollout.sampling.max_new_tokens", "0", "must be >= 1, got 0"),
-        ("rollout.sampling.temperature", "0", "must be > 0, got 0.0"),
-        ("kl.beta", "-1", "must be >= 0, got -1.0"),
-        ("guards.max_zero_grad_steps", "0", "must be >= 1, got 0"),
-        ("guards.max_skipped_fraction", "2", "must be in [0, 1], got 2.0"),
-    ],
-)
-def test_spec_value_out_of_range_names_its_config_path(tmp_path, field, value, message):
-    result = p3o_run(tmp_path, f"--model.init_args.{field}", value)
-    assert fails_in_one_line(result) == f"lit-p3o fit: error: model.init_args.{field}: {message}"
+@pytest.mark.parametrize("field, value, message", SPEC_VALUES)
+def test_spec_value_out_of_range_names_its_config_path(results, field, value, message):
+    assert fails_in_one_line(results[f"spec {field}"]) == f"lit-p3o fit: error: model.init_args.{field}: {message}"
 
 
-def test_a_spec_used_in_two_places_is_named_where_its_value_is_bad(tmp_path):
-    result = p3o_run(tmp_path, "--model.init_args.rollout.sampling.temperature", "0.7",
-                     "--model.init_args.evaluation.sampling.temperature", "0")  # fmt: skip
-    assert fails_in_one_line(result) == (
+def test_a_spec_used_in_two_places_is_named_where_its_value_is_bad(results):
+    assert fails_in_one_line(results["spec in two places"]) == (
         "lit-p3o fit: error: model.init_args.evaluation.sampling.temperature: must be > 0, got 0.0"
     )
 
@@ -119,28 +207,14 @@ def test_lit_p3o_debug_shows_the_traceback(tmp_path):
     assert error_line(result) == "lit-p3o fit: error: model.init_args.kl.beta: must be >= 0, got -1.0"
 
 
-def reward_config(policy: Path, **data) -> dict:
-    return {
-        "trainer": {"accelerator": "cpu", "max_steps": 1, "logger": False, "enable_checkpointing": False,
-                    "enable_progress_bar": False, "enable_model_summary": False},
-        "model": {"class_path": "lit_p3o.RewardModule", "init_args": {"model": {"name_or_path": str(policy)}}},
-        "data": {"class_path": "lit_p3o.PreferenceDataModule", "init_args": {
-            "train": "embedded:reviews", "max_length": 32, "batch_size": 4, **data,
-            "embedded": {"policy": str(policy), "train_pairs": 6, "val_pairs": 2, "max_new_tokens": 4,
-                         "responses_per_prompt": 3, **data.pop("embedded", {})}}},
-    }  # fmt: skip
+def test_k_wise_batch_size_that_splits_a_group_names_the_data_field(results):
+    fails_in_one_line(
+        results["k_wise_batch"], "lit-p3o fit: error: data.init_args.batch_size: 4 is not a multiple of the 3 pairs per prompt"
+    )
 
 
-def test_k_wise_batch_size_that_splits_a_group_names_the_data_field(tmp_path, models):
-    write_yaml(tmp_path / "reward.yaml", reward_config(models / "sft"))
-    result = lit_p3o("fit", "--config", "reward.yaml", cwd=tmp_path)
-    fails_in_one_line(result, "lit-p3o fit: error: data.init_args.batch_size: 4 is not a multiple of the 3 pairs per prompt")
-
-
-def test_k_wise_responses_per_prompt_of_one_names_the_data_field(tmp_path, models):
-    write_yaml(tmp_path / "reward.yaml", reward_config(models / "sft", embedded={"responses_per_prompt": 1}))
-    result = lit_p3o("fit", "--config", "reward.yaml", cwd=tmp_path)
-    assert fails_in_one_line(result) == (
+def test_k_wise_responses_per_prompt_of_one_names_the_data_field(results):
+    assert fails_in_one_line(results["k_wise_one"]) == (
         "lit-p3o fit: error: data.init_args.embedded.responses_per_prompt: must be >= 2, got 1"
     )
 
@@ -148,48 +222,35 @@ def test_k_wise_responses_per_prompt_of_one_names_the_data_field(tmp_path, model
 # --------------------------------------------------------------------------- paths
 
 
-def test_reward_model_pointing_at_a_file_names_the_path(tmp_path):
-    (tmp_path / "notes.txt").write_text("my reward model\n")
-    result = p3o_run(tmp_path, "--model.init_args.reward_model", "notes.txt")
-    assert fails_in_one_line(result) == (
+def test_reward_model_pointing_at_a_file_names_the_path(results):
+    assert fails_in_one_line(results["reward model file"]) == (
         "lit-p3o fit: error: model.init_args.reward_model: 'notes.txt' is a file; expected a directory written by save_pretrained"
     )
 
 
-@pytest.mark.parametrize("where", ["command line", "config"])
-def test_a_data_file_path_stays_a_path(tmp_path, where):
+@pytest.mark.parametrize("case", ["data file on the command line", "data file in the config"])
+def test_a_data_file_path_stays_a_path(results, case):
     """jsonargparse used to read a text file's contents as the value (a hub id to download)."""
-    (tmp_path / "train.csv").write_text("prompt,completion\nhello,world\n")
-    if where == "config":
-        write_yaml(tmp_path / "sft.yaml", sft_config(train="train.csv"))
-        result = lit_p3o("fit", "--config", "sft.yaml", cwd=tmp_path)
-    else:
-        write_yaml(tmp_path / "sft.yaml", sft_config())
-        result = lit_p3o("fit", "--config", "sft.yaml", "--data.init_args.train", "train.csv", cwd=tmp_path)
-    assert fails_in_one_line(result) == (
+    assert fails_in_one_line(results[case]) == (
         "lit-p3o fit: error: train.csv: unsupported file type; expected one of .jsonl, .json, .jsonl.gz, .json.gz, .parquet"
     )
 
 
-def test_empty_data_directory_names_it(tmp_path):
-    (tmp_path / "data").mkdir()
-    write_yaml(tmp_path / "sft.yaml", sft_config(train="data"))
-    result = lit_p3o("fit", "--config", "sft.yaml", cwd=tmp_path)
-    fails_in_one_line(result, str(tmp_path / "data"), "doesn't contain any data files")
+def test_empty_data_directory_names_it(results):
+    result = results["sft_empty_dir"]
+    fails_in_one_line(result, str(result.work / "empty_data"), "doesn't contain any data files")
 
 
-def test_tokenizer_without_eos_names_the_model_field(tmp_path, models):
-    result = p3o_run(tmp_path, policy={"name_or_path": str(models / "no_eos")})
-    assert fails_in_one_line(result) == (
+def test_tokenizer_without_eos_names_the_model_field(results, models):
+    assert fails_in_one_line(results["no_eos"]) == (
         f"lit-p3o fit: error: model.init_args.policy.name_or_path: tokenizer '{models / 'no_eos'}' has no EOS token, "
         "so responses could never end (set eos_token in its tokenizer_config.json)"
     )
 
 
-def test_non_finite_policy_weights_are_named_as_the_cause(tmp_path, models):
-    result = p3o_run(tmp_path, policy={"name_or_path": str(models / "nan")})
+def test_non_finite_policy_weights_are_named_as_the_cause(results, models):
     fails_in_one_line(
-        result,
+        results["nan_weights"],
         f"lit-p3o fit: error: model.init_args.policy.name_or_path: sampling from {models / 'nan'} met non-finite "
         "next-token probabilities; 1 of its weight tensors hold NaN/inf (first: lm_head.weight)",
     )
@@ -198,48 +259,32 @@ def test_non_finite_policy_weights_are_named_as_the_cause(tmp_path, models):
 # --------------------------------------------------------------------------- reward functions
 
 
-@pytest.mark.parametrize(
-    "function, message",
-    [
-        ("raises", "raised KeyError: 'answer'"),
-        ("one_value", "must return one value per completion (8), got 1 values"),
-        ("text", "value 0 is 'good'; expected a float or None"),
-        ("passed", "value 0 is "),  # True or False: booleans are refused, not read as 1.0/0.0
-        ("missing", "module 'rewards' has no attribute 'missing'"),
-    ],
-)
-def test_bad_reward_function_names_it_and_the_field(tmp_path, function, message):
-    (tmp_path / "rewards.py").write_text(REWARDS)
-    result = p3o_run(tmp_path, reward_model=f"rewards:{function}")
+@pytest.mark.parametrize("function, message", BAD_REWARD_FUNCTIONS)
+def test_bad_reward_function_names_it_and_the_field(results, function, message):
     fails_in_one_line(
-        result, f"lit-p3o fit: error: model.init_args.reward_model: reward function rewards:{function}: {message}"
+        results[f"function_{function}"],
+        f"lit-p3o fit: error: model.init_args.reward_model: reward function rewards:{function}: {message}",
     )
 
 
-def test_reward_function_inside_a_weighted_reward_names_its_entry(tmp_path):
-    (tmp_path / "rewards.py").write_text(REWARDS)
-    result = p3o_run(tmp_path, reward_model=[{"source": "embedded:reviews"}, {"source": "rewards:text", "weight": 0.5}])
-    fails_in_one_line(result, "lit-p3o fit: error: model.init_args.reward_model[1].source: reward function rewards:text:")
+def test_reward_function_inside_a_weighted_reward_names_its_entry(results):
+    fails_in_one_line(results["weighted"], "lit-p3o fit: error: model.init_args.reward_model[1].source: reward function rewards:text:")
 
 
-def test_reward_function_returning_nan_for_everything_stops_the_run(tmp_path):
-    (tmp_path / "rewards.py").write_text(REWARDS)
-    result = p3o_run(tmp_path, reward_model="rewards:nan")
-    fails_in_one_line(result, "were skipped, more than guards.max_skipped_fraction = 0.1 allows", "(rewards:nan)")
-    assert not (tmp_path / "export").exists()
+def test_reward_function_returning_nan_for_everything_stops_the_run(results):
+    fails_in_one_line(results["nan_rewards"], "were skipped, more than guards.max_skipped_fraction = 0.1 allows", "(rewards:nan)")
 
 
-def test_constant_reward_function_stops_at_the_gradient_guard(tmp_path):
-    (tmp_path / "rewards.py").write_text(REWARDS)
-    result = p3o_run(tmp_path, "--trainer.max_epochs", "2", reward_model="rewards:constant",
-                     guards={"max_zero_grad_steps": 2})  # fmt: skip
-    fails_in_one_line(result, "`policy` got exactly-zero gradients in 2 consecutive optimizer steps",
+def test_constant_reward_function_stops_at_the_gradient_guard(results):
+    fails_in_one_line(results["constant_rewards"], "`policy` got exactly-zero gradients in 2 consecutive optimizer steps",
                       "every response to a prompt got the same reward")  # fmt: skip
 
 
-def test_reward_function_module_that_does_not_import_is_named(tmp_path):
-    result = p3o_run(tmp_path, reward_model="no_such_rewards:score")
-    fails_in_one_line(result, "model.init_args.reward_model: reward function no_such_rewards:score: cannot import module 'no_such_rewards'")
+def test_reward_function_module_that_does_not_import_is_named(results):
+    fails_in_one_line(
+        results["no_module"],
+        "model.init_args.reward_model: reward function no_such_rewards:score: cannot import module 'no_such_rewards'",
+    )
 
 
 def test_reward_function_in_the_working_directory_imports_without_python_m(tmp_path):
@@ -258,42 +303,30 @@ def test_reward_function_in_the_working_directory_imports_without_python_m(tmp_p
 # --------------------------------------------------------------------------- frontier, winrate, report
 
 
-def test_frontier_of_a_csv_without_rows_names_it(tmp_path):
-    (tmp_path / "run.csv").write_text("step,kl,score,gold\n")
-    result = lit_p3o("frontier", "p3o=run.csv", "--out", "f.png", cwd=tmp_path)
-    assert fails_in_one_line(result) == (
-        "lit-p3o frontier: error: run.csv: no frontier rows (FrontierCallback writes one per evaluation)"
+def test_frontier_of_a_csv_without_rows_names_it(results):
+    assert fails_in_one_line(results["frontier without rows"]) == (
+        "lit-p3o frontier: error: frontier.csv: no frontier rows (FrontierCallback writes one per evaluation)"
     )
 
 
-def test_report_with_a_missing_policy_names_the_argument_before_loading_anything(tmp_path, models):
-    result = lit_p3o("report", "--reference", str(models / "sft"), "--policy", "outputs/missing",
-                     "--judge", "embedded:reviews", "--num-prompts", "2", cwd=tmp_path)  # fmt: skip
+def test_report_with_a_missing_policy_names_the_argument(results):
     line = fails_in_one_line(
-        result, "lit-p3o report: error: --policy: 'outputs/missing' is neither a local model directory nor a reachable hub model"
+        results["report missing policy"],
+        "lit-p3o report: error: --policy: 'outputs/missing' is neither a local model directory nor a reachable hub model",
     )
-    assert "ModelSpec" not in line and "held-out prompts" not in result.stdout
+    assert "ModelSpec" not in line
 
 
 @pytest.mark.parametrize(
-    "judge, message",
+    "case, message",
     [
-        ("./judges/missing", "--judge: no such directory './judges/missing'"),
-        ("no_such_judge:score", "--judge: reward function no_such_judge:score: cannot import module 'no_such_judge'"),
+        ("winrate missing judge", "--judge: no such directory './judges/missing'"),
+        ("winrate judge not importable", "--judge: reward function no_such_judge:score: cannot import module 'no_such_judge'"),
+        ("winrate judge raises", "--judge: reward function rewards:raises: raised KeyError"),
     ],
 )
-def test_winrate_with_a_bad_judge_names_it(tmp_path, models, judge, message):
-    result = lit_p3o("winrate", f"a={models / 'sft'}", f"b={models / 'sft'}", "--judge", judge,
-                     "--num-prompts", "2", "--out-dir", "w", cwd=tmp_path)  # fmt: skip
-    fails_in_one_line(result, f"lit-p3o winrate: error: {message}")
-    assert not (tmp_path / "w").exists()
-
-
-def test_winrate_with_a_judge_function_that_raises_names_the_judge(tmp_path, models):
-    (tmp_path / "rewards.py").write_text(REWARDS)
-    result = lit_p3o("winrate", f"a={models / 'sft'}", f"b={models / 'sft'}", "--judge", "rewards:raises",
-                     "--num-prompts", "2", "--max-new-tokens", "2", "--out-dir", "w", cwd=tmp_path)  # fmt: skip
-    fails_in_one_line(result, "lit-p3o winrate: error: --judge: reward function rewards:raises: raised KeyError")
+def test_winrate_with_a_bad_judge_names_it(results, case, message):
+    fails_in_one_line(results[case], f"lit-p3o winrate: error: {message}")
 
 
 # --------------------------------------------------------------------------- bugs keep their traceback
