@@ -21,6 +21,7 @@ import csv
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import uuid
@@ -29,12 +30,12 @@ from argparse import RawDescriptionHelpFormatter
 from collections.abc import Iterator
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import lightning as L
 import torch
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from lit_p3o.errors import UserError, exit_with, user_error
@@ -80,6 +81,7 @@ class LitP3OCLI(LightningCLI):
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", _OneLineErrorParser)
         parser_kwargs = kwargs.setdefault("parser_kwargs", {})
         parser_kwargs.setdefault("epilog", _extra_commands())
         parser_kwargs.setdefault("formatter_class", _RawEpilogFormatter)
@@ -153,6 +155,59 @@ class LitP3OCLI(LightningCLI):
             log.warning("%s holds the export of run %s; this new run will replace it", save_dir, marker.get("run_id"))
         run_id = run_id or uuid.uuid4().hex[:12]
         self.trainer.callbacks.append(RunMarker(run_id, type(self.model).__qualname__, save_dir))
+
+
+class _OneLineErrorParser(LightningArgumentParser):
+    """jsonargparse's errors as one line naming the config path: it prints the subcommand's
+    whole usage (60 lines) and then the nested union/class_path attempts behind a bad value."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        prog = getattr(ex, "subcommand_parser", None) and ex.subcommand_parser.prog or self.prog
+        command = prog.split()[-1] if " " in prog else ""
+        exit_with(command, ConfigError(condense_parser_error(message)), ex)
+
+
+def condense_parser_error(message: str) -> str:
+    """``Parser key "model": … class_path 'lit_p3o.P3OModule': Parser key "rollout": … Expected a
+    <class 'int'>. Got value: abc`` → ``model.init_args.rollout.num_responses: Expected a <class
+    'int'>. Got value: abc``: the first innermost problem, under the path of keys above it
+    (a class's arguments sit under ``init_args``, a dataclass's directly). A message without
+    that structure is returned as it is."""
+    path: list[tuple[int, str]] = []  # (indent, key) of the enclosing parser keys
+    for line in message.splitlines():
+        text, indent = line.strip(), len(line) - len(line.lstrip())
+        if not text:
+            continue
+        while path and path[-1][0] >= indent:
+            path.pop()
+        key = re.fullmatch(r'Parser key "([^"]+)"(?: element \d+)?:(.*)', text)
+        class_path = re.fullmatch(r"- Problem with given class_path '([^']+)':", text)
+        if key:
+            path.append((indent, key[1]))
+            if key[2].strip():
+                return f"{'.'.join(k for _, k in path)}: {key[2].strip()}"
+        elif class_path:
+            cls = _import_class(class_path[1])
+            if not (cls is None or is_dataclass(cls)):
+                path.append((indent, "init_args"))
+        elif path and not text.removeprefix("- ").startswith(_PARSER_NOISE):
+            return f"{'.'.join(k for _, k in path)}: {text.removeprefix('- ')}"
+    return message
+
+
+_PARSER_NOISE = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>",
+                 "Expected a path but")  # fmt: skip
+
+
+def _import_class(class_path: str) -> type | None:
+    from jsonargparse._util import import_object
+
+    try:
+        return import_object(class_path)
+    except Exception:  # a class that does not import is reported by the message itself
+        return None
 
 
 class _RawEpilogFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):

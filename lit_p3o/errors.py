@@ -63,20 +63,38 @@ def user_error(err: BaseException, config: dict[str, Any] | None = None) -> Base
 
 def locate(message: str, config: dict[str, Any]) -> str | None:
     """``"SamplingSpec.temperature: must be > 0"`` → ``"model.init_args.rollout.sampling.temperature:
-    must be > 0"`` when a class of that name sits in ``config``; several places that could hold
-    the bad value are all named; None when no configured class has that name."""
+    must be > 0"`` where a class of that name in ``config`` holds the bad value (its dataclass
+    raises the same message, or the message quotes the configured value); several such places
+    are all named; None when no configured place fits (e.g. a ModelSpec built internally)."""
     match = _SPEC_MESSAGE.match(message)
     if match is None:
         return None
     name, field = match["cls"], match["field"]
-    places = [(path, cls, values) for path, cls, values in configured_classes(config) if cls.__name__ == name]
+    places = [
+        path
+        for path, cls, values in configured_classes(config)
+        if cls.__name__ == name and (field is None or _holds_bad_value(cls, values, field, message))
+    ]
     if not places:
         return None
-    if len(places) > 1 and field is not None:  # the same spec in several places: the one whose value fails
-        failing = [place for place in places if _fails_with(place[1], place[2], message)]
-        places = failing or places
-    paths = [f"{path}.{field}" if field else path for path, _, _ in places]
+    paths = [f"{path}.{field}" if field else path for path in places]
     return f"{' or '.join(paths)}: {message[match.end():]}"
+
+
+def _holds_bad_value(cls: type, values: dict[str, Any], field: str, message: str) -> bool:
+    """Whether the configured ``values`` of ``cls`` are what ``message`` is about: building the
+    dataclass raises that message, or its ``field`` value appears in it (classes that would load
+    models are never built here)."""
+    if dataclasses.is_dataclass(cls):
+        try:
+            cls(**values)
+        except ValueError as err:
+            if str(err) == message:
+                return True
+        except Exception:  # other fields of a partially given spec: cannot tell
+            pass
+    value = values.get(field)
+    return value is not None and str(value) in message[len(cls.__name__) + len(field) + 1 :]
 
 
 def _paths_holding(config: Any, value: str, path: str = "") -> Iterator[str]:
@@ -89,20 +107,6 @@ def _paths_holding(config: Any, value: str, path: str = "") -> Iterator[str]:
             yield from _paths_holding(item, value, f"{path}[{i}]")
     elif config == value:
         yield path
-
-
-def _fails_with(cls: type, values: dict[str, Any], message: str) -> bool:
-    """Whether building the dataclass ``cls`` from ``values`` raises ``message`` (stage classes,
-    which would load models, are never built here)."""
-    if not dataclasses.is_dataclass(cls):
-        return False
-    try:
-        cls(**values)
-    except ValueError as err:
-        return str(err) == message
-    except Exception:  # other fields of a partially given spec: cannot tell
-        return False
-    return False
 
 
 def configured_classes(config: dict[str, Any], path: str = "") -> Iterator[tuple[str, type, dict[str, Any]]]:
@@ -172,7 +176,9 @@ def exit_with(command: str, err: BaseException, raised: BaseException | None = N
 
         traceback.print_exception(raised or err)
     message = str(err).removeprefix("[lit-p3o] ")
-    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in message:
-        message = f"{err.filename}: {message}"
+    if isinstance(err, OSError):  # often transformers' or the hub's, over several lines
+        message = " ".join(message.split())
+        if err.filename is not None and str(err.filename) not in message:
+            message = f"{err.filename}: {message}"
     sys.stderr.write(f"{f'lit-p3o {command}'.strip()}: error: {message}\n")
     sys.exit(2)

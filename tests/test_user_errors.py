@@ -137,6 +137,8 @@ def cases(models: Path, work: Path) -> dict[str, list[str]]:
         **{f"spec {field}": fit("p3o", f"--model.init_args.{field}", value) for field, value, _ in SPEC_VALUES},
         "spec in two places": fit("p3o", "--model.init_args.rollout.sampling.temperature", "0.7",
                                   "--model.init_args.evaluation.sampling.temperature", "0"),
+        "value of the wrong type": fit("p3o", "--model.init_args.rollout.num_responses", "abc"),
+        "callback that does not import": fit("p3o", "--trainer.callbacks+", "lightning.pytorch.callbacks.Nope"),
         "reward model file": fit("p3o", "--model.init_args.reward_model", "notes.txt"),
         "data file on the command line": fit("sft", "--data.init_args.train", "train.csv"),
         "data file in the config": fit("sft_csv"),
@@ -194,6 +196,19 @@ def test_a_spec_used_in_two_places_is_named_where_its_value_is_bad(results):
     assert fails_in_one_line(results["spec in two places"]) == (
         "lit-p3o fit: error: model.init_args.evaluation.sampling.temperature: must be > 0, got 0.0"
     )
+
+
+@pytest.mark.parametrize(
+    "case, line",
+    [
+        ("value of the wrong type", "model.init_args.rollout.num_responses: Expected a <class 'int'>. Got value: abc"),
+        ("callback that does not import", "trainer.callbacks: module 'lightning.pytorch.callbacks' has no attribute 'Nope'"),
+    ],
+)
+def test_parser_errors_are_one_line_naming_the_config_path(results, case, line):
+    """jsonargparse printed the subcommand's usage (60 lines) and every union member it tried."""
+    assert fails_in_one_line(results[case]) == f"lit-p3o fit: error: {line}"
+    assert "usage:" not in results[case].stderr
 
 
 def test_lit_p3o_debug_shows_the_traceback(tmp_path):
