@@ -17,7 +17,8 @@ import argparse
 import csv
 import importlib
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -295,7 +296,9 @@ def check_models(models: Mapping[str, str | Path]) -> None:
         except OSError as err:
             if str(err).startswith(argument):  # check_model_source's message names the argument
                 raise UserError(str(err)) from err
-            raise UserError(f"{argument}: {source!r} is neither a local model directory nor a reachable hub model") from err
+            raise UserError(
+                f"{argument}: {source!r} is neither a local model directory nor a reachable hub model"
+            ) from err
 
 
 def check_judge(judge: str) -> None:
@@ -303,12 +306,19 @@ def check_judge(judge: str) -> None:
     if resolve_embedded(judge) is not None:
         return
     if is_function_source(judge):
-        try:
+        with _judge_errors():
             load_function(judge)
-        except RewardFunctionError as err:
-            raise UserError(f"--judge: {err}") from err
         return
     check_models({"--judge": judge})
+
+
+@contextmanager
+def _judge_errors() -> Iterator[None]:
+    """A reward function used as ``--judge`` that fails is named by that argument."""
+    try:
+        yield
+    except RewardFunctionError as err:
+        raise UserError(f"--judge: {err}") from err
 
 
 def frontier_main(argv: Sequence[str] | None = None) -> Path:
@@ -353,13 +363,11 @@ def winrate_main(argv: Sequence[str] | None = None) -> dict[str, tuple[list[str]
         parser.error("give at least two NAME=DIR policies")
     check_models({f"policy {name}": path for name, path in policies.items()})
     check_judge(args.judge)
-    try:
+    with _judge_errors():
         return compare_policies(
             policies, args.judge, args.prompts, args.num_prompts, args.max_new_tokens, args.seed, args.out_dir,
             args.split, args.max_prompt_tokens, args.batch_size, args.device,
         )  # fmt: skip
-    except RewardFunctionError as err:
-        raise UserError(f"--judge: {err}") from err
 
 
 # --------------------------------------------------------------------------- report
@@ -475,11 +483,9 @@ def report_main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float 
     check_judge(args.judge)
     if args.frontier is not None:
         read_frontier(args.frontier)  # a bad file fails now, not after every policy was sampled
-    try:
+    with _judge_errors():
         return report(args.reference, args.policy, args.judge, args.frontier, args.out, args.prompts,
                       args.num_prompts, args.max_new_tokens, args.seed, also)  # fmt: skip
-    except RewardFunctionError as err:
-        raise UserError(f"--judge: {err}") from err
 
 
 # --------------------------------------------------------------------------- export

@@ -38,7 +38,9 @@ class RewardFunctionError(UserError, ValueError):
         self.source = source
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, DataFormatError, NoGradientError, TooManySkippedError, OSError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError, DataFormatError, NoGradientError, TooManySkippedError, OSError
+)  # fmt: skip
 
 _SPEC_MESSAGE = re.compile(r"(?P<cls>[A-Z]\w*)(?:\.(?P<field>\w+))?: ")
 

@@ -197,7 +197,7 @@ class FunctionScorer:
         try:
             values = self.function(prompts=[str(p) for p in prompts], completions=completions, **columns)
         except Exception as err:  # the user's code: named, and its traceback kept under LIT_P3O_DEBUG=1
-            raise RewardFunctionError(self.name, f"raised {type(err).__name__}: {' '.join(str(err).split())}") from err
+            raise RewardFunctionError(self.name, f"raised {_one_line(err)}") from err
         if isinstance(values, Tensor):
             values = values.tolist()
         if not isinstance(values, Sequence) or isinstance(values, str) or len(values) != len(examples):
@@ -257,13 +257,18 @@ def load_function(source: str) -> RewardFunction:
         raise RewardFunctionError(source, f"cannot import module {module_name!r} ({err}; sys.path holds the "
                                           "working directory and PYTHONPATH)") from err
     except Exception as err:  # the module itself fails while it is imported
-        raise RewardFunctionError(source, f"importing {module_name!r} raised {type(err).__name__}: {' '.join(str(err).split())}") from err
+        raise RewardFunctionError(source, f"importing {module_name!r} raised {_one_line(err)}") from err
     function = getattr(module, attribute, None)
     if function is None:
         raise RewardFunctionError(source, f"module {module_name!r} has no attribute {attribute!r}")
     if not callable(function):
         raise RewardFunctionError(source, f"{attribute!r} is not callable")
     return function
+
+
+def _one_line(err: Exception) -> str:
+    """``KeyError: 'answer'``: the user's exception, its message on one line."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def is_function_source(source: str) -> bool:
