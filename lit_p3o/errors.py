@@ -2,7 +2,8 @@
 file, exit code 2, and the traceback only under ``LIT_P3O_DEBUG=1``.
 
 A user error is one of :data:`USER_ERRORS` (bad config, bad data rows, a reward function that
-misbehaves, a guard that stopped a run, a path the operating system refused) or a spec's
+misbehaves, a guard that stopped a run, a path the operating system refused, Lightning's
+refusal of a trainer setting) or a spec's
 validation ``ValueError("RolloutSpec.num_responses: ...")``, which :func:`locate` rewrites
 with the field's config path (``model.init_args.rollout.num_responses``). Anything else is
 a bug of the library and keeps its traceback.
@@ -19,6 +20,8 @@ import types
 import typing
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
+
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lit_p3o.data.issues import DataFormatError
 from lit_p3o.guards import NoGradientError, TooManySkippedError
@@ -39,7 +42,7 @@ class RewardFunctionError(UserError, ValueError):
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    UserError, DataFormatError, NoGradientError, TooManySkippedError, OSError
+    UserError, DataFormatError, NoGradientError, TooManySkippedError, OSError, MisconfigurationException
 )  # fmt: skip
 
 _SPEC_MESSAGE = re.compile(r"(?P<cls>[A-Z]\w*)(?:\.(?P<field>\w+))?: ")

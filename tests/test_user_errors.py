@@ -139,6 +139,7 @@ def cases(models: Path, work: Path) -> dict[str, list[str]]:
                                   "--model.init_args.evaluation.sampling.temperature", "0"),
         "value of the wrong type": fit("p3o", "--model.init_args.rollout.num_responses", "abc"),
         "callback that does not import": fit("p3o", "--trainer.callbacks+", "lightning.pytorch.callbacks.Nope"),
+        "trainer setting": fit("p3o", "--trainer.max_epochs", "-2"),
         "reward model file": fit("p3o", "--model.init_args.reward_model", "notes.txt"),
         "data file on the command line": fit("sft", "--data.init_args.train", "train.csv"),
         "data file in the config": fit("sft_csv"),
@@ -208,6 +209,12 @@ def test_parser_errors_are_one_line_naming_the_config_path(results, case, line):
     """jsonargparse printed the subcommand's usage (60 lines) and every union member it tried."""
     assert fails_in_one_line(results[case]) == f"lit-p3o fit: error: {line}"
     assert "usage:" not in results[case].stderr
+
+
+def test_trainer_setting_lightning_refuses_is_one_line(results):
+    assert fails_in_one_line(results["trainer setting"]) == (
+        "lit-p3o fit: error: `max_epochs` must be a non-negative integer or -1. You passed in -2."
+    )
 
 
 def test_lit_p3o_debug_shows_the_traceback(tmp_path):
