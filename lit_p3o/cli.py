@@ -164,8 +164,8 @@ class _OneLineErrorParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:
             super().error(message, ex)
-        prog = getattr(ex, "subcommand_parser", None) and ex.subcommand_parser.prog or self.prog
-        command = prog.split()[-1] if " " in prog else ""
+        words = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "").split()
+        command = words[-1] if len(words) > 1 else ""  # "lit-p3o fit" names the subcommand
         exit_with(command, ConfigError(condense_parser_error(message)), ex)
 
 
@@ -253,6 +253,7 @@ def main(args: list[str] | None = None) -> None:
 
 
 def _causes(err: BaseException) -> Iterator[BaseException]:
+    """The exceptions ``err`` was raised from (``raise ... from``), innermost last."""
     while err.__cause__ is not None:
         err = err.__cause__
         yield err
