@@ -38,18 +38,18 @@ from argparse import RawDescriptionHelpFormatter
 from collections.abc import Iterator
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import lightning as L
 import torch
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_p3o.data.issues import DataFormatError
+from lit_p3o.errors import UserError, exit_with, user_error
 from lit_p3o.models import check_model_source
 from lit_p3o.runs import OutputLock, atomic_file, is_launching_process
 from lit_p3o.tasks import resolve_embedded
@@ -73,7 +73,7 @@ _RUN_ID_KEY = "lit_p3o_run_id"  # where checkpoints keep the run id
 _MODEL_DIR_ARGS = ("reward_model", "policy")  # string arguments naming a saved model directory
 _COMMAND_MODULES = ("os", "posix", "nt", "sys", "subprocess", "builtins")  # in a checkpoint: an attack
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A config or command line that cannot run; ``lit-p3o`` prints it without a traceback."""
 
 
@@ -94,14 +94,25 @@ class LitP3OCLI(LightningCLI):
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", _OneLineErrorParser)
         parser_kwargs = kwargs.setdefault("parser_kwargs", {})
         parser_kwargs.setdefault("epilog", _extra_commands())
         parser_kwargs.setdefault("formatter_class", _RawEpilogFormatter)
         self.checkpoint: dict[str, Any] | None = None  # the --ckpt_path checkpoint, once read
-        super().__init__(model_class=None, datamodule_class=None, **kwargs)
+        _read_paths_only_as_configs()
+        try:
+            super().__init__(model_class=None, datamodule_class=None, **kwargs)
+        except Exception as err:  # name a spec's or reward function's field by its config path
+            config = self._section(None) if getattr(self, "config", None) is not None else None
+            located = user_error(err, config)
+            if located is None or located is err or located in _causes(err):
+                raise
+            raise located from err
 
-    def _section(self, name: str) -> dict[str, Any]:
-        value = self.config[self.config.subcommand].get(name)
+    def _section(self, name: str | None) -> dict[str, Any]:
+        """One section of the subcommand's config (``None``: all of it) as plain dicts."""
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        value = config if name is None else config.get(name)
         return {} if value is None else _plain(value)
 
     def _parse_ckpt_path(self) -> None:
@@ -218,6 +229,59 @@ class LitP3OCLI(LightningCLI):
                 f"--ckpt_path {saved}")  # fmt: skip
 
 
+class _OneLineErrorParser(LightningArgumentParser):
+    """jsonargparse's errors as one line naming the config path: it prints the subcommand's
+    whole usage (60 lines) and then the nested union/class_path attempts behind a bad value."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        words = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "").split()
+        command = words[-1] if len(words) > 1 else ""  # "lit-p3o fit" names the subcommand
+        exit_with(command, ConfigError(condense_parser_error(message)), ex)
+
+
+def condense_parser_error(message: str) -> str:
+    """``Parser key "model": … class_path 'lit_p3o.P3OModule': Parser key "rollout": … Expected a
+    <class 'int'>. Got value: abc`` → ``model.init_args.rollout.num_responses: Expected a <class
+    'int'>. Got value: abc``: the first innermost problem, under the path of keys above it
+    (a class's arguments sit under ``init_args``, a dataclass's directly). A message without
+    that structure is returned as it is."""
+    path: list[tuple[int, str]] = []  # (indent, key) of the enclosing parser keys
+    for line in message.splitlines():
+        text, indent = line.strip(), len(line) - len(line.lstrip())
+        if not text:
+            continue
+        while path and path[-1][0] >= indent:
+            path.pop()
+        key = re.fullmatch(r'Parser key "([^"]+)"(?: element \d+)?:(.*)', text)
+        class_path = re.fullmatch(r"- Problem with given class_path '([^']+)':", text)
+        if key:
+            path.append((indent, key[1]))
+            if key[2].strip():
+                return f"{'.'.join(k for _, k in path)}: {key[2].strip()}"
+        elif class_path:
+            cls = _import_class(class_path[1])
+            if not (cls is None or is_dataclass(cls)):
+                path.append((indent, "init_args"))
+        elif path and not text.removeprefix("- ").startswith(_PARSER_NOISE):
+            return f"{'.'.join(k for _, k in path)}: {text.removeprefix('- ')}"
+    return message
+
+
+_PARSER_NOISE = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>",
+                 "Expected a path but")  # fmt: skip
+
+
+def _import_class(class_path: str) -> type | None:
+    from jsonargparse._util import import_object
+
+    try:
+        return import_object(class_path)
+    except Exception:  # a class that does not import is reported by the message itself
+        return None
+
+
 class _RawEpilogFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """Keeps the epilog's list of extra commands as written."""
 
@@ -240,20 +304,52 @@ def main(args: list[str] | None = None) -> None:
     from lit_p3o.commands import COMMANDS
 
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in COMMANDS:
-        COMMANDS[argv[0]](argv[1:])
-        return
-    import lit_p3o  # noqa: F401  (registers the classes' import paths for short names)
-
-    _show_our_logs()
+    command = next((a for a in argv if not a.startswith("-")), "")
+    if "" not in sys.path and os.getcwd() not in sys.path:  # as `python -m`: `module:function` rewards in the cwd
+        sys.path.insert(0, os.getcwd())
     try:
+        if argv and argv[0] in COMMANDS:
+            COMMANDS[argv[0]](argv[1:])
+            return
+        import lit_p3o  # noqa: F401  (registers the classes' import paths for short names)
+
+        _show_our_logs()
         LitP3OCLI(args=args)
-    except (ConfigError, DataFormatError) as err:  # bad input, named in the message: no traceback
-        command = next((a for a in argv if not a.startswith("-")), "")
-        sys.stderr.write(f"{f'lit-p3o {command}'.strip()}: error: {err}\n")
-        sys.exit(2)
+    except Exception as err:  # the user's mistake, named in one line (errors.py); a bug keeps its traceback
+        located = user_error(err)
+        if located is None:
+            raise
+        exit_with(command, located, err)
     finally:
         close_process_group()
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    """The exceptions ``err`` was raised from (``raise ... from``), innermost last."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+        yield err
+
+
+def _read_paths_only_as_configs() -> None:
+    """jsonargparse reads a string that names an existing file as the file's contents wherever
+    the argument's type also accepts a config (``reward_model``: a list of RewardSpec;
+    ``train``: a Dataset), so a CSV or text file's contents became the data source or the hub
+    id to download. Keep the string as the path unless the file holds a mapping or a list."""
+    import jsonargparse._typehints as typehints
+
+    parse = typehints.parse_value_or_config
+    if getattr(parse, "keeps_paths", False):
+        return
+
+    def parse_value_or_config(value: Any, enable_path: bool = True, simple_types: bool = False) -> tuple[Any, Any]:
+        parsed, path = parse(value, enable_path=enable_path, simple_types=simple_types)
+        if path is not None and isinstance(value, str) and not isinstance(parsed, (dict, list)):
+            return value, None
+        return parsed, path
+
+    parse_value_or_config.keeps_paths = True
+    typehints.parse_value_or_config = parse_value_or_config
 
 
 def close_process_group() -> None:

@@ -17,7 +17,8 @@ import argparse
 import csv
 import importlib
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,21 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.issues import DataFormatError
 from lit_p3o.data.prompts import load_prompts
+from lit_p3o.errors import RewardFunctionError, UserError
 from lit_p3o.evaluation import evaluate_examples, read_frontier, sample_completions
 from lit_p3o.generation import SamplingSpec, seeded
-from lit_p3o.models import FrozenReference, ModelSpec, build_causal_lm, has_adapters, load_tokenizer, save_pretrained
+from lit_p3o.models import (
+    FrozenReference,
+    ModelSpec,
+    build_causal_lm,
+    check_model_source,
+    has_adapters,
+    load_tokenizer,
+    looks_local,
+    save_pretrained,
+)
 from lit_p3o.runs import OutputLock, write_error
-from lit_p3o.scoring import GoldScorer, RewardScorer, build_scorer
+from lit_p3o.scoring import GoldScorer, RewardScorer, build_scorer, is_function_source, load_function
 from lit_p3o.statistics import bootstrap_mean
 from lit_p3o.tasks import resolve_embedded
 
@@ -269,6 +280,48 @@ def _unique(pairs: list[tuple[str, str]], parser: argparse.ArgumentParser) -> di
     return dict(pairs)
 
 
+def check_models(models: Mapping[str, str | Path]) -> None:
+    """Before anything is loaded or sampled: every ``{argument: source}`` names a saved model
+    (a local directory holding a model and a tokenizer, or a hub model that resolves), so a
+    wrong path fails at once naming its argument, not minutes later naming ``ModelSpec``."""
+    from transformers import AutoConfig
+
+    for argument, source in models.items():
+        source = str(source)
+        try:
+            if looks_local(source):
+                check_model_source(source, argument, "model")
+                check_model_source(source, argument, "tokenizer")
+            else:
+                AutoConfig.from_pretrained(source)
+        except OSError as err:
+            if str(err).startswith(argument):  # check_model_source's message names the argument
+                raise UserError(str(err)) from err
+            raise UserError(
+                f"{argument}: {source!r} is neither a local model directory nor a reachable hub model"
+            ) from err
+
+
+def check_judge(judge: str) -> None:
+    """``--judge``: an embedded task, a ``module:function`` that imports, or a reward model."""
+    if resolve_embedded(judge) is not None:
+        return
+    if is_function_source(judge):
+        with _judge_errors():
+            load_function(judge)
+        return
+    check_models({"--judge": judge})
+
+
+@contextmanager
+def _judge_errors() -> Iterator[None]:
+    """A reward function used as ``--judge`` that fails is named by that argument."""
+    try:
+        yield
+    except RewardFunctionError as err:
+        raise UserError(f"--judge: {err}") from err
+
+
 def frontier_main(argv: Sequence[str] | None = None) -> Path:
     """``lit-p3o frontier LABEL=CSV [LABEL=CSV ...] --out PNG``."""
     parser = argparse.ArgumentParser(
@@ -309,10 +362,13 @@ def winrate_main(argv: Sequence[str] | None = None) -> dict[str, tuple[list[str]
     policies = _unique(args.policies, parser)
     if len(policies) < 2:
         parser.error("give at least two NAME=DIR policies")
-    return compare_policies(
-        policies, args.judge, args.prompts, args.num_prompts, args.max_new_tokens, args.seed, args.out_dir,
-        args.split, args.max_prompt_tokens, args.batch_size, args.device,
-    )  # fmt: skip
+    check_models({f"policy {name}": path for name, path in policies.items()})
+    check_judge(args.judge)
+    with _judge_errors():
+        return compare_policies(
+            policies, args.judge, args.prompts, args.num_prompts, args.max_new_tokens, args.seed, args.out_dir,
+            args.split, args.max_prompt_tokens, args.batch_size, args.device,
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- report
@@ -423,8 +479,14 @@ def report_main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float 
     parser.add_argument("--also", nargs="+", type=_label_and_path, default=[], metavar="LABEL=DIR",
                         help="more policies to list as extra rows (e.g. the same run without KL control)")
     args = parser.parse_args(argv)
-    return report(args.reference, args.policy, args.judge, args.frontier, args.out, args.prompts,
-                  args.num_prompts, args.max_new_tokens, args.seed, _unique(args.also, parser))  # fmt: skip
+    also = _unique(args.also, parser)
+    check_models({"--reference": args.reference, "--policy": args.policy} | {f"--also {k}": v for k, v in also.items()})
+    check_judge(args.judge)
+    if args.frontier is not None:
+        read_frontier(args.frontier)  # a bad file fails now, not after every policy was sampled
+    with _judge_errors():
+        return report(args.reference, args.policy, args.judge, args.frontier, args.out, args.prompts,
+                      args.num_prompts, args.max_new_tokens, args.seed, also)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- export

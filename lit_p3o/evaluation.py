@@ -337,16 +337,16 @@ def read_frontier(path: str | Path) -> dict[str, list[float]]:
     except csv.Error as err:
         raise DataFormatError(f"{path}: not a CSV file ({err})") from None
     if not rows:
-        raise ValueError(f"{path}: no frontier rows")
+        raise DataFormatError(f"{path}: no frontier rows (FrontierCallback writes one per evaluation)")
     missing = set(FRONTIER_COLUMNS) - set(rows[0])
     if missing:
-        raise ValueError(f"{path}: not a frontier CSV (missing columns {sorted(missing)})")
+        raise DataFormatError(f"{path}: not a frontier CSV (missing columns {sorted(missing)})")
     try:
         columns = {name: [float(r[name]) for r in rows if r[name] != ""] for name in FRONTIER_COLUMNS}
     except (TypeError, ValueError) as err:
         raise DataFormatError(f"{path}: not a frontier CSV (a value is not a number: {err})") from None
     if columns["gold"] and len(columns["gold"]) != len(rows):
-        raise ValueError(f"{path}: `gold` is missing on some rows")
+        raise DataFormatError(f"{path}: `gold` is missing on some rows")
     return columns
 
 

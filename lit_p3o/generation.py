@@ -31,6 +31,7 @@ from transformers import CompileConfig, GenerationConfig, PreTrainedTokenizerBas
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from lit_p3o.data.encoding import Batch, Encoded, collate
+from lit_p3o.errors import UserError
 from lit_p3o.losses import token_logprobs
 from lit_p3o.models import is_sharded
 
@@ -243,12 +244,31 @@ def sample_responses(
             chunk = prompts[start : start + size]
             batch = collate([Encoded(p) for p in chunk], tokenizer.pad_token_id)
             input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-            generated = _generate(model, tokenizer, spec, input_ids, attention_mask, stop_ids, synced)
+            try:
+                generated = _generate(model, tokenizer, spec, input_ids, attention_mask, stop_ids, synced)
+            except RuntimeError as err:
+                if "probability tensor contains" not in str(err):
+                    raise
+                raise _non_finite(model) from err
             for prompt, row in zip(chunk, generated.tolist()):
                 stop = response_end(row, stop_ids, tokenizer, spec.stop_strings)
                 examples.append(Encoded(prompt, row[:stop] if stop else row))
                 ended.append(stop is not None)
     return Sampled(examples, ended)
+
+
+def _non_finite(model: nn.Module) -> UserError:
+    """Why sampling met NaN/inf probabilities, as the user can act on it (torch says only
+    "probability tensor contains either inf, nan or element < 0")."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    source = getattr(model, "name_or_path", "") or "the model"
+    cause = (
+        f"{len(bad)} of its weight tensors hold NaN/inf (first: {bad[0]}): the saved weights are broken, "
+        "or training diverged (lower the learning rate, check the precision)"
+        if bad
+        else "its weights are finite but its logits overflow (check the precision: dtype, trainer.precision)"
+    )
+    return UserError(f"ModelSpec.name_or_path: sampling from {source} met non-finite next-token probabilities; {cause}")
 
 
 def _generate(

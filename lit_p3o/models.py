@@ -151,6 +151,7 @@ def load_tokenizer(
                 "pass the stage's `tokenizer=` argument too"
             )
     source = type(given).__name__ if given is not None else spec.tokenizer or spec.name_or_path
+    field_name = "tokenizer" if given is None and spec.tokenizer else "name_or_path"  # the field the user wrote
     if given is not None:
         tokenizer = given
     elif source is None:
@@ -158,7 +159,6 @@ def load_tokenizer(
     elif (task := resolve_embedded(source)) is not None:
         tokenizer = task.build_tokenizer()
     else:
-        field_name = "tokenizer" if spec.tokenizer else "name_or_path"  # the field the user wrote
         check_model_source(source, f"ModelSpec.{field_name}", "tokenizer")
         tokenizer = _from_pretrained(
             AutoTokenizer,
@@ -168,7 +168,10 @@ def load_tokenizer(
             trust_remote_code=spec.trust_remote_code,
         )
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {source!r} has no EOS token; responses could never end")
+        raise ValueError(
+            f"ModelSpec.{field_name}: tokenizer {source!r} has no EOS token, so responses could never end "
+            "(set eos_token in its tokenizer_config.json)"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -31,6 +31,7 @@ from lit_p3o.data.encoding import (
     encode_response,
     fit_prompt,
 )
+from lit_p3o.errors import RewardFunctionError
 from lit_p3o.models import ModelSpec, build_reward_model, disable_dropout, load_tokenizer
 from lit_p3o.tasks import resolve_embedded
 
@@ -193,16 +194,19 @@ class FunctionScorer:
         completions = [self.tokenizer.decode(e.response_ids, skip_special_tokens=True) for e in examples]
         names = list(dict.fromkeys(k for p in prompts for k in getattr(p, "columns", {})))
         columns = {k: [getattr(p, "columns", {}).get(k) for p in prompts] for k in names}
-        values = self.function(prompts=[str(p) for p in prompts], completions=completions, **columns)
+        try:
+            values = self.function(prompts=[str(p) for p in prompts], completions=completions, **columns)
+        except Exception as err:  # the user's code: named, and its traceback kept under LIT_P3O_DEBUG=1
+            raise RewardFunctionError(self.name, f"raised {_one_line(err)}") from err
         if isinstance(values, Tensor):
             values = values.tolist()
-        if not isinstance(values, Sequence) or len(values) != len(examples):
+        if not isinstance(values, Sequence) or isinstance(values, str) or len(values) != len(examples):
             got = f"{len(values)} values" if isinstance(values, Sequence) else type(values).__name__
-            raise ValueError(f"reward function {self.name}: must return one value per completion ({len(examples)}), got {got}")
+            raise RewardFunctionError(self.name, f"must return one value per completion ({len(examples)}), got {got}")
         out = []
         for i, v in enumerate(values):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise TypeError(f"reward function {self.name}: value {i} is {v!r}; expected a float or None")
+                raise RewardFunctionError(self.name, f"value {i} is {v!r}; expected a float or None")
             out.append(math.nan if v is None else float(v))
         return torch.tensor(out, dtype=torch.float32)
 
@@ -250,13 +254,21 @@ def load_function(source: str) -> RewardFunction:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ImportError(f"reward {source!r}: cannot import module {module_name!r} ({err})") from err
+        raise RewardFunctionError(source, f"cannot import module {module_name!r} ({err}; sys.path holds the "
+                                          "working directory and PYTHONPATH)") from err
+    except Exception as err:  # the module itself fails while it is imported
+        raise RewardFunctionError(source, f"importing {module_name!r} raised {_one_line(err)}") from err
     function = getattr(module, attribute, None)
     if function is None:
-        raise AttributeError(f"reward {source!r}: module {module_name!r} has no attribute {attribute!r}")
+        raise RewardFunctionError(source, f"module {module_name!r} has no attribute {attribute!r}")
     if not callable(function):
-        raise TypeError(f"reward {source!r}: {attribute!r} is not callable")
+        raise RewardFunctionError(source, f"{attribute!r} is not callable")
     return function
+
+
+def _one_line(err: Exception) -> str:
+    """``KeyError: 'answer'``: the user's exception, its message on one line."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def is_function_source(source: str) -> bool:

@@ -18,6 +18,7 @@ from lit_p3o import GuardSpec, ModelSpec, OptimizerSpec, P3OModule, RolloutSpec,
 from lit_p3o.cli import LitP3OCLI
 from lit_p3o.data.encoding import Encoded, encode_example
 from lit_p3o.data.prompts import Prompt, load_prompts
+from lit_p3o.errors import RewardFunctionError
 from lit_p3o.models import build_reward_model, load_tokenizer, save_pretrained
 from lit_p3o.scoring import FunctionScorer, RewardScorer, RewardSpec, WeightedScorer, build_scorer, load_function
 from lit_p3o.tasks import arithmetic, get_task
@@ -49,6 +50,11 @@ def wrong_length(prompts, completions, **kwargs):
 
 def text_values(prompts, completions, **kwargs):
     return ["high"] * len(completions)
+
+
+def bool_values(prompts, completions, **kwargs):
+    """Rewards of a verifier written as booleans: refused, not read as 1.0/0.0."""
+    return [True] * len(completions)
 
 
 NOT_CALLABLE = 3
@@ -94,17 +100,19 @@ def test_none_becomes_nan_and_bad_returns_are_named(tok):
     assert scores[0] == 1.0 and math.isnan(scores[1])
     with pytest.raises(ValueError, match=f"reward function {HERE}:wrong_length: must return one value per completion \\(2\\), got 1 values"):
         build_scorer(f"{HERE}:wrong_length", tok).score_examples(rows, [True, True])
-    with pytest.raises(TypeError, match=f"reward function {HERE}:text_values: value 0 is 'high'; expected a float or None"):
+    with pytest.raises(RewardFunctionError, match=f"reward function {HERE}:text_values: value 0 is 'high'; expected a float or None"):
         build_scorer(f"{HERE}:text_values", tok).score_examples(rows, [True, True])
+    with pytest.raises(RewardFunctionError, match=f"reward function {HERE}:bool_values: value 0 is True; expected a float or None"):
+        build_scorer(f"{HERE}:bool_values", tok).score_examples(rows, [True, True])
 
 
 def test_load_function_errors_name_the_source():
     assert load_function(f"{HERE}:word_count") is word_count
-    with pytest.raises(ImportError, match="reward 'no_such_module_x:f': cannot import module 'no_such_module_x'"):
+    with pytest.raises(RewardFunctionError, match="reward function no_such_module_x:f: cannot import module 'no_such_module_x'"):
         load_function("no_such_module_x:f")
-    with pytest.raises(AttributeError, match=f"module '{HERE}' has no attribute 'missing'"):
+    with pytest.raises(RewardFunctionError, match=f"module '{HERE}' has no attribute 'missing'"):
         load_function(f"{HERE}:missing")
-    with pytest.raises(TypeError, match="'NOT_CALLABLE' is not callable"):
+    with pytest.raises(RewardFunctionError, match="'NOT_CALLABLE' is not callable"):
         load_function(f"{HERE}:NOT_CALLABLE")
 
 
@@ -128,6 +136,16 @@ def test_weighted_mix_of_functions_and_a_reward_model(tok, tmp_path):
         RewardSpec("x:y", float("inf"))
     with pytest.raises(ValueError, match="needs at least one reward"):
         build_scorer([], tok)
+
+
+def test_weighted_reward_gives_its_functions_the_prompt_columns(tok):
+    CALLS.clear()
+    mixed = build_scorer([RewardSpec(f"{HERE}:word_count", 2.0), RewardSpec("embedded:reviews", 0.0)], tok)
+    prompts = [Prompt("rate the tea :", {"answer": "7"}), Prompt("rate the mug :", {"answer": "9"})]
+    scores = mixed.score_examples(examples(tok, PAIRS), [True, True], prompts=prompts)
+    assert scores.tolist() == [8.0, 16.0]
+    (call,) = CALLS
+    assert call["answer"] == ["7", "9"] and call["prompts"] == ["rate the tea :", "rate the mug :"]
 
 
 # --------------------------------------------------------------------------- in an RL stage

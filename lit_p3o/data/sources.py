@@ -57,6 +57,9 @@ def load_rows(source: DataSource, split: str = "train") -> tuple[list[dict[str, 
     if path.is_dir():
         if any((path / marker).is_file() for marker in _SAVED_MARKERS):
             return _read_saved(path, split)
+        if not any(f.is_file() and not f.name.startswith(".") for f in path.rglob("*")):
+            raise DataFormatError(f"{source}: an empty directory; expected data files ({', '.join(_FILE_SUFFIXES)}) "
+                                  "or a dataset written by save_to_disk")  # fmt: skip
         source = str(path)  # a directory of data files
     elif _looks_like_path(source):
         raise FileNotFoundError(f"no such data file or directory: {source}")
