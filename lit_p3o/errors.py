@@ -70,7 +70,9 @@ def locate(message: str, config: dict[str, Any]) -> str | None:
     """``"SamplingSpec.temperature: must be > 0"`` → ``"model.init_args.rollout.sampling.temperature:
     must be > 0"`` where a class of that name in ``config`` holds the bad value (its dataclass
     raises the same message, or the message quotes the configured value); several such places
-    are all named; None when no configured place fits (e.g. a ModelSpec built internally)."""
+    are all named; None when no configured place fits (e.g. a ModelSpec built internally).
+    Where one place fits, the class's other fields the message names (``RolloutSpec.sampling.
+    max_new_tokens``) get the same path."""
     match = _SPEC_MESSAGE.match(message)
     if match is None:
         return None
@@ -83,7 +85,10 @@ def locate(message: str, config: dict[str, Any]) -> str | None:
     if not places:
         return None
     paths = [f"{path}.{field}" if field else path for path in places]
-    return f"{' or '.join(paths)}: {message[match.end():]}"
+    rest = message[match.end() :]
+    if len(places) == 1:
+        rest = re.sub(rf"\b{name}\.(?=\w)", f"{places[0]}.", rest)
+    return f"{' or '.join(paths)}: {rest}"
 
 
 def _holds_bad_value(cls: type, values: dict[str, Any], field: str, message: str) -> bool:

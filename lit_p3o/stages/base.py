@@ -147,11 +147,11 @@ class RLStage(ShardableModule):
         """Prompt plus response budgets within the policy's context, checked before anything is
         sampled (``evaluation`` only when given: its defaults serve validate/test on request)."""
         rollout = self.rollout_spec
-        check_fits_context(self.policy, self.tokenizer, "RolloutSpec", rollout.max_prompt_tokens, "rollout.sampling",
-                           rollout.sampling.max_new_tokens)  # fmt: skip
+        check_fits_context(self.policy, self.tokenizer, "RolloutSpec", rollout.max_prompt_tokens,
+                           "RolloutSpec.sampling", rollout.sampling.max_new_tokens)  # fmt: skip
         if evaluation is not None:
             check_fits_context(self.policy, self.tokenizer, "EvaluationSpec", evaluation.max_prompt_tokens,
-                               "evaluation.sampling", evaluation.sampling.max_new_tokens)  # fmt: skip
+                               "EvaluationSpec.sampling", evaluation.sampling.max_new_tokens)  # fmt: skip
 
     # ------------------------------------------------------------------ what subclasses define
 
