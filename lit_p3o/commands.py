@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.issues import DataFormatError
 from lit_p3o.data.prompts import load_prompts
-from lit_p3o.errors import RewardFunctionError, UserError
+from lit_p3o.errors import SourceError, UserError
 from lit_p3o.evaluation import evaluate_examples, read_frontier, sample_completions
 from lit_p3o.generation import SamplingSpec, seeded
 from lit_p3o.models import (
@@ -303,23 +303,30 @@ def check_models(models: Mapping[str, str | Path]) -> None:
 
 
 def check_judge(judge: str) -> None:
-    """``--judge``: an embedded task, a ``module:function`` that imports, or a reward model."""
-    if resolve_embedded(judge) is not None:
-        return
-    if is_function_source(judge):
-        with _judge_errors():
+    """``--judge``: a known embedded task, a ``module:function`` that imports, or a reward model."""
+    with _named("--judge"):
+        if resolve_embedded(judge) is not None:
+            return
+        if is_function_source(judge):
             load_function(judge)
-        return
+            return
     check_models({"--judge": judge})
 
 
+def check_prompts(prompts: str) -> None:
+    """``--prompts``: an ``embedded:`` source names a known task (files are read later)."""
+    with _named("--prompts"):
+        resolve_embedded(prompts)
+
+
 @contextmanager
-def _judge_errors() -> Iterator[None]:
-    """A reward function used as ``--judge`` that fails is named by that argument."""
+def _named(argument: str) -> Iterator[None]:
+    """A source given as ``argument`` that cannot be used (an unknown embedded task, a reward
+    function that fails) is named by that argument."""
     try:
         yield
-    except RewardFunctionError as err:
-        raise UserError(f"--judge: {err}") from err
+    except SourceError as err:
+        raise UserError(f"{argument}: {err}") from err
 
 
 def frontier_main(argv: Sequence[str] | None = None) -> Path:
@@ -364,7 +371,8 @@ def winrate_main(argv: Sequence[str] | None = None) -> dict[str, tuple[list[str]
         parser.error("give at least two NAME=DIR policies")
     check_models({f"policy {name}": path for name, path in policies.items()})
     check_judge(args.judge)
-    with _judge_errors():
+    check_prompts(args.prompts)
+    with _named("--judge"):
         return compare_policies(
             policies, args.judge, args.prompts, args.num_prompts, args.max_new_tokens, args.seed, args.out_dir,
             args.split, args.max_prompt_tokens, args.batch_size, args.device,
@@ -482,9 +490,10 @@ def report_main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float 
     also = _unique(args.also, parser)
     check_models({"--reference": args.reference, "--policy": args.policy} | {f"--also {k}": v for k, v in also.items()})
     check_judge(args.judge)
+    check_prompts(args.prompts)
     if args.frontier is not None:
         read_frontier(args.frontier)  # a bad file fails now, not after every policy was sampled
-    with _judge_errors():
+    with _named("--judge"):
         return report(args.reference, args.policy, args.judge, args.frontier, args.out, args.prompts,
                       args.num_prompts, args.max_new_tokens, args.seed, also)  # fmt: skip
 

@@ -141,6 +141,8 @@ def cases(models: Path, work: Path) -> dict[str, list[str]]:
         "callback that does not import": fit("p3o", "--trainer.callbacks+", "lightning.pytorch.callbacks.Nope"),
         "trainer setting": fit("p3o", "--trainer.max_epochs", "-2"),
         "reward model file": fit("p3o", "--model.init_args.reward_model", "notes.txt"),
+        "unknown task as reward model": fit("p3o", "--model.init_args.reward_model", "embedded:nosuch"),
+        "unknown task as tokenizer": fit("p3o", "--model.init_args.policy.tokenizer", "embedded:nosuch"),
         "data file on the command line": fit("sft", "--data.init_args.train", "train.csv"),
         "data file in the config": fit("sft_csv"),
         **{name: fit(name) for name in configs if name not in ("p3o", "sft", "sft_csv")},
@@ -151,6 +153,9 @@ def cases(models: Path, work: Path) -> dict[str, list[str]]:
         "winrate missing judge": ["winrate", f"a={sft}", f"b={sft}", "--judge", "./judges/missing", *judge_args],
         "winrate judge not importable": ["winrate", f"a={sft}", f"b={sft}", "--judge", "no_such_judge:score", *judge_args],
         "winrate judge raises": ["winrate", f"a={sft}", f"b={sft}", "--judge", "rewards:raises", *judge_args],
+        "winrate unknown judge task": ["winrate", f"a={sft}", f"b={sft}", "--judge", "embedded:nosuch", *judge_args],
+        "winrate unknown prompts task": ["winrate", f"a={sft}", f"b={sft}", "--judge", "embedded:reviews",
+                                         "--prompts", "embedded:nosuch", *judge_args],
     }  # fmt: skip
 
 
@@ -247,6 +252,20 @@ def test_reward_model_pointing_at_a_file_names_the_path(results):
     assert fails_in_one_line(results["reward model file"]) == (
         "lit-p3o fit: error: model.init_args.reward_model: 'notes.txt' is a file; expected a directory written by save_pretrained"
     )
+
+
+@pytest.mark.parametrize(
+    "case, line",
+    [
+        ("unknown task as reward model", "lit-p3o fit: error: model.init_args.reward_model: "),
+        ("unknown task as tokenizer", "lit-p3o fit: error: model.init_args.policy.tokenizer: "),
+        ("winrate unknown judge task", "lit-p3o winrate: error: --judge: "),
+        ("winrate unknown prompts task", "lit-p3o winrate: error: --prompts: "),
+    ],
+)
+def test_unknown_embedded_task_names_the_field_and_the_known_tasks(results, case, line):
+    """It was a ValueError traceback (resolve_embedded) that named neither."""
+    assert fails_in_one_line(results[case]) == f"{line}unknown embedded task 'nosuch'; known tasks: arithmetic, reviews"
 
 
 @pytest.mark.parametrize("case", ["data file on the command line", "data file in the config"])
