@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import instantiate_module
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -509,7 +510,13 @@ def stage_class(hparams: Mapping[str, Any], class_path: str | None = None) -> ty
     class_path = class_path or hparams.get("_class_path")
     if class_path is not None:
         module, _, name = class_path.rpartition(".")
-        return getattr(importlib.import_module(module), name)
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as err:  # ValueError: no module part
+            raise ValueError(f"{class_path} does not import ({err})") from err
+        if not (isinstance(cls, type) and issubclass(cls, LightningModule)):
+            raise ValueError(f"{class_path} is not a LightningModule, so it wrote no checkpoint")
+        return cls
     import lit_p3o
 
     keys = set(hparams) - {"_instantiator"}
@@ -559,7 +566,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, merge: bool = False, cl
     with OutputLock(out, "--out", f"lit-p3o export of {ckpt}"):
         check_export_dir(out, run_id, "--out", writer, checkpoint=source)
         hparams = dict(checkpoint["hyper_parameters"])
-        cls = stage_class(hparams, class_path)
+        try:
+            cls = stage_class(hparams, class_path)
+        except ValueError as err:
+            raise ConfigError(f"{'--stage' if class_path else f'--ckpt {ckpt}'}: {err}") from err
         if issubclass(cls, RLStage):
             hparams["reward_model"] = "embedded:reviews"  # the scorer is frozen, not in the checkpoint, not exported
         try:

@@ -114,6 +114,8 @@ def cases(models: Path, work: Path) -> dict[str, list[str]]:
     (work / "train.csv").write_text("prompt,completion\nhello,world\n")
     (work / "empty_data").mkdir()
     (work / "frontier.csv").write_text("step,kl,score,gold\n")
+    torch.save({"hyper_parameters": {"policy": None, "unknown_knob": 1}, "state_dict": {}, "loops": {}},
+               work / "unknown_stage.ckpt")  # its stage cannot be told
     configs = {
         "p3o": p3o_config(),
         "sft": sft_config(),
@@ -148,6 +150,11 @@ def cases(models: Path, work: Path) -> dict[str, list[str]]:
         **{name: fit(name) for name in configs if name not in ("p3o", "sft", "sft_csv")},
         "constant_rewards": fit("constant_rewards", "--trainer.max_epochs", "2"),
         "frontier without rows": ["frontier", "p3o=frontier.csv", "--out", "f.png"],
+        "export of an unknown stage": ["export", "--ckpt", "unknown_stage.ckpt", "--out", "exported"],
+        "export --stage that does not import": ["export", "--ckpt", "unknown_stage.ckpt", "--out", "exported",
+                                                "--stage", "lit_p3o.Nope"],
+        "export --stage that is no stage": ["export", "--ckpt", "unknown_stage.ckpt", "--out", "exported",
+                                            "--stage", "lit_p3o.SamplingSpec"],
         "report missing policy": ["report", "--reference", sft, "--policy", "outputs/missing",
                                   "--judge", "embedded:reviews", "--num-prompts", "2"],
         "winrate missing judge": ["winrate", f"a={sft}", f"b={sft}", "--judge", "./judges/missing", *judge_args],
@@ -369,6 +376,25 @@ def test_report_with_a_missing_policy_names_the_argument(results):
 )
 def test_winrate_with_a_bad_judge_names_it(results, case, message):
     fails_in_one_line(results[case], f"lit-p3o winrate: error: {message}")
+
+
+# --------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("export of an unknown stage", "--ckpt unknown_stage.ckpt: cannot tell which stage wrote this checkpoint "
+         "(hyperparameters ['policy', 'unknown_knob']; matching: none); pass --stage with its class path, e.g. "
+         "--stage lit_p3o.P3OModule"),
+        ("export --stage that does not import", "--stage: lit_p3o.Nope does not import (module 'lit_p3o' has no "
+         "attribute 'Nope')"),
+        ("export --stage that is no stage", "--stage: lit_p3o.SamplingSpec is not a LightningModule, so it wrote "
+         "no checkpoint"),
+    ],
+)  # fmt: skip
+def test_export_of_a_checkpoint_whose_stage_is_unknown_names_stage(results, case, message):
+    assert fails_in_one_line(results[case]) == f"lit-p3o export: error: {message}"
 
 
 # --------------------------------------------------------------------------- bugs keep their traceback
