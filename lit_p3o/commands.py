@@ -123,6 +123,22 @@ def judge_label(source: str) -> str:
     return "gold" if resolve_embedded(source) is not None else Path(source).name or "reward"
 
 
+def judge_labels(judge: str, prompts: str) -> dict[str, str]:
+    """``{source: label}`` of the judges: ``judge``, plus the gold reward of embedded ``prompts``.
+    Refused, naming ``--judge``: another task's gold reward (it scores only its own prompts) and
+    a reward model folder named ``gold`` (its label would be the prompts' gold reward's)."""
+    labels = {judge: judge_label(judge)}
+    if resolve_embedded(prompts) is None or prompts == judge:
+        return labels
+    if resolve_embedded(judge) is not None:
+        raise UserError(f"--judge {judge}: the gold reward of another task than --prompts {prompts}; a task's gold "
+                        f"reward scores only its own prompts (give --judge {prompts}, or a reward model)")  # fmt: skip
+    if labels[judge] == "gold":
+        raise UserError(f"--judge {judge}: a reward model folder named 'gold' would share its label with the gold "
+                        f"reward of --prompts {prompts}; rename the folder")  # fmt: skip
+    return labels | {prompts: "gold"}
+
+
 def compare_policies(
     policies: Mapping[str, str | Path],
     judge: str,
@@ -175,10 +191,8 @@ def judge_policies(
     per prompt under the same seed, and ``judge`` (plus the gold reward with embedded prompts)
     scores them; the per-prompt scores that win rates and their intervals are computed from."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    judges = list(dict.fromkeys([judge, prompts] if resolve_embedded(prompts) else [judge]))
-    labels = {source: judge_label(source) for source in judges}
-    if len(set(labels.values())) != len(labels):
-        raise ValueError(f"judge_policies: judges {judges} would share a name; rename the reward model folder")
+    labels = judge_labels(judge, prompts)
+    judges = list(labels)
     sampling = SamplingSpec(max_new_tokens=max_new_tokens)
     scores: dict[str, dict[str, Tensor]] = {labels[source]: {} for source in judges}
     reward_models: dict[str, RewardScorer] = {}
@@ -403,9 +417,10 @@ def report(
     Returns ``{"reference"|"trained"|label: row}``; a row holds the means ``score``, ``gold``,
     ``kl``, ``response_length``, ``eos_rate`` and the bounds ``score_low``/``score_high``,
     ``gold_low``/``gold_high``, ``kl_low``/``kl_high``."""
-    clash = {"reference", "trained"} & set(others or {})
+    clash = sorted({"reference", "trained"} & set(others or {}))
     if clash:
-        raise ValueError(f"report: {sorted(clash)} names a built-in row; label the extra policy otherwise")
+        raise UserError(f"--also {clash[0]}=...: '{clash[0]}' names a built-in row of the report (reference, "
+                        "trained); label the extra policy otherwise")  # fmt: skip
     spec = ModelSpec(name_or_path=str(reference))
     tokenizer = load_tokenizer(spec)
     ref_model = build_causal_lm(spec, tokenizer).eval()

@@ -57,8 +57,8 @@ def fails_in_one_line(result: subprocess.CompletedProcess, *named: str) -> str:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    """Saved micro policies: ``sft`` (sound), ``nan`` (NaN output weights), ``no_eos`` (its
-    tokenizer has no EOS token)."""
+    """Saved micro policies: ``sft`` (sound, also linked as ``gold``), ``nan`` (NaN output weights),
+    ``no_eos`` (its tokenizer has no EOS token)."""
     root = tmp_path_factory.mktemp("models")
     spec = ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews")
     tokenizer = load_tokenizer(spec)
@@ -66,6 +66,7 @@ def models(tmp_path_factory) -> Path:
     model = build_causal_lm(spec, tokenizer)
     save_pretrained(model, tokenizer, root / "sft")
     save_pretrained(model, tokenizer, root / "no_eos")
+    (root / "gold").symlink_to(root / "sft")  # a judge whose folder name is the gold reward's label
     config = json.loads((root / "no_eos/tokenizer_config.json").read_text())
     (root / "no_eos/tokenizer_config.json").write_text(json.dumps({**config, "eos_token": None}))
     with torch.no_grad():
@@ -160,6 +161,12 @@ def cases(models: Path, work: Path) -> dict[str, list[str]]:
         "winrate missing judge": ["winrate", f"a={sft}", f"b={sft}", "--judge", "./judges/missing", *judge_args],
         "winrate judge not importable": ["winrate", f"a={sft}", f"b={sft}", "--judge", "no_such_judge:score", *judge_args],
         "winrate judge raises": ["winrate", f"a={sft}", f"b={sft}", "--judge", "rewards:raises", *judge_args],
+        "winrate judge of another task": ["winrate", f"a={sft}", f"b={sft}", "--judge", "embedded:arithmetic",
+                                          *judge_args],
+        "winrate judge folder named gold": ["winrate", f"a={sft}", f"b={sft}", "--judge", str(models / "gold"),
+                                            *judge_args],
+        "report --also reference": ["report", "--reference", sft, "--policy", sft, "--judge", "embedded:reviews",
+                                    "--num-prompts", "2", "--also", f"reference={sft}"],
         "winrate unknown judge task": ["winrate", f"a={sft}", f"b={sft}", "--judge", "embedded:nosuch", *judge_args],
         "winrate unknown prompts task": ["winrate", f"a={sft}", f"b={sft}", "--judge", "embedded:reviews",
                                          "--prompts", "embedded:nosuch", *judge_args],
@@ -376,6 +383,23 @@ def test_report_with_a_missing_policy_names_the_argument(results):
 )
 def test_winrate_with_a_bad_judge_names_it(results, case, message):
     fails_in_one_line(results[case], f"lit-p3o winrate: error: {message}")
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("winrate judge of another task", "winrate: error: --judge embedded:arithmetic: the gold reward of another "
+         "task than --prompts embedded:reviews; a task's gold reward scores only its own prompts (give --judge "
+         "embedded:reviews, or a reward model)"),
+        ("winrate judge folder named gold", "winrate: error: --judge {models}/gold: a reward model folder named "
+         "'gold' would share its label with the gold reward of --prompts embedded:reviews; rename the folder"),
+        ("report --also reference", "report: error: --also reference=...: 'reference' names a built-in row of the "
+         "report (reference, trained); label the extra policy otherwise"),
+    ],
+)  # fmt: skip
+def test_a_label_clash_names_the_argument(results, models, case, message):
+    """Both were ValueError tracebacks naming the Python functions (judge_policies, report)."""
+    assert fails_in_one_line(results[case]) == f"lit-p3o {message.format(models=models)}"
 
 
 # --------------------------------------------------------------------------- export
