@@ -108,6 +108,12 @@ BAD_REWARD_FUNCTIONS = [
 ]
 
 
+TRAINER_COUNTS = [  # Lightning does not check these: each 0 was a ZeroDivisionError inside its loops
+    ("accumulate_grad_batches", "0", "must be >= 1, got 0"),
+    ("check_val_every_n_epoch", "0", "must be >= 1, got 0"),
+]
+
+
 def cases(models: Path, work: Path) -> dict[str, list[str]]:
     """Every case's command line (configs written into ``work``), by name."""
     (work / "rewards.py").write_text(REWARDS)
@@ -143,6 +149,7 @@ def cases(models: Path, work: Path) -> dict[str, list[str]]:
         "value of the wrong type": fit("p3o", "--model.init_args.rollout.num_responses", "abc"),
         "callback that does not import": fit("p3o", "--trainer.callbacks+", "lightning.pytorch.callbacks.Nope"),
         "trainer setting": fit("p3o", "--trainer.max_epochs", "-2"),
+        **{f"trainer {name}": fit("p3o", f"--trainer.{name}", value) for name, value, _ in TRAINER_COUNTS},
         "reward model file": fit("p3o", "--model.init_args.reward_model", "notes.txt"),
         "unknown task as reward model": fit("p3o", "--model.init_args.reward_model", "embedded:nosuch"),
         "unknown task as tokenizer": fit("p3o", "--model.init_args.policy.tokenizer", "embedded:nosuch"),
@@ -234,6 +241,11 @@ def test_trainer_setting_lightning_refuses_is_one_line(results):
     assert fails_in_one_line(results["trainer setting"]) == (
         "lit-p3o fit: error: `max_epochs` must be a non-negative integer or -1. You passed in -2."
     )
+
+
+@pytest.mark.parametrize("name, value, message", TRAINER_COUNTS)
+def test_trainer_count_lightning_does_not_check_names_it(results, name, value, message):
+    assert fails_in_one_line(results[f"trainer {name}"]) == f"lit-p3o fit: error: trainer.{name}: {message}"
 
 
 def test_lit_p3o_debug_shows_the_traceback(tmp_path):
