@@ -340,12 +340,12 @@ def test_reward_function_inside_a_weighted_reward_names_its_entry(results):
 
 
 def test_reward_function_returning_nan_for_everything_stops_the_run(results):
-    fails_in_one_line(results["nan_rewards"], "were skipped, more than guards.max_skipped_fraction = 0.1 allows", "(rewards:nan)")
+    fails_in_one_line(results["nan_rewards"], "were skipped, more than model.init_args.guards.max_skipped_fraction = 0.1 allows", "(rewards:nan)")
 
 
 def test_constant_reward_function_stops_at_the_gradient_guard(results):
-    fails_in_one_line(results["constant_rewards"], "`policy` got exactly-zero gradients in 2 consecutive optimizer steps",
-                      "every response to a prompt got the same reward")  # fmt: skip
+    fails_in_one_line(results["constant_rewards"], "`policy` got exactly-zero gradients in 2 consecutive optimizer steps "
+                      "(model.init_args.guards.max_zero_grad_steps = 2)", "every response to a prompt got the same reward")  # fmt: skip
 
 
 def test_reward_function_module_that_does_not_import_is_named(results):

@@ -308,7 +308,7 @@ class RLStage(ShardableModule):
     def _too_many_skipped(self, of_what: str) -> TooManySkippedError:
         return TooManySkippedError(
             f"[lit-p3o] {self.skipped_steps} {of_what} were skipped, more than "
-            f"guards.max_skipped_fraction = {self.guard_spec.max_skipped_fraction} allows "
+            f"model.init_args.guards.max_skipped_fraction = {self.guard_spec.max_skipped_fraction} allows "
             f"({self.updates.summary()}); the policy is not saved. Non-finite rewards come from the "
             f"reward model ({self.hparams.get('reward_model', 'a Python function')}), non-finite losses from the update "
             "(learning rate, precision)."
