@@ -20,7 +20,7 @@ import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -31,9 +31,8 @@ from matplotlib.lines import Line2D
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from lit_p3o.data.issues import DataFormatError
 from lit_p3o.data.prompts import load_prompts
-from lit_p3o.errors import SourceError, UserError
+from lit_p3o.errors import SourceError, UserError, exit_with
 from lit_p3o.evaluation import evaluate_examples, read_frontier, sample_completions
 from lit_p3o.generation import SamplingSpec, seeded
 from lit_p3o.models import (
@@ -267,6 +266,14 @@ def write_win_rates(results: Mapping[str, tuple[list[str], Tensor]], path: Path)
 # --------------------------------------------------------------------------- command line
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """The commands' parsers: an error is one line ``lit-p3o <command>: error: …`` without the
+    usage above it (``--help`` has it)."""
+
+    def error(self, message: str) -> NoReturn:
+        exit_with(self.prog.removeprefix("lit-p3o").strip(), UserError(message))
+
+
 def _label_and_path(text: str) -> tuple[str, str]:
     """``LABEL=PATH``, where labels may contain ``=`` ("p3o beta=0.05=runs/a.csv"): the cut
     that leaves an existing path wins, else the last ``=`` (hub ids have none)."""
@@ -346,7 +353,7 @@ def _named(argument: str) -> Iterator[None]:
 
 def frontier_main(argv: Sequence[str] | None = None) -> Path:
     """``lit-p3o frontier LABEL=CSV [LABEL=CSV ...] --out PNG``."""
-    parser = argparse.ArgumentParser(
+    parser = _CommandParser(
         prog="lit-p3o frontier",
         description="Plot KL–reward frontiers from the CSVs that FrontierCallback writes. "
         "The label's first word names the algorithm, which picks the colour.",
@@ -355,17 +362,14 @@ def frontier_main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=Path("frontier.png"), help="PNG to write (default: %(default)s)")
     args = parser.parse_args(argv)
     runs = _unique(args.runs, parser)
-    try:
-        path = plot_frontier(runs, args.out)
-    except (DataFormatError, OSError) as err:  # a file that is missing or not a frontier CSV
-        parser.error(str(err))
+    path = plot_frontier(runs, args.out)  # a missing or bad CSV is a user error: one line (cli.main)
     print(f"[lit-p3o] wrote {path}")
     return path
 
 
 def winrate_main(argv: Sequence[str] | None = None) -> dict[str, tuple[list[str], Tensor]]:
     """``lit-p3o winrate NAME=DIR [NAME=DIR ...] --judge DIR_OR_EMBEDDED ...``."""
-    parser = argparse.ArgumentParser(
+    parser = _CommandParser(
         prog="lit-p3o winrate",
         description="Head-to-head win rates of saved policies on the same prompts (row beats column).",
     )
@@ -490,7 +494,7 @@ def plot_training_curves(rows: Mapping[str, list[float]], out: Path) -> Path:
 
 def report_main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float | None]]:
     """``lit-p3o report --reference DIR --policy DIR --judge DIR_OR_EMBEDDED [--frontier CSV]``."""
-    parser = argparse.ArgumentParser(prog="lit-p3o report", description=report.__doc__.split("\n\n")[0])
+    parser = _CommandParser(prog="lit-p3o report", description=report.__doc__.split("\n\n")[0])
     parser.add_argument("--reference", required=True, help="the policy RL started from (e.g. the SFT model)")
     parser.add_argument("--policy", required=True, help="the trained policy directory")
     parser.add_argument("--judge", required=True, help="reward model directory, or embedded:<task>")
@@ -621,7 +625,7 @@ def export_main(argv: Sequence[str] | None = None) -> Path:
     """``lit-p3o export --ckpt CKPT --out DIR [--merge] [--stage CLASS_PATH]``."""
     from lit_p3o.cli import ConfigError
 
-    parser = argparse.ArgumentParser(prog="lit-p3o export", description=export_checkpoint.__doc__.split("\n\n")[0])
+    parser = _CommandParser(prog="lit-p3o export", description=export_checkpoint.__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, type=Path, help="a Lightning checkpoint (.ckpt) of any lit-p3o stage")
     parser.add_argument("--out", required=True, type=Path, help="directory to write (missing, empty, or an export of the same run)")
     parser.add_argument("--merge", action="store_true", help="merge LoRA adapters into the base and save it whole")

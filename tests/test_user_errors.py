@@ -375,6 +375,7 @@ def test_frontier_of_a_csv_without_rows_names_it(results):
     assert fails_in_one_line(results["frontier without rows"]) == (
         "lit-p3o frontier: error: frontier.csv: no frontier rows (FrontierCallback writes one per evaluation)"
     )
+    assert "usage:" not in results["frontier without rows"].stderr  # argparse's, above the line
 
 
 def test_report_with_a_missing_policy_names_the_argument(results):
