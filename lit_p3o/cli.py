@@ -248,7 +248,13 @@ class LitP3OCLI(LightningCLI):
 
 class _OneLineErrorParser(LightningArgumentParser):
     """jsonargparse's errors as one line naming the config path: it prints the subcommand's
-    whole usage (60 lines) and then the nested union/class_path attempts behind a bad value."""
+    whole usage (60 lines) and then the nested union/class_path attempts behind a bad value.
+    Flags must be spelt in full: argparse took the misspelt ``--trainer.max_epoch 2`` for
+    ``--trainer.max_epochs``, which it abbreviates."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:

@@ -267,8 +267,12 @@ def write_win_rates(results: Mapping[str, tuple[list[str], Tensor]], path: Path)
 
 
 class _CommandParser(argparse.ArgumentParser):
-    """The commands' parsers: an error is one line ``lit-p3o <command>: error: …`` without the
-    usage above it (``--help`` has it)."""
+    """The commands' parsers: a flag must be spelt in full (argparse would take ``--max-new``
+    for ``--max-new-tokens``, and a misspelt flag for whichever it abbreviates), and an error
+    is one line ``lit-p3o <command>: error: …`` without the usage above it (``--help`` has it)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         exit_with(self.prog.removeprefix("lit-p3o").strip(), UserError(message))

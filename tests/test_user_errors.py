@@ -158,6 +158,8 @@ def cases(models: Path, work: Path) -> dict[str, list[str]]:
         **{name: fit(name) for name in configs if name not in ("p3o", "sft", "sft_csv")},
         "constant_rewards": fit("constant_rewards", "--trainer.max_epochs", "2"),
         "frontier without rows": ["frontier", "p3o=frontier.csv", "--out", "f.png"],
+        "misspelt fit flag": fit("p3o", "--trainer.max_epoch", "2", "--print_config"),  # was max_epochs
+        "misspelt frontier flag": ["frontier", "p3o=frontier.csv", "--ou", "f.png"],  # was --out
         "export of an unknown stage": ["export", "--ckpt", "unknown_stage.ckpt", "--out", "exported"],
         "export --stage that does not import": ["export", "--ckpt", "unknown_stage.ckpt", "--out", "exported",
                                                 "--stage", "lit_p3o.Nope"],
@@ -376,6 +378,18 @@ def test_frontier_of_a_csv_without_rows_names_it(results):
         "lit-p3o frontier: error: frontier.csv: no frontier rows (FrontierCallback writes one per evaluation)"
     )
     assert "usage:" not in results["frontier without rows"].stderr  # argparse's, above the line
+
+
+@pytest.mark.parametrize(
+    "case, line",
+    [
+        ("misspelt fit flag", "lit-p3o fit: error: unrecognized arguments: --trainer.max_epoch 2"),
+        ("misspelt frontier flag", "lit-p3o frontier: error: unrecognized arguments: --ou f.png"),
+    ],
+)
+def test_a_misspelt_flag_is_named_not_read_as_the_flag_it_abbreviates(results, case, line):
+    assert fails_in_one_line(results[case]) == line
+    assert "usage:" not in results[case].stderr
 
 
 def test_report_with_a_missing_policy_names_the_argument(results):
