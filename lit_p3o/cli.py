@@ -72,6 +72,14 @@ _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path value
 _RUN_ID_KEY = "lit_p3o_run_id"  # where checkpoints keep the run id
 _MODEL_DIR_ARGS = ("reward_model", "policy")  # string arguments naming a saved model directory
 _COMMAND_MODULES = ("os", "posix", "nt", "sys", "subprocess", "builtins")  # in a checkpoint: an attack
+_TRAINER_MINIMUMS = {
+    "accumulate_grad_batches": 1,  # 0: ZeroDivisionError in the first batch; < 0: runs on, meaning nothing
+    "check_val_every_n_epoch": 1,  # 0: ZeroDivisionError after the first epoch (None: no epoch-based checks)
+    "log_every_n_steps": 0,  # 0 logs nothing; < 0 silently logs every step
+    "num_sanity_val_steps": -1,  # -1 runs all validation batches; below it, silently none
+}
+"""Lightning trainer counts it does not check itself (it does ``max_epochs``, ``max_steps``,
+``limit_*_batches``, ``num_nodes``, ``reload_dataloaders_every_n_epochs``): their minimum values."""
 
 class ConfigError(UserError):
     """A config or command line that cannot run; ``lit-p3o`` prints it without a traceback."""
@@ -157,6 +165,7 @@ class LitP3OCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         self._check_optimizer_flags()
+        self._check_trainer_counts()
         problems = [
             line
             for section in ("model", "data")
@@ -180,6 +189,14 @@ class LitP3OCLI(LightningCLI):
                 "--optimizer replaces the stage's `optimizer` block (model.init_args.optimizer), which "
                 "would then be ignored; give one of them (e.g. add --model.init_args.optimizer null)"
             )
+
+    def _check_trainer_counts(self) -> None:
+        """The trainer counts of :data:`_TRAINER_MINIMUMS`, which Lightning takes unchecked."""
+        config = self.config.get(str(self.subcommand), self.config)
+        for name, minimum in _TRAINER_MINIMUMS.items():
+            value = config.get(f"trainer.{name}")
+            if isinstance(value, int) and value < minimum:
+                raise ConfigError(f"trainer.{name}: must be >= {minimum}, got {value}")
 
     def before_fit(self) -> None:
         save_dir = getattr(self.model, "save_dir", None)
@@ -231,7 +248,13 @@ class LitP3OCLI(LightningCLI):
 
 class _OneLineErrorParser(LightningArgumentParser):
     """jsonargparse's errors as one line naming the config path: it prints the subcommand's
-    whole usage (60 lines) and then the nested union/class_path attempts behind a bad value."""
+    whole usage (60 lines) and then the nested union/class_path attempts behind a bad value.
+    Flags must be spelt in full: argparse took the misspelt ``--trainer.max_epoch 2`` for
+    ``--trainer.max_epochs``, which it abbreviates."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:

@@ -20,19 +20,19 @@ import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
+from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import instantiate_module
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from lit_p3o.data.issues import DataFormatError
 from lit_p3o.data.prompts import load_prompts
-from lit_p3o.errors import RewardFunctionError, UserError
+from lit_p3o.errors import SourceError, UserError, exit_with
 from lit_p3o.evaluation import evaluate_examples, read_frontier, sample_completions
 from lit_p3o.generation import SamplingSpec, seeded
 from lit_p3o.models import (
@@ -122,6 +122,22 @@ def judge_label(source: str) -> str:
     return "gold" if resolve_embedded(source) is not None else Path(source).name or "reward"
 
 
+def judge_labels(judge: str, prompts: str) -> dict[str, str]:
+    """``{source: label}`` of the judges: ``judge``, plus the gold reward of embedded ``prompts``.
+    Refused, naming ``--judge``: another task's gold reward (it scores only its own prompts) and
+    a reward model folder named ``gold`` (its label would be the prompts' gold reward's)."""
+    labels = {judge: judge_label(judge)}
+    if resolve_embedded(prompts) is None or prompts == judge:
+        return labels
+    if resolve_embedded(judge) is not None:
+        raise UserError(f"--judge {judge}: the gold reward of another task than --prompts {prompts}; a task's gold "
+                        f"reward scores only its own prompts (give --judge {prompts}, or a reward model)")  # fmt: skip
+    if labels[judge] == "gold":
+        raise UserError(f"--judge {judge}: a reward model folder named 'gold' would share its label with the gold "
+                        f"reward of --prompts {prompts}; rename the folder")  # fmt: skip
+    return labels | {prompts: "gold"}
+
+
 def compare_policies(
     policies: Mapping[str, str | Path],
     judge: str,
@@ -174,10 +190,8 @@ def judge_policies(
     per prompt under the same seed, and ``judge`` (plus the gold reward with embedded prompts)
     scores them; the per-prompt scores that win rates and their intervals are computed from."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    judges = list(dict.fromkeys([judge, prompts] if resolve_embedded(prompts) else [judge]))
-    labels = {source: judge_label(source) for source in judges}
-    if len(set(labels.values())) != len(labels):
-        raise ValueError(f"judge_policies: judges {judges} would share a name; rename the reward model folder")
+    labels = judge_labels(judge, prompts)
+    judges = list(labels)
     sampling = SamplingSpec(max_new_tokens=max_new_tokens)
     scores: dict[str, dict[str, Tensor]] = {labels[source]: {} for source in judges}
     reward_models: dict[str, RewardScorer] = {}
@@ -252,6 +266,18 @@ def write_win_rates(results: Mapping[str, tuple[list[str], Tensor]], path: Path)
 # --------------------------------------------------------------------------- command line
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """The commands' parsers: a flag must be spelt in full (argparse would take ``--max-new``
+    for ``--max-new-tokens``, and a misspelt flag for whichever it abbreviates), and an error
+    is one line ``lit-p3o <command>: error: …`` without the usage above it (``--help`` has it)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        exit_with(self.prog.removeprefix("lit-p3o").strip(), UserError(message))
+
+
 def _label_and_path(text: str) -> tuple[str, str]:
     """``LABEL=PATH``, where labels may contain ``=`` ("p3o beta=0.05=runs/a.csv"): the cut
     that leaves an existing path wins, else the last ``=`` (hub ids have none)."""
@@ -303,28 +329,35 @@ def check_models(models: Mapping[str, str | Path]) -> None:
 
 
 def check_judge(judge: str) -> None:
-    """``--judge``: an embedded task, a ``module:function`` that imports, or a reward model."""
-    if resolve_embedded(judge) is not None:
-        return
-    if is_function_source(judge):
-        with _judge_errors():
+    """``--judge``: a known embedded task, a ``module:function`` that imports, or a reward model."""
+    with _named("--judge"):
+        if resolve_embedded(judge) is not None:
+            return
+        if is_function_source(judge):
             load_function(judge)
-        return
+            return
     check_models({"--judge": judge})
 
 
+def check_prompts(prompts: str) -> None:
+    """``--prompts``: an ``embedded:`` source names a known task (files are read later)."""
+    with _named("--prompts"):
+        resolve_embedded(prompts)
+
+
 @contextmanager
-def _judge_errors() -> Iterator[None]:
-    """A reward function used as ``--judge`` that fails is named by that argument."""
+def _named(argument: str) -> Iterator[None]:
+    """A source given as ``argument`` that cannot be used (an unknown embedded task, a reward
+    function that fails) is named by that argument."""
     try:
         yield
-    except RewardFunctionError as err:
-        raise UserError(f"--judge: {err}") from err
+    except SourceError as err:
+        raise UserError(f"{argument}: {err}") from err
 
 
 def frontier_main(argv: Sequence[str] | None = None) -> Path:
     """``lit-p3o frontier LABEL=CSV [LABEL=CSV ...] --out PNG``."""
-    parser = argparse.ArgumentParser(
+    parser = _CommandParser(
         prog="lit-p3o frontier",
         description="Plot KL–reward frontiers from the CSVs that FrontierCallback writes. "
         "The label's first word names the algorithm, which picks the colour.",
@@ -333,17 +366,14 @@ def frontier_main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=Path("frontier.png"), help="PNG to write (default: %(default)s)")
     args = parser.parse_args(argv)
     runs = _unique(args.runs, parser)
-    try:
-        path = plot_frontier(runs, args.out)
-    except (DataFormatError, OSError) as err:  # a file that is missing or not a frontier CSV
-        parser.error(str(err))
+    path = plot_frontier(runs, args.out)  # a missing or bad CSV is a user error: one line (cli.main)
     print(f"[lit-p3o] wrote {path}")
     return path
 
 
 def winrate_main(argv: Sequence[str] | None = None) -> dict[str, tuple[list[str], Tensor]]:
     """``lit-p3o winrate NAME=DIR [NAME=DIR ...] --judge DIR_OR_EMBEDDED ...``."""
-    parser = argparse.ArgumentParser(
+    parser = _CommandParser(
         prog="lit-p3o winrate",
         description="Head-to-head win rates of saved policies on the same prompts (row beats column).",
     )
@@ -364,7 +394,8 @@ def winrate_main(argv: Sequence[str] | None = None) -> dict[str, tuple[list[str]
         parser.error("give at least two NAME=DIR policies")
     check_models({f"policy {name}": path for name, path in policies.items()})
     check_judge(args.judge)
-    with _judge_errors():
+    check_prompts(args.prompts)
+    with _named("--judge"):
         return compare_policies(
             policies, args.judge, args.prompts, args.num_prompts, args.max_new_tokens, args.seed, args.out_dir,
             args.split, args.max_prompt_tokens, args.batch_size, args.device,
@@ -394,9 +425,10 @@ def report(
     Returns ``{"reference"|"trained"|label: row}``; a row holds the means ``score``, ``gold``,
     ``kl``, ``response_length``, ``eos_rate`` and the bounds ``score_low``/``score_high``,
     ``gold_low``/``gold_high``, ``kl_low``/``kl_high``."""
-    clash = {"reference", "trained"} & set(others or {})
+    clash = sorted({"reference", "trained"} & set(others or {}))
     if clash:
-        raise ValueError(f"report: {sorted(clash)} names a built-in row; label the extra policy otherwise")
+        raise UserError(f"--also {clash[0]}=...: '{clash[0]}' names a built-in row of the report (reference, "
+                        "trained); label the extra policy otherwise")  # fmt: skip
     spec = ModelSpec(name_or_path=str(reference))
     tokenizer = load_tokenizer(spec)
     ref_model = build_causal_lm(spec, tokenizer).eval()
@@ -466,7 +498,7 @@ def plot_training_curves(rows: Mapping[str, list[float]], out: Path) -> Path:
 
 def report_main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float | None]]:
     """``lit-p3o report --reference DIR --policy DIR --judge DIR_OR_EMBEDDED [--frontier CSV]``."""
-    parser = argparse.ArgumentParser(prog="lit-p3o report", description=report.__doc__.split("\n\n")[0])
+    parser = _CommandParser(prog="lit-p3o report", description=report.__doc__.split("\n\n")[0])
     parser.add_argument("--reference", required=True, help="the policy RL started from (e.g. the SFT model)")
     parser.add_argument("--policy", required=True, help="the trained policy directory")
     parser.add_argument("--judge", required=True, help="reward model directory, or embedded:<task>")
@@ -482,9 +514,10 @@ def report_main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float 
     also = _unique(args.also, parser)
     check_models({"--reference": args.reference, "--policy": args.policy} | {f"--also {k}": v for k, v in also.items()})
     check_judge(args.judge)
+    check_prompts(args.prompts)
     if args.frontier is not None:
         read_frontier(args.frontier)  # a bad file fails now, not after every policy was sampled
-    with _judge_errors():
+    with _named("--judge"):
         return report(args.reference, args.policy, args.judge, args.frontier, args.out, args.prompts,
                       args.num_prompts, args.max_new_tokens, args.seed, also)  # fmt: skip
 
@@ -500,7 +533,13 @@ def stage_class(hparams: Mapping[str, Any], class_path: str | None = None) -> ty
     class_path = class_path or hparams.get("_class_path")
     if class_path is not None:
         module, _, name = class_path.rpartition(".")
-        return getattr(importlib.import_module(module), name)
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as err:  # ValueError: no module part
+            raise ValueError(f"{class_path} does not import ({err})") from err
+        if not (isinstance(cls, type) and issubclass(cls, LightningModule)):
+            raise ValueError(f"{class_path} is not a LightningModule, so it wrote no checkpoint")
+        return cls
     import lit_p3o
 
     keys = set(hparams) - {"_instantiator"}
@@ -550,7 +589,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, merge: bool = False, cl
     with OutputLock(out, "--out", f"lit-p3o export of {ckpt}"):
         check_export_dir(out, run_id, "--out", writer, checkpoint=source)
         hparams = dict(checkpoint["hyper_parameters"])
-        cls = stage_class(hparams, class_path)
+        try:
+            cls = stage_class(hparams, class_path)
+        except ValueError as err:
+            raise ConfigError(f"{'--stage' if class_path else f'--ckpt {ckpt}'}: {err}") from err
         if issubclass(cls, RLStage):
             hparams["reward_model"] = "embedded:reviews"  # the scorer is frozen, not in the checkpoint, not exported
         try:
@@ -587,7 +629,7 @@ def export_main(argv: Sequence[str] | None = None) -> Path:
     """``lit-p3o export --ckpt CKPT --out DIR [--merge] [--stage CLASS_PATH]``."""
     from lit_p3o.cli import ConfigError
 
-    parser = argparse.ArgumentParser(prog="lit-p3o export", description=export_checkpoint.__doc__.split("\n\n")[0])
+    parser = _CommandParser(prog="lit-p3o export", description=export_checkpoint.__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, type=Path, help="a Lightning checkpoint (.ckpt) of any lit-p3o stage")
     parser.add_argument("--out", required=True, type=Path, help="directory to write (missing, empty, or an export of the same run)")
     parser.add_argument("--merge", action="store_true", help="merge LoRA adapters into the base and save it whole")

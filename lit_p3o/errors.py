@@ -1,12 +1,12 @@
 """What ``lit-p3o`` reports as the user's mistake: one line naming the config path or the
 file, exit code 2, and the traceback only under ``LIT_P3O_DEBUG=1``.
 
-A user error is one of :data:`USER_ERRORS` (bad config, bad data rows, a reward function that
-misbehaves, a guard that stopped a run, a path the operating system refused, Lightning's
-refusal of a trainer setting) or a spec's
-validation ``ValueError("RolloutSpec.num_responses: ...")``, which :func:`locate` rewrites
-with the field's config path (``model.init_args.rollout.num_responses``). Anything else is
-a bug of the library and keeps its traceback.
+A user error is one of :data:`USER_ERRORS` (bad config, bad data rows, an unknown embedded
+task or a reward function that misbehaves, named by the config paths that hold it, a guard
+that stopped a run, a path the operating system refused, Lightning's refusal of a trainer
+setting) or a spec's validation ``ValueError("RolloutSpec.num_responses: ...")``, which
+:func:`locate` rewrites with the field's config path (``model.init_args.rollout.num_responses``).
+Anything else is a bug of the library and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -33,12 +33,20 @@ class UserError(Exception):
     """An error in the user's input or environment whose message names the field or file."""
 
 
-class RewardFunctionError(UserError, ValueError):
+class SourceError(UserError, ValueError):
+    """A source string that cannot be used (``embedded:<unknown task>``, a reward function);
+    :func:`user_error` names the config paths that hold ``source``."""
+
+    def __init__(self, source: str, message: str) -> None:
+        super().__init__(message)
+        self.source = source
+
+
+class RewardFunctionError(SourceError):
     """A Python reward function that cannot be imported, raised, or returned unusable values."""
 
     def __init__(self, source: str, message: str) -> None:
-        super().__init__(f"reward function {source}: {message}")
-        self.source = source
+        super().__init__(source, f"reward function {source}: {message}")
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -53,7 +61,7 @@ def user_error(err: BaseException, config: dict[str, Any] | None = None) -> Base
     ``raise ... from``), with a spec's ``Class.field`` replaced by its path in ``config``;
     None when ``err`` is a bug."""
     while err is not None:
-        if isinstance(err, RewardFunctionError) and config is not None:
+        if isinstance(err, SourceError) and config is not None:
             paths = list(_paths_holding(config, err.source))
             return UserError(f"{' or '.join(paths)}: {err}") if paths else err
         if isinstance(err, USER_ERRORS) or type(err) is ValueError:
@@ -70,7 +78,9 @@ def locate(message: str, config: dict[str, Any]) -> str | None:
     """``"SamplingSpec.temperature: must be > 0"`` → ``"model.init_args.rollout.sampling.temperature:
     must be > 0"`` where a class of that name in ``config`` holds the bad value (its dataclass
     raises the same message, or the message quotes the configured value); several such places
-    are all named; None when no configured place fits (e.g. a ModelSpec built internally)."""
+    are all named; None when no configured place fits (e.g. a ModelSpec built internally).
+    Where one place fits, the class's other fields the message names (``RolloutSpec.sampling.
+    max_new_tokens``) get the same path."""
     match = _SPEC_MESSAGE.match(message)
     if match is None:
         return None
@@ -83,7 +93,10 @@ def locate(message: str, config: dict[str, Any]) -> str | None:
     if not places:
         return None
     paths = [f"{path}.{field}" if field else path for path in places]
-    return f"{' or '.join(paths)}: {message[match.end():]}"
+    rest = message[match.end() :]
+    if len(places) == 1:
+        rest = re.sub(rf"\b{name}\.(?=\w)", f"{places[0]}.", rest)
+    return f"{' or '.join(paths)}: {rest}"
 
 
 def _holds_bad_value(cls: type, values: dict[str, Any], field: str, message: str) -> bool:

@@ -138,7 +138,8 @@ def check_fits_context(
 ) -> None:
     """Refuse a prompt budget plus response budget beyond the model's context: positions past
     it are garbage (or an index error) deep inside a run, never a clear message. ``spec`` and
-    ``sampling`` name the two fields, e.g. ``"RolloutSpec"`` and ``"rollout.sampling"``."""
+    ``sampling`` name the two fields, e.g. ``"RolloutSpec"`` and ``"RolloutSpec.sampling"`` (the CLI
+    names both by their config paths)."""
     limit = context_limit(model, tokenizer)
     if limit is not None and max_prompt_tokens + max_new_tokens > limit[0]:
         raise ValueError(

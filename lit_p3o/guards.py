@@ -104,9 +104,9 @@ class GradientGuard(L.Callback):
             if self._zero_streak[name] >= self.max_zero_grad_steps:
                 hint = getattr(pl_module, "zero_gradient_hint", None)
                 raise NoGradientError(
-                    f"[lit-p3o] `{name}` got exactly-zero gradients in {self._zero_streak[name]} consecutive "
-                    f"optimizer steps (guards.max_zero_grad_steps = {self.max_zero_grad_steps}). Likely "
-                    "causes: the loss does not depend on its trainable weights (frozen or quantized layers "
+                    f"[lit-p3o] `{name}` got exactly-zero gradients in {self._zero_streak[name]} consecutive optimizer "
+                    f"steps (model.init_args.guards.max_zero_grad_steps = {self.max_zero_grad_steps}). Likely causes:"
+                    " the loss does not depend on its trainable weights (frozen or quantized layers "
                     "without autograd, LoRA on modules the forward does not reach, adapters switched off), "
                     "or there is no learning signal (RL: every response to a prompt got the same reward, "
                     "e.g. a constant reward model). Stopping instead of training nothing."

@@ -28,6 +28,7 @@ from lit_p3o import (
 )
 from lit_p3o.cli import main
 from lit_p3o.commands import _label_and_path, plot_frontier, report, win_rate, win_rate_matrix
+from lit_p3o.errors import UserError
 from lit_p3o.evaluation import (
     FRONTIER_COLUMNS,
     FrontierCallback,
@@ -296,8 +297,8 @@ def test_cli_dispatches_frontier(tmp_path, capsys):
     out.unlink()
     with pytest.raises(SystemExit) as exit_info:
         main(["frontier", f"p3o={a}", f"p3o={b}", "--out", str(out)])
-    assert exit_info.value.code == 2  # argparse's usage error, not a crash
-    assert "error: duplicate labels: p3o" in capsys.readouterr().err
+    assert exit_info.value.code == 2  # a usage error in one line (no usage text), not a crash
+    assert capsys.readouterr().err == "lit-p3o frontier: error: duplicate labels: p3o\n"
     assert not out.exists()  # refused before plotting
 
 
@@ -471,6 +472,6 @@ def test_report_prints_means_with_bootstrap_intervals_over_the_prompts(tmp_path,
     expected = f"{gold.mean():.3f} [{np.percentile(means, 2.5):.2f}, {np.percentile(means, 97.5):.2f}]"
     assert lines[header + 2].count(expected) == 2  # the proxy is the gold reward under this judge
     assert f"{0.0:.3f} [0.00, 0.00]" in lines[header + 1]  # the reference has no KL to itself
-    with pytest.raises(ValueError, match="built-in row"):
+    with pytest.raises(UserError, match="--also trained=...: 'trained' names a built-in row"):
         report(tmp_path / "sft", tmp_path / "p3o", "embedded:reviews", None, tmp_path / "x.png",
                others={"trained": tmp_path / "p3o-nokl"})  # fmt: skip

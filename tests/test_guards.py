@@ -122,7 +122,8 @@ def test_consecutive_exactly_zero_gradients_stop_the_run_and_name_the_cause(tmp_
         stage.compute_loss = lambda *args: (lambda loss, stats: (loss * 0.0, stats))(*compute_loss(*args))
     counter = StepCounter()
     cause = "all responses to each prompt got the same reward" if tied else "the rewards of a prompt's responses differed"
-    with pytest.raises(NoGradientError, match=rf"exactly-zero gradients in 3 consecutive optimizer steps.*{cause}"):
+    with pytest.raises(NoGradientError, match=r"exactly-zero gradients in 3 consecutive optimizer steps "
+                       rf"\(model\.init_args\.guards\.max_zero_grad_steps = 3\).*{cause}"):
         trainer(tmp_path, max_epochs=2, callbacks=[counter]).fit(stage)
     assert counter.batches == 3
 
@@ -249,8 +250,8 @@ def test_all_updates_skipped_stops_early_and_saves_nothing(tmp_path, accumulate)
     stage = make_stage(save_dir=tmp_path / "out")
     stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.full((len(examples),), float("nan"))
     counter = StepCounter()
-    with pytest.raises(TooManySkippedError, match=r"5 of the 40 planned updates were skipped.*max_skipped_fraction = "
-                       r"0\.1.*\(0 updates applied, 5 skipped \(non-finite reward in the minibatch: 5\)\)"):
+    with pytest.raises(TooManySkippedError, match=r"5 of the 40 planned updates were skipped.*"
+                       r"model\.init_args\.guards\.max_skipped_fraction = 0\.1.*\(0 updates applied, 5 skipped \(non-finite reward in the minibatch: 5\)\)"):
         trainer(tmp_path, max_epochs=10, callbacks=[counter], accumulate_grad_batches=accumulate).fit(stage)
     assert counter.batches == 5
     assert not (tmp_path / "out").exists()

@@ -199,7 +199,7 @@ def test_prompt_and_response_budgets_beyond_the_context_are_refused_before_sampl
     rollout_spec = RolloutSpec(prompt_pool=8, num_prompts=2, **(too_long if section == "rollout" else {"max_prompt_tokens": 16}))
     evaluation = EvaluationSpec(**too_long) if section == "evaluation" else None
     cls = "RolloutSpec" if section == "rollout" else "EvaluationSpec"
-    with pytest.raises(ValueError, match=rf"^{cls}\.max_prompt_tokens: 60 prompt tokens \+ {section}\.sampling\."
+    with pytest.raises(ValueError, match=rf"^{cls}\.max_prompt_tokens: 60 prompt tokens \+ {cls}\.sampling\."
                        r"max_new_tokens = 8 make 68 positions, more than the policy's context of 64 "
                        r"\(max_position_embeddings of its config\)"):
         P3OModule(spec, "embedded:reviews", rollout=rollout_spec, evaluation=evaluation)
@@ -216,7 +216,7 @@ def test_context_limit_falls_back_to_the_tokenizer():
     tokenizer.model_max_length = 20
     assert context_limit(no_positions, tokenizer) == (20, "model_max_length of its tokenizer")
     with pytest.raises(ValueError, match=r"EvaluationSpec\.max_prompt_tokens: 16 .* context of 20 \(model_max_length"):
-        check_fits_context(no_positions, tokenizer, "EvaluationSpec", 16, "evaluation.sampling", 8)
+        check_fits_context(no_positions, tokenizer, "EvaluationSpec", 16, "EvaluationSpec.sampling", 8)
 
 
 def test_temperature_scales_sampling_logprobs_and_kl_alike():

@@ -57,8 +57,8 @@ def fails_in_one_line(result: subprocess.CompletedProcess, *named: str) -> str:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    """Saved micro policies: ``sft`` (sound), ``nan`` (NaN output weights), ``no_eos`` (its
-    tokenizer has no EOS token)."""
+    """Saved micro policies: ``sft`` (sound, also linked as ``gold``), ``nan`` (NaN output weights),
+    ``no_eos`` (its tokenizer has no EOS token)."""
     root = tmp_path_factory.mktemp("models")
     spec = ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews")
     tokenizer = load_tokenizer(spec)
@@ -66,6 +66,7 @@ def models(tmp_path_factory) -> Path:
     model = build_causal_lm(spec, tokenizer)
     save_pretrained(model, tokenizer, root / "sft")
     save_pretrained(model, tokenizer, root / "no_eos")
+    (root / "gold").symlink_to(root / "sft")  # a judge whose folder name is the gold reward's label
     config = json.loads((root / "no_eos/tokenizer_config.json").read_text())
     (root / "no_eos/tokenizer_config.json").write_text(json.dumps({**config, "eos_token": None}))
     with torch.no_grad():
@@ -107,6 +108,12 @@ BAD_REWARD_FUNCTIONS = [
 ]
 
 
+TRAINER_COUNTS = [  # Lightning does not check these: each 0 was a ZeroDivisionError inside its loops
+    ("accumulate_grad_batches", "0", "must be >= 1, got 0"),
+    ("check_val_every_n_epoch", "0", "must be >= 1, got 0"),
+]
+
+
 def cases(models: Path, work: Path) -> dict[str, list[str]]:
     """Every case's command line (configs written into ``work``), by name."""
     (work / "rewards.py").write_text(REWARDS)
@@ -114,6 +121,8 @@ def cases(models: Path, work: Path) -> dict[str, list[str]]:
     (work / "train.csv").write_text("prompt,completion\nhello,world\n")
     (work / "empty_data").mkdir()
     (work / "frontier.csv").write_text("step,kl,score,gold\n")
+    torch.save({"hyper_parameters": {"policy": None, "unknown_knob": 1}, "state_dict": {}, "loops": {}},
+               work / "unknown_stage.ckpt")  # its stage cannot be told
     configs = {
         "p3o": p3o_config(),
         "sft": sft_config(),
@@ -140,17 +149,36 @@ def cases(models: Path, work: Path) -> dict[str, list[str]]:
         "value of the wrong type": fit("p3o", "--model.init_args.rollout.num_responses", "abc"),
         "callback that does not import": fit("p3o", "--trainer.callbacks+", "lightning.pytorch.callbacks.Nope"),
         "trainer setting": fit("p3o", "--trainer.max_epochs", "-2"),
+        **{f"trainer {name}": fit("p3o", f"--trainer.{name}", value) for name, value, _ in TRAINER_COUNTS},
         "reward model file": fit("p3o", "--model.init_args.reward_model", "notes.txt"),
+        "unknown task as reward model": fit("p3o", "--model.init_args.reward_model", "embedded:nosuch"),
+        "unknown task as tokenizer": fit("p3o", "--model.init_args.policy.tokenizer", "embedded:nosuch"),
         "data file on the command line": fit("sft", "--data.init_args.train", "train.csv"),
         "data file in the config": fit("sft_csv"),
         **{name: fit(name) for name in configs if name not in ("p3o", "sft", "sft_csv")},
         "constant_rewards": fit("constant_rewards", "--trainer.max_epochs", "2"),
         "frontier without rows": ["frontier", "p3o=frontier.csv", "--out", "f.png"],
+        "misspelt fit flag": fit("p3o", "--trainer.max_epoch", "2", "--print_config"),  # was max_epochs
+        "misspelt frontier flag": ["frontier", "p3o=frontier.csv", "--ou", "f.png"],  # was --out
+        "export of an unknown stage": ["export", "--ckpt", "unknown_stage.ckpt", "--out", "exported"],
+        "export --stage that does not import": ["export", "--ckpt", "unknown_stage.ckpt", "--out", "exported",
+                                                "--stage", "lit_p3o.Nope"],
+        "export --stage that is no stage": ["export", "--ckpt", "unknown_stage.ckpt", "--out", "exported",
+                                            "--stage", "lit_p3o.SamplingSpec"],
         "report missing policy": ["report", "--reference", sft, "--policy", "outputs/missing",
                                   "--judge", "embedded:reviews", "--num-prompts", "2"],
         "winrate missing judge": ["winrate", f"a={sft}", f"b={sft}", "--judge", "./judges/missing", *judge_args],
         "winrate judge not importable": ["winrate", f"a={sft}", f"b={sft}", "--judge", "no_such_judge:score", *judge_args],
         "winrate judge raises": ["winrate", f"a={sft}", f"b={sft}", "--judge", "rewards:raises", *judge_args],
+        "winrate judge of another task": ["winrate", f"a={sft}", f"b={sft}", "--judge", "embedded:arithmetic",
+                                          *judge_args],
+        "winrate judge folder named gold": ["winrate", f"a={sft}", f"b={sft}", "--judge", str(models / "gold"),
+                                            *judge_args],
+        "report --also reference": ["report", "--reference", sft, "--policy", sft, "--judge", "embedded:reviews",
+                                    "--num-prompts", "2", "--also", f"reference={sft}"],
+        "winrate unknown judge task": ["winrate", f"a={sft}", f"b={sft}", "--judge", "embedded:nosuch", *judge_args],
+        "winrate unknown prompts task": ["winrate", f"a={sft}", f"b={sft}", "--judge", "embedded:reviews",
+                                         "--prompts", "embedded:nosuch", *judge_args],
     }  # fmt: skip
 
 
@@ -217,6 +245,11 @@ def test_trainer_setting_lightning_refuses_is_one_line(results):
     )
 
 
+@pytest.mark.parametrize("name, value, message", TRAINER_COUNTS)
+def test_trainer_count_lightning_does_not_check_names_it(results, name, value, message):
+    assert fails_in_one_line(results[f"trainer {name}"]) == f"lit-p3o fit: error: trainer.{name}: {message}"
+
+
 def test_lit_p3o_debug_shows_the_traceback(tmp_path):
     write_yaml(tmp_path / "p3o.yaml", p3o_config())
     result = subprocess.run(
@@ -247,6 +280,20 @@ def test_reward_model_pointing_at_a_file_names_the_path(results):
     assert fails_in_one_line(results["reward model file"]) == (
         "lit-p3o fit: error: model.init_args.reward_model: 'notes.txt' is a file; expected a directory written by save_pretrained"
     )
+
+
+@pytest.mark.parametrize(
+    "case, line",
+    [
+        ("unknown task as reward model", "lit-p3o fit: error: model.init_args.reward_model: "),
+        ("unknown task as tokenizer", "lit-p3o fit: error: model.init_args.policy.tokenizer: "),
+        ("winrate unknown judge task", "lit-p3o winrate: error: --judge: "),
+        ("winrate unknown prompts task", "lit-p3o winrate: error: --prompts: "),
+    ],
+)
+def test_unknown_embedded_task_names_the_field_and_the_known_tasks(results, case, line):
+    """It was a ValueError traceback (resolve_embedded) that named neither."""
+    assert fails_in_one_line(results[case]) == f"{line}unknown embedded task 'nosuch'; known tasks: arithmetic, reviews"
 
 
 @pytest.mark.parametrize("case", ["data file on the command line", "data file in the config"])
@@ -295,12 +342,12 @@ def test_reward_function_inside_a_weighted_reward_names_its_entry(results):
 
 
 def test_reward_function_returning_nan_for_everything_stops_the_run(results):
-    fails_in_one_line(results["nan_rewards"], "were skipped, more than guards.max_skipped_fraction = 0.1 allows", "(rewards:nan)")
+    fails_in_one_line(results["nan_rewards"], "were skipped, more than model.init_args.guards.max_skipped_fraction = 0.1 allows", "(rewards:nan)")
 
 
 def test_constant_reward_function_stops_at_the_gradient_guard(results):
-    fails_in_one_line(results["constant_rewards"], "`policy` got exactly-zero gradients in 2 consecutive optimizer steps",
-                      "every response to a prompt got the same reward")  # fmt: skip
+    fails_in_one_line(results["constant_rewards"], "`policy` got exactly-zero gradients in 2 consecutive optimizer steps "
+                      "(model.init_args.guards.max_zero_grad_steps = 2)", "every response to a prompt got the same reward")  # fmt: skip
 
 
 def test_reward_function_module_that_does_not_import_is_named(results):
@@ -330,6 +377,19 @@ def test_frontier_of_a_csv_without_rows_names_it(results):
     assert fails_in_one_line(results["frontier without rows"]) == (
         "lit-p3o frontier: error: frontier.csv: no frontier rows (FrontierCallback writes one per evaluation)"
     )
+    assert "usage:" not in results["frontier without rows"].stderr  # argparse's, above the line
+
+
+@pytest.mark.parametrize(
+    "case, line",
+    [
+        ("misspelt fit flag", "lit-p3o fit: error: unrecognized arguments: --trainer.max_epoch 2"),
+        ("misspelt frontier flag", "lit-p3o frontier: error: unrecognized arguments: --ou f.png"),
+    ],
+)
+def test_a_misspelt_flag_is_named_not_read_as_the_flag_it_abbreviates(results, case, line):
+    assert fails_in_one_line(results[case]) == line
+    assert "usage:" not in results[case].stderr
 
 
 def test_report_with_a_missing_policy_names_the_argument(results):
@@ -350,6 +410,42 @@ def test_report_with_a_missing_policy_names_the_argument(results):
 )
 def test_winrate_with_a_bad_judge_names_it(results, case, message):
     fails_in_one_line(results[case], f"lit-p3o winrate: error: {message}")
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("winrate judge of another task", "winrate: error: --judge embedded:arithmetic: the gold reward of another "
+         "task than --prompts embedded:reviews; a task's gold reward scores only its own prompts (give --judge "
+         "embedded:reviews, or a reward model)"),
+        ("winrate judge folder named gold", "winrate: error: --judge {models}/gold: a reward model folder named "
+         "'gold' would share its label with the gold reward of --prompts embedded:reviews; rename the folder"),
+        ("report --also reference", "report: error: --also reference=...: 'reference' names a built-in row of the "
+         "report (reference, trained); label the extra policy otherwise"),
+    ],
+)  # fmt: skip
+def test_a_label_clash_names_the_argument(results, models, case, message):
+    """Both were ValueError tracebacks naming the Python functions (judge_policies, report)."""
+    assert fails_in_one_line(results[case]) == f"lit-p3o {message.format(models=models)}"
+
+
+# --------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("export of an unknown stage", "--ckpt unknown_stage.ckpt: cannot tell which stage wrote this checkpoint "
+         "(hyperparameters ['policy', 'unknown_knob']; matching: none); pass --stage with its class path, e.g. "
+         "--stage lit_p3o.P3OModule"),
+        ("export --stage that does not import", "--stage: lit_p3o.Nope does not import (module 'lit_p3o' has no "
+         "attribute 'Nope')"),
+        ("export --stage that is no stage", "--stage: lit_p3o.SamplingSpec is not a LightningModule, so it wrote "
+         "no checkpoint"),
+    ],
+)  # fmt: skip
+def test_export_of_a_checkpoint_whose_stage_is_unknown_names_stage(results, case, message):
+    assert fails_in_one_line(results[case]) == f"lit-p3o export: error: {message}"
 
 
 # --------------------------------------------------------------------------- bugs keep their traceback

@@ -147,11 +147,11 @@ class RLStage(ShardableModule):
         """Prompt plus response budgets within the policy's context, checked before anything is
         sampled (``evaluation`` only when given: its defaults serve validate/test on request)."""
         rollout = self.rollout_spec
-        check_fits_context(self.policy, self.tokenizer, "RolloutSpec", rollout.max_prompt_tokens, "rollout.sampling",
-                           rollout.sampling.max_new_tokens)  # fmt: skip
+        check_fits_context(self.policy, self.tokenizer, "RolloutSpec", rollout.max_prompt_tokens,
+                           "RolloutSpec.sampling", rollout.sampling.max_new_tokens)  # fmt: skip
         if evaluation is not None:
             check_fits_context(self.policy, self.tokenizer, "EvaluationSpec", evaluation.max_prompt_tokens,
-                               "evaluation.sampling", evaluation.sampling.max_new_tokens)  # fmt: skip
+                               "EvaluationSpec.sampling", evaluation.sampling.max_new_tokens)  # fmt: skip
 
     # ------------------------------------------------------------------ what subclasses define
 
@@ -308,7 +308,7 @@ class RLStage(ShardableModule):
     def _too_many_skipped(self, of_what: str) -> TooManySkippedError:
         return TooManySkippedError(
             f"[lit-p3o] {self.skipped_steps} {of_what} were skipped, more than "
-            f"guards.max_skipped_fraction = {self.guard_spec.max_skipped_fraction} allows "
+            f"model.init_args.guards.max_skipped_fraction = {self.guard_spec.max_skipped_fraction} allows "
             f"({self.updates.summary()}); the policy is not saved. Non-finite rewards come from the "
             f"reward model ({self.hparams.get('reward_model', 'a Python function')}), non-finite losses from the update "
             "(learning rate, precision)."

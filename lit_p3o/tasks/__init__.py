@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from transformers import PreTrainedTokenizerFast
 
+from lit_p3o.errors import SourceError
 from lit_p3o.tasks.arithmetic import ArithmeticTask
 from lit_p3o.tasks.reviews import ReviewsTask
 
@@ -46,7 +47,8 @@ TASKS: dict[str, Callable[[], Task]] = {ReviewsTask.name: ReviewsTask, Arithmeti
 def get_task(name: str) -> Task:
     """The embedded task called ``name``."""
     if name not in TASKS:
-        raise ValueError(f"unknown embedded task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+        known = ", ".join(sorted(TASKS))
+        raise SourceError(f"{EMBEDDED_PREFIX}{name}", f"unknown embedded task {name!r}; known tasks: {known}")
     return TASKS[name]()
 
 
