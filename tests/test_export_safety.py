@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_bad_inputs import ENV, error_line, lit_p3o, p3o_config, write_yaml
+from test_bad_inputs import ENV, error_line, lit_p3o, p3o_config, p3o_run, write_yaml  # noqa: F401 (fixture)
 
 from lit_p3o.runs import OutputLock, atomic_file, lock_path, replaced_directory
 
@@ -58,13 +58,9 @@ def leftovers(directory: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(p3o_run):
     """A finished one-rollout P3O run: ``ckpt/last.ckpt`` and its marked ``export/``."""
-    work = tmp_path_factory.mktemp("export_safety")
-    write_yaml(work / "p3o.yaml", p3o_config())
-    result = lit_p3o("fit", "--config", "p3o.yaml", cwd=work)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return work
+    return p3o_run[0]
 
 
 @pytest.fixture
