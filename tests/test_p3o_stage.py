@@ -12,12 +12,14 @@ from lit_p3o.buffer import collate_groups
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.generation import response_logprobs
 from lit_p3o.losses import pairwise_policy_gradient_loss
-from lit_p3o.rollout import rollout
+from lit_p3o.rollout import KLSpec, rollout
 
 from micro import MICRO_ARCH as MICRO
 
 
-def make_stage(policy: ModelSpec | None = None, guards: GuardSpec | None = None, **rollout_kwargs) -> P3OModule:
+def make_stage(
+    policy: ModelSpec | None = None, guards: GuardSpec | None = None, kl: KLSpec | None = None, **rollout_kwargs
+) -> P3OModule:
     kwargs = dict(prompt_pool=32, num_prompts=4, num_responses=2, update_epochs=2, minibatch_groups=2,
                   max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6))
     kwargs.update(rollout_kwargs)
@@ -27,6 +29,7 @@ def make_stage(policy: ModelSpec | None = None, guards: GuardSpec | None = None,
         rollout=RolloutSpec(**kwargs),
         optimizer=OptimizerSpec(learning_rate=1e-2),
         guards=guards,
+        kl=kl,
     )
 
 
@@ -144,9 +147,11 @@ def test_p3o_learns_from_the_kl_regularised_rewards_not_the_raw_scores():
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-7)
 
 
-def run_to_end(tmp_path: Path, epochs: int, resume_from: str | None = None, stop_after: int | None = None):
+def run_to_end(
+    tmp_path: Path, epochs: int, resume_from: str | None = None, stop_after: int | None = None, kl: KLSpec | None = None
+):
     L.seed_everything(0)
-    stage = make_stage(update_epochs=2, minibatch_groups=2, num_responses=3)
+    stage = make_stage(update_epochs=2, minibatch_groups=2, num_responses=3, kl=kl)
     stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.randn(len(examples))  # uses the seeded RNG
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, every_n_epochs=1)
     t = trainer(tmp_path, max_epochs=stop_after or epochs, callbacks=[checkpoint], enable_checkpointing=True)
@@ -234,6 +239,35 @@ def test_resume_mid_rollout_continues_with_the_next_minibatch(tmp_path):
     assert resumed_trainer.global_step == full_trainer.global_step == 12
     for name, value in weights(full).items():
         torch.testing.assert_close(weights(resumed)[name], value, rtol=0, atol=1e-6)
+
+
+def test_resume_mid_rollout_with_adaptive_beta_also_from_a_checkpoint_of_the_previous_format(tmp_path):
+    """β moves after a rollout's last update, so a checkpoint inside the replay holds the β the
+    rollout was drawn with. Checkpoints written before 2026-12-07 held the moved β there and
+    the rollout's own in the buffer (``beta``); both resume to the uninterrupted run."""
+    adaptive = KLSpec(beta=0.1, target=0.01, horizon=10)
+    full, _ = run_to_end(tmp_path / "full", epochs=3, kl=adaptive)
+
+    L.seed_everything(0)
+    stage = make_stage(update_epochs=2, minibatch_groups=2, num_responses=3, kl=adaptive)
+    stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.randn(len(examples))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "mid", save_top_k=-1, every_n_train_steps=6,
+                                 save_on_train_epoch_end=False)
+    trainer(tmp_path / "cut", max_epochs=3, max_steps=6, callbacks=[checkpoint], enable_checkpointing=True).fit(stage)
+    path = next((tmp_path / "mid").glob("*step=6*.ckpt"))
+    saved = torch.load(path, weights_only=False)
+    drawn = saved["callbacks"]["RolloutCallback"]["kl"]["beta"]  # rollout 2's β, 2 minibatches into it
+    assert drawn != pytest.approx(0.1, rel=1e-3) and "beta" not in saved["replay_buffer"][0]
+    saved["replay_buffer"][0]["beta"] = drawn  # the previous format: the rollout's β in the buffer,
+    saved["callbacks"]["RolloutCallback"]["kl"]["beta"] = 0.5  # the moved one in the callback
+    saved["callbacks"]["RolloutCallback"]["stats_pending"] = False
+    torch.save(saved, tmp_path / "previous.ckpt")
+
+    for resume_from in (path, tmp_path / "previous.ckpt"):
+        resumed, _ = run_to_end(tmp_path / resume_from.stem, epochs=3, resume_from=str(resume_from), kl=adaptive)
+        assert resumed.kl_controller.beta == pytest.approx(full.kl_controller.beta, rel=1e-6)
+        for name, value in weights(full).items():
+            torch.testing.assert_close(weights(resumed)[name], value, rtol=0, atol=1e-6)
 
 
 def on_policy_run(tmp_path: Path, defer: bool) -> tuple[P3OModule, L.Trainer, int]:
