@@ -105,6 +105,12 @@ class RolloutSpec:
         differentiates is the one that sampled, so ``logp_old`` is the update's own log-prob."""
         return self.update_epochs == 1 and self.minibatch_groups >= self.num_prompts
 
+    @property
+    def update_gives_logp_old(self) -> bool:
+        """The rollout leaves ``logp_old``, the KL and r̃ to the update (:attr:`defer_logp_old`
+        and :attr:`on_policy`), whose one minibatch is then the whole rollout."""
+        return self.defer_logp_old and self.on_policy
+
 
 @dataclass
 class KLSpec:
@@ -389,7 +395,7 @@ def rollout(
         if not e.response_ids:  # generate() always emits at least one token; guard anyway
             raise RuntimeError("rollout: an empty response was sampled")
 
-    deferred = spec.defer_logp_old and spec.on_policy  # the update's forward gives logp_old, kl, r̃
+    deferred = spec.update_gives_logp_old
     logp_old, logp_ref, extras = _forward_passes(
         stage, examples, spec.forward_batch_size, spec.sampling.temperature, show_progress, with_old=not deferred
     )

@@ -15,11 +15,11 @@ from lit_p3o.rollout import KLSpec, rollout
 from micro import MICRO_ARCH as MICRO
 
 
-def build(cls, k: int = 3, **kwargs):
+def build(cls, k: int = 3, defer_logp_old: bool = False, **kwargs):
     L.seed_everything(0)
-    # logp_old from the rollout's own pass, so that perturbing θ afterwards gives ratios ≠ 1
+    # by default logp_old from the rollout's own pass, so that perturbing θ afterwards gives ratios ≠ 1
     spec = RolloutSpec(prompt_pool=16, num_prompts=4, num_responses=k, update_epochs=1, minibatch_groups=4,
-                       max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6), defer_logp_old=False)
+                       max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6), defer_logp_old=defer_logp_old)
     kwargs.setdefault("kl", KLSpec(beta=0.1))  # the β the test rollouts are drawn with
     return cls(ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"), "embedded:reviews", rollout=spec, **kwargs)
 
@@ -171,9 +171,12 @@ def test_ppo_stores_rollout_values_and_separate_critic_works():
     assert any(p.grad is not None and bool(p.grad.any()) for p in critic.critic.parameters())
 
 
+@pytest.mark.parametrize("defer_logp_old", [False, True], ids=["rollout-logp-old", "update-gives-logp-old"])
 @pytest.mark.parametrize("cls, k", [(PPOModule, 2), (OnlineDPOModule, 2), (RLOOModule, 3), (P3OModule, 3)])
-def test_every_stage_trains_through_the_shared_rollout(tmp_path, cls, k):
-    stage = build(cls, k=k)
+def test_every_stage_trains_through_the_shared_rollout(tmp_path, cls, k, defer_logp_old):
+    """Also on-policy with ``logp_old`` from the update, whose minibatch is the whole rollout
+    (PPO whitens over it) and the buffer holds no ``logp_old``."""
+    stage = build(cls, k=k, defer_logp_old=defer_logp_old)
     real = stage.scorer.score_examples
     stage.scorer.score_examples = lambda examples, ended, prompts=None: real(examples, ended) + torch.randn(len(examples))
     before = copy.deepcopy(stage.policy.state_dict())

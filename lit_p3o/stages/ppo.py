@@ -110,8 +110,8 @@ class PPOModule(RLStage):
         """GAE advantages (whitened as configured) and returns of a minibatch."""
         advantages, returns = self._gae(batch)
         if self.whiten_advantages:
-            moments = None
-            if self.whiten_over == "rollout":
+            moments = None  # this minibatch's: when the update gives logp_old, it is the whole rollout
+            if self.whiten_over == "rollout" and not self.rollout_spec.update_gives_logp_old:
                 moments = tuple(m.to(advantages.device) for m in self.rollout_moments())
             advantages = whiten(advantages, batch.response_mask, moments=moments)
         return advantages, returns
