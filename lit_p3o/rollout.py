@@ -270,7 +270,8 @@ class RolloutCallback(L.Callback):
             prompt = decode(tok, g.prompt_ids)
             for i, response in enumerate(g.responses):
                 rows.append({"rollout": index, "prompt": prompt, "response": decode(tok, response),
-                             "score": float(g.scores[i]), "kl": None if g.kl is None else float(g.kl[i]), "ended": bool(g.ended[i])})  # fmt: skip
+                             "score": float(g.scores[i]), "kl": None if g.kl is None else float(g.kl[i]),
+                             "ended": bool(g.ended[i])})  # fmt: skip
             rank_zero_info(f"[rollout {index}] {prompt!r} -> {rows[-len(g.responses)]['response']!r} (score {g.scores[0]:.3f})")
         log_samples(trainer.loggers, "rollout/samples", rows, trainer.global_step)
 
@@ -471,10 +472,12 @@ def _forward_passes(
 def group_tensors(groups: list[Group]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Scores, KL, r̃, response lengths and EOS flags of every response in ``groups``, flat,
     in the order :func:`rollout_stats` takes them."""
+
+    def flat(name: str) -> Tensor:
+        return torch.cat([getattr(g, name) for g in groups])
+
     lengths = torch.tensor([float(len(r)) for g in groups for r in g.responses])
-    per_response = (torch.cat([getattr(g, name) for g in groups]) for name in ("scores", "kl", "rewards", "ended"))
-    scores, kl, rewards, ended = per_response
-    return scores, kl, rewards, lengths, ended
+    return flat("scores"), flat("kl"), flat("rewards"), lengths, flat("ended")
 
 
 def rollout_stats(

@@ -293,9 +293,9 @@ class RLStage(ShardableModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=n, sync_dist=True)
         if on_policy:
-            lengths = batch.response_mask.sum(-1)
-            flat = (t.flatten() for t in (batch.scores, batch.kl, batch.rewards))
-            return {"loss": loss, "rollout": rollout_stats(*flat, lengths, batch.ended.flatten(), self.kl_controller.beta)}
+            per_response = (t.flatten() for t in (batch.scores, batch.kl, batch.rewards))
+            lengths, ended, beta = batch.response_mask.sum(-1), batch.ended.flatten(), self.kl_controller.beta
+            return {"loss": loss, "rollout": rollout_stats(*per_response, lengths, ended, beta)}
         return loss
 
     def _finite_everywhere(self, value: Tensor) -> bool:

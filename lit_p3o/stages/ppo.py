@@ -92,7 +92,8 @@ class PPOModule(RLStage):
     def _gae(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
         """GAE advantages and returns from the rollout's frozen rewards, KL and values."""
         mask = batch.response_mask
-        rewards = ppo_token_rewards(batch.scores.flatten(), batch.logp_old, batch.logp_ref, mask, self.kl_controller.beta)
+        beta = self.kl_controller.beta  # the rollout's: β moves only after its last update
+        rewards = ppo_token_rewards(batch.scores.flatten(), batch.logp_old, batch.logp_ref, mask, beta)
         return gae(rewards, batch.extras["values"], mask, self.gamma, self.lam)
 
     def rollout_moments(self) -> tuple[Tensor, Tensor]:
