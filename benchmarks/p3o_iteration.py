@@ -72,9 +72,9 @@ def count_generated_tokens(stage: RLStage) -> list[int]:
     generated: list[int] = []
     fill = stage.buffer.fill
 
-    def counting_fill(groups, beta):
+    def counting_fill(groups):
         generated.append(sum(len(r) for g in groups for r in g.responses))
-        fill(groups, beta)
+        fill(groups)
 
     stage.buffer.fill = counting_fill
     return generated

@@ -7,6 +7,11 @@ layout the pairwise losses reshape to ``[G, K]``.
 The buffer also owns the *update schedule* of the current rollout (``update_epochs`` passes,
 each a seeded shuffle of the groups cut into minibatches) and counts consumed minibatches,
 so a run resumed from a checkpoint taken mid-rollout continues with the next minibatch.
+
+Data only flows out of the buffer: the rollout fills it, the update reads minibatches of it, and
+nothing the update computes is written back (on-policy, the update's own ``logp_old``, KL and r̃
+live in its :class:`RolloutBatch` only). The one count that moves during the replay, ``consumed``,
+is advanced by the rollout callback after each trained minibatch.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_p3o.data.encoding import Batch, Encoded, collate
-from lit_p3o.losses import kl_regularized_rewards
+from lit_p3o.losses import sequence_kl_rewards
 
 
 @dataclass
@@ -28,8 +33,8 @@ class Group:
 
     ``logp_old``/``logp_ref`` hold one float32 tensor of per-token log-probs per response;
     ``extras`` holds per-token tensors an algorithm adds at rollout time (PPO's values).
-    ``logp_old``, ``kl`` and ``rewards`` are ``None`` while *pending*: on-policy, the rollout
-    leaves ``logp_old`` to the update's own forward, which fills them in (:meth:`complete`).
+    ``logp_old``, ``kl`` and ``rewards`` are ``None`` when the rollout left them to the update
+    (on-policy, ``RolloutSpec.defer_logp_old``): its own forward gives them, for its minibatch only.
     """
 
     prompt_ids: list[int]
@@ -45,20 +50,10 @@ class Group:
     def __post_init__(self) -> None:
         k = len(self.responses)
         if (self.logp_old is None) != (self.kl is None) or (self.kl is None) != (self.rewards is None):
-            raise ValueError("Group: logp_old, kl and rewards are all given or all pending (None)")
+            raise ValueError("Group: logp_old, kl and rewards are all given or all left to the update (None)")
         present = [x for x in (self.logp_old, self.logp_ref, self.scores, self.kl, self.rewards, self.ended) if x is not None]
         if {len(x) for x in present} != {k} or any(len(v) != k for v in self.extras.values()):
             raise ValueError(f"Group: inconsistent sizes for {k} responses")
-
-    @property
-    def pending(self) -> bool:
-        return self.logp_old is None
-
-    def complete(self, logp_old: list[Tensor], kl: Tensor, rewards: Tensor) -> None:
-        """Fill in what the on-policy update computed from its own forward."""
-        if len(logp_old) != len(self.responses) or not kl.shape == rewards.shape == self.scores.shape:
-            raise ValueError(f"Group.complete: expected {len(self.responses)} responses")
-        self.logp_old, self.kl, self.rewards = logp_old, kl, rewards
 
 
 class RolloutBatch:
@@ -66,8 +61,8 @@ class RolloutBatch:
 
     Per-token tensors are ``[G·K, R]`` (R = response width), aligned with
     ``batch.input_ids[:, batch.prompt_width:]``; per-response tensors are ``[G, K]``.
-    ``logp_old``, ``kl`` and ``rewards`` are ``None`` when the groups are pending (on-policy);
-    ``groups`` are the buffer's groups it was built from, which the update then completes.
+    ``logp_old``, ``kl`` and ``rewards`` are ``None`` when the rollout left them to the update
+    (on-policy), which makes them with :meth:`with_logp_old`.
 
     Not a dataclass on purpose: Lightning's ``bf16-true``/``16-true`` precision casts every
     floating tensor it finds inside a batch's dataclasses, lists and dicts to half precision
@@ -77,11 +72,10 @@ class RolloutBatch:
 
     def __init__(
         self, batch: Batch, logp_old: Tensor | None, logp_ref: Tensor, scores: Tensor, kl: Tensor | None,
-        rewards: Tensor | None, ended: Tensor, extras: dict[str, Tensor], groups: list[Group] | None = None,
+        rewards: Tensor | None, ended: Tensor, extras: dict[str, Tensor],
     ) -> None:  # fmt: skip
         self.batch, self.logp_old, self.logp_ref = batch, logp_old, logp_ref
         self.scores, self.kl, self.rewards, self.ended, self.extras = scores, kl, rewards, ended, extras
-        self.groups = groups or []
 
     @property
     def response_mask(self) -> Tensor:
@@ -97,22 +91,17 @@ class RolloutBatch:
             *(None if t is None else t.to(device)
               for t in (self.logp_old, self.logp_ref, self.scores, self.kl, self.rewards, self.ended)),
             {k: v.to(device) for k, v in self.extras.items()},
-            self.groups,
         )
 
-    def complete_on_policy(self, logp: Tensor, beta: float) -> RolloutBatch:
-        """Pending groups, on-policy: ``logp_old`` is the update's own ``logp`` (detached),
-        so the trajectory ratio is exactly 1; then ``kl`` and ``r̃`` as the rollout computes
-        them. Writes the values back to the buffer's groups (rollout statistics, checkpoints)."""
-        logp_old = logp.detach().float() * self.response_mask
-        kl = (logp_old - self.logp_ref).sum(-1).view_as(self.scores)
-        rewards = kl_regularized_rewards(self.scores, kl, beta)
-        rows, kl_cpu, rewards_cpu = logp_old.cpu(), kl.cpu(), rewards.cpu()
-        k = self.scores.shape[1]
-        for g, group in enumerate(self.groups):
-            group.complete([rows[g * k + j, : len(r)].clone() for j, r in enumerate(group.responses)],
-                           kl_cpu[g].clone(), rewards_cpu[g].clone())
-        return RolloutBatch(self.batch, logp_old, self.logp_ref, self.scores, kl, rewards, self.ended, self.extras, self.groups)
+    def with_logp_old(self, logp_old: Tensor, beta: float) -> RolloutBatch:
+        """A new batch with ``logp_old`` ``[N, R]`` given and the KL and r̃ made from it, as the
+        rollout makes them (:func:`lit_p3o.losses.sequence_kl_rewards`). On-policy the update
+        passes its own forward, detached, so the trajectory ratio is exactly 1; the buffer's
+        groups are left as they are."""
+        mask = self.response_mask
+        logp_old = logp_old.float() * mask
+        kl, rewards = sequence_kl_rewards(self.scores, logp_old, self.logp_ref, mask, beta)
+        return RolloutBatch(self.batch, logp_old, self.logp_ref, self.scores, kl, rewards, self.ended, self.extras)
 
 
 def _pad_rows(rows: list[Tensor], width: int) -> Tensor:
@@ -133,26 +122,25 @@ def collate_groups(groups: list[Group], pad_token_id: int) -> RolloutBatch:
     batch = collate(examples, pad_token_id)
     width = batch.input_ids.shape[1] - batch.prompt_width
 
-    pending = {g.pending for g in groups}
-    if len(pending) != 1:
-        raise ValueError("a minibatch mixes pending and completed groups")
+    deferred = groups[0].logp_old is None  # on-policy: the update makes logp_old, kl and r̃
+    if any((g.logp_old is None) != deferred for g in groups):
+        raise ValueError("a minibatch mixes groups with and without logp_old")
 
     def per_token(get: Any) -> Tensor:
         return _pad_rows([t for g in groups for t in get(g)], width)
 
     def per_response(get: Any) -> Tensor | None:
-        return None if groups[0].pending else torch.stack([get(g) for g in groups])
+        return None if deferred else torch.stack([get(g) for g in groups])
 
     return RolloutBatch(
         batch=batch,
-        logp_old=None if groups[0].pending else per_token(lambda g: g.logp_old),
+        logp_old=None if deferred else per_token(lambda g: g.logp_old),
         logp_ref=per_token(lambda g: g.logp_ref),
         scores=torch.stack([g.scores for g in groups]),
         kl=per_response(lambda g: g.kl),
         rewards=per_response(lambda g: g.rewards),
         ended=torch.stack([g.ended for g in groups]),
         extras={name: per_token(lambda g, n=name: g.extras[n]) for name in groups[0].extras},
-        groups=list(groups),
     )
 
 
@@ -170,17 +158,15 @@ class ReplayBuffer:
         self.groups: list[Group] = []
         self.rollouts = 0  # how many times the buffer was filled: seeds each schedule
         self.consumed = 0  # minibatches of the current schedule already trained on
-        self.beta = 0.0  # the KL coefficient the rollout used (PPO rebuilds token rewards with it)
 
     def __len__(self) -> int:
         return len(self.groups)
 
-    def fill(self, groups: list[Group], beta: float) -> None:
+    def fill(self, groups: list[Group]) -> None:
         """Replace the contents with a new rollout's groups and restart the schedule."""
         if not groups:
             raise ValueError("ReplayBuffer.fill: a rollout produced no groups")
         self.groups = list(groups)
-        self.beta = beta
         self.rollouts += 1
         self.consumed = 0
 
@@ -199,13 +185,13 @@ class ReplayBuffer:
         return self.update_epochs * -(-num_groups // self.minibatch_groups)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"groups": self.groups, "rollouts": self.rollouts, "consumed": self.consumed, "beta": self.beta}
+        return {"groups": self.groups, "rollouts": self.rollouts, "consumed": self.consumed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Checkpoints written before 2026-12-07 also hold ``beta``, which the KL controller owns now."""
         self.groups = list(state["groups"])
         self.rollouts = state["rollouts"]
         self.consumed = state["consumed"]
-        self.beta = state["beta"]
 
 
 class BufferDataset(IterableDataset):

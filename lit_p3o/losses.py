@@ -272,6 +272,16 @@ def kl_regularized_rewards(scores: Tensor, kl: Tensor, beta: float | Tensor) -> 
     return scores - beta * kl
 
 
+def sequence_kl_rewards(
+    scores: Tensor, logp_old: Tensor, logp_ref: Tensor, mask: Tensor, beta: float | Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per response: the sequence KL ``Σ_t (logp_old − logp_ref)`` over its tokens (per-token
+    ``[N, R]``, ``mask`` marking the response) and ``r̃`` (:func:`kl_regularized_rewards`), both
+    shaped like ``scores``. The one place r̃ is made: by the rollout, or on-policy by the update."""
+    kl = ((logp_old - logp_ref) * mask).sum(-1).view_as(scores)
+    return kl, kl_regularized_rewards(scores, kl, beta)
+
+
 def adaptive_kl_beta(beta: float, kl: float, target: float, n_samples: int, horizon: int) -> float:
     """Ziegler et al. (2019): ``β ← β · (1 + clip(kl/target − 1, −0.2, 0.2) · n / horizon)``.
 

@@ -1,20 +1,30 @@
 """The rollout, written once for every RL stage (ALGORITHMS.md §3).
 
-Order of events in one Lightning epoch of an RL stage (tested in ``tests/test_rollout.py``):
+One iteration of an RL stage is one Lightning epoch; its events, in order, and where each lives
+(tested in ``tests/test_rollout.py``, ``tests/test_monitoring.py`` and ``tests/test_p3o_stage.py``):
 
-1. ``RolloutCallback.on_train_epoch_start`` draws this rank's prompts, samples K responses
-   per prompt with ``generate()`` (KV cache on, noise seeded by :func:`sampling_seed`),
-   computes per-token ``logp_old`` and ``logp_ref`` with
-   :func:`lit_p3o.generation.response_logprobs`, scores the responses with the reward model
-   (minus the missing-EOS penalty), the sequence KL and the KL-regularised reward
-   ``r̃ = score − β·kl``, lets the stage add per-token extras (PPO's values) and refills the
-   stage's :class:`~lit_p3o.buffer.ReplayBuffer`; then it updates β. All of it runs under
-   the trainer's precision context, as ``training_step`` does. On-policy
-   (``RolloutSpec.on_policy``) ``logp_old``, the KL and ``r̃`` are left to the update's own
-   forward (``RLStage.policy_forward``), and the statistics and β follow after that step.
-2. The stage's ``train_dataloader`` (a :class:`~lit_p3o.buffer.BufferDataset`) replays the
-   buffer for ``update_epochs`` passes of minibatches of whole groups.
-3. The stage's ``training_step`` turns each minibatch into a loss from ``lit_p3o.losses``.
+1. sample — :meth:`RolloutCallback.on_train_epoch_start` draws this rank's prompts
+   (:class:`PromptSampler`) and :func:`rollout` samples K responses per prompt with
+   ``generate()`` (KV cache on, noise seeded by :func:`sampling_seed`);
+2. score — :func:`rollout` scores them (the stage's ``scorer`` minus the missing-EOS penalty) and
+   takes per-token ``logp_ref`` and ``logp_old`` (:func:`lit_p3o.generation.response_logprobs`),
+   the KL and ``r̃ = score − β·KL`` (:func:`lit_p3o.losses.sequence_kl_rewards`) and the stage's
+   per-token extras (PPO's values). On-policy (``RolloutSpec.defer_logp_old`` and
+   :attr:`RolloutSpec.on_policy`) ``logp_old``, the KL and ``r̃`` are left to the update;
+3. fill — the callback refills the stage's :class:`~lit_p3o.buffer.ReplayBuffer` and logs the
+   rollout's statistics (:func:`rollout_stats`) at the step it was drawn;
+4. replay passes — Lightning iterates the stage's ``train_dataloader`` (a
+   :class:`~lit_p3o.buffer.BufferDataset`: ``update_epochs`` passes of minibatches of whole
+   groups) into ``RLStage.training_step`` (``stages/base.py``), which makes a loss with
+   ``lit_p3o.losses``; on-policy it makes ``logp_old`` (its own forward, detached), the KL and
+   r̃ itself, with the same function, and returns the rollout's statistics with its loss.
+   :meth:`RolloutCallback.on_train_batch_end` advances the buffer's cursor after each minibatch
+   (and, on-policy, logs the statistics the update returned, after its optimizer step);
+5. β update — once the last minibatch is trained on, the callback moves β
+   (:class:`KLController`, the one place β is kept) from the rollout's KL.
+
+Nothing flows back: the update reads the buffer and never writes into it. Steps 1-3 run under
+the trainer's precision context, as ``training_step`` does.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -36,7 +47,7 @@ from lit_p3o.buffer import Group, ReplayBuffer
 from lit_p3o.data.encoding import Encoded, TruncationStats, collate, encode_prompt, fit_prompt
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.generation import SamplingSpec, decode, response_logprobs, sample_responses, seeded
-from lit_p3o.losses import adaptive_kl_beta, kl_regularized_rewards
+from lit_p3o.losses import adaptive_kl_beta, sequence_kl_rewards
 from lit_p3o.monitoring import log_samples, phase, shows_progress
 
 if TYPE_CHECKING:
@@ -94,6 +105,12 @@ class RolloutSpec:
         differentiates is the one that sampled, so ``logp_old`` is the update's own log-prob."""
         return self.update_epochs == 1 and self.minibatch_groups >= self.num_prompts
 
+    @property
+    def update_gives_logp_old(self) -> bool:
+        """The rollout leaves ``logp_old``, the KL and r̃ to the update (:attr:`defer_logp_old`
+        and :attr:`on_policy`), whose one minibatch is then the whole rollout."""
+        return self.defer_logp_old and self.on_policy
+
 
 @dataclass
 class KLSpec:
@@ -113,7 +130,10 @@ class KLSpec:
 
 
 class KLController:
-    """Holds β between rollouts and updates it after each one when a target is set."""
+    """The one holder of β: the rollout and the update of an iteration read it, and it moves
+    (when a target is set) only after the iteration's last update (step 5 above), so both use
+    the β the rollout was drawn with. The stage owns it; its :class:`RolloutCallback` moves it
+    and checkpoints it."""
 
     def __init__(self, spec: KLSpec) -> None:
         self.spec = spec
@@ -197,15 +217,16 @@ def sampling_seed(seed: int, rank: int, rollout_index: int) -> int:
 
 
 class RolloutCallback(L.Callback):
-    """Refills the stage's replay buffer at the start of every epoch (one epoch = one rollout)."""
+    """Runs one iteration per epoch around the stage's updates: steps 1-3 before the first
+    minibatch, the cursor after each, step 5 after the last (see the module's docstring).
+    ``kl`` is the stage's :class:`KLController` (or a spec, for a controller of its own)."""
 
-    def __init__(self, spec: RolloutSpec, kl: KLSpec, seed: int = 0) -> None:
+    def __init__(self, spec: RolloutSpec, kl: KLSpec | KLController, seed: int = 0) -> None:
         self.spec = spec
-        self.kl = KLController(kl)
+        self.kl = kl if isinstance(kl, KLController) else KLController(kl)
         self.seed = seed
         self.sampler: PromptSampler | None = None
         self._pending_state: dict[str, Any] | None = None
-        self._stats_pending = False  # on-policy: KL and r̃ are known after the update's forward
 
     @property
     def state_key(self) -> str:
@@ -225,18 +246,19 @@ class RolloutCallback(L.Callback):
             self._pending_state = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if pl_module.buffer.groups and pl_module.buffer.consumed < pl_module.buffer.num_minibatches():
+        """Steps 1-3: sample, score, fill (and the rollout's statistics, when it has its KL)."""
+        buffer = pl_module.buffer
+        if buffer.groups and buffer.consumed < buffer.num_minibatches():
             return  # resumed mid-rollout: finish replaying the restored buffer first
         prompts = self.sampler.draw(self.spec.num_prompts)
-        noise = sampling_seed(self.seed, trainer.global_rank, pl_module.buffer.rollouts)
+        noise = sampling_seed(self.seed, trainer.global_rank, buffer.rollouts)
         # the trainer's precision (autocast, bf16-true's default dtype) as in training_step, so
         # logp_old and the update's log-probs come from the same numeric path: ρ = 1 at first
         with seeded(noise, pl_module.device), trainer.precision_plugin.forward_context(), phase(trainer, "rollout"):
             groups = rollout(pl_module, prompts, self.kl.beta, self.spec, show_progress=shows_progress(trainer))
-        pl_module.buffer.fill(groups, self.kl.beta)
-        self._stats_pending = groups[0].pending
-        if not self._stats_pending:
-            self._report(trainer, pl_module)
+        buffer.fill(groups)
+        if groups[0].kl is not None:  # else the update gives the KL (on-policy, step 4)
+            self._report(trainer, pl_module, rollout_stats(*group_tensors(groups), self.kl.beta))
         if self.spec.log_samples and trainer.is_global_zero:
             self._log_samples(trainer, pl_module, groups[: self.spec.log_samples])
 
@@ -248,30 +270,46 @@ class RolloutCallback(L.Callback):
             prompt = decode(tok, g.prompt_ids)
             for i, response in enumerate(g.responses):
                 rows.append({"rollout": index, "prompt": prompt, "response": decode(tok, response),
-                             "score": float(g.scores[i]), "kl": None if g.pending else float(g.kl[i]), "ended": bool(g.ended[i])})  # fmt: skip
+                             "score": float(g.scores[i]), "kl": None if g.kl is None else float(g.kl[i]),
+                             "ended": bool(g.ended[i])})  # fmt: skip
             rank_zero_info(f"[rollout {index}] {prompt!r} -> {rows[-len(g.responses)]['response']!r} (score {g.scores[0]:.3f})")
         log_samples(trainer.loggers, "rollout/samples", rows, trainer.global_step)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self._stats_pending and not any(g.pending for g in pl_module.buffer.groups):
-            self._stats_pending = False
-            self._report(trainer, pl_module)
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Step 4's cursor, after the optimizer step (before any checkpoint of this step); after
+        the rollout's last minibatch, step 5. ``outputs`` holds, on-policy, the statistics the
+        update made of its rollout (``"rollout"``; absent when the update was skipped)."""
+        buffer = pl_module.buffer
+        buffer.consumed += 1
+        stats = outputs.get("rollout") if isinstance(outputs, dict) else None
+        if stats is not None:  # on-policy: what the update made of its rollout, logged after its step
+            stats = self._report(trainer, pl_module, stats)
+        if buffer.consumed < buffer.num_minibatches():
+            return
+        if stats is None and buffer.groups[0].kl is not None:  # off-policy: the rollout's own KL (step 3)
+            kl = torch.cat([g.kl for g in buffer.groups]).mean()
+            stats = self._mean_over_ranks(trainer, pl_module, {"kl_mean": kl})
+        if stats is not None:  # None when the on-policy update was skipped: no KL, β stays
+            self.kl.update(stats["kl_mean"], len(buffer.groups) * self.spec.num_responses * trainer.world_size)
 
-    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Log the rollout's statistics (means over ranks, one collective) and move β (once its
-        KL is known)."""
-        groups = pl_module.buffer.groups
-        stats = rollout_stats(groups, pl_module.buffer.beta)
-        values = torch.tensor(list(stats.values()), device=pl_module.device)
-        stats = dict(zip(stats, trainer.strategy.reduce(values, reduce_op="mean").tolist()))
+    @staticmethod
+    def _mean_over_ranks(trainer: L.Trainer, pl_module: L.LightningModule, stats: dict[str, Any]) -> dict[str, float]:
+        """Means over ranks, in one collective (every rank calls it with the same keys)."""
+        values = torch.tensor([float(v) for v in stats.values()], device=pl_module.device)
+        return dict(zip(stats, trainer.strategy.reduce(values, reduce_op="mean").tolist()))
+
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, stats: dict[str, Any]) -> dict[str, float]:
+        """Log a rollout's statistics (this rank's, see :func:`rollout_stats`) as means over ranks."""
+        stats = self._mean_over_ranks(trainer, pl_module, stats)
         pl_module.log_rollout(stats)
-        self.kl.update(stats["kl_mean"], len(groups) * self.spec.num_responses * trainer.world_size)
+        return stats
 
     def state_dict(self) -> dict[str, Any]:
         """β, the sampler's position and every rank's RNG state (ranks draw different streams)."""
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         return {
-            "stats_pending": self._stats_pending,
             "kl": self.kl.state_dict(),
             "sampler": self.sampler.state_dict() if self.sampler else None,
             "rng": gather_from_ranks(rng),
@@ -279,8 +317,7 @@ class RolloutCallback(L.Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Lightning restores callbacks after ``setup``; the sampler may already exist."""
-        self.kl.load_state_dict(state["kl"])
-        self._stats_pending = state.get("stats_pending", False)
+        self.kl.load_state_dict(state["kl"])  # earlier checkpoints' "stats_pending" is not needed
         if self.sampler is not None:
             self.sampler.load_state_dict(state["sampler"])
         else:
@@ -359,7 +396,7 @@ def rollout(
         if not e.response_ids:  # generate() always emits at least one token; guard anyway
             raise RuntimeError("rollout: an empty response was sampled")
 
-    deferred = spec.defer_logp_old and spec.on_policy  # the update's forward gives logp_old, kl, r̃
+    deferred = spec.update_gives_logp_old
     logp_old, logp_ref, extras = _forward_passes(
         stage, examples, spec.forward_batch_size, spec.sampling.temperature, show_progress, with_old=not deferred
     )
@@ -374,8 +411,9 @@ def rollout(
         scores = scores - spec.missing_eos_penalty * (~torch.tensor(ended)).float()
     kl = rewards = None
     if not deferred:
-        kl = torch.stack([(o - r).sum() for o, r in zip(logp_old, logp_ref)])
-        rewards = kl_regularized_rewards(scores, kl, beta)
+        mask = pad_sequence([torch.ones(len(e.response_ids)) for e in examples], batch_first=True)
+        old, ref = (pad_sequence(rows, batch_first=True) for rows in (logp_old, logp_ref))
+        kl, rewards = sequence_kl_rewards(scores, old, ref, mask, beta)
     ended_t = torch.tensor(ended)
 
     def rows(values: Any, g: int) -> Any:
@@ -431,18 +469,29 @@ def _forward_passes(
     return logp_old, logp_ref, extras
 
 
-def rollout_stats(groups: list[Group], beta: float) -> dict[str, float]:
-    """Score, KL, length and EOS-rate summaries of a rollout (this rank)."""
-    scores = torch.cat([g.scores for g in groups])
-    kl = torch.cat([g.kl for g in groups])
+def group_tensors(groups: list[Group]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Scores, KL, r̃, response lengths and EOS flags of every response in ``groups``, flat,
+    in the order :func:`rollout_stats` takes them."""
+
+    def flat(name: str) -> Tensor:
+        return torch.cat([getattr(g, name) for g in groups])
+
     lengths = torch.tensor([float(len(r)) for g in groups for r in g.responses])
-    ended = torch.cat([g.ended for g in groups]).float()
+    return flat("scores"), flat("kl"), flat("rewards"), lengths, flat("ended")
+
+
+def rollout_stats(
+    scores: Tensor, kl: Tensor, rewards: Tensor, lengths: Tensor, ended: Tensor, beta: float
+) -> dict[str, float]:
+    """Score, KL, r̃, length and EOS-rate summaries of a rollout's responses (this rank), and
+    the β it was drawn with: from the rollout's groups (:func:`group_tensors`) or, on-policy,
+    from the update's minibatch, which holds the whole rollout."""
     return {
         "score_mean": scores.mean().item(),
         "score_std": scores.std().item() if scores.numel() > 1 else 0.0,
         "kl_mean": kl.mean().item(),
-        "reward_mean": torch.cat([g.rewards for g in groups]).mean().item(),
-        "response_length": lengths.mean().item(),
-        "eos_rate": ended.mean().item(),
+        "reward_mean": rewards.mean().item(),
+        "response_length": lengths.float().mean().item(),
+        "eos_rate": ended.float().mean().item(),
         "beta": beta,
     }

@@ -10,16 +10,17 @@ from lit_p3o import ModelSpec, OnlineDPOModule, P3OModule, PPOModule, RLOOModule
 from lit_p3o.buffer import RolloutBatch, collate_groups
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.losses import dpo_loss, gae, ppo_token_rewards, rloo_advantages
-from lit_p3o.rollout import rollout
+from lit_p3o.rollout import KLSpec, rollout
 
 from micro import MICRO_ARCH as MICRO
 
 
-def build(cls, k: int = 3, **kwargs):
+def build(cls, k: int = 3, defer_logp_old: bool = False, **kwargs):
     L.seed_everything(0)
-    # logp_old from the rollout's own pass, so that perturbing θ afterwards gives ratios ≠ 1
+    # by default logp_old from the rollout's own pass, so that perturbing θ afterwards gives ratios ≠ 1
     spec = RolloutSpec(prompt_pool=16, num_prompts=4, num_responses=k, update_epochs=1, minibatch_groups=4,
-                       max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6), defer_logp_old=False)
+                       max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6), defer_logp_old=defer_logp_old)
+    kwargs.setdefault("kl", KLSpec(beta=0.1))  # the β the test rollouts are drawn with
     return cls(ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"), "embedded:reviews", rollout=spec, **kwargs)
 
 
@@ -30,7 +31,7 @@ def fixed_batch(stage, shift: torch.Tensor | None = None) -> RolloutBatch:
     for g_index, g in enumerate(groups):
         g.scores.copy_(torch.randn(len(g.responses)) + (0.0 if shift is None else shift[g_index]))
         g.rewards.copy_(g.scores - 0.1 * g.kl)
-    stage.buffer.fill(groups, beta=0.1)  # the batch is the whole rollout (PPO whitens over it)
+    stage.buffer.fill(groups)  # the batch is the whole rollout (PPO whitens over it)
     return collate_groups(groups, stage.tokenizer.pad_token_id)
 
 
@@ -170,9 +171,12 @@ def test_ppo_stores_rollout_values_and_separate_critic_works():
     assert any(p.grad is not None and bool(p.grad.any()) for p in critic.critic.parameters())
 
 
+@pytest.mark.parametrize("defer_logp_old", [False, True], ids=["rollout-logp-old", "update-gives-logp-old"])
 @pytest.mark.parametrize("cls, k", [(PPOModule, 2), (OnlineDPOModule, 2), (RLOOModule, 3), (P3OModule, 3)])
-def test_every_stage_trains_through_the_shared_rollout(tmp_path, cls, k):
-    stage = build(cls, k=k)
+def test_every_stage_trains_through_the_shared_rollout(tmp_path, cls, k, defer_logp_old):
+    """Also on-policy with ``logp_old`` from the update, whose minibatch is the whole rollout
+    (PPO whitens over it) and the buffer holds no ``logp_old``."""
+    stage = build(cls, k=k, defer_logp_old=defer_logp_old)
     real = stage.scorer.score_examples
     stage.scorer.score_examples = lambda examples, ended, prompts=None: real(examples, ended) + torch.randn(len(examples))
     before = copy.deepcopy(stage.policy.state_dict())
@@ -217,7 +221,7 @@ def test_ppo_whitens_advantages_over_the_whole_rollout_by_default():
     for scale in (1.0, 3.0):  # a second rollout with other scores gets its own moments, not the first's
         for g in groups:
             g.scores.copy_(scale * torch.randn(len(g.responses)) + scale - 1)
-        stage.buffer.fill(groups, beta=0.1)
+        stage.buffer.fill(groups)
         whole = collate_groups(groups, stage.tokenizer.pad_token_id)
         tokens = raw_advantages(whole)[whole.response_mask.bool()].double()
         mean, std = tokens.mean(), tokens.std(correction=0)  # by hand, over all 4 groups
@@ -231,7 +235,7 @@ def test_ppo_whitens_advantages_over_the_whole_rollout_by_default():
         assert torch.all(advantages[~mask] == 0)
 
     per_minibatch = build(PPOModule, whiten_over="minibatch")
-    per_minibatch.buffer.fill(groups, beta=0.1)
+    per_minibatch.buffer.fill(groups)
     local, _ = per_minibatch.advantages(minibatch)
     torch.testing.assert_close(local[mask].double(), (mb_raw[mask].double() - mb_raw[mask].mean()) / mb_raw[mask].std(correction=0),
                                rtol=1e-5, atol=1e-5)

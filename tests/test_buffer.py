@@ -56,7 +56,7 @@ def test_collate_rejects_mixed_group_sizes():
 
 def test_schedule_covers_every_group_each_pass_and_is_seeded():
     buffer = ReplayBuffer(update_epochs=3, minibatch_groups=4, seed=7)
-    buffer.fill([make_group([1], [[2], [3]], base=i) for i in range(10)], beta=0.1)
+    buffer.fill([make_group([1], [[2], [3]], base=i) for i in range(10)])
     schedule = buffer.schedule()
     assert len(schedule) == buffer.num_minibatches() == 3 * 3
     for p in range(3):
@@ -65,13 +65,13 @@ def test_schedule_covers_every_group_each_pass_and_is_seeded():
     assert schedule == buffer.schedule()  # deterministic
     assert schedule[:3] != schedule[3:6]  # passes are reshuffled
     other = ReplayBuffer(update_epochs=3, minibatch_groups=4, seed=8)
-    other.fill(buffer.groups, beta=0.1)
+    other.fill(buffer.groups)
     assert other.schedule() != schedule
 
 
 def test_dataset_yields_remaining_minibatches_and_state_round_trips():
     buffer = ReplayBuffer(update_epochs=2, minibatch_groups=2, seed=0)
-    buffer.fill([make_group([1], [[2], [3]], base=i) for i in range(5)], beta=0.3)
+    buffer.fill([make_group([1], [[2], [3]], base=i) for i in range(5)])
     dataset = BufferDataset(buffer, PAD, groups_per_rollout=5)
     assert len(dataset) == 2 * 3
     all_batches = list(dataset)
@@ -82,22 +82,22 @@ def test_dataset_yields_remaining_minibatches_and_state_round_trips():
     rest = list(BufferDataset(restored, PAD, groups_per_rollout=5))
     assert len(rest) == 2
     assert torch.equal(rest[0].scores, all_batches[4].scores)
-    assert restored.beta == 0.3
+    assert (restored.rollouts, restored.consumed) == (1, 4)
 
 
 def test_fill_counts_rollouts_and_resets_consumption():
     buffer = ReplayBuffer(update_epochs=1, minibatch_groups=1)
     with pytest.raises(ValueError, match="no groups"):
-        buffer.fill([], beta=0.0)
-    buffer.fill([make_group([1], [[2], [3]])], beta=0.0)
+        buffer.fill([])
+    buffer.fill([make_group([1], [[2], [3]])])
     buffer.consumed = 1
-    buffer.fill([make_group([1], [[2], [3]])] * 3, beta=0.0)
+    buffer.fill([make_group([1], [[2], [3]])] * 3)
     assert (len(buffer), buffer.rollouts, buffer.consumed) == (3, 2, 0)
 
 
 def test_every_minibatch_holds_all_the_groups_of_its_schedule_entry():
     buffer = ReplayBuffer(update_epochs=2, minibatch_groups=3, seed=1)
-    buffer.fill([make_group([1], [[2], [3, 4]], base=10.0 * i) for i in range(7)], beta=0.0)
+    buffer.fill([make_group([1], [[2], [3, 4]], base=10.0 * i) for i in range(7)])
     batches = list(BufferDataset(buffer, PAD, groups_per_rollout=7))
     schedule = buffer.schedule()
     assert [b.num_groups for b in batches] == [len(mb) for mb in schedule] == [3, 3, 1, 3, 3, 1]

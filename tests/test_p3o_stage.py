@@ -12,12 +12,14 @@ from lit_p3o.buffer import collate_groups
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.generation import response_logprobs
 from lit_p3o.losses import pairwise_policy_gradient_loss
-from lit_p3o.rollout import rollout
+from lit_p3o.rollout import KLSpec, rollout
 
 from micro import MICRO_ARCH as MICRO
 
 
-def make_stage(policy: ModelSpec | None = None, guards: GuardSpec | None = None, **rollout_kwargs) -> P3OModule:
+def make_stage(
+    policy: ModelSpec | None = None, guards: GuardSpec | None = None, kl: KLSpec | None = None, **rollout_kwargs
+) -> P3OModule:
     kwargs = dict(prompt_pool=32, num_prompts=4, num_responses=2, update_epochs=2, minibatch_groups=2,
                   max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6))
     kwargs.update(rollout_kwargs)
@@ -27,6 +29,7 @@ def make_stage(policy: ModelSpec | None = None, guards: GuardSpec | None = None,
         rollout=RolloutSpec(**kwargs),
         optimizer=OptimizerSpec(learning_rate=1e-2),
         guards=guards,
+        kl=kl,
     )
 
 
@@ -144,9 +147,11 @@ def test_p3o_learns_from_the_kl_regularised_rewards_not_the_raw_scores():
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-7)
 
 
-def run_to_end(tmp_path: Path, epochs: int, resume_from: str | None = None, stop_after: int | None = None):
+def run_to_end(
+    tmp_path: Path, epochs: int, resume_from: str | None = None, stop_after: int | None = None, kl: KLSpec | None = None
+):
     L.seed_everything(0)
-    stage = make_stage(update_epochs=2, minibatch_groups=2, num_responses=3)
+    stage = make_stage(update_epochs=2, minibatch_groups=2, num_responses=3, kl=kl)
     stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.randn(len(examples))  # uses the seeded RNG
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, every_n_epochs=1)
     t = trainer(tmp_path, max_epochs=stop_after or epochs, callbacks=[checkpoint], enable_checkpointing=True)
@@ -176,7 +181,7 @@ def test_checkpoint_keeps_buffer_and_drops_frozen_copies(tmp_path):
     assert len(buffer["groups"]) == 4
     assert not [k for k in state["state_dict"] if k.startswith("reference.")]
     assert "RolloutCallback" in state["callbacks"]
-    assert set(state["callbacks"]["RolloutCallback"]) == {"kl", "sampler", "rng", "stats_pending"}
+    assert set(state["callbacks"]["RolloutCallback"]) == {"kl", "sampler", "rng"}
 
 
 @pytest.mark.slow
@@ -236,6 +241,35 @@ def test_resume_mid_rollout_continues_with_the_next_minibatch(tmp_path):
         torch.testing.assert_close(weights(resumed)[name], value, rtol=0, atol=1e-6)
 
 
+def test_resume_mid_rollout_with_adaptive_beta_also_from_a_checkpoint_of_the_previous_format(tmp_path):
+    """β moves after a rollout's last update, so a checkpoint inside the replay holds the β the
+    rollout was drawn with. Checkpoints written before 2026-12-07 held the moved β there and
+    the rollout's own in the buffer (``beta``); both resume to the uninterrupted run."""
+    adaptive = KLSpec(beta=0.1, target=0.01, horizon=10)
+    full, _ = run_to_end(tmp_path / "full", epochs=3, kl=adaptive)
+
+    L.seed_everything(0)
+    stage = make_stage(update_epochs=2, minibatch_groups=2, num_responses=3, kl=adaptive)
+    stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.randn(len(examples))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "mid", save_top_k=-1, every_n_train_steps=6,
+                                 save_on_train_epoch_end=False)
+    trainer(tmp_path / "cut", max_epochs=3, max_steps=6, callbacks=[checkpoint], enable_checkpointing=True).fit(stage)
+    path = next((tmp_path / "mid").glob("*step=6*.ckpt"))
+    saved = torch.load(path, weights_only=False)
+    drawn = saved["callbacks"]["RolloutCallback"]["kl"]["beta"]  # rollout 2's β, 2 minibatches into it
+    assert drawn != pytest.approx(0.1, rel=1e-3) and "beta" not in saved["replay_buffer"][0]
+    saved["replay_buffer"][0]["beta"] = drawn  # the previous format: the rollout's β in the buffer,
+    saved["callbacks"]["RolloutCallback"]["kl"]["beta"] = 0.5  # the moved one in the callback
+    saved["callbacks"]["RolloutCallback"]["stats_pending"] = False
+    torch.save(saved, tmp_path / "previous.ckpt")
+
+    for resume_from in (path, tmp_path / "previous.ckpt"):
+        resumed, _ = run_to_end(tmp_path / resume_from.stem, epochs=3, resume_from=str(resume_from), kl=adaptive)
+        assert resumed.kl_controller.beta == pytest.approx(full.kl_controller.beta, rel=1e-6)
+        for name, value in weights(full).items():
+            torch.testing.assert_close(weights(resumed)[name], value, rtol=0, atol=1e-6)
+
+
 def on_policy_run(tmp_path: Path, defer: bool) -> tuple[P3OModule, L.Trainer, int]:
     """Two on-policy rollouts (one pass, one minibatch) with an adaptive β; counts the
     policy's full-sequence forwards (generation's cached steps are left out)."""
@@ -250,11 +284,13 @@ def on_policy_run(tmp_path: Path, defer: bool) -> tuple[P3OModule, L.Trainer, in
     )
     stage.scorer.score_examples = varied_scores
     stage.loss_stats = []  # what compute_loss reported, minibatch by minibatch
+    stage.loss_inputs = []  # the KL, r̃ and logp_old each update used (on-policy: made by it)
     compute_loss = stage.compute_loss
 
-    def recording(*args):
-        loss, stats = compute_loss(*args)
+    def recording(batch, *args):
+        loss, stats = compute_loss(batch, *args)
         stage.loss_stats.append(stats)
+        stage.loss_inputs.append([t.detach().clone() for t in (batch.kl, batch.rewards, batch.logp_old)])
         return loss, stats
 
     stage.compute_loss = recording
@@ -280,11 +316,11 @@ def test_on_policy_update_takes_logp_old_from_its_own_forward(tmp_path):
     assert "train/loss" in skipped_trainer.callback_metrics
     for name, value in weights(kept).items():
         torch.testing.assert_close(weights(skipped)[name], value, rtol=0, atol=1e-6)
-    for a, b in zip(kept.buffer.groups, skipped.buffer.groups):  # the same KL, r̃ and logp_old
-        torch.testing.assert_close(b.kl, a.kl, rtol=0, atol=1e-5)
-        torch.testing.assert_close(b.rewards, a.rewards, rtol=0, atol=1e-5)
-        for old_b, old_a in zip(b.logp_old, a.logp_old):
-            torch.testing.assert_close(old_b, old_a, rtol=0, atol=1e-5)
+    assert len(skipped.loss_inputs) == len(kept.loss_inputs) == 2
+    for a, b in zip(kept.loss_inputs, skipped.loss_inputs):  # the same KL, r̃ and logp_old (padded rows)
+        for value_b, value_a in zip(b, a):
+            torch.testing.assert_close(value_b, value_a, rtol=0, atol=1e-5)
+    assert all(g.logp_old is None and g.kl is None for g in skipped.buffer.groups)  # nothing written back
     # β moved after each rollout, from the same KL
     from lit_p3o.rollout import RolloutCallback
 

@@ -15,7 +15,7 @@ from lit_p3o.buffer import collate_groups
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.evaluation import EvaluationSpec
 from lit_p3o.generation import check_fits_context, context_limit, response_logprobs, sample_responses, seeded
-from lit_p3o.losses import token_logprobs
+from lit_p3o.losses import adaptive_kl_beta, token_logprobs
 from lit_p3o.rollout import KLController, KLSpec, PromptSampler, RolloutCallback, rollout, sampling_seed
 
 from micro import MICRO_ARCH as MICRO
@@ -172,10 +172,36 @@ def test_adaptive_beta_after_one_rollout_counts_every_response(tmp_path):
     trainer.fit(stage)
     (callback,) = [c for c in trainer.callbacks if isinstance(c, RolloutCallback)]
     kl = float(torch.cat([g.kl for g in stage.buffer.groups]).mean())  # frozen at rollout time
-    assert len(stage.buffer.groups) == 6 and stage.buffer.beta == 0.1
+    assert len(stage.buffer.groups) == 6 and trainer.callback_metrics["rollout/beta"] == 0.1  # drawn with β = 0.1
     error = min(max(kl / 6.0 - 1, -0.2), 0.2)
     assert callback.kl.beta == pytest.approx(0.1 * (1 + error * 18 / 100), rel=1e-6)
     assert callback.kl.beta != pytest.approx(0.1, rel=1e-3)
+
+
+def test_every_update_of_a_rollout_uses_the_beta_it_was_drawn_with_and_beta_moves_after_the_last(tmp_path):
+    """3 minibatches per rollout, adaptive β: the updates read β from the one controller (PPO's
+    token rewards, on-policy r̃), so it must not move before the rollout's last update."""
+    L.seed_everything(0)
+    stage = P3OModule(ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"), "embedded:reviews",
+                      rollout=make_stage().rollout_spec, kl=KLSpec(beta=0.1, target=0.01, horizon=10))
+    logged, seen = [], []
+    log_rollout = stage.log_rollout
+    stage.log_rollout = lambda stats: (logged.append(stats), log_rollout(stats))
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append((module.buffer.rollouts, module.kl_controller.beta))
+
+    L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False, callbacks=[Spy()],
+              enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path).fit(stage)  # fmt: skip
+    drawn = [s["beta"] for s in logged]  # as logged: rounded to float32 by the mean over ranks
+    assert drawn[0] == pytest.approx(0.1, rel=1e-6) and drawn[1] != pytest.approx(0.1, rel=1e-3)
+    assert [rollout for rollout, _ in seen] == [1] * 3 + [2] * 3
+    assert [beta for _, beta in seen] == pytest.approx([drawn[0]] * 3 + [drawn[1]] * 3, rel=1e-6)
+    n = 6 * 3  # prompts × K
+    assert logged[1]["beta"] == pytest.approx(adaptive_kl_beta(0.1, logged[0]["kl_mean"], 0.01, n, 10), rel=1e-6)
+    assert stage.kl_controller.beta == pytest.approx(
+        adaptive_kl_beta(logged[1]["beta"], logged[1]["kl_mean"], 0.01, n, 10), rel=1e-6)  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,15 @@ from lit_p3o.models import (
 )
 from lit_p3o.monitoring import log_point
 from lit_p3o.optim import OptimizerSpec, configure_adamw
-from lit_p3o.rollout import KLSpec, RolloutCallback, RolloutSpec, gather_from_ranks, this_ranks
+from lit_p3o.rollout import (
+    KLController,
+    KLSpec,
+    RolloutCallback,
+    RolloutSpec,
+    gather_from_ranks,
+    rollout_stats,
+    this_ranks,
+)
 from lit_p3o.scoring import RewardSource, build_scorer
 from lit_p3o.tasks import resolve_embedded
 from lit_p3o.stages.sharding import ShardableModule
@@ -126,6 +134,7 @@ class RLStage(ShardableModule):
         self.validate_during_fit = evaluation is not None
         self.rollout_spec = rollout or RolloutSpec()
         self.kl_spec = kl or KLSpec()
+        self.kl_controller = KLController(self.kl_spec)  # β: read by rollout and update, moved by the callback
         self.optimizer_spec = optimizer or OptimizerSpec()
         self.save_dir = save_dir
         self.seed = seed
@@ -174,7 +183,7 @@ class RLStage(ShardableModule):
             return [CompletionWriter(self.evaluation_spec.predictions_file)]
         if self.trainer.state.fn == TrainerFn.FITTING:
             return [
-                RolloutCallback(self.rollout_spec, self.kl_spec, self.seed),
+                RolloutCallback(self.rollout_spec, self.kl_controller, self.seed),
                 GradientGuard(self.guard_spec.max_zero_grad_steps),
             ]
         return []
@@ -250,22 +259,25 @@ class RLStage(ShardableModule):
         return {"ratio_mean": ratio.mean(), "ratio_max": ratio.max(), "approx_kl": approx_kl}
 
     def policy_forward(self, batch: RolloutBatch) -> tuple[RolloutBatch, Tensor, Tensor | None]:
-        """The update's one policy forward; on-policy it also completes the pending minibatch
-        (``logp_old`` = this forward detached, so ρ = 1 exactly; see ``RolloutSpec.defer_logp_old``)."""
+        """The update's one policy forward; on-policy, when the rollout left ``logp_old`` to it,
+        it also gives the minibatch ``logp_old`` (this forward detached, so ρ = 1 exactly; see
+        ``RolloutSpec.defer_logp_old``), the KL and r̃, in a new batch (the buffer is not written)."""
         logp, states = response_logprobs_and_states(
             self.policy, batch.batch, with_states=self.policy_states, temperature=self.temperature
         )
         if batch.logp_old is None:
-            batch = batch.complete_on_policy(logp, self.buffer.beta)
+            batch = batch.with_logp_old(logp.detach(), self.kl_controller.beta)
         return batch, logp, states
 
     def loss(self, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """:meth:`compute_loss` of a minibatch, forward included (no guard, no logging)."""
         return self.compute_loss(*self.policy_forward(batch))
 
-    def training_step(self, batch: RolloutBatch, batch_idx: int) -> Tensor | None:
-        self.buffer.consumed += 1
-        on_policy = batch.logp_old is None  # completed by this forward: ρ = 1 exactly
+    def training_step(self, batch: RolloutBatch, batch_idx: int) -> Tensor | dict[str, Any] | None:
+        """Step 4 of an iteration (see :mod:`lit_p3o.rollout`): one minibatch's loss. On-policy,
+        when this forward gives ``logp_old`` (ρ = 1 exactly), the minibatch is the whole rollout
+        and its statistics go out with the loss (``"rollout"``), to be logged after this step."""
+        on_policy = batch.logp_old is None
         batch, logp, states = self.policy_forward(batch)
         if not self._finite_everywhere(batch.rewards):
             return self._skip("non-finite reward in the minibatch")
@@ -280,6 +292,10 @@ class RLStage(ShardableModule):
             stats = {k: v for k, v in stats.items() if k not in _RATIO_STATS}
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=n, sync_dist=True)
+        if on_policy:
+            per_response = (t.flatten() for t in (batch.scores, batch.kl, batch.rewards))
+            lengths, ended, beta = batch.response_mask.sum(-1), batch.ended.flatten(), self.kl_controller.beta
+            return {"loss": loss, "rollout": rollout_stats(*per_response, lengths, ended, beta)}
         return loss
 
     def _finite_everywhere(self, value: Tensor) -> bool:
@@ -343,9 +359,14 @@ class RLStage(ShardableModule):
         checkpoint["updates"] = self.updates.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.buffer.load_state_dict(this_ranks(checkpoint["replay_buffer"], "replay buffer"))
+        buffer_state = this_ranks(checkpoint["replay_buffer"], "replay buffer")
+        self.buffer.load_state_dict(buffer_state)
         if self.buffer.groups and self.buffer.consumed >= self.buffer.num_minibatches():
             close_finished_epoch(checkpoint)
+        elif "beta" in buffer_state and "RolloutCallback" in checkpoint.get("callbacks", {}):
+            # written before 2026-12-07, inside a rollout's replay: its β had already moved; the
+            # rollout's own (which the rest of the replay uses and step 5 moves) is the buffer's
+            checkpoint["callbacks"]["RolloutCallback"]["kl"]["beta"] = buffer_state["beta"]
         if "updates" in checkpoint:
             self.updates.load_state_dict(checkpoint["updates"])
         else:  # written before the ledger: a count of skips, and a global step that includes them

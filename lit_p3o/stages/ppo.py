@@ -92,7 +92,8 @@ class PPOModule(RLStage):
     def _gae(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
         """GAE advantages and returns from the rollout's frozen rewards, KL and values."""
         mask = batch.response_mask
-        rewards = ppo_token_rewards(batch.scores.flatten(), batch.logp_old, batch.logp_ref, mask, self.buffer.beta)
+        beta = self.kl_controller.beta  # the rollout's: β moves only after its last update
+        rewards = ppo_token_rewards(batch.scores.flatten(), batch.logp_old, batch.logp_ref, mask, beta)
         return gae(rewards, batch.extras["values"], mask, self.gamma, self.lam)
 
     def rollout_moments(self) -> tuple[Tensor, Tensor]:
@@ -110,8 +111,8 @@ class PPOModule(RLStage):
         """GAE advantages (whitened as configured) and returns of a minibatch."""
         advantages, returns = self._gae(batch)
         if self.whiten_advantages:
-            moments = None
-            if self.whiten_over == "rollout":
+            moments = None  # this minibatch's: when the update gives logp_old, it is the whole rollout
+            if self.whiten_over == "rollout" and not self.rollout_spec.update_gives_logp_old:
                 moments = tuple(m.to(advantages.device) for m in self.rollout_moments())
             advantages = whiten(advantages, batch.response_mask, moments=moments)
         return advantages, returns

@@ -37,7 +37,7 @@ class FixedBufferP3O(P3OModule):
         for g in groups:
             g.scores.normal_()  # varied scores so every pair has a gradient
             g.rewards.copy_(g.scores - 0.1 * g.kl)
-        self.buffer.fill(groups[rank::world], beta=0.1)
+        self.buffer.fill(groups[rank::world])
 
 
 def main(out: str, devices: int, strategy: str) -> None:
