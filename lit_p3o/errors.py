@@ -33,6 +33,10 @@ class UserError(Exception):
     """An error in the user's input or environment whose message names the field or file."""
 
 
+class ConfigError(UserError):
+    """A config or command line that cannot run; ``lit-p3o`` prints it without a traceback."""
+
+
 class SourceError(UserError, ValueError):
     """A source string that cannot be used (``embedded:<unknown task>``, a reward function);
     :func:`user_error` names the config paths that hold ``source``."""

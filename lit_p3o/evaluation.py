@@ -182,7 +182,7 @@ class FrontierCallback(L.Callback):
     Evaluates at the start of ``fit``, after every optimizer step that reaches a multiple of
     ``eval_every`` (once per step, so gradient accumulation and skipped steps do not repeat a
     row) and at the end of training. Each point is appended to ``<log_dir>/<csv_name>``
-    (columns :data:`FRONTIER_COLUMNS`), the file :func:`lit_p3o.commands.plot_frontier` reads,
+    (columns :data:`FRONTIER_COLUMNS`), the file :func:`lit_p3o.commands.frontier.plot_frontier` reads,
     logged as ``eval/*`` to the trainer's loggers at its optimizer step, and put into
     ``trainer.callback_metrics`` on every rank, so ``ModelCheckpoint(monitor="eval/gold")``
     and ``EarlyStopping`` can use the latest point.

@@ -35,12 +35,12 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 
+from lit_p3o.errors import ConfigError
+
 
 def write_error(what: str, path: str | Path, err: OSError) -> Exception:
     """The one-line error for an output that could not be written: the path and the cause
     (e.g. "No space left on device"); ``lit-p3o`` prints it without a traceback."""
-    from lit_p3o.cli import ConfigError  # the CLI's error type; imported late (the CLI imports this module)
-
     cause = err.strerror or str(err)
     return ConfigError(f"{what} {path}: could not be written ({cause}); the previous one there, if any, is unchanged")
 
@@ -68,8 +68,6 @@ class OutputLock(L.Callback):
 
     def acquire(self) -> OutputLock:
         """Take the lock or raise a ConfigError naming the process that holds it."""
-        from lit_p3o.cli import ConfigError
-
         while True:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)

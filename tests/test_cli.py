@@ -134,7 +134,7 @@ def saved_checkpoint(**hparams) -> dict:
 
 
 def test_resume_applies_changeable_settings_and_compares_paths_by_target(tmp_path, monkeypatch):
-    from lit_p3o.cli import check_resume
+    from lit_p3o.checkpoints import check_resume
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rm").mkdir()
@@ -148,7 +148,8 @@ def test_resume_applies_changeable_settings_and_compares_paths_by_target(tmp_pat
 
 
 def test_resume_refuses_other_differences_and_other_stages():
-    from lit_p3o.cli import ConfigError, check_resume
+    from lit_p3o.checkpoints import check_resume
+    from lit_p3o.errors import ConfigError
 
     checkpoint = saved_checkpoint(kl=None, rollout={"num_prompts": 4})
     config = {"model": {"class_path": "lit_p3o.P3OModule", "init_args": {"kl": {"beta": 0.1}, "rollout": {"num_prompts": 4}}}}
@@ -162,7 +163,8 @@ def test_resume_refuses_other_differences_and_other_stages():
 def test_checkpoint_that_is_no_lightning_checkpoint(tmp_path):
     import torch
 
-    from lit_p3o.cli import ConfigError, read_checkpoint
+    from lit_p3o.checkpoints import read_checkpoint
+    from lit_p3o.errors import ConfigError
 
     torch.save({"weight": torch.zeros(2)}, tmp_path / "weights.pt")
     with pytest.raises(ConfigError, match=r"weights.pt: a torch file but not a Lightning checkpoint"):
@@ -175,7 +177,8 @@ def test_checkpoint_that_is_no_lightning_checkpoint(tmp_path):
 
 
 def test_resumed_export_goes_only_where_its_own_run_exported(tmp_path):
-    from lit_p3o.cli import RUN_MARKER, ConfigError, check_export_dir
+    from lit_p3o.checkpoints import RUN_MARKER, check_export_dir
+    from lit_p3o.errors import ConfigError
 
     check_export_dir(str(tmp_path / "new"), "run1")  # missing: fine
     (tmp_path / "empty").mkdir()

@@ -27,7 +27,10 @@ from lit_p3o import (
     SamplingSpec,
 )
 from lit_p3o.cli import main
-from lit_p3o.commands import _label_and_path, plot_frontier, report, win_rate, win_rate_matrix
+from lit_p3o.commands._common import _label_and_path
+from lit_p3o.commands.frontier import plot_frontier
+from lit_p3o.commands.report import report
+from lit_p3o.commands.winrate import win_rate, win_rate_matrix
 from lit_p3o.errors import UserError
 from lit_p3o.evaluation import (
     FRONTIER_COLUMNS,

@@ -25,9 +25,10 @@ from lit_p3o import (
     SFTDataModule,
     SFTModule,
 )
-from lit_p3o.cli import ConfigError, main
-from lit_p3o.commands import export_checkpoint, stage_class
+from lit_p3o.cli import main
+from lit_p3o.commands.export import export_checkpoint, stage_class
 from lit_p3o.data.encoding import Encoded, collate
+from lit_p3o.errors import ConfigError
 from lit_p3o.models import save_pretrained
 from lit_p3o.scoring import reward_scores
 
