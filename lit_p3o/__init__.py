@@ -19,7 +19,7 @@ from lit_p3o.models import (
 )
 from lit_p3o.optim import OptimizerSpec
 from lit_p3o.rollout import KLSpec, RolloutCallback, RolloutSpec
-from lit_p3o.scoring import GoldScorer, RewardScorer
+from lit_p3o.scoring import GoldScorer, RewardScorer, RewardSpec
 from lit_p3o.stages.dpo import OnlineDPOModule
 from lit_p3o.stages.p3o import P3OModule
 from lit_p3o.stages.ppo import PPOModule
@@ -30,7 +30,8 @@ from lit_p3o.stages.sft import SFTModule
 # Checkpoints hold these config/buffer classes (hyperparameters, replay buffer); allow them
 # so that `trainer.fit(ckpt_path=...)` works with torch.load(weights_only=True).
 torch.serialization.add_safe_globals(
-    [Group, EvaluationSpec, GuardSpec, KLSpec, LoraSpec, ModelSpec, OptimizerSpec, QuantizationSpec, RolloutSpec, SamplingSpec, EmbeddedPreferenceSpec]
+    [Group, EvaluationSpec, GuardSpec, KLSpec, LoraSpec, ModelSpec, OptimizerSpec, QuantizationSpec, RewardSpec, RolloutSpec, SamplingSpec,
+     EmbeddedPreferenceSpec]
 )
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "ReplayBuffer",
     "RewardModule",
     "RewardScorer",
+    "RewardSpec",
     "RolloutBatch",
     "RolloutCallback",
     "RolloutSpec",

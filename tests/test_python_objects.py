@@ -135,3 +135,29 @@ def test_a_python_function_as_the_reward(tmp_path):
     scores = torch.cat([g.scores for g in stage.buffer.groups])
     assert len(call["completions"]) == 8
     assert scores.tolist() == [float(len(c.split())) for c in call["completions"]]
+
+
+def test_a_weighted_reward_built_from_python_resumes_and_exports(tmp_path):
+    """RewardSpec objects land in the hyperparameters; a checkpoint holding them must load with
+    torch's safe loader (resume through Lightning, and `lit-p3o export`)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lit_p3o.commands import export_checkpoint
+    from lit_p3o.scoring import RewardSpec
+
+    def stage() -> P3OModule:
+        torch.manual_seed(0)
+        reward = [RewardSpec("embedded:reviews", 1.0), RewardSpec(f"{__name__}:completion_length", 0.1)]
+        return p3o(reward, "embedded:reviews", prompt_pool=16)
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              callbacks=[ckpt], default_root_dir=tmp_path).fit(stage())  # fmt: skip
+    last = tmp_path / "ckpt" / "last.ckpt"
+    torch.load(last, weights_only=True)  # no UnpicklingError: every class in it is allowed
+    resumed = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    resumed.fit(stage(), ckpt_path=str(last))
+    assert resumed.global_step > 0 and resumed.current_epoch == 2
+    out = export_checkpoint(last, tmp_path / "export")
+    assert (out / "config.json").is_file()
