@@ -31,7 +31,7 @@ from lit_p3o.data.prompts import load_prompts
 from lit_p3o.generation import SamplingSpec, decode, eval_mode, response_logprobs, sample_responses, seeded
 from lit_p3o.models import FrozenReference, is_sharded
 from lit_p3o.monitoring import log_point, phase, shows_progress
-from lit_p3o.rollout import Scorer
+from lit_p3o.scoring import Scorer
 from lit_p3o.tasks import Task, resolve_embedded
 
 FRONTIER_COLUMNS = ("step", "kl", "score", "gold", "response_length", "eos_rate")

@@ -49,6 +49,7 @@ from lit_p3o.data.prompts import load_prompts
 from lit_p3o.generation import SamplingSpec, decode, response_logprobs, sample_responses, seeded
 from lit_p3o.losses import adaptive_kl_beta, sequence_kl_rewards
 from lit_p3o.monitoring import log_samples, phase, shows_progress
+from lit_p3o.scoring import Scorer
 
 if TYPE_CHECKING:
     from lit_p3o.models import FrozenReference
@@ -179,15 +180,6 @@ class PromptSampler:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._shuffled()
-
-
-class Scorer(Protocol):
-    """Anything that scores tokenized (prompt, response) pairs (:mod:`lit_p3o.scoring`): a
-    reward model, a gold reward, a Python reward function or a weighted mix. ``prompts`` are
-    the prompt texts, one per example, carrying their rows' other columns when loaded from a
-    dataset (:class:`lit_p3o.data.prompts.Prompt`)."""
-
-    def score_examples(self, examples: list[Encoded], ended: list[bool], prompts: list[str] | None = None) -> Tensor: ...
 
 
 class RolloutStage(Protocol):

@@ -1,6 +1,6 @@
 """Scoring (prompt, response) pairs: reward models, embedded gold rewards, Python reward
 functions and weighted mixes of them, behind one ``score_examples`` method
-(:class:`lit_p3o.rollout.Scorer`); :func:`build_scorer` turns configuration into one.
+(:class:`Scorer`); :func:`build_scorer` turns configuration into one.
 
 A reward model here is an ``AutoModelForSequenceClassification`` with one label (optionally
 LoRA-wrapped). Its scalar head is read where transformers reads it (see :func:`pooling_positions`),
@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +71,15 @@ def reward_scores(model: nn.Module, batch: Batch) -> Tensor:
     last = pooling_positions(batch.input_ids, batch.attention_mask, hf.config.get_text_config().pad_token_id)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     return hf.score(pooled).squeeze(-1).float()
+
+
+class Scorer(Protocol):
+    """Anything that scores tokenized (prompt, response) pairs (this module's classes): a
+    reward model, a gold reward, a Python reward function or a weighted mix. ``prompts`` are
+    the prompt texts, one per example, carrying their rows' other columns when loaded from a
+    dataset (:class:`lit_p3o.data.prompts.Prompt`)."""
+
+    def score_examples(self, examples: list[Encoded], ended: list[bool], prompts: list[str] | None = None) -> Tensor: ...
 
 
 class RewardScorer:
