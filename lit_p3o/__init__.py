@@ -33,6 +33,10 @@ torch.serialization.add_safe_globals(
     [Group, EvaluationSpec, GuardSpec, KLSpec, LoraSpec, ModelSpec, OptimizerSpec, QuantizationSpec, RewardSpec, RolloutSpec, SamplingSpec,
      EmbeddedPreferenceSpec]
 )
+# Checkpoints written before lit_p3o.models became a package name the specs by their old path.
+torch.serialization.add_safe_globals(
+    [(spec, f"lit_p3o.models.{spec.__name__}") for spec in (LoraSpec, ModelSpec, QuantizationSpec)]
+)
 
 __all__ = [
     "CompletionReport",

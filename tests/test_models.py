@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lit_p3o import models
+from lit_p3o.models import factory
 from lit_p3o.models import (
     FrozenReference,
     LoraSpec,
@@ -383,7 +383,7 @@ def test_unreachable_hub_name_names_the_field(micro_tokenizer, monkeypatch):
 def test_quantization_without_bitsandbytes(micro_model_dir, micro_tokenizer, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        models.importlib.util, "find_spec", lambda name, *a, **k: None if name == "bitsandbytes" else real(name, *a, **k)
+        factory.importlib.util, "find_spec", lambda name, *a, **k: None if name == "bitsandbytes" else real(name, *a, **k)
     )
     spec = ModelSpec(name_or_path=str(micro_model_dir), lora=LoraSpec(), quantization=QuantizationSpec())
     with pytest.raises(ImportError, match="quantization"):
@@ -394,3 +394,14 @@ def test_adapter_dir_without_base_is_an_error(tmp_path, micro_tokenizer):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(ValueError, match="base_model_name_or_path"):
         build_causal_lm(ModelSpec(name_or_path=str(tmp_path)), micro_tokenizer)
+
+
+def test_checkpoints_naming_specs_by_their_path_before_the_package_split_load(tmp_path, monkeypatch):
+    """Checkpoints written when the specs lived in ``lit_p3o/models.py`` pickle them as
+    ``lit_p3o.models.ModelSpec``; they still load with ``weights_only=True``."""
+    spec = ModelSpec(name_or_path="m", lora=LoraSpec(r=4), quantization=QuantizationSpec(bits=8))
+    for cls in (LoraSpec, ModelSpec, QuantizationSpec):
+        monkeypatch.setattr(cls, "__module__", "lit_p3o.models")
+    torch.save({"policy": spec}, tmp_path / "old.ckpt")
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "old.ckpt", weights_only=True)["policy"] == spec

@@ -13,20 +13,15 @@ without LoRA it is a frozen deep copy, which doubles the weight memory of the po
 from __future__ import annotations
 
 import copy
-import errno
 import importlib.util
 import json
 import logging
-import os
-import re
-from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator, Literal, Union
+from typing import Any, Iterator, Literal
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -37,86 +32,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lit_p3o.runs import replaced_directory
+from lit_p3o.models.specs import LoraSpec, ModelSource, ModelSpec, QuantizationSpec
 from lit_p3o.tasks import resolve_embedded
 
 log = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class LoraSpec:
-    """The fields of ``peft.LoraConfig`` that users tune.
-
-    ``target_modules=None`` lets peft pick its default projections for the architecture.
-    """
-
-    r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    target_modules: list[str] | str | None = None
-    bias: Literal["none", "all", "lora_only"] = "none"
-    modules_to_save: list[str] | None = None
-
-
-@dataclass
-class QuantizationSpec:
-    """The fields of ``transformers.BitsAndBytesConfig`` that users tune.
-
-    Quantized weights cannot be trained, so quantization requires ``lora``.
-    """
-
-    bits: Literal[4, 8] = 4
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = False
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-
-
-@dataclass
-class ModelSpec:
-    """Which network to build and how.
-
-    Give either ``name_or_path`` (a hub id or a local directory written by
-    ``save_pretrained``, including a directory of LoRA adapters) or ``architecture``
-    (keyword arguments of ``AutoConfig.for_model``, e.g. ``{"model_type": "llama",
-    "hidden_size": 128, ...}``) to build a fresh, randomly initialised model.
-    ``tokenizer`` defaults to ``name_or_path``; ``"embedded:reviews"`` builds the embedded
-    task's tokenizer locally.
-    """
-
-    name_or_path: str | None = None
-    architecture: dict[str, Any] | None = None
-    tokenizer: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    revision: str | None = None
-    trust_remote_code: bool = False
-    lora: LoraSpec | None = None
-    quantization: QuantizationSpec | None = None
-    gradient_checkpointing: bool = False
-    extra_kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if (self.name_or_path is None) == (self.architecture is None):
-            raise ValueError("ModelSpec: give exactly one of `name_or_path` or `architecture`")
-        if self.architecture is not None and "model_type" not in self.architecture:
-            raise ValueError("ModelSpec.architecture: needs a `model_type` key (e.g. 'llama')")
-        if self.quantization is not None and self.lora is None:
-            raise ValueError(
-                "ModelSpec.quantization: quantized weights cannot be trained; add a `lora` section"
-            )
-        if self.quantization is not None and self.architecture is not None:
-            raise ValueError(
-                "ModelSpec.quantization: bitsandbytes quantizes weights while loading; save the "
-                "model first and point `name_or_path` at it"
-            )
-
-
-ModelSource = Union[ModelSpec, PreTrainedModel, nn.Module]
-"""What a stage's model argument accepts: a :class:`ModelSpec` (YAML/CLI), or from Python a
-ready ``transformers.PreTrainedModel`` or ``peft.PeftModel``, used as it is (its tokenizer is
-then the stage's ``tokenizer`` argument)."""
 
 
 def as_spec(spec: ModelSource | dict[str, Any]) -> ModelSpec | nn.Module:
@@ -247,87 +169,6 @@ class FrozenReference(nn.Module):
         policy = self._policy[0]
         with policy.disable_adapter():
             yield policy
-
-
-def save_pretrained(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    directory: str | Path,
-    merge: bool = False,
-    extra_files: Mapping[str, str] | None = None,
-) -> Path:
-    """Write model (or its adapters) and tokenizer so plain transformers/peft load them from
-    any working directory.
-
-    LoRA adapters are saved alone when their base model can be loaded again (a hub id or a
-    directory), with ``base_model_name_or_path`` made absolute when it is a local path; with
-    ``merge``, or when the base was built from ``architecture`` (it exists only in memory),
-    the adapters are merged into a copy that is saved whole.
-
-    A causal LM's tokenizer is saved padding on the left, as batched ``generate()`` needs (with
-    right padding HF warns and continues after the pad tokens). A reward model's keeps its
-    side: HF's sequence-classification heads read the last token that is not
-    ``pad_token_id``, on either side (so when pad = EOS a final EOS is not the token read;
-    :class:`lit_p3o.RewardScorer` reads the last attended token instead).
-
-    ``extra_files`` (name → text) are written beside them. The directory is written beside
-    ``directory`` and then renamed into its place (:func:`lit_p3o.runs.replaced_directory`):
-    a failure (a full disk) leaves the previous export whole, and files of an earlier export
-    that this one does not write (full weights under new adapters) do not linger. A non-empty
-    ``directory`` that holds no saved model is refused rather than replaced.
-    """
-    directory = Path(directory)
-    _check_replaceable(directory)
-    if has_adapters(model) and (merge or not all(c.base_model_name_or_path for c in model.peft_config.values())):
-        log.info("saving the model with its adapters merged to %s", directory)
-        model = copy.deepcopy(model).merge_and_unload()
-    if _is_causal_lm(model) and tokenizer.padding_side != "left":
-        tokenizer = copy.deepcopy(tokenizer)
-        tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # init_kwargs is what is saved
-    with replaced_directory(directory) as staging:
-        try:
-            model.save_pretrained(staging)
-        except SafetensorError as err:  # safetensors reports a full disk as its own error type
-            code = re.search(r"\(os error (\d+)\)", str(err))
-            if code is None:
-                raise
-            raise OSError(int(code[1]), os.strerror(int(code[1])), str(staging)) from err
-        if has_adapters(model):
-            _absolute_adapter_bases(staging)
-        tokenizer.save_pretrained(staging)
-        for name, text in (extra_files or {}).items():
-            (staging / name).write_text(text, encoding="utf-8")
-    return directory
-
-
-def _check_replaceable(directory: Path) -> None:
-    """Refuse to replace a file, or a directory of files that are no saved model."""
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(errno.EEXIST, f"{directory} is a file, not a directory to save a model in")
-    if directory.is_dir() and any(directory.iterdir()) and not any(
-        (directory / name).is_file() for name in ("config.json", "adapter_config.json")
-    ):
-        raise FileExistsError(
-            errno.ENOTEMPTY,
-            f"{directory} holds files but no saved model (no config.json or adapter_config.json); an export "
-            "replaces its directory whole, so it is not written there",
-        )
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return bool(getattr(base, "can_generate", lambda: False)())
-
-
-def _absolute_adapter_bases(directory: Path) -> None:
-    """Make ``base_model_name_or_path`` of every saved adapter config absolute when it names a
-    local directory (peft records it as given, often relative to the training's cwd)."""
-    for config_path in directory.rglob("adapter_config.json"):
-        config = json.loads(config_path.read_text())
-        base = config.get("base_model_name_or_path")
-        if base and Path(base).expanduser().is_dir() and not Path(base).is_absolute():
-            config["base_model_name_or_path"] = str(Path(base).expanduser().resolve())
-            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------- internals
@@ -555,83 +396,3 @@ def _from_pretrained(auto_class: Any, source: str, field_name: str, **kwargs: An
             f"ModelSpec.{field_name}: {source!r} is neither a local model directory nor a "
             f"reachable hub model ({err})"
         ) from err
-
-
-# --------------------------------------------------------------------------- sharding (FSDP2)
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """True when FSDP (2 or 1) manages some part of ``model``: its forwards are collectives,
-    so every rank must make each of them."""
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
-
-
-def shard_model(model: nn.Module, mesh: Any, mp_policy: Any | None = None) -> None:
-    """Apply FSDP2 ``fully_shard`` over the data-parallel ``mesh``, in place.
-
-    A transformers model (also under a peft wrapper, whose LoRA weights live inside it) gets
-    one unit per decoder layer (the classes it lists in ``_no_split_modules``), one for a
-    sequence-classification model's backbone and one for its head (``reward_scores`` calls
-    them separately), and the root for the rest (embeddings, final norm, a tied or untied LM
-    head). Any other module is sharded child by child; a module with weights of its own (a
-    value head) becomes one unit. Frozen modules are sharded the same way: they need no
-    gradients, only the memory saving.
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if isinstance(hf, PreTrainedModel):
-        layer_classes = set(getattr(hf, "_no_split_modules", None) or ())
-        layers = [m for m in hf.modules() if type(m).__name__ in layer_classes]
-        if not layers:
-            raise ValueError(
-                f"shard_model: {type(hf).__name__} names no decoder-layer class in `_no_split_modules`; "
-                "cannot shard it layer by layer"
-            )
-        for layer in layers:
-            fully_shard(layer, **kwargs)
-        if getattr(hf.config, "num_labels", None) == 1 and hasattr(hf, "score"):
-            fully_shard(getattr(hf, hf.base_model_prefix), **kwargs)
-            fully_shard(hf.score, **kwargs)
-        fully_shard(hf, **kwargs)
-        return
-    for child in model.children():
-        if any(True for _ in child.parameters()):
-            shard_model(child, mesh, mp_policy)
-    if any(True for _ in model.parameters(recurse=False)):
-        fully_shard(model, **kwargs)
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """``model``'s state dict with every weight whole, on CPU.
-
-    Under FSDP every rank must call this (the shards are gathered with collectives); rank 0
-    gets the state dict, the other ranks None. An unsharded model just returns its own.
-    """
-    if not is_sharded(model):
-        return model.state_dict()
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return state if dist.get_rank() == 0 else None
-
-
-def full_weights(model: nn.Module, rebuild: Any) -> nn.Module | None:
-    """The model with all its weights in memory, for ``save_pretrained``.
-
-    An unsharded model is returned as it is. Under FSDP every rank must call this; rank 0 gets
-    ``rebuild()`` (a fresh, unsharded model of the same spec) loaded with the gathered weights,
-    strictly, so no weight is missing from the export; the other ranks get None.
-    """
-    if not is_sharded(model):
-        return model
-    state = full_state_dict(model)
-    if state is None:
-        return None
-    full = rebuild()
-    full.load_state_dict(state, strict=True)
-    return full
