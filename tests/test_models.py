@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import pytest
 import torch
@@ -405,3 +406,30 @@ def test_checkpoints_naming_specs_by_their_path_before_the_package_split_load(tm
     torch.save({"policy": spec}, tmp_path / "old.ckpt")
     monkeypatch.undo()
     assert torch.load(tmp_path / "old.ckpt", weights_only=True)["policy"] == spec
+
+
+def test_the_reward_stage_hides_the_load_report_of_the_head_it_trains(micro_model_dir, caplog):
+    from lit_p3o.stages.reward import RewardModule
+
+    RewardModule(ModelSpec(name_or_path=str(micro_model_dir)))
+    assert "LOAD REPORT" not in caplog.text
+
+
+def test_a_reward_model_loaded_to_score_still_reports_its_missing_head(micro_model_dir, micro_tokenizer, caplog):
+    build_reward_model(ModelSpec(name_or_path=str(micro_model_dir)), micro_tokenizer)
+    output = caplog.text
+    assert "LOAD REPORT" in output and "score.weight" in output
+
+
+def test_the_load_report_stays_when_more_than_the_new_head_is_missing(micro_model_dir, micro_tokenizer, caplog, tmp_path):
+    """A backbone weight missing from the checkpoint is a real problem, even for the reward stage."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(micro_model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    build_reward_model(ModelSpec(name_or_path=str(broken)), micro_tokenizer, new_head_expected=True)
+    output = caplog.text
+    assert "LOAD REPORT" in output and "model.norm.weight" in output

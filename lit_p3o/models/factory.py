@@ -16,6 +16,7 @@ import copy
 import importlib.util
 import json
 import logging
+import re
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -110,17 +111,24 @@ def build_causal_lm(spec: ModelSpec | nn.Module, tokenizer: PreTrainedTokenizerB
     return _finish(spec, model, task_type="CAUSAL_LM")
 
 
-def build_reward_model(spec: ModelSpec | nn.Module, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def build_reward_model(
+    spec: ModelSpec | nn.Module, tokenizer: PreTrainedTokenizerBase, new_head_expected: bool = False
+) -> PreTrainedModel:
     """A scalar-head model (``AutoModelForSequenceClassification`` with one label).
 
     Initialising from a causal LM (e.g. the SFT policy) keeps its backbone and adds a new
     head, which is how reward models are usually started. The config's ``pad_token_id`` is
     left as loaded: it decides where the score is read (:func:`lit_p3o.scoring.pooling_positions`),
     as in transformers.
+
+    ``new_head_expected`` (the reward stage, which trains the head): transformers' load report
+    is not shown when all it says is that the score head is new and the LM head unused. A
+    model loaded to score keeps the report, as a missing head there means untrained scores.
     """
     if isinstance(spec, nn.Module):
         return _ready(spec, tokenizer)
-    model = _load_or_build(spec, tokenizer, AutoModelForSequenceClassification, num_labels=1)
+    with _new_head_report_hidden(new_head_expected):
+        model = _load_or_build(spec, tokenizer, AutoModelForSequenceClassification, num_labels=1)
     return _finish(spec, model, task_type="SEQ_CLS")
 
 
@@ -172,6 +180,40 @@ class FrozenReference(nn.Module):
 
 
 # --------------------------------------------------------------------------- internals
+
+
+_ANSI_STYLE = re.compile(r"\x1b\[[0-9;]*m")
+_LOAD_REPORT_LOGGER = "transformers.modeling_utils"  # where from_pretrained logs its load report
+
+
+class _NewHeadReport(logging.Filter):
+    """Drops transformers' load report when its only rows are a missing ``score.*`` head and an
+    unexpected ``lm_head.*`` (a causal LM loaded as a sequence classifier); any other row keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = _ANSI_STYLE.sub("", record.getMessage())
+        if "LOAD REPORT" not in message:
+            return True
+        rows = re.findall(r"^(\S+)\s*\|\s*([A-Z]+)\s*\|", message, flags=re.MULTILINE)
+        expected = [
+            (status == "MISSING" and key.startswith("score.")) or (status == "UNEXPECTED" and key.startswith("lm_head."))
+            for key, status in rows
+        ]
+        return not (rows and all(expected))
+
+
+@contextmanager
+def _new_head_report_hidden(active: bool) -> Iterator[None]:
+    if not active:
+        yield
+        return
+    report_filter = _NewHeadReport()
+    logger = logging.getLogger(_LOAD_REPORT_LOGGER)
+    logger.addFilter(report_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(report_filter)
 
 
 def _load_or_build(

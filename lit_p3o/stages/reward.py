@@ -58,7 +58,7 @@ class RewardModule(ShardableModule):
         self.save_dir = save_dir
         self.guard_spec = guards or GuardSpec()
         self.tokenizer = load_tokenizer(self.model_spec, tokenizer, "RewardModule.model")
-        self.reward_model = build_reward_model(self.model_spec, self.tokenizer)
+        self.reward_model = build_reward_model(self.model_spec, self.tokenizer, new_head_expected=True)
         self.metrics = torch.nn.ModuleDict(
             {
                 f"{split}_{name}": MeanMetric()
@@ -100,7 +100,7 @@ class RewardModule(ShardableModule):
     def on_train_end(self) -> None:
         path = None
         if self.save_dir is not None:
-            rebuild = lambda: build_reward_model(self.model_spec, self.tokenizer)  # noqa: E731
+            rebuild = lambda: build_reward_model(self.model_spec, self.tokenizer, new_head_expected=True)  # noqa: E731
             path = self.export_pretrained(self.reward_model, rebuild, self.tokenizer, self.save_dir)
         if not self.trainer.is_global_zero:
             return
