@@ -326,6 +326,7 @@ def main(args: list[str] | None = None) -> None:
         import lit_p3o  # noqa: F401  (registers the classes' import paths for short names)
 
         _show_our_logs()
+        _hide_lightning_tips()
         LitP3OCLI(args=args)
     except Exception as err:  # the user's mistake, named in one line (errors.py); a bug keeps its traceback
         located = user_error(err)
@@ -384,6 +385,21 @@ def _show_our_logs() -> None:
         handler.setFormatter(logging.Formatter("[lit-p3o] %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+
+
+
+def _hide_lightning_tips() -> None:
+    """Lightning prints "💡 Tip: ... try installing litlogger/litmodels" on every run: offers of
+    its cloud services that say nothing about the run. It has no switch for them
+    (Lightning-AI/pytorch-lightning#21294), so drop them where Lightning's rank-zero messages
+    are logged; its other messages stay."""
+    from lightning_utilities.core import rank_zero
+
+    rank_zero.log.addFilter(_not_a_lightning_tip)  # adding the same function twice keeps one
+
+
+def _not_a_lightning_tip(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("💡 Tip:")
 
 
 # --------------------------------------------------------------------------- up-front checks

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_p3o.cli import LitP3OCLI
+from lit_p3o.cli import LitP3OCLI, main
 from micro import MICRO_ARCH
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +109,23 @@ def test_bad_config_value_is_rejected(tmp_path, capsys):
         LitP3OCLI(args=["fit", "--config", str(write_config(tmp_path, config))])
     assert exit_info.value.code not in (0, None)
     assert "schedule" in capsys.readouterr().err
+
+
+def test_a_cli_run_prints_no_lightning_tips(tmp_path, caplog):
+    """Lightning's "💡 Tip" lines (litlogger, litmodels) are hidden; its other messages stay."""
+    from lightning_utilities.core import rank_zero
+
+    config = micro_config(tmp_path)
+    config["trainer"].update(max_steps=1, limit_val_batches=0, enable_checkpointing=True)  # the litmodels tip too
+    path = write_config(tmp_path, config)
+    rank_zero.log.addHandler(caplog.handler)  # sees what passes the logger's filters, propagated or not
+    try:
+        main(["fit", "--config", str(path)])
+    finally:
+        rank_zero.log.removeHandler(caplog.handler)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(message.startswith("GPU available") for message in messages)
+    assert not [message for message in messages if "Tip" in message]
 
 
 @pytest.mark.slow
