@@ -36,14 +36,8 @@ from transformers import AutoConfig
 
 from lit_p3o import ModelSpec, OptimizerSpec, RewardModule
 from lit_p3o.data.encoding import Batch, Encoded, collate
-from lit_p3o.data.preferences import (
-    EmbeddedPreferenceSpec,
-    Pair,
-    _sigmoid,
-    collate_groups,
-    draw_label,
-    sample_labelled_groups,
-)
+from lit_p3o.data.preferences import Pair, collate_groups
+from lit_p3o.tasks.pairs import EmbeddedPreferenceSpec, _sigmoid, draw_label, sample_labelled_groups
 from lit_p3o.generation import response_logprobs
 from lit_p3o.models import build_causal_lm, build_reward_model, load_tokenizer
 from lit_p3o.scoring import reward_scores
