@@ -192,7 +192,7 @@ class PreferenceDataModule(L.LightningDataModule):
             batch_size=max(1, self.hparams.batch_size // per_group),
             shuffle=shuffle,
             num_workers=self.hparams.num_workers,
-            collate_fn=partial(collate_groups, pad_token_id=self.tokenizer.pad_token_id),
+            collate_fn=partial(collate_pair_groups, pad_token_id=self.tokenizer.pad_token_id),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -204,8 +204,9 @@ class PreferenceDataModule(L.LightningDataModule):
         return self._loader([[pair] for pair in self.val_pairs], shuffle=False)
 
 
-def collate_groups(groups: list[list[Pair]], pad_token_id: int) -> PairBatch:
-    """:func:`collate_pairs` over the pairs of some groups."""
+def collate_pair_groups(groups: list[list[Pair]], pad_token_id: int) -> PairBatch:
+    """:func:`collate_pairs` over the pairs of some prompts' groups of comparisons (not
+    :func:`lit_p3o.buffer.collate_groups`, which batches rollout groups)."""
     return collate_pairs([pair for group in groups for pair in group], pad_token_id)
 
 
