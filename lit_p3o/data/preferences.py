@@ -10,12 +10,9 @@ as :attr:`PreferenceDataModule.label_accuracy_ceiling`.
 
 from __future__ import annotations
 
-import logging
-import random
 from functools import partial
 from typing import Any
 
-import lightning as L
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -23,7 +20,6 @@ from lit_p3o.data.encoding import (
     Encoded,
     Pair,
     PairBatch,
-    TruncationStats,
     collate_pairs,
     encode_prompt,
     encode_response,
@@ -32,7 +28,7 @@ from lit_p3o.data.encoding import (
 from lit_p3o.data.formats import Parsed, PreferenceRecord, parse_preferences
 from lit_p3o.data.sources import DataSource, load_rows
 from lit_p3o.data.issues import RowIssues
-from lit_p3o.models import python_objects
+from lit_p3o.data.module import SourceDataModule
 from lit_p3o.monitoring import shows_progress
 from lit_p3o.tasks import Task, resolve_embedded
 from lit_p3o.tasks.pairs import EmbeddedPreferenceSpec, draw_label, sample_labelled_groups, sample_labelled_pairs
@@ -48,9 +44,8 @@ __all__ = [  # the pair types and the embedded synthesis keep their old import p
     "sample_labelled_pairs",
 ]
 
-log = logging.getLogger(__name__)
 
-class PreferenceDataModule(L.LightningDataModule):
+class PreferenceDataModule(SourceDataModule):
     """(prompt, chosen, rejected) pairs, tokenized with the reward model's tokenizer.
 
     ``train``/``val`` accept ``"embedded:<task>"``, ``.jsonl``/``.json`` files, directories
@@ -63,6 +58,8 @@ class PreferenceDataModule(L.LightningDataModule):
     ``embedded.responses_per_prompt`` K > 2 it must be a multiple of K(K−1)/2, as a batch holds
     whole prompts' groups of pairs.
     """
+
+    label, unit = "preference data", "pairs"
 
     def __init__(
         self,
@@ -81,22 +78,14 @@ class PreferenceDataModule(L.LightningDataModule):
         chat_template_kwargs: dict[str, Any] | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
-        super().__init__()
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"PreferenceDataModule.val_fraction: must be in [0, 1), got {val_fraction}")
+        super().__init__(train, val, val_fraction, max_length, tokenizer)
         if batch_size < 1:
             raise ValueError(f"PreferenceDataModule.batch_size: must be >= 1 pair, got {batch_size}")
-        if max_length < 2:  # one prompt token and the response's EOS at least
-            raise ValueError(f"PreferenceDataModule.max_length: must be >= 2 tokens, got {max_length}")
         if num_workers < 0:
             raise ValueError(f"PreferenceDataModule.num_workers: must be >= 0, got {num_workers}")
-        self.save_hyperparameters(ignore=["tokenizer", *python_objects(train=train, val=val)])
-        self.train_source, self.val_source = train, val
         self.embedded = embedded or EmbeddedPreferenceSpec()
-        self.tokenizer = tokenizer
         self.train_groups: list[list[Pair]] = []  # pairs that share responses are batched together
         self.val_pairs: list[Pair] = []
-        self.truncation = TruncationStats()
         self.label_accuracy_ceiling: float | None = None
 
     @property
@@ -107,26 +96,14 @@ class PreferenceDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_groups:
             return
-        if self.tokenizer is None:
-            self.tokenizer = self.trainer.lightning_module.tokenizer
-        hp = self.hparams
+        self._take_trainer_tokenizer()
         task = resolve_embedded(self.train_source)
         if task is not None:
             self._setup_embedded(task)
             return
-        # encoded in source order, before any split, so that a bad row is named by its row number
-        train = self._encode(*self._read(self.train_source, hp.train_split))
-        if self.val_source is not None:
-            val = self._encode(*self._read(self.val_source, hp.val_split))
-        else:
-            shuffled = random.Random(hp.seed).sample(train, len(train))
-            n_val = int(round(len(train) * hp.val_fraction))
-            train, val = shuffled[n_val:], shuffled[:n_val]
-        self.train_groups, self.val_pairs = [[pair] for pair in train], val
-        if self.truncation.truncated_prompts:
-            log.warning("preference data: %s", self.truncation.describe())
-        if not self.val_pairs:
-            log.info("preference data: no validation pairs; validation is skipped")
+        train, self.val_pairs = self._train_and_val(lambda source, split: self._encode(*self._read(source, split)))
+        self.train_groups = [[pair] for pair in train]
+        self._report(len(self.val_pairs))
 
     def _read(self, source: DataSource, split: str) -> tuple[Parsed[PreferenceRecord], str]:
         rows, origin = load_rows(source, split)
@@ -184,16 +161,9 @@ class PreferenceDataModule(L.LightningDataModule):
     def _loader(self, groups: list[list[Pair]], shuffle: bool) -> DataLoader:
         """Batches of whole groups, ``batch_size`` pairs in all (fewer where a group lost a
         duplicate response)."""
-        if not groups:
-            raise ValueError("PreferenceDataModule: no pairs left after reading and filtering the data")
-        per_group = max(len(group) for group in groups)
-        return DataLoader(
-            groups,
-            batch_size=max(1, self.hparams.batch_size // per_group),
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            collate_fn=partial(collate_pair_groups, pad_token_id=self.tokenizer.pad_token_id),
-        )
+        per_group = max((len(group) for group in groups), default=1)
+        collate_fn = partial(collate_pair_groups, pad_token_id=self.tokenizer.pad_token_id)
+        return self._dataloader(groups, shuffle, max(1, self.hparams.batch_size // per_group), collate_fn)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_groups, shuffle=True)
@@ -208,5 +178,3 @@ def collate_pair_groups(groups: list[list[Pair]], pad_token_id: int) -> PairBatc
     """:func:`collate_pairs` over the pairs of some prompts' groups of comparisons (not
     :func:`lit_p3o.buffer.collate_groups`, which batches rollout groups)."""
     return collate_pairs([pair for group in groups for pair in group], pad_token_id)
-
-
