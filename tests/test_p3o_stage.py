@@ -332,3 +332,29 @@ def test_on_policy_update_takes_logp_old_from_its_own_forward(tmp_path):
     for key in ("rollout/kl_mean", "rollout/reward_mean", "rollout/beta", "train/loss"):
         torch.testing.assert_close(skipped_trainer.callback_metrics[key], kept_trainer.callback_metrics[key],
                                    rtol=0, atol=1e-5)
+
+
+SHARED = ["rollout", "kl", "optimizer", "save_dir", "seed", "guards", "evaluation", "tokenizer"]
+
+
+@pytest.mark.parametrize("name", ["P3OModule", "PPOModule", "OnlineDPOModule", "RLOOModule"])
+def test_every_rl_stage_shows_the_shared_arguments_to_the_cli_and_takes_them_by_keyword(name):
+    """The stages pass the shared arguments on as ``**shared``: the CLI (jsonargparse) and the
+    export's stage detection still see each with its type and default, and none is positional."""
+    import inspect
+
+    from jsonargparse import ArgumentParser
+
+    import lit_p3o
+    from lit_p3o.commands.export import constructor_parameters
+
+    stage = getattr(lit_p3o, name)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(stage, "model")
+    defaults = parser.get_defaults().model
+    assert {field: defaults[field] for field in SHARED} == {field: (0 if field == "seed" else None) for field in SHARED}
+    assert parser._option_string_actions["--model.seed"]._typehint is int
+    params = constructor_parameters(stage)
+    assert set(SHARED) <= set(params) and all(params[f].kind is inspect.Parameter.KEYWORD_ONLY for f in SHARED)
+    with pytest.raises(TypeError):
+        stage(ModelSpec(architecture=dict(MICRO)), "embedded:reviews", *[None] * 12)

@@ -9,15 +9,17 @@ forward and checkpointing are here.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
@@ -115,6 +117,7 @@ class RLStage(ShardableModule):
         self,
         policy: ModelSource,
         reward_model: RewardSource,
+        *,
         rollout: RolloutSpec | None = None,
         kl: KLSpec | None = None,
         optimizer: OptimizerSpec | None = None,
@@ -123,13 +126,16 @@ class RLStage(ShardableModule):
         guards: GuardSpec | None = None,
         evaluation: EvaluationSpec | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
-        unsaved: Sequence[str] = (),
     ) -> None:
-        """``unsaved``: a subclass's own arguments given as Python objects, left out of the
-        hyperparameters like ``policy`` is (:func:`lit_p3o.models.python_objects`)."""
+        """The arguments every RL stage shares, keyword-only: a stage declares its own and
+        passes these on as ``**shared`` (the CLI follows ``**shared`` to this signature)."""
         super().__init__()
-        ignore = python_objects(policy=policy, reward_model=reward_model, tokenizer=tokenizer)
-        self.save_hyperparameters(ignore=[*ignore, *unsaved, "unsaved"])
+        # the stage's constructor arguments (its own and these) given as Python objects (a ready
+        # model, a reward function) are left out of the hyperparameters; specs are config
+        given: dict[str, Any] = {}
+        for arguments in collect_init_args(inspect.currentframe(), [], classes=(RLStage,)):
+            given.update({name: value for name, value in arguments.items() if not is_dataclass(value)})
+        self.save_hyperparameters(ignore=python_objects(**given))
         self.evaluation_spec = evaluation or EvaluationSpec()
         self.validate_during_fit = evaluation is not None
         self.rollout_spec = rollout or RolloutSpec()
