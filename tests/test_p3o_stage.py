@@ -358,3 +358,43 @@ def test_every_rl_stage_shows_the_shared_arguments_to_the_cli_and_takes_them_by_
     assert set(SHARED) <= set(params) and all(params[f].kind is inspect.Parameter.KEYWORD_ONLY for f in SHARED)
     with pytest.raises(TypeError):
         stage(ModelSpec(architecture=dict(MICRO)), "embedded:reviews", *[None] * 12)
+
+
+def test_importing_lit_p3o_leaves_the_warning_filters_as_they_were():
+    """The library's own imports add no filter (third-party imports it makes are done first)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch, lightning, transformers, datasets, jsonargparse, accelerate.scheduler\n"
+        "before = list(warnings.filters)\n"
+        "import lit_p3o, lit_p3o.stages.base, lit_p3o.cli\n"
+        "added = [f for f in warnings.filters if f not in before]\n"
+        "assert not added, added\n"
+    )
+    root = str(Path(__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_stage_silences_lightnings_inapplicable_warnings_during_its_run_only(tmp_path):
+    """Lightning's IterableDataset-with-__len__ warning is not raised during fit (the filter is
+    on), and the process's filters are as before once the run is over."""
+    import warnings
+
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append(any(f[0] == "ignore" and f[1] and "IterableDataset" in f[1].pattern for f in warnings.filters))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before = list(warnings.filters)
+        trainer(tmp_path, max_epochs=1, callbacks=[Spy()]).fit(make_stage(update_epochs=1))
+        after = list(warnings.filters)
+    assert seen and all(seen)
+    assert after == before
+    assert not [w for w in caught if "IterableDataset` has `__len__`" in str(w.message)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,14 @@ _NOT_CHECKPOINTED = ("reward_model.", "reference.")
 # statistics of the ratio π_θ / π_old: constant on an on-policy minibatch (ρ = 1, nothing clipped)
 _RATIO_STATS = ("ratio_mean", "ratio_max", "approx_kl", "clip_fraction")
 
-# BufferDataset defines __len__ on purpose (progress bar, schedulers) and is only ever read
-# by the main process (num_workers=0), which is the case Lightning's warning is not about.
-warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
-# RL stages return no validation loader during `fit` unless `evaluation` is set (see val_dataloader)
-warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero", category=UserWarning)
+# Lightning warnings that do not apply to an RL stage, silenced from its setup to its teardown
+# only (RLStage.setup): BufferDataset defines __len__ on purpose (progress bar, schedulers) and is
+# only ever read by the main process (num_workers=0), which is the case Lightning's warning is not
+# about; and RL stages return no validation loader during `fit` unless `evaluation` is set.
+_INAPPLICABLE_WARNINGS = (
+    "Your `IterableDataset` has `__len__` defined",
+    "Total length of `list` across ranks is zero",
+)
 
 
 def close_finished_epoch(checkpoint: dict[str, Any]) -> None:
@@ -144,6 +148,7 @@ class RLStage(ShardableModule):
         self.optimizer_spec = optimizer or OptimizerSpec()
         self.save_dir = save_dir
         self.seed = seed
+        self._warning_scope: ExitStack | None = None  # see setup
         self.guard_spec = guards or GuardSpec()
         self.policy_spec = as_spec(policy)
         self.tokenizer = load_tokenizer(self.policy_spec, tokenizer, f"{type(self).__name__}.policy")
@@ -193,6 +198,24 @@ class RLStage(ShardableModule):
                 GradientGuard(self.guard_spec.max_zero_grad_steps),
             ]
         return []
+
+    def setup(self, stage: str) -> None:
+        """Silence :data:`_INAPPLICABLE_WARNINGS` until :meth:`teardown`, for this run only: the
+        process's warning filters are restored then."""
+        super().setup(stage)
+        self._close_warning_scope()  # one left open by a run that did not tear down
+        self._warning_scope = ExitStack()
+        self._warning_scope.enter_context(warnings.catch_warnings())
+        for message in _INAPPLICABLE_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+
+    def teardown(self, stage: str) -> None:
+        self._close_warning_scope()
+
+    def _close_warning_scope(self) -> None:
+        if self._warning_scope is not None:
+            self._warning_scope.close()
+            self._warning_scope = None
 
     def train_dataloader(self) -> DataLoader:
         dataset = BufferDataset(self.buffer, self.tokenizer.pad_token_id, self.rollout_spec.num_prompts)
