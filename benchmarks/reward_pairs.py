@@ -36,14 +36,8 @@ from transformers import AutoConfig
 
 from lit_p3o import ModelSpec, OptimizerSpec, RewardModule
 from lit_p3o.data.encoding import Batch, Encoded, collate
-from lit_p3o.data.preferences import (
-    EmbeddedPreferenceSpec,
-    Pair,
-    _sigmoid,
-    collate_groups,
-    draw_label,
-    sample_labelled_groups,
-)
+from lit_p3o.data.preferences import Pair, collate_pair_groups
+from lit_p3o.tasks.pairs import EmbeddedPreferenceSpec, _sigmoid, draw_label, sample_labelled_groups
 from lit_p3o.generation import response_logprobs
 from lit_p3o.models import build_causal_lm, build_reward_model, load_tokenizer
 from lit_p3o.scoring import reward_scores
@@ -316,7 +310,7 @@ def main() -> None:
                                                   schedule="cosine"))  # fmt: skip
     groups = sft_groups if grouped else [[pair] for pair in train]
     loader = DataLoader(groups, batch_size=args.batch_size // max(map(len, groups)), shuffle=True,
-                        collate_fn=partial(collate_groups, pad_token_id=tokenizer.pad_token_id))
+                        collate_fn=partial(collate_pair_groups, pad_token_id=tokenizer.pad_token_id))
     L.Trainer(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False).fit(module, loader)
     report(evaluate(model_margins(module.reward_model, tokenizer.pad_token_id, val, scores_of), val, kinds), ceiling,

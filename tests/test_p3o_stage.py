@@ -332,3 +332,69 @@ def test_on_policy_update_takes_logp_old_from_its_own_forward(tmp_path):
     for key in ("rollout/kl_mean", "rollout/reward_mean", "rollout/beta", "train/loss"):
         torch.testing.assert_close(skipped_trainer.callback_metrics[key], kept_trainer.callback_metrics[key],
                                    rtol=0, atol=1e-5)
+
+
+SHARED = ["rollout", "kl", "optimizer", "save_dir", "seed", "guards", "evaluation", "tokenizer"]
+
+
+@pytest.mark.parametrize("name", ["P3OModule", "PPOModule", "OnlineDPOModule", "RLOOModule"])
+def test_every_rl_stage_shows_the_shared_arguments_to_the_cli_and_takes_them_by_keyword(name):
+    """The stages pass the shared arguments on as ``**shared``: the CLI (jsonargparse) and the
+    export's stage detection still see each with its type and default, and none is positional."""
+    import inspect
+
+    from jsonargparse import ArgumentParser
+
+    import lit_p3o
+    from lit_p3o.commands.export import constructor_parameters
+
+    stage = getattr(lit_p3o, name)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(stage, "model")
+    defaults = parser.get_defaults().model
+    assert {field: defaults[field] for field in SHARED} == {field: (0 if field == "seed" else None) for field in SHARED}
+    assert parser._option_string_actions["--model.seed"]._typehint is int
+    params = constructor_parameters(stage)
+    assert set(SHARED) <= set(params) and all(params[f].kind is inspect.Parameter.KEYWORD_ONLY for f in SHARED)
+    with pytest.raises(TypeError):
+        stage(ModelSpec(architecture=dict(MICRO)), "embedded:reviews", *[None] * 12)
+
+
+def test_importing_lit_p3o_leaves_the_warning_filters_as_they_were():
+    """The library's own imports add no filter (third-party imports it makes are done first)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch, lightning, transformers, datasets, jsonargparse, accelerate.scheduler\n"
+        "before = list(warnings.filters)\n"
+        "import lit_p3o, lit_p3o.stages.base, lit_p3o.cli\n"
+        "added = [f for f in warnings.filters if f not in before]\n"
+        "assert not added, added\n"
+    )
+    root = str(Path(__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_stage_silences_lightnings_inapplicable_warnings_during_its_run_only(tmp_path):
+    """Lightning's IterableDataset-with-__len__ warning is not raised during fit (the filter is
+    on), and the process's filters are as before once the run is over."""
+    import warnings
+
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append(any(f[0] == "ignore" and f[1] and "IterableDataset" in f[1].pattern for f in warnings.filters))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before = list(warnings.filters)
+        trainer(tmp_path, max_epochs=1, callbacks=[Spy()]).fit(make_stage(update_epochs=1))
+        after = list(warnings.filters)
+    assert seen and all(seen)
+    assert after == before
+    assert not [w for w in caught if "IterableDataset` has `__len__`" in str(w.message)]

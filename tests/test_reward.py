@@ -496,11 +496,11 @@ def test_k_wise_groups_drop_identical_responses(micro_model_dir, monkeypatch):
     """Four samples [x, x, y, z] of one prompt: x once, three pairs (x, y), (x, z), (y, z)."""
     from lit_p3o.generation import Sampled
 
-    def fake_sample(policy, tokenizer, ids, sampling, batch_size=None):
+    def fake_sample(policy, tokenizer, ids, sampling, batch_size=None, progress=None):
         texts = ["it is great .", "it is great .", "it is awful .", "it is okay ."]
         return Sampled([Encoded(p, tokenizer(texts[i % 4])["input_ids"] + [1]) for i, p in enumerate(ids)], [True] * len(ids))
 
-    monkeypatch.setattr("lit_p3o.data.preferences.sample_responses", fake_sample)
+    monkeypatch.setattr("lit_p3o.tasks.pairs.sample_responses", fake_sample)
     spec_ = EmbeddedPreferenceSpec(policy=str(micro_model_dir), label_temperature=1e-4)
     groups, ceiling = sample_labelled_groups(TASK, spec_, "train", 6, seed=0, responses_per_prompt=4)
     assert [len(g) for g in groups] == [3, 3]  # topped up from a second prompt
@@ -548,14 +548,14 @@ def test_labels_and_ceiling_with_controlled_responses(micro_model_dir, tok, monk
     good, bad = "it is great .", "it is awful . it is awful ."
     calls = []
 
-    def fake_sample(policy, tokenizer, ids, sampling, batch_size=None):
+    def fake_sample(policy, tokenizer, ids, sampling, batch_size=None, progress=None):
         size = batch_size or len(ids)  # the chunks sample_responses would generate
         calls.extend(min(size, len(ids) - start) for start in range(0, len(ids), size))
         # pairs alternate (good, bad) and (bad, good): Δgold / T is hugely positive, then negative
         texts = [(good, bad, bad, good)[i % 4] for i in range(len(ids))]
         return Sampled([Encoded(p, tokenizer(t)["input_ids"] + [1]) for p, t in zip(ids, texts)], [True] * len(ids))
 
-    monkeypatch.setattr("lit_p3o.data.preferences.sample_responses", fake_sample)
+    monkeypatch.setattr("lit_p3o.tasks.pairs.sample_responses", fake_sample)
     sharp = EmbeddedPreferenceSpec(policy=str(micro_model_dir), label_temperature=1e-4, generation_batch_size=4)
     pairs, ceiling = sample_labelled_pairs(TASK, sharp, "train", 5, seed=0)
     assert calls == [4, 4, 2]  # 10 responses in batches of generation_batch_size
@@ -575,13 +575,13 @@ def test_sampling_temperatures_alternate_over_pairs(micro_model_dir, monkeypatch
 
     seen = []
 
-    def fake_sample(policy, tokenizer, ids, sampling, batch_size=None):
+    def fake_sample(policy, tokenizer, ids, sampling, batch_size=None, progress=None):
         seen.append((sampling.temperature, len(ids)))
         word = {1.0: "it is great .", 2.0: "it is awful ."}[sampling.temperature]
         out = [Encoded(p, tokenizer(f"{word} " * (1 + k % 2))["input_ids"] + [1]) for k, p in enumerate(ids)]
         return Sampled(out, [True] * len(ids))
 
-    monkeypatch.setattr("lit_p3o.data.preferences.sample_responses", fake_sample)
+    monkeypatch.setattr("lit_p3o.tasks.pairs.sample_responses", fake_sample)
     spec_ = EmbeddedPreferenceSpec(policy=str(micro_model_dir), sampling_temperatures=[1.0, 2.0])
     pairs, _ = sample_labelled_pairs(TASK, spec_, "train", 5, seed=0)
     assert seen == [(1.0, 6), (2.0, 4)]  # pairs 0, 2, 4 at T=1 and pairs 1, 3 at T=2
@@ -595,8 +595,8 @@ def test_identical_samples_are_dropped_and_a_degenerate_policy_fails(micro_model
     from lit_p3o.generation import Sampled
 
     monkeypatch.setattr(
-        "lit_p3o.data.preferences.sample_responses",
-        lambda policy, tokenizer, ids, sampling, batch_size=None: Sampled([Encoded(p, [5, 1]) for p in ids], [True] * len(ids)),
+        "lit_p3o.tasks.pairs.sample_responses",
+        lambda policy, tokenizer, ids, sampling, batch_size=None, progress=None: Sampled([Encoded(p, [5, 1]) for p in ids], [True] * len(ids)),
     )
     spec_ = EmbeddedPreferenceSpec(policy=str(micro_model_dir))
     with pytest.raises(RuntimeError, match="every sampled pair was identical"):
@@ -633,6 +633,18 @@ def test_embedded_datamodule_reports_the_ceiling(micro_model_dir, tok, capsys):
     assert "embedded preferences: 3 train / 2 val pairs, labels at T=0.5" in capsys.readouterr().out
     batch = next(iter(data.val_dataloader()))
     assert batch.input_ids.shape[0] == 4
+
+
+@pytest.mark.parametrize("bar", [True, False])
+def test_embedded_pair_sampling_shows_progress_where_the_trainer_draws_bars(micro_model_dir, tok, capsys, bar):
+    """The reward stage's minutes of pair sampling get a bar like the rollout's, and none when
+    the trainer's progress bar is off."""
+    spec_ = EmbeddedPreferenceSpec(policy=str(micro_model_dir), train_pairs=2, val_pairs=1, max_new_tokens=2)
+    data = PreferenceDataModule(train="embedded:reviews", embedded=spec_, tokenizer=tok, batch_size=2)
+    data.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=bar)
+    data.setup("fit")
+    err = capsys.readouterr().err
+    assert ("reward pairs: train" in err and "reward pairs: val" in err) == bar
 
 
 def test_fit_on_embedded_pairs_prints_the_expected_accuracy(micro_model_dir, tok, capsys):

@@ -18,6 +18,21 @@ from lit_p3o.errors import ConfigError
 from lit_p3o.models import has_adapters, save_pretrained
 from lit_p3o.runs import OutputLock, write_error
 
+def constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """``cls``'s constructor parameters, a ``**kwargs`` passed on to the parent's constructor
+    (the RL stages' ``**shared``) replaced by the parent's, as the CLI reads them."""
+    params: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        own = list(inspect.signature(klass.__init__).parameters.values())[1:]  # without self
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        params.update({p.name: p for p in own if p.kind not in variadic and p.name not in params})
+        if all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in own):
+            break
+    return params
+
+
 def stage_class(hparams: Mapping[str, Any], class_path: str | None = None) -> type:
     """The stage a checkpoint was written by: ``class_path`` when given, else the one that
     LightningCLI recorded (``_class_path``), else the one of the library's stages whose
@@ -39,8 +54,7 @@ def stage_class(hparams: Mapping[str, Any], class_path: str | None = None) -> ty
     fits = []
     for cls in (lit_p3o.SFTModule, lit_p3o.RewardModule, lit_p3o.P3OModule, lit_p3o.PPOModule,
                 lit_p3o.OnlineDPOModule, lit_p3o.RLOOModule):  # fmt: skip
-        params = dict(inspect.signature(cls.__init__).parameters)
-        params.pop("self")
+        params = constructor_parameters(cls)
         required = {n for n, p in params.items() if p.default is inspect.Parameter.empty}
         if required <= keys <= set(params):
             fits.append((len(set(params) - keys), cls))

@@ -15,6 +15,7 @@ bad row.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -156,3 +157,57 @@ def collate(examples: list[Encoded], pad_token_id: int) -> Batch:
         attention_mask[row, start:end] = 1
         response_mask[row, prompt_width:end] = 1
     return Batch(input_ids, attention_mask, position_ids_from_mask(attention_mask), response_mask, prompt_width)
+
+
+class Pair(tuple):
+    """``(chosen, rejected)`` encoded, unpacking as a 2-tuple, plus ``margin``: TRL's per-pair
+    margin that the reward loss subtracts from ``r_w − r_l`` (0: plain Bradley–Terry), and
+    ``preference``: the labeller's probability that ``chosen`` wins, where the labels were drawn
+    from a known model (the embedded task's Bradley–Terry draw; None for real data)."""
+
+    margin: float
+    preference: float | None
+
+    def __new__(cls, chosen: Encoded, rejected: Encoded, margin: float = 0.0, preference: float | None = None) -> Pair:
+        pair = super().__new__(cls, (chosen, rejected))
+        pair.margin, pair.preference = margin, preference
+        return pair
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # pickling (DataLoader workers) keeps both
+        return (*self, self.margin, self.preference)
+
+
+@dataclass
+class PairBatch(Batch):
+    """:class:`Batch` of the distinct rows of some pairs, with ``chosen_rows`` and
+    ``rejected_rows`` ``[N]`` naming each pair's two rows (a response compared several times,
+    as in K-wise comparisons, is scored once), each pair's ``margin`` ``[N]`` and, when every
+    pair knows it, its ``preference`` ``[N]`` (see :class:`Pair`)."""
+
+    chosen_rows: torch.Tensor | None = None
+    rejected_rows: torch.Tensor | None = None
+    margin: torch.Tensor | None = None
+    preference: torch.Tensor | None = None
+
+    def pair_scores(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row ``scores`` ``[rows]`` as (chosen, rejected) ``[N]``."""
+        return scores[self.chosen_rows], scores[self.rejected_rows]
+
+    def to(self, device: torch.device | str) -> PairBatch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        extra = {name: move(getattr(self, name)) for name in ("chosen_rows", "rejected_rows", "margin", "preference")}
+        return PairBatch(**vars(super().to(device)), **extra)
+
+
+def collate_pairs(pairs: list[Pair] | list[tuple[Encoded, Encoded]], pad_token_id: int) -> PairBatch:
+    """One batch for one forward pass: the chosen rows first, then the rejected rows, each
+    distinct (prompt, response) once; plain ``(chosen, rejected)`` tuples have margin 0 and
+    no preference."""
+    keys = [[(tuple(pair[side].prompt_ids), tuple(pair[side].response_ids)) for pair in pairs] for side in (0, 1)]
+    rows = {key: row for row, key in enumerate(dict.fromkeys(keys[0] + keys[1]))}  # first occurrences, in order
+    batch = collate([Encoded(list(prompt), list(response)) for prompt, response in rows], pad_token_id)
+    margin = torch.tensor([float(getattr(p, "margin", 0.0)) for p in pairs])
+    known = [getattr(p, "preference", None) for p in pairs]
+    preference = None if None in known else torch.tensor(known, dtype=torch.float32)
+    chosen_rows, rejected_rows = (torch.tensor([rows[key] for key in side], dtype=torch.long) for side in keys)
+    return PairBatch(**vars(batch), chosen_rows=chosen_rows, rejected_rows=rejected_rows, margin=margin, preference=preference)

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import logging
-import random
 from functools import partial
 from typing import Any
 
-import lightning as L
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lit_p3o.data.encoding import Encoded, ResponseTooLong, TruncationStats, collate, encode_example
+from lit_p3o.data.encoding import Encoded, ResponseTooLong, collate, encode_example
 from lit_p3o.data.formats import SFTRecord, parse_sft
-from lit_p3o.data.sources import DataSource, load_rows, source_label
 from lit_p3o.data.issues import DataFormatError, RowIssues
-from lit_p3o.models import python_objects
+from lit_p3o.data.module import SourceDataModule
+from lit_p3o.data.sources import DataSource, load_rows, source_label
 from lit_p3o.tasks import resolve_embedded
 
-log = logging.getLogger(__name__)
 
-
-class SFTDataModule(L.LightningDataModule):
+class SFTDataModule(SourceDataModule):
     """(prompt, completion) pairs, tokenized with the model's tokenizer and fitted to ``max_length``.
 
     ``train`` is ``"embedded:reviews"`` (the embedded task's corpus), a ``.jsonl`` file, a
@@ -36,6 +31,8 @@ class SFTDataModule(L.LightningDataModule):
     The tokenizer is the trained module's (``trainer.lightning_module.tokenizer``) unless one
     is passed for use outside a Trainer.
     """
+
+    label, unit = "SFT data", "examples"
 
     def __init__(
         self,
@@ -53,23 +50,14 @@ class SFTDataModule(L.LightningDataModule):
         chat_template_kwargs: dict[str, Any] | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
-        super().__init__()
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"SFTDataModule.val_fraction: must be in [0, 1), got {val_fraction}")
-        if max_length < 2:
-            raise ValueError(f"SFTDataModule.max_length: must be >= 2, got {max_length}")
-        self.save_hyperparameters(ignore=["tokenizer", *python_objects(train=train, val=val)])
-        self.train_source, self.val_source = train, val
-        self.tokenizer = tokenizer
+        super().__init__(train, val, val_fraction, max_length, tokenizer)
         self.train_examples: list[Encoded] = []
         self.val_examples: list[Encoded] = []
-        self.truncation = TruncationStats()
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_examples:
             return
-        if self.tokenizer is None:
-            self.tokenizer = self.trainer.lightning_module.tokenizer
+        self._take_trainer_tokenizer()
         hp = self.hparams
         task = resolve_embedded(self.train_source)
         if task is not None:
@@ -79,21 +67,10 @@ class SFTDataModule(L.LightningDataModule):
             examples = self._encode(records, self.train_source)
             self.train_examples, self.val_examples = examples[: hp.embedded_size], examples[hp.embedded_size :]
         else:
-            # encoded in file order, so that a bad row is named by its number in the file
-            train_label = source_label(self.train_source, hp.train_split)
-            train = self._encode(self._read(self.train_source, hp.train_split), train_label)
-            if self.val_source is not None:
-                self.train_examples = train
-                val_label = source_label(self.val_source, hp.val_split)
-                self.val_examples = self._encode(self._read(self.val_source, hp.val_split), val_label)
-            else:
-                shuffled = random.Random(hp.seed).sample(train, len(train))
-                n_val = int(round(len(train) * hp.val_fraction))
-                self.train_examples, self.val_examples = shuffled[n_val:], shuffled[:n_val]
-        if self.truncation.truncated_prompts:
-            log.warning("SFT data: %s", self.truncation.describe())
-        if not self.val_examples:
-            log.info("SFT data: no validation examples; validation is skipped")
+            self.train_examples, self.val_examples = self._train_and_val(
+                lambda source, split: self._encode(self._read(source, split), source_label(source, split))
+            )
+        self._report(len(self.val_examples))
 
     def _read(self, source: DataSource, split: str) -> list[SFTRecord]:
         rows, origin = load_rows(source, split)
@@ -122,15 +99,8 @@ class SFTDataModule(L.LightningDataModule):
         return examples
 
     def _loader(self, examples: list[Encoded], shuffle: bool) -> DataLoader:
-        if not examples:
-            raise ValueError("SFTDataModule: no examples left after reading and filtering the data")
-        return DataLoader(
-            examples,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
-        )
+        collate_fn = partial(collate, pad_token_id=self.tokenizer.pad_token_id)
+        return self._dataloader(examples, shuffle, self.hparams.batch_size, collate_fn)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_examples, shuffle=True)

@@ -9,15 +9,18 @@ forward and checkpointing are here.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
@@ -56,11 +59,14 @@ _NOT_CHECKPOINTED = ("reward_model.", "reference.")
 # statistics of the ratio π_θ / π_old: constant on an on-policy minibatch (ρ = 1, nothing clipped)
 _RATIO_STATS = ("ratio_mean", "ratio_max", "approx_kl", "clip_fraction")
 
-# BufferDataset defines __len__ on purpose (progress bar, schedulers) and is only ever read
-# by the main process (num_workers=0), which is the case Lightning's warning is not about.
-warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
-# RL stages return no validation loader during `fit` unless `evaluation` is set (see val_dataloader)
-warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero", category=UserWarning)
+# Lightning warnings that do not apply to an RL stage, silenced from its setup to its teardown
+# only (RLStage.setup): BufferDataset defines __len__ on purpose (progress bar, schedulers) and is
+# only ever read by the main process (num_workers=0), which is the case Lightning's warning is not
+# about; and RL stages return no validation loader during `fit` unless `evaluation` is set.
+_INAPPLICABLE_WARNINGS = (
+    "Your `IterableDataset` has `__len__` defined",
+    "Total length of `list` across ranks is zero",
+)
 
 
 def close_finished_epoch(checkpoint: dict[str, Any]) -> None:
@@ -115,6 +121,7 @@ class RLStage(ShardableModule):
         self,
         policy: ModelSource,
         reward_model: RewardSource,
+        *,
         rollout: RolloutSpec | None = None,
         kl: KLSpec | None = None,
         optimizer: OptimizerSpec | None = None,
@@ -123,13 +130,16 @@ class RLStage(ShardableModule):
         guards: GuardSpec | None = None,
         evaluation: EvaluationSpec | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
-        unsaved: Sequence[str] = (),
     ) -> None:
-        """``unsaved``: a subclass's own arguments given as Python objects, left out of the
-        hyperparameters like ``policy`` is (:func:`lit_p3o.models.python_objects`)."""
+        """The arguments every RL stage shares, keyword-only: a stage declares its own and
+        passes these on as ``**shared`` (the CLI follows ``**shared`` to this signature)."""
         super().__init__()
-        ignore = python_objects(policy=policy, reward_model=reward_model, tokenizer=tokenizer)
-        self.save_hyperparameters(ignore=[*ignore, *unsaved, "unsaved"])
+        # the stage's constructor arguments (its own and these) given as Python objects (a ready
+        # model, a reward function) are left out of the hyperparameters; specs are config
+        given: dict[str, Any] = {}
+        for arguments in collect_init_args(inspect.currentframe(), [], classes=(RLStage,)):
+            given.update({name: value for name, value in arguments.items() if not is_dataclass(value)})
+        self.save_hyperparameters(ignore=python_objects(**given))
         self.evaluation_spec = evaluation or EvaluationSpec()
         self.validate_during_fit = evaluation is not None
         self.rollout_spec = rollout or RolloutSpec()
@@ -138,6 +148,7 @@ class RLStage(ShardableModule):
         self.optimizer_spec = optimizer or OptimizerSpec()
         self.save_dir = save_dir
         self.seed = seed
+        self._warning_scope: ExitStack | None = None  # see setup
         self.guard_spec = guards or GuardSpec()
         self.policy_spec = as_spec(policy)
         self.tokenizer = load_tokenizer(self.policy_spec, tokenizer, f"{type(self).__name__}.policy")
@@ -187,6 +198,24 @@ class RLStage(ShardableModule):
                 GradientGuard(self.guard_spec.max_zero_grad_steps),
             ]
         return []
+
+    def setup(self, stage: str) -> None:
+        """Silence :data:`_INAPPLICABLE_WARNINGS` until :meth:`teardown`, for this run only: the
+        process's warning filters are restored then."""
+        super().setup(stage)
+        self._close_warning_scope()  # one left open by a run that did not tear down
+        self._warning_scope = ExitStack()
+        self._warning_scope.enter_context(warnings.catch_warnings())
+        for message in _INAPPLICABLE_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+
+    def teardown(self, stage: str) -> None:
+        self._close_warning_scope()
+
+    def _close_warning_scope(self) -> None:
+        if self._warning_scope is not None:
+            self._warning_scope.close()
+            self._warning_scope = None
 
     def train_dataloader(self) -> DataLoader:
         dataset = BufferDataset(self.buffer, self.tokenizer.pad_token_id, self.rollout_spec.num_prompts)

@@ -7,16 +7,14 @@ whose two scores tie carry no preference and are left out of the loss.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.buffer import RolloutBatch
-from lit_p3o.guards import GuardSpec
 from lit_p3o.losses import dpo_loss
-from lit_p3o.evaluation import EvaluationSpec
 from lit_p3o.models import ModelSource
-from lit_p3o.optim import OptimizerSpec
-from lit_p3o.rollout import KLSpec, RolloutSpec
+from lit_p3o.rollout import RolloutSpec
 from lit_p3o.scoring import RewardSource
 from lit_p3o.stages.base import RLStage
 
@@ -29,21 +27,16 @@ class OnlineDPOModule(RLStage):
         policy: ModelSource,
         reward_model: RewardSource,
         beta_dpo: float = 0.1,
+        *,
         rollout: RolloutSpec | None = None,
-        kl: KLSpec | None = None,
-        optimizer: OptimizerSpec | None = None,
-        save_dir: str | None = None,
-        seed: int = 0,
-        guards: GuardSpec | None = None,
-        evaluation: EvaluationSpec | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
+        **shared: Any,
     ) -> None:
         rollout = rollout or RolloutSpec(update_epochs=1)
         if rollout.num_responses != 2:
             raise ValueError(f"OnlineDPOModule: rollout.num_responses must be 2, got {rollout.num_responses}")
         if beta_dpo <= 0:
             raise ValueError(f"OnlineDPOModule.beta_dpo: must be > 0, got {beta_dpo}")
-        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed, guards, evaluation, tokenizer)
+        super().__init__(policy, reward_model, rollout=rollout, **shared)
         self.beta_dpo = beta_dpo
 
     def compute_loss(self, batch: RolloutBatch, logp: Tensor, states: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:

@@ -8,18 +8,13 @@ trajectory-level importance ratio clipped separately (V1) or jointly (V2). The m
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.buffer import RolloutBatch
-from lit_p3o.guards import GuardSpec
 from lit_p3o.losses import p3o_loss
-from lit_p3o.evaluation import EvaluationSpec
 from lit_p3o.models import ModelSource
-from lit_p3o.optim import OptimizerSpec
-from lit_p3o.rollout import KLSpec, RolloutSpec
 from lit_p3o.scoring import RewardSource
 from lit_p3o.stages.base import RLStage
 
@@ -33,20 +28,13 @@ class P3OModule(RLStage):
         reward_model: RewardSource,
         variant: Literal["v1", "v2"] = "v1",
         clip_epsilon: float = 0.2,
-        rollout: RolloutSpec | None = None,
-        kl: KLSpec | None = None,
-        optimizer: OptimizerSpec | None = None,
-        save_dir: str | None = None,
-        seed: int = 0,
-        guards: GuardSpec | None = None,
-        evaluation: EvaluationSpec | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
+        **shared: Any,
     ) -> None:
         if variant not in ("v1", "v2"):
             raise ValueError(f"P3OModule.variant: 'v1' or 'v2', got {variant!r}")
         if not 0 < clip_epsilon < 1:
             raise ValueError(f"P3OModule.clip_epsilon: must be in (0, 1), got {clip_epsilon}")
-        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed, guards, evaluation, tokenizer)
+        super().__init__(policy, reward_model, **shared)
         self.variant = variant
         self.clip_epsilon = clip_epsilon
 

@@ -12,17 +12,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.buffer import RolloutBatch, collate_groups
 from lit_p3o.data.encoding import Batch
 from lit_p3o.generation import response_logprobs_and_states
-from lit_p3o.guards import GuardSpec
 from lit_p3o.losses import gae, masked_moments, ppo_policy_loss, ppo_token_rewards, ppo_value_loss, whiten
-from lit_p3o.evaluation import EvaluationSpec
-from lit_p3o.models import ModelSource, as_spec, build_causal_lm, python_objects
-from lit_p3o.optim import OptimizerSpec
-from lit_p3o.rollout import KLSpec, RolloutSpec
+from lit_p3o.models import ModelSource, as_spec, build_causal_lm
 from lit_p3o.scoring import RewardSource
 from lit_p3o.stages.base import RLStage
 
@@ -48,14 +43,7 @@ class PPOModule(RLStage):
         whiten_advantages: bool = True,
         whiten_over: Literal["rollout", "minibatch"] = "rollout",
         critic: ModelSource | None = None,
-        rollout: RolloutSpec | None = None,
-        kl: KLSpec | None = None,
-        optimizer: OptimizerSpec | None = None,
-        save_dir: str | None = None,
-        seed: int = 0,
-        guards: GuardSpec | None = None,
-        evaluation: EvaluationSpec | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
+        **shared: Any,
     ) -> None:
         if not 0 < clip_epsilon < 1:
             raise ValueError(f"PPOModule.clip_epsilon: must be in (0, 1), got {clip_epsilon}")
@@ -63,10 +51,7 @@ class PPOModule(RLStage):
             raise ValueError(f"PPOModule.value_loss_coef: must be >= 0, got {value_loss_coef}")
         if whiten_over not in ("rollout", "minibatch"):
             raise ValueError(f"PPOModule.whiten_over: 'rollout' or 'minibatch', got {whiten_over!r}")
-        super().__init__(
-            policy, reward_model, rollout, kl, optimizer, save_dir, seed, guards, evaluation, tokenizer,
-            unsaved=python_objects(critic=critic),
-        )  # fmt: skip
+        super().__init__(policy, reward_model, **shared)
         self.clip_epsilon, self.value_clip_epsilon = clip_epsilon, value_clip_epsilon
         self.value_loss_coef, self.gamma, self.lam = value_loss_coef, gamma, lam
         self.whiten_advantages, self.whiten_over = whiten_advantages, whiten_over

@@ -7,16 +7,13 @@ trajectory ratio is clipped PPO-style when replaying the buffer.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.buffer import RolloutBatch
-from lit_p3o.guards import GuardSpec
 from lit_p3o.losses import clip_fraction, rloo_advantages, rloo_loss
-from lit_p3o.evaluation import EvaluationSpec
 from lit_p3o.models import ModelSource
-from lit_p3o.optim import OptimizerSpec
-from lit_p3o.rollout import KLSpec, RolloutSpec
 from lit_p3o.scoring import RewardSource
 from lit_p3o.stages.base import RLStage
 
@@ -29,18 +26,11 @@ class RLOOModule(RLStage):
         policy: ModelSource,
         reward_model: RewardSource,
         clip_epsilon: float | None = 0.2,
-        rollout: RolloutSpec | None = None,
-        kl: KLSpec | None = None,
-        optimizer: OptimizerSpec | None = None,
-        save_dir: str | None = None,
-        seed: int = 0,
-        guards: GuardSpec | None = None,
-        evaluation: EvaluationSpec | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
+        **shared: Any,
     ) -> None:
         if clip_epsilon is not None and not 0 < clip_epsilon < 1:
             raise ValueError(f"RLOOModule.clip_epsilon: must be in (0, 1) or null, got {clip_epsilon}")
-        super().__init__(policy, reward_model, rollout, kl, optimizer, save_dir, seed, guards, evaluation, tokenizer)
+        super().__init__(policy, reward_model, **shared)
         self.clip_epsilon = clip_epsilon
 
     def compute_loss(self, batch: RolloutBatch, logp: Tensor, states: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
