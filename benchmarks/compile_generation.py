@@ -19,8 +19,7 @@ import statistics
 import time
 
 import torch
-
-from p3o_iteration import K, NEW_TOKENS, PROMPTS, SIZES, sixteen_word_prompts
+from p3o_iteration import NEW_TOKENS, PROMPTS, SIZES, K, sixteen_word_prompts
 
 from lit_p3o import ModelSpec, SamplingSpec
 from lit_p3o.generation import sample_responses
@@ -49,7 +48,9 @@ def main() -> None:
     tokenizer = load_tokenizer(spec)
     model = build_causal_lm(spec, tokenizer).to(args.device)
     prompts = [tokenizer(p)["input_ids"] for p in sixteen_word_prompts()[:PROMPTS] for _ in range(K)]
-    specs = {mode: SamplingSpec(max_new_tokens=NEW_TOKENS, compile=mode == "compiled") for mode in ("eager", "compiled")}
+    specs = {
+        mode: SamplingSpec(max_new_tokens=NEW_TOKENS, compile=mode == "compiled") for mode in ("eager", "compiled")
+    }
 
     def generate(mode: str, seed: int) -> None:
         torch.manual_seed(seed)
@@ -60,21 +61,29 @@ def main() -> None:
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
     for r in range(args.rounds):
         for mode in ("eager", "compiled") if r % 2 == 0 else ("compiled", "eager"):
-            times[mode].append(timed(lambda: generate(mode, r + 1)))
+            times[mode].append(timed(lambda mode=mode, r=r: generate(mode, r + 1)))
     eager, compiled = statistics.median(times["eager"]), statistics.median(times["compiled"])
     compile_cost = first_compiled - compiled
     saving = eager - compiled
-    print(f"size {args.size}, device {args.device}, torch threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.2f} (1 min)")
+    print(
+        f"size {args.size}, device {args.device}, torch threads {torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.2f} (1 min)"
+    )
     print(f"eager    per call: median {eager * 1000:7.1f} ms  ({' '.join(f'{t * 1000:.0f}' for t in times['eager'])})")
-    print(f"compiled per call: median {compiled * 1000:7.1f} ms  "
-          f"({' '.join(f'{t * 1000:.0f}' for t in times['compiled'])})")
-    print(f"first compiled call {first_compiled:.1f} s -> compilation ~{compile_cost:.1f} s; "
-          f"saving per call {saving * 1000:.1f} ms ({eager / compiled:.2f}x)")
+    print(
+        f"compiled per call: median {compiled * 1000:7.1f} ms  "
+        f"({' '.join(f'{t * 1000:.0f}' for t in times['compiled'])})"
+    )
+    print(
+        f"first compiled call {first_compiled:.1f} s -> compilation ~{compile_cost:.1f} s; "
+        f"saving per call {saving * 1000:.1f} ms ({eager / compiled:.2f}x)"
+    )
     if saving > 0:
         print(f"break-even after {compile_cost / saving:.0f} rollouts of one generate() call")
-    print(f"{args.rollouts} rollouts of generation: eager {args.rollouts * eager:.1f} s, "
-          f"compiled {compile_cost + args.rollouts * compiled:.1f} s (compilation included)")
+    print(
+        f"{args.rollouts} rollouts of generation: eager {args.rollouts * eager:.1f} s, "
+        f"compiled {compile_cost + args.rollouts * compiled:.1f} s (compilation included)"
+    )
 
 
 if __name__ == "__main__":

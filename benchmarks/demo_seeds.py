@@ -35,13 +35,34 @@ def p3o_command(base: Path, work: Path, seed: int, extra: list[str]) -> list[str
     same, and ``report`` measures the result."""
     name = f"p3o_s{seed}"
     return [
-        sys.executable, "-m", "lit_p3o", "fit", "--config", "configs/demo/p3o.yaml",
-        "--seed_everything", str(seed), "--model.init_args.seed", str(seed),
-        "--model.init_args.policy.name_or_path", str(base / "sft"), "--model.init_args.reward_model", str(base / "reward"),
-        "--model.init_args.save_dir", str(work / name), "--trainer.enable_checkpointing", "false",
-        "--trainer.default_root_dir", str(work / "logs" / name), "--trainer.callbacks", "[]",
-        "--trainer.logger.init_args.save_dir", str(work / "logs"), "--trainer.logger.init_args.name", name, *extra,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "lit_p3o",
+        "fit",
+        "--config",
+        "configs/demo/p3o.yaml",
+        "--seed_everything",
+        str(seed),
+        "--model.init_args.seed",
+        str(seed),
+        "--model.init_args.policy.name_or_path",
+        str(base / "sft"),
+        "--model.init_args.reward_model",
+        str(base / "reward"),
+        "--model.init_args.save_dir",
+        str(work / name),
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.default_root_dir",
+        str(work / "logs" / name),
+        "--trainer.callbacks",
+        "[]",
+        "--trainer.logger.init_args.save_dir",
+        str(work / "logs"),
+        "--trainer.logger.init_args.name",
+        name,
+        *extra,
+    ]
 
 
 def run_p3o(base: Path, work: Path, seeds: list[int], extra: list[str], jobs: int) -> dict[int, float]:
@@ -51,11 +72,16 @@ def run_p3o(base: Path, work: Path, seeds: list[int], extra: list[str], jobs: in
         while pending and len(running) < jobs:
             seed = pending.pop(0)
             log = (work / f"p3o_s{seed}.log").open("w")
-            running[seed] = (subprocess.Popen(p3o_command(base, work, seed, extra), stdout=log, stderr=log), time.time())
+            running[seed] = (
+                subprocess.Popen(p3o_command(base, work, seed, extra), stdout=log, stderr=log),
+                time.time(),
+            )
         for seed, (process, began) in list(running.items()):
             if process.poll() is not None:
                 if process.returncode != 0:
-                    raise RuntimeError(f"P3O seed {seed} failed (exit {process.returncode}); see {work}/p3o_s{seed}.log")
+                    raise RuntimeError(
+                        f"P3O seed {seed} failed (exit {process.returncode}); see {work}/p3o_s{seed}.log"
+                    )
                 seconds[seed] = time.time() - began
                 del running[seed]
         time.sleep(1)
@@ -64,11 +90,28 @@ def run_p3o(base: Path, work: Path, seeds: list[int], extra: list[str], jobs: in
 
 def train_base(work: Path) -> None:
     """The demo's SFT and reward stages, written under ``work``."""
-    lit_p3o("fit", "--config", "configs/demo/sft.yaml", "--model.init_args.save_dir", str(work / "sft"),
-            "--trainer.default_root_dir", str(work / "logs/sft"))  # fmt: skip
-    lit_p3o("fit", "--config", "configs/demo/reward.yaml", "--model.init_args.model.name_or_path", str(work / "sft"),
-            "--data.init_args.embedded.policy", str(work / "sft"), "--model.init_args.save_dir", str(work / "reward"),
-            "--trainer.default_root_dir", str(work / "logs/reward"))  # fmt: skip
+    lit_p3o(
+        "fit",
+        "--config",
+        "configs/demo/sft.yaml",
+        "--model.init_args.save_dir",
+        str(work / "sft"),
+        "--trainer.default_root_dir",
+        str(work / "logs/sft"),
+    )
+    lit_p3o(
+        "fit",
+        "--config",
+        "configs/demo/reward.yaml",
+        "--model.init_args.model.name_or_path",
+        str(work / "sft"),
+        "--data.init_args.embedded.policy",
+        str(work / "sft"),
+        "--model.init_args.save_dir",
+        str(work / "reward"),
+        "--trainer.default_root_dir",
+        str(work / "logs/reward"),
+    )
 
 
 def main() -> None:
@@ -89,8 +132,19 @@ def main() -> None:
     for seed in args.seeds:
         result = report(base / "sft", args.work / f"p3o_s{seed}", str(base / "reward"), None, args.work / "unused.png")
         sft, p3o = result["reference"], result["trained"]
-        rows.append((seed, sft["gold"], p3o["gold"], p3o["gold"] - sft["gold"], p3o["kl"], sft["score"], p3o["score"],
-                     (p3o["gold_low"], p3o["gold_high"]), seconds[seed]))  # fmt: skip
+        rows.append(
+            (
+                seed,
+                sft["gold"],
+                p3o["gold"],
+                p3o["gold"] - sft["gold"],
+                p3o["kl"],
+                sft["score"],
+                p3o["score"],
+                (p3o["gold_low"], p3o["gold_high"]),
+                seconds[seed],
+            )
+        )
     text = table(rows, args, time.time() - start)
     print(text)
     if args.out is not None:
@@ -113,14 +167,19 @@ def table(rows: list[tuple], args: argparse.Namespace, wall: float) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for seed, sft_gold, gold, gain, kl, proxy_sft, proxy, (lo, hi), seconds in rows:
-        lines.append(f"| {seed} | {sft_gold:.3f} | {gold:.3f} [{lo:.2f}, {hi:.2f}] | {gain:+.3f} | {kl:.2f} "
-                     f"| {proxy_sft:.2f} → {proxy:.2f} | {seconds:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {seed} | {sft_gold:.3f} | {gold:.3f} [{lo:.2f}, {hi:.2f}] | {gain:+.3f} | {kl:.2f} "
+            f"| {proxy_sft:.2f} → {proxy:.2f} | {seconds:.0f} |"
+        )
     data = np.array([[r[1], r[2], r[3], r[4], r[6]] for r in rows])
     mean = data.mean(axis=0)
     lines.append(f"| mean | {mean[0]:.3f} | {mean[1]:.3f} | {mean[2]:+.3f} | {mean[3]:.2f} | → {mean[4]:.2f} | |")
     gains = data[:, 2]
-    lines += ["", f"Gain in gold reward over SFT: mean {gains.mean():+.3f}, min {gains.min():+.3f} "
-              f"({int((gains > 0).sum())} of {len(gains)} seeds positive)."]  # fmt: skip
+    lines += [
+        "",
+        f"Gain in gold reward over SFT: mean {gains.mean():+.3f}, min {gains.min():+.3f} "
+        f"({int((gains > 0).sum())} of {len(gains)} seeds positive).",
+    ]
     return "\n".join(lines) + "\n"
 
 

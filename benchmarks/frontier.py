@@ -57,15 +57,22 @@ class Method:
 
 
 P3O_KNOB, PPO_SWEEP = "--model.init_args.kl", (0.02, 0.05, 0.1)  # a fixed β: the sweep is the frontier
-K4 = ("--model.init_args.rollout.num_responses", "4", "--model.init_args.rollout.num_prompts", "32",
-      "--model.init_args.rollout.minibatch_groups", "8")  # fmt: skip
+K4 = (
+    "--model.init_args.rollout.num_responses",
+    "4",
+    "--model.init_args.rollout.num_prompts",
+    "32",
+    "--model.init_args.rollout.minibatch_groups",
+    "8",
+)
 METHODS = {
     "p3o-v1": Method("p3o", P3O_KNOB, PPO_SWEEP, ("--model.init_args.variant", "v1")),
     "p3o-v2": Method("p3o", P3O_KNOB, PPO_SWEEP, ("--model.init_args.variant", "v2")),
     # V2 clips the joint ratio of a pair, which leaves the trust region sooner than V1's two
     # separate clips: the same variant with a looser ε tests whether that is why V2 trails
-    "p3o-v2-eps0.4": Method("p3o", P3O_KNOB, PPO_SWEEP, ("--model.init_args.variant", "v2",
-                                                          "--model.init_args.clip_epsilon", "0.4")),  # fmt: skip
+    "p3o-v2-eps0.4": Method(
+        "p3o", P3O_KNOB, PPO_SWEEP, ("--model.init_args.variant", "v2", "--model.init_args.clip_epsilon", "0.4")
+    ),
     "p3o-v1-k4": Method("p3o", P3O_KNOB, PPO_SWEEP, ("--model.init_args.variant", "v1", *K4)),
     "ppo": Method("ppo", P3O_KNOB, PPO_SWEEP),
     "dpo": Method("dpo", "--model.init_args.beta_dpo", (0.05, 0.1, 0.2)),
@@ -85,11 +92,32 @@ def lit_p3o(*args: str) -> None:
 
 def train_base(work: Path) -> None:
     """SFT and reward model once, shared by every run."""
-    lit_p3o("fit", "--config", "configs/demo/sft.yaml", "--model.init_args.save_dir", str(work / "sft"),
-            "--trainer.default_root_dir", str(work / "logs/sft"), "--trainer.logger.init_args.save_dir", str(work / "logs"))  # fmt: skip
-    lit_p3o("fit", "--config", "configs/demo/reward.yaml", "--model.init_args.model.name_or_path", str(work / "sft"),
-            "--data.init_args.embedded.policy", str(work / "sft"), "--model.init_args.save_dir", str(work / "reward"),
-            "--trainer.default_root_dir", str(work / "logs/reward"), "--trainer.logger.init_args.save_dir", str(work / "logs"))  # fmt: skip
+    lit_p3o(
+        "fit",
+        "--config",
+        "configs/demo/sft.yaml",
+        "--model.init_args.save_dir",
+        str(work / "sft"),
+        "--trainer.default_root_dir",
+        str(work / "logs/sft"),
+        "--trainer.logger.init_args.save_dir",
+        str(work / "logs"),
+    )
+    lit_p3o(
+        "fit",
+        "--config",
+        "configs/demo/reward.yaml",
+        "--model.init_args.model.name_or_path",
+        str(work / "sft"),
+        "--data.init_args.embedded.policy",
+        str(work / "sft"),
+        "--model.init_args.save_dir",
+        str(work / "reward"),
+        "--trainer.default_root_dir",
+        str(work / "logs/reward"),
+        "--trainer.logger.init_args.save_dir",
+        str(work / "logs"),
+    )
 
 
 def run(work: Path, name: str, knob: float, lr: float, seed: int, rollouts: int) -> tuple[Path, Path]:
@@ -103,18 +131,37 @@ def run(work: Path, name: str, knob: float, lr: float, seed: int, rollouts: int)
     # the demo's P3O config adapts β towards a KL target; the sweep fixes β instead
     value = json.dumps({"beta": knob, "target": None}) if method.knob == P3O_KNOB else str(knob)
     lit_p3o(
-        "fit", "--config", f"configs/demo/{method.config}.yaml", *method.extra, method.knob, value,
-        "--seed_everything", str(seed), "--model.init_args.seed", str(seed),
-        "--model.init_args.optimizer.learning_rate", str(lr),
-        "--model.init_args.policy.name_or_path", str(work / "sft"),
-        "--model.init_args.reward_model", str(work / "reward"),
-        "--model.init_args.save_dir", str(policy),
-        "--trainer.max_epochs", str(rollouts), "--trainer.enable_checkpointing", "false",
-        "--trainer.default_root_dir", str(work / "logs" / tag),
-        "--trainer.logger.init_args.save_dir", str(work / "logs"), "--trainer.logger.init_args.name", tag,
-        "--trainer.callbacks", json.dumps([{"class_path": "lit_p3o.FrontierCallback",
-                                            "init_args": {"num_prompts": 100, "eval_every": 8}}]),
-    )  # fmt: skip
+        "fit",
+        "--config",
+        f"configs/demo/{method.config}.yaml",
+        *method.extra,
+        method.knob,
+        value,
+        "--seed_everything",
+        str(seed),
+        "--model.init_args.seed",
+        str(seed),
+        "--model.init_args.optimizer.learning_rate",
+        str(lr),
+        "--model.init_args.policy.name_or_path",
+        str(work / "sft"),
+        "--model.init_args.reward_model",
+        str(work / "reward"),
+        "--model.init_args.save_dir",
+        str(policy),
+        "--trainer.max_epochs",
+        str(rollouts),
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.default_root_dir",
+        str(work / "logs" / tag),
+        "--trainer.logger.init_args.save_dir",
+        str(work / "logs"),
+        "--trainer.logger.init_args.name",
+        tag,
+        "--trainer.callbacks",
+        json.dumps([{"class_path": "lit_p3o.FrontierCallback", "init_args": {"num_prompts": 100, "eval_every": 8}}]),
+    )
     return csv_path, policy
 
 
@@ -177,8 +224,10 @@ def main() -> None:
     middle_policies: dict[str, list[Path]] = {}
     specs = [
         (args.work, name, knob, tuned[name][0], seed, args.rollouts)
-        for name in args.methods for knob in METHODS[name].sweep for seed in range(args.seeds)
-    ]  # fmt: skip
+        for name in args.methods
+        for knob in METHODS[name].sweep
+        for seed in range(args.seeds)
+    ]
     for (_, name, knob, _, seed, _), (path, policy) in zip(specs, run_all(specs, args.jobs)):
         csvs.setdefault(name, []).append(path)
         labelled[f"{name} knob={knob} seed={seed}"] = path
@@ -194,8 +243,9 @@ def main() -> None:
 
 def pooled_table(by_policy: dict, methods: list[str]) -> dict[tuple[str, str], Estimate]:
     """Pooled win rate of each method over SFT and over PPO, from per-policy prompt scores."""
-    stacked = {m: np.stack([s.numpy() for n, s in by_policy.items() if n == m or n.rsplit(" ", 1)[0] == m])
-               for m in methods}  # fmt: skip
+    stacked = {
+        m: np.stack([s.numpy() for n, s in by_policy.items() if n == m or n.rsplit(" ", 1)[0] == m]) for m in methods
+    }
     return {(a, b): pooled_win_rate(stacked[a], stacked[b]) for a in methods for b in ("sft", "ppo") if a != b}
 
 
@@ -236,8 +286,12 @@ def write_report(args, tuned, csvs, win_rates, wall: float) -> None:
         values, reached = frontier_fit(paths)
         cells = ["—" if v is None else str(v) for v in values]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {reached:.2f} |")
-    lines += ["", f"## Win rates (200 held-out prompts; all {args.seeds} seeds' policies at the middle KL knob, "
-              "pooled; bootstrap 95% CI over seeds and prompts)", ""]  # fmt: skip
+    lines += [
+        "",
+        f"## Win rates (200 held-out prompts; all {args.seeds} seeds' policies at the middle KL knob, "
+        "pooled; bootstrap 95% CI over seeds and prompts)",
+        "",
+    ]
     for judge, table in win_rates.items():
         lines += [f"Judge: {judge}", "", "| method | vs sft | vs ppo |", "|---|---|---|"]
         for name in dict.fromkeys(a for a, _ in table):

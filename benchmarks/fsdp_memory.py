@@ -40,11 +40,17 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, results) 
     from lit_p3o.models import ModelSpec, build_causal_lm, load_tokenizer, shard_model
 
     spec = ModelSpec(
-        architecture={"model_type": "llama", "hidden_size": args.hidden, "intermediate_size": 4 * args.hidden,
-                      "num_hidden_layers": args.layers, "num_attention_heads": 8, "num_key_value_heads": 8,
-                      "max_position_embeddings": 128},
+        architecture={
+            "model_type": "llama",
+            "hidden_size": args.hidden,
+            "intermediate_size": 4 * args.hidden,
+            "num_hidden_layers": args.layers,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 8,
+            "max_position_embeddings": 128,
+        },
         tokenizer="embedded:reviews",
-    )  # fmt: skip
+    )
     tokenizer = load_tokenizer(spec)
     for mode in ("ddp", "fsdp2"):
         torch.manual_seed(0)
@@ -61,7 +67,9 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, results) 
         optimizer.step()
         params = local_bytes(model.parameters())
         grads = local_bytes(p.grad for p in model.parameters() if p.grad is not None)
-        state = local_bytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+        state = local_bytes(
+            v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0
+        )
         results.append((mode, rank, n_params, params, grads, state))
         del wrapped, model, optimizer
         dist.barrier()
@@ -81,13 +89,17 @@ def main() -> None:
     mp.spawn(worker, args=(args.processes, port, args, results), nprocs=args.processes, join=True)
     mib = 2**20
     rows = sorted(results)
-    print(f"Llama {args.layers} layers x {args.hidden}, {rows[0][2] / 1e6:.1f}M parameters, float32, "
-          f"{args.processes} CPU processes (gloo)")
+    print(
+        f"Llama {args.layers} layers x {args.hidden}, {rows[0][2] / 1e6:.1f}M parameters, float32, "
+        f"{args.processes} CPU processes (gloo)"
+    )
     print("| strategy | rank | parameters (MiB) | gradients (MiB) | AdamW state (MiB) | total (MiB) |")
     print("|---|---|---|---|---|---|")
     for mode, rank, _, params, grads, state in rows:
-        print(f"| {mode} | {rank} | {params / mib:.1f} | {grads / mib:.1f} | {state / mib:.1f} | "
-              f"{(params + grads + state) / mib:.1f} |")
+        print(
+            f"| {mode} | {rank} | {params / mib:.1f} | {grads / mib:.1f} | {state / mib:.1f} | "
+            f"{(params + grads + state) / mib:.1f} |"
+        )
     total = {m: sum(p + g + s for mm, _, _, p, g, s in rows if mm == m) / args.processes for m in ("ddp", "fsdp2")}
     print(f"FSDP2 / DDP per rank: {total['fsdp2'] / total['ddp']:.3f} (1/{args.processes} = {1 / args.processes:.3f})")
 

@@ -25,8 +25,15 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lit_p3o import LoraSpec, ModelSpec, OptimizerSpec, P3OModule, QuantizationSpec, RolloutSpec, SamplingSpec
 from lit_p3o.models import build_causal_lm, load_tokenizer, save_pretrained
 
-ARCH = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
-        "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048}
+ARCH = {
+    "model_type": "llama",
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+}
 
 
 class IterationTimer(L.Callback):
@@ -68,35 +75,54 @@ def main() -> None:
         lora = LoraSpec(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
         policy = {
             "lora-bf16": ModelSpec(name_or_path=base, dtype="bfloat16", lora=lora),
-            "lora-4bit": ModelSpec(name_or_path=base, dtype="bfloat16", lora=lora,
-                                   quantization=QuantizationSpec(bits=4, compute_dtype="bfloat16")),
+            "lora-4bit": ModelSpec(
+                name_or_path=base,
+                dtype="bfloat16",
+                lora=lora,
+                quantization=QuantizationSpec(bits=4, compute_dtype="bfloat16"),
+            ),
             "ddp": ModelSpec(name_or_path=base),
             "fsdp2": ModelSpec(name_or_path=base),
         }[args.setup]
         stage = P3OModule(
-            policy, "embedded:reviews",
-            rollout=RolloutSpec(prompt_pool=4096, num_prompts=args.prompts, num_responses=2, update_epochs=1,
-                                minibatch_groups=8, sampling=SamplingSpec(max_new_tokens=64), log_samples=0),
+            policy,
+            "embedded:reviews",
+            rollout=RolloutSpec(
+                prompt_pool=4096,
+                num_prompts=args.prompts,
+                num_responses=2,
+                update_epochs=1,
+                minibatch_groups=8,
+                sampling=SamplingSpec(max_new_tokens=64),
+                log_samples=0,
+            ),
             optimizer=OptimizerSpec(learning_rate=1e-5),
-        )  # fmt: skip
+        )
         gpus = torch.cuda.device_count() if args.setup in ("ddp", "fsdp2") else 1
         strategy = {"ddp": "ddp", "fsdp2": ModelParallelStrategy(data_parallel_size=gpus, tensor_parallel_size=1)}
         timer = IterationTimer()
         trainer = L.Trainer(
-            accelerator="gpu", devices=gpus, strategy=strategy.get(args.setup, "auto"),
+            accelerator="gpu",
+            devices=gpus,
+            strategy=strategy.get(args.setup, "auto"),
             precision="bf16-mixed" if args.setup in ("ddp", "fsdp2") else "32-true",
-            max_epochs=args.iterations, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            max_epochs=args.iterations,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
             callbacks=[timer],
-        )  # fmt: skip
+        )
         trainer.fit(stage)
         peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=stage.device)
         peaks = trainer.strategy.all_gather(peak).flatten().tolist() if gpus > 1 else [peak.item()]
         if trainer.is_global_zero:
             steady = timer.times[1:] or timer.times  # the first iteration includes warm-up
             seconds = sum(steady) / len(steady)
-            print(f"[gpu_scaling] {args.setup} on {gpus} x {torch.cuda.get_device_name()}: "
-                  f"{seconds:.2f} s/iteration, {sum(timer.tokens[1:] or timer.tokens) / sum(steady) * gpus:.0f} "
-                  f"generated tokens/s (all GPUs), peak memory per GPU {', '.join(f'{p:.1f}' for p in peaks)} GiB")
+            print(
+                f"[gpu_scaling] {args.setup} on {gpus} x {torch.cuda.get_device_name()}: "
+                f"{seconds:.2f} s/iteration, {sum(timer.tokens[1:] or timer.tokens) / sum(steady) * gpus:.0f} "
+                f"generated tokens/s (all GPUs), peak memory per GPU {', '.join(f'{p:.1f}' for p in peaks)} GiB"
+            )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     sys.path.insert(0, str(HERE))
-    from p3o_iteration import K, NEW_TOKENS, PROMPTS, SIZES, sixteen_word_prompts
+    from p3o_iteration import NEW_TOKENS, PROMPTS, SIZES, K, sixteen_word_prompts
 
     import lit_p3o.rollout as rollout_module
     from lit_p3o import LoraSpec, ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
@@ -53,8 +53,11 @@ def child(args: argparse.Namespace) -> None:
     arch = SIZES[args.size]
     tokenizer = load_tokenizer(ModelSpec(architecture=arch, tokenizer="embedded:reviews"))
     if not (workdir / "reward").exists():
-        save_pretrained(build_reward_model(ModelSpec(architecture=arch, tokenizer="embedded:reviews"), tokenizer),
-                        tokenizer, workdir / "reward")
+        save_pretrained(
+            build_reward_model(ModelSpec(architecture=arch, tokenizer="embedded:reviews"), tokenizer),
+            tokenizer,
+            workdir / "reward",
+        )
         with open(workdir / "prompts.jsonl", "w") as f:
             f.writelines(json.dumps({"prompt": p}) + "\n" for p in sixteen_word_prompts())
     lora = LoraSpec(r=8, lora_dropout=0.0, target_modules="all-linear") if args.lora else None
@@ -77,10 +80,19 @@ def child(args: argparse.Namespace) -> None:
 
         rollout_module.response_logprobs = logprobs
     stage = P3OModule(
-        ModelSpec(architecture=arch, tokenizer="embedded:reviews", lora=lora), str(workdir / "reward"),
-        rollout=RolloutSpec(prompts=str(workdir / "prompts.jsonl"), prompt_pool=None, num_prompts=PROMPTS,
-                            num_responses=K, update_epochs=1, minibatch_groups=PROMPTS, max_prompt_tokens=32,
-                            sampling=SamplingSpec(max_new_tokens=NEW_TOKENS), log_samples=0),
+        ModelSpec(architecture=arch, tokenizer="embedded:reviews", lora=lora),
+        str(workdir / "reward"),
+        rollout=RolloutSpec(
+            prompts=str(workdir / "prompts.jsonl"),
+            prompt_pool=None,
+            num_prompts=PROMPTS,
+            num_responses=K,
+            update_epochs=1,
+            minibatch_groups=PROMPTS,
+            max_prompt_tokens=32,
+            sampling=SamplingSpec(max_new_tokens=NEW_TOKENS),
+            log_samples=0,
+        ),
         optimizer=OptimizerSpec(learning_rate=1e-5),
     )
     weights = {
@@ -88,8 +100,15 @@ def child(args: argparse.Namespace) -> None:
         "reference (beyond the policy)": unique_bytes(stage.policy, stage.reference) - unique_bytes(stage.policy),
         "reward model": unique_bytes(stage.reward_model),
     }
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=args.iterations, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=args.iterations,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(stage)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps({"weights": weights, "peak_rss_mib": peak}), flush=True)
@@ -110,8 +129,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         for lora in (False, True):
             for reference in (True, False):
-                command = [sys.executable, __file__, "--child", "--workdir", workdir, "--size", args.size,
-                           "--iterations", str(args.iterations)] + ["--lora"] * lora + ["--reference"] * reference
+                command = (
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        "--workdir",
+                        workdir,
+                        "--size",
+                        args.size,
+                        "--iterations",
+                        str(args.iterations),
+                    ]
+                    + ["--lora"] * lora
+                    + ["--reference"] * reference
+                )
                 done = subprocess.run(command, capture_output=True, text=True)
                 lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
                 if done.returncode != 0 or not lines:
@@ -119,12 +151,17 @@ def main() -> None:
                 result = json.loads(lines[-1][len("RESULT ") :])
                 results[lora, reference] = result
                 mib = {k: f"{v / 2**20:.2f} MiB" for k, v in result["weights"].items()}
-                print(f"{'LoRA' if lora else 'full'} {'with reference' if reference else 'policy only   '}: "
-                      f"peak RSS {result['peak_rss_mib']:.0f} MiB; weights {mib}", flush=True)
+                print(
+                    f"{'LoRA' if lora else 'full'} {'with reference' if reference else 'policy only   '}: "
+                    f"peak RSS {result['peak_rss_mib']:.0f} MiB; weights {mib}",
+                    flush=True,
+                )
     for lora in (False, True):
         with_ref, alone = results[lora, True]["peak_rss_mib"], results[lora, False]["peak_rss_mib"]
-        print(f"{'LoRA' if lora else 'full'}: the reference adds {with_ref - alone:+.0f} MiB "
-              f"({with_ref / alone - 1:+.1%}) to the policy-only peak RSS")
+        print(
+            f"{'LoRA' if lora else 'full'}: the reference adds {with_ref - alone:+.0f} MiB "
+            f"({with_ref / alone - 1:+.1%}) to the policy-only peak RSS"
+        )
 
 
 if __name__ == "__main__":

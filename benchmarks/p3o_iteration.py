@@ -19,8 +19,8 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import lightning as L
 import torch
@@ -34,10 +34,24 @@ from lit_p3o.stages.base import RLStage
 from lit_p3o.tasks import get_task
 
 SIZES = {  # the reference shapes (issue 4) and a larger model (~17M parameters) for issue 12
-    "small": {"model_type": "llama", "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128},
-    "large": {"model_type": "llama", "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4,
-              "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 128},
+    "small": {
+        "model_type": "llama",
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 128,
+    },
+    "large": {
+        "model_type": "llama",
+        "hidden_size": 512,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 128,
+    },
 }
 PROMPTS, K, PROMPT_WORDS, NEW_TOKENS = 8, 2, 16, 32
 
@@ -66,7 +80,6 @@ class Timer:
         return timed
 
 
-
 def count_generated_tokens(stage: RLStage) -> list[int]:
     """A list that receives, at every rollout, the number of tokens the stage generated."""
     generated: list[int] = []
@@ -78,6 +91,7 @@ def count_generated_tokens(stage: RLStage) -> list[int]:
 
     stage.buffer.fill = counting_fill
     return generated
+
 
 def sixteen_word_prompts() -> list[str]:
     words = [w for w in get_task("reviews").build_tokenizer().get_vocab() if not w.startswith("<")]
@@ -96,11 +110,19 @@ def build_stage(args: argparse.Namespace, workdir: str) -> P3OModule:
     return P3OModule(
         ModelSpec(architecture=arch, tokenizer="embedded:reviews", dtype=args.dtype),
         f"{workdir}/reward",
-        rollout=RolloutSpec(prompts=prompts_file, prompt_pool=None, num_prompts=args.prompts, num_responses=args.k,
-                            update_epochs=1, minibatch_groups=args.prompts, max_prompt_tokens=32,
-                            sampling=SamplingSpec(max_new_tokens=NEW_TOKENS,
-                                                  compile={"true": True, "false": False}.get(args.compile, "auto")),
-                            log_samples=0),
+        rollout=RolloutSpec(
+            prompts=prompts_file,
+            prompt_pool=None,
+            num_prompts=args.prompts,
+            num_responses=args.k,
+            update_epochs=1,
+            minibatch_groups=args.prompts,
+            max_prompt_tokens=32,
+            sampling=SamplingSpec(
+                max_new_tokens=NEW_TOKENS, compile={"true": True, "false": False}.get(args.compile, "auto")
+            ),
+            log_samples=0,
+        ),
         optimizer=OptimizerSpec(learning_rate=1e-5),
     )
 
@@ -139,7 +161,9 @@ class IsolatedCalls:
     def __init__(self, stage: P3OModule, score_examples: Callable) -> None:
         self.stage, self.score_examples = stage, score_examples  # the scorer's own, not the split's wrapper
         tok, spec = stage.tokenizer, stage.rollout_spec
-        self.prompts = [tok(p)["input_ids"] for p in sixteen_word_prompts()[: spec.num_prompts] for _ in range(spec.num_responses)]
+        self.prompts = [
+            tok(p)["input_ids"] for p in sixteen_word_prompts()[: spec.num_prompts] for _ in range(spec.num_responses)
+        ]
         self.samples: dict[str, list[float]] = defaultdict(list)  # seconds per call, per repeat
 
     def __call__(self) -> None:
@@ -181,14 +205,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         stage = build_stage(args, workdir)
         rollout_module.sample_responses = timer.wrap("generation", rollout_module.sample_responses)
-        rollout_module.response_logprobs = timer.wrap("logprob passes (ref; old if replayed)", rollout_module.response_logprobs)
+        rollout_module.response_logprobs = timer.wrap(
+            "logprob passes (ref; old if replayed)", rollout_module.response_logprobs
+        )
         score_examples = stage.scorer.score_examples
         stage.scorer.score_examples = timer.wrap("reward scoring", score_examples)
         isolated = None if args.no_isolated else IsolatedCalls(stage, score_examples)
         clock = IterationClock(timer, args.warmup, between=isolated)
-        trainer = L.Trainer(accelerator=args.device, devices=1, max_epochs=args.warmup + args.iterations,
-                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, callbacks=[clock])
+        trainer = L.Trainer(
+            accelerator=args.device,
+            devices=1,
+            max_epochs=args.warmup + args.iterations,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[clock],
+        )
         generated = count_generated_tokens(stage)
         trainer.fit(stage)
         measured = clock.iterations[args.warmup :]
@@ -196,18 +229,24 @@ def main() -> None:
         tokens = sum(generated[args.warmup :]) / len(measured)
 
     print(f"device {args.device}, dtype {args.dtype}, torch threads {torch.get_num_threads()}")
-    print(f"shapes: {args.prompts} prompts x K={args.k}, {PROMPT_WORDS}-word prompts, {NEW_TOKENS} new tokens, "
-          f"Llama {SIZES[args.size]['num_hidden_layers']}x{SIZES[args.size]['hidden_size']}")
-    print(f"iteration: {per_iter * 1000:.1f} ms  |  completions/s {args.prompts * args.k / per_iter:.1f}  |  "
-          f"generated tokens/s {tokens / per_iter:.1f} ({tokens:.0f} tokens/iteration)")
+    print(
+        f"shapes: {args.prompts} prompts x K={args.k}, {PROMPT_WORDS}-word prompts, {NEW_TOKENS} new tokens, "
+        f"Llama {SIZES[args.size]['num_hidden_layers']}x{SIZES[args.size]['hidden_size']}"
+    )
+    print(
+        f"iteration: {per_iter * 1000:.1f} ms  |  completions/s {args.prompts * args.k / per_iter:.1f}  |  "
+        f"generated tokens/s {tokens / per_iter:.1f} ({tokens:.0f} tokens/iteration)"
+    )
     print("split per iteration:")
     accounted = 0.0
     for name, total in sorted(timer.totals.items(), key=lambda kv: -kv[1]):
         share = total / len(measured)
         accounted += share
         print(f"  {name:<34} {share * 1000:8.1f} ms  {share / per_iter:6.1%}")
-    print(f"  {'other (Lightning, collation, logs)':<34} {(per_iter - accounted) * 1000:8.1f} ms  "
-          f"{(per_iter - accounted) / per_iter:6.1%}")
+    print(
+        f"  {'other (Lightning, collation, logs)':<34} {(per_iter - accounted) * 1000:8.1f} ms  "
+        f"{(per_iter - accounted) / per_iter:6.1%}"
+    )
     if isolated is not None:
         report_isolated(isolated.samples, measured)
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
@@ -219,8 +258,10 @@ def report_isolated(isolated: dict[str, list[float]], measured: list[float]) -> 
     for label, average in (("mean", statistics.fmean), ("median", statistics.median)):
         alone = {name: average(seconds) for name, seconds in isolated.items()}
         parts = ", ".join(f"{name} {t * 1000:.1f} ms" for name, t in alone.items())
-        print(f"isolated calls ({label}): {parts}; total {sum(alone.values()) * 1000:.1f} ms -> "
-              f"iteration / isolated = {average(measured) / sum(alone.values()):.2f} (target <= 1.10)")
+        print(
+            f"isolated calls ({label}): {parts}; total {sum(alone.values()) * 1000:.1f} ms -> "
+            f"iteration / isolated = {average(measured) / sum(alone.values()):.2f} (target <= 1.10)"
+        )
 
 
 if __name__ == "__main__":

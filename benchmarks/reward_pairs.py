@@ -37,22 +37,33 @@ from transformers import AutoConfig
 from lit_p3o import ModelSpec, OptimizerSpec, RewardModule
 from lit_p3o.data.encoding import Batch, Encoded, collate
 from lit_p3o.data.preferences import Pair, collate_pair_groups
-from lit_p3o.tasks.pairs import EmbeddedPreferenceSpec, _sigmoid, draw_label, sample_labelled_groups
 from lit_p3o.generation import response_logprobs
 from lit_p3o.models import build_causal_lm, build_reward_model, load_tokenizer
 from lit_p3o.scoring import reward_scores
 from lit_p3o.stages import reward as reward_stage
 from lit_p3o.tasks import get_task, reviews
+from lit_p3o.tasks.pairs import EmbeddedPreferenceSpec, _sigmoid, draw_label, sample_labelled_groups
 
 LABEL_TEMPERATURE, VAL_PAIRS = 0.25, 1000
 
 
 def groups_from(
-    policy: str, split: str, n: int, seed: int, vocab: dict[str, int], temperatures: tuple[float, ...] = (1.0,),
+    policy: str,
+    split: str,
+    n: int,
+    seed: int,
+    vocab: dict[str, int],
+    temperatures: tuple[float, ...] = (1.0,),
     responses_per_prompt: int = 2,
 ) -> tuple[list[list[Pair]], float]:
-    spec = EmbeddedPreferenceSpec(policy=policy, train_pairs=max(n, 1), val_pairs=1, label_temperature=LABEL_TEMPERATURE,
-                                  max_new_tokens=32, sampling_temperatures=list(temperatures))
+    spec = EmbeddedPreferenceSpec(
+        policy=policy,
+        train_pairs=max(n, 1),
+        val_pairs=1,
+        label_temperature=LABEL_TEMPERATURE,
+        max_new_tokens=32,
+        sampling_temperatures=list(temperatures),
+    )
     return sample_labelled_groups(get_task("reviews"), spec, split, n, seed, vocab, responses_per_prompt)
 
 
@@ -82,7 +93,9 @@ def edited_pairs(pairs: list[Pair], tokenizer, seed: int, balanced: bool = False
 
     out = []
     for a, _ in pairs:
-        body, ends = (a.response_ids[:-1], a.response_ids[-1:]) if a.response_ids[-1:] == [eos] else (a.response_ids, [])
+        body, ends = (
+            (a.response_ids[:-1], a.response_ids[-1:]) if a.response_ids[-1:] == [eos] else (a.response_ids, [])
+        )
         parts = sentences(body)
         tail = body[sum(map(len, parts)) :]  # an unfinished last sentence stays as it was
         donor = sentences([t for t in rng.choice(pairs)[0].response_ids if t != eos])
@@ -92,8 +105,10 @@ def edited_pairs(pairs: list[Pair], tokenizer, seed: int, balanced: bool = False
         if edited.response_ids == a.response_ids:
             continue
         prompt = tokenizer.decode(a.prompt_ids, skip_special_tokens=True)
-        gold = [reviews.gold_reward(prompt, tokenizer.decode(e.response_ids, skip_special_tokens=True), bool(ends))
-                for e in (a, edited)]
+        gold = [
+            reviews.gold_reward(prompt, tokenizer.decode(e.response_ids, skip_special_tokens=True), bool(ends))
+            for e in (a, edited)
+        ]
         out.append(draw_label(a, edited, _sigmoid((gold[0] - gold[1]) / LABEL_TEMPERATURE), rng))
     return out
 
@@ -153,8 +168,9 @@ def summed_scores(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Experimental reward: the score head applied at every response token, summed over the
     response (the gold reward is a sum over sentences), instead of read at the last token."""
     backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    hidden = backbone(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+    ).last_hidden_state
     return (model.score(hidden).squeeze(-1).float() * batch.response_mask).sum(dim=1)
 
 
@@ -190,6 +206,7 @@ def flaw_blind_margins(pairs: list[Pair], tokenizer) -> list[float]:
     but nothing of flaws: ``tanh(S'/2)`` (minus 1 without EOS), where ``S'`` also counts
     repeated and off-topic sentences and unparseable ones count for nothing. A reward model
     that learned sentiment perfectly and flaws not at all scores like this."""
+
     def score(example) -> float:
         sentences, _ = reviews.split_sentences(tokenizer.decode(example.response_ids, skip_special_tokens=True))
         parsed = [reviews.parse_sentence(text) for text in sentences]
@@ -222,54 +239,99 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0],
-                        help="sampling temperatures of the SFT training pairs, pair i at the (i mod n)-th")
-    parser.add_argument("--layers", type=int,
-                        help="train a randomly initialised reward model of the SFT model's shape with this many layers")
-    parser.add_argument("--width", type=int,
-                        help="with --layers: this hidden size (and 3x for the MLP) instead of the SFT model's")
-    parser.add_argument("--edited-pairs", type=int, default=0,
-                        help="experiment: N more SFT pairs whose second response is an edited copy of the first")
-    parser.add_argument("--balanced-edits", action="store_true",
-                        help="edits that keep the length or shorten: repeat over another sentence, swap in a foreign "
-                             "sentence, replace a word, cut a sentence")
-    parser.add_argument("--keep-flawed", type=int, default=0,
-                        help="diagnostic that uses the gold reward to pick pairs: train on the first N sampled pairs "
-                             "with a flawed response (sample enough --sft-pairs) and --keep-clean clean ones")
+    parser.add_argument(
+        "--temperatures",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="sampling temperatures of the SFT training pairs, pair i at the (i mod n)-th",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        help="train a randomly initialised reward model of the SFT model's shape with this many layers",
+    )
+    parser.add_argument(
+        "--width", type=int, help="with --layers: this hidden size (and 3x for the MLP) instead of the SFT model's"
+    )
+    parser.add_argument(
+        "--edited-pairs",
+        type=int,
+        default=0,
+        help="experiment: N more SFT pairs whose second response is an edited copy of the first",
+    )
+    parser.add_argument(
+        "--balanced-edits",
+        action="store_true",
+        help="edits that keep the length or shorten: repeat over another sentence, swap in a foreign "
+        "sentence, replace a word, cut a sentence",
+    )
+    parser.add_argument(
+        "--keep-flawed",
+        type=int,
+        default=0,
+        help="diagnostic that uses the gold reward to pick pairs: train on the first N sampled pairs "
+        "with a flawed response (sample enough --sft-pairs) and --keep-clean clean ones",
+    )
     parser.add_argument("--keep-clean", type=int, default=0)
-    parser.add_argument("--keep-unlikely", type=int, default=0,
-                        help="label-free selection: train on the N sampled pairs with the least likely response token "
-                             "under the SFT policy plus --keep-rest others drawn at random")
+    parser.add_argument(
+        "--keep-unlikely",
+        type=int,
+        default=0,
+        help="label-free selection: train on the N sampled pairs with the least likely response token "
+        "under the SFT policy plus --keep-rest others drawn at random",
+    )
     parser.add_argument("--keep-rest", type=int, default=0)
-    parser.add_argument("--pooling", choices=["last", "sum"], default="last",
-                        help="experiment: 'sum' trains and measures a per-token score summed over the response")
-    parser.add_argument("--init-from",
-                        help="curriculum: go on training this saved reward model instead of starting from the SFT model")
-    parser.add_argument("--responses-per-prompt", type=int, default=2,
-                        help="K-wise comparisons: K SFT responses per prompt, all K(K-1)/2 pairs labelled, batched "
-                             "by prompt (--sft-pairs counts pairs)")
+    parser.add_argument(
+        "--pooling",
+        choices=["last", "sum"],
+        default="last",
+        help="experiment: 'sum' trains and measures a per-token score summed over the response",
+    )
+    parser.add_argument(
+        "--init-from", help="curriculum: go on training this saved reward model instead of starting from the SFT model"
+    )
+    parser.add_argument(
+        "--responses-per-prompt",
+        type=int,
+        default=2,
+        help="K-wise comparisons: K SFT responses per prompt, all K(K-1)/2 pairs labelled, batched "
+        "by prompt (--sft-pairs counts pairs)",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="pairs per batch")
     parser.add_argument("--evaluate", help="measure this saved reward model instead of training one")
-    parser.add_argument("--uncertainty-of",
-                        help="active-learning check: the share of flawed pairs and gold ties among the --sft-pairs "
-                             "sampled pairs this saved reward model is least and most sure of; trains nothing")
+    parser.add_argument(
+        "--uncertainty-of",
+        help="active-learning check: the share of flawed pairs and gold ties among the --sft-pairs "
+        "sampled pairs this saved reward model is least and most sure of; trains nothing",
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     tokenizer = load_tokenizer(ModelSpec(name_or_path=args.sft))
     vocab = tokenizer.get_vocab()
     val, ceiling = pairs_from(args.sft, "test", VAL_PAIRS, 1, vocab)  # the demo's held-out pairs (seed 0 + 1)
     kinds = flaw_kinds(val, tokenizer)
-    report(evaluate(flaw_blind_margins(val, tokenizer), val, kinds), ceiling,
-           "reference: gold sentiment of every parseable sentence, blind to flaws")
+    report(
+        evaluate(flaw_blind_margins(val, tokenizer), val, kinds),
+        ceiling,
+        "reference: gold sentiment of every parseable sentence, blind to flaws",
+    )
     if args.evaluate:
         model = build_reward_model(ModelSpec(name_or_path=args.evaluate), tokenizer)
-        report(evaluate(model_margins(model, tokenizer.pad_token_id, val), val, kinds), ceiling, f"{args.evaluate} (as saved)")
+        report(
+            evaluate(model_margins(model, tokenizer.pad_token_id, val), val, kinds),
+            ceiling,
+            f"{args.evaluate} (as saved)",
+        )
         return
     grouped = args.responses_per_prompt > 2
     if grouped and (args.drift_pairs or args.edited_pairs or args.keep_flawed or args.keep_unlikely):
         parser.error("--responses-per-prompt > 2 trains on SFT pairs only: set --drift-pairs 0, no edits or picks")
-    sft_groups, _ = groups_from(args.sft, "train", args.sft_pairs, args.seed, vocab, args.temperatures,
-                                args.responses_per_prompt) if args.sft_pairs else ([], 0.0)
+    sft_groups, _ = (
+        groups_from(args.sft, "train", args.sft_pairs, args.seed, vocab, args.temperatures, args.responses_per_prompt)
+        if args.sft_pairs
+        else ([], 0.0)
+    )
     train = [pair for group in sft_groups for pair in group]
     if args.uncertainty_of:
         report_uncertainty(build_reward_model(ModelSpec(name_or_path=args.uncertainty_of), tokenizer), train, tokenizer)
@@ -277,7 +339,12 @@ def main() -> None:
     if args.drift_pairs:
         train += pairs_from(args.drift_policy, "train", args.drift_pairs, args.seed + 2, vocab)[0]
     if args.edited_pairs:
-        train += edited_pairs(pairs_from(args.sft, "train", args.edited_pairs, args.seed + 3, vocab)[0], tokenizer, args.seed, args.balanced_edits)
+        train += edited_pairs(
+            pairs_from(args.sft, "train", args.edited_pairs, args.seed + 3, vocab)[0],
+            tokenizer,
+            args.seed,
+            args.balanced_edits,
+        )
     random.Random(args.seed).shuffle(train)
     sampled = time.perf_counter() - start
     train_flawed = [k != "clean" for k in flaw_kinds(train, tokenizer)]
@@ -296,29 +363,50 @@ def main() -> None:
     origin = f"from {args.init_from or 'SFT'}"
     if args.layers:
         shape = AutoConfig.from_pretrained(args.sft).to_dict()
-        keep = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                "max_position_embeddings", "tie_word_embeddings")
+        keep = (
+            "model_type",
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "tie_word_embeddings",
+        )
         wider = {"hidden_size": args.width, "intermediate_size": 3 * args.width} if args.width else {}
-        model = ModelSpec(architecture={k: shape[k] for k in keep} | {"num_hidden_layers": args.layers} | wider,
-                          tokenizer=args.sft)
+        model = ModelSpec(
+            architecture={k: shape[k] for k in keep} | {"num_hidden_layers": args.layers} | wider, tokenizer=args.sft
+        )
         origin = f"{args.layers} layers of width {model.architecture['hidden_size']} from scratch"
     scores_of = summed_scores if args.pooling == "sum" else reward_scores
     if args.pooling == "sum":  # experiment only: the stage reads rewards this way in this process
         reward_stage.reward_scores = summed_scores
-    module = RewardModule(model,
-                          optimizer=OptimizerSpec(learning_rate=args.lr, weight_decay=0.01, warmup_steps=20,
-                                                  schedule="cosine"))  # fmt: skip
+    module = RewardModule(
+        model, optimizer=OptimizerSpec(learning_rate=args.lr, weight_decay=0.01, warmup_steps=20, schedule="cosine")
+    )
     groups = sft_groups if grouped else [[pair] for pair in train]
-    loader = DataLoader(groups, batch_size=args.batch_size // max(map(len, groups)), shuffle=True,
-                        collate_fn=partial(collate_pair_groups, pad_token_id=tokenizer.pad_token_id))
-    L.Trainer(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False).fit(module, loader)
-    report(evaluate(model_margins(module.reward_model, tokenizer.pad_token_id, val, scores_of), val, kinds), ceiling,
-           f"{args.sft_pairs} SFT ({args.responses_per_prompt} per prompt, temperatures {args.temperatures}, "
-           f"batches of {args.batch_size}) + {args.drift_pairs} {args.drift_policy} "
-           f"+ {args.edited_pairs} {'balanced ' if args.balanced_edits else ''}edited pairs "
-           f"({sum(train_flawed) / max(1, len(train_flawed)):.1%} with a flawed response), {args.epochs} epochs, "
-           f"lr {args.lr}, seed {args.seed}, {origin}, pooling {args.pooling}; sampling {sampled:.0f} s, all {time.perf_counter() - start:.0f} s")
+    loader = DataLoader(
+        groups,
+        batch_size=args.batch_size // max(map(len, groups)),
+        shuffle=True,
+        collate_fn=partial(collate_pair_groups, pad_token_id=tokenizer.pad_token_id),
+    )
+    L.Trainer(
+        accelerator="cpu",
+        max_epochs=args.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module, loader)
+    report(
+        evaluate(model_margins(module.reward_model, tokenizer.pad_token_id, val, scores_of), val, kinds),
+        ceiling,
+        f"{args.sft_pairs} SFT ({args.responses_per_prompt} per prompt, temperatures {args.temperatures}, "
+        f"batches of {args.batch_size}) + {args.drift_pairs} {args.drift_policy} "
+        f"+ {args.edited_pairs} {'balanced ' if args.balanced_edits else ''}edited pairs "
+        f"({sum(train_flawed) / max(1, len(train_flawed)):.1%} with a flawed response), {args.epochs} epochs, "
+        f"lr {args.lr}, seed {args.seed}, {origin}, pooling {args.pooling}; sampling {sampled:.0f} s, all {time.perf_counter() - start:.0f} s",
+    )
 
 
 def report_uncertainty(model: torch.nn.Module, pairs: list[Pair], tokenizer) -> None:
@@ -338,12 +426,16 @@ def report_uncertainty(model: torch.nn.Module, pairs: list[Pair], tokenizer) -> 
 
 def report(result: dict, ceiling: float, what: str) -> None:
     print(f"reward model: {what}")
-    print(f"held-out ({result['all'][0]} SFT pairs): acc {result['acc']:.1%}  E[acc] {result['all'][1]:.1%}  "
-          f"ceiling {ceiling:.1%}  gap {(ceiling - result['all'][1]) * 100:.1f} points")
+    print(
+        f"held-out ({result['all'][0]} SFT pairs): acc {result['acc']:.1%}  E[acc] {result['all'][1]:.1%}  "
+        f"ceiling {ceiling:.1%}  gap {(ceiling - result['all'][1]) * 100:.1f} points"
+    )
     for kind in (k for k in result if k not in ("acc", "all")):
         n, expected, best = result[kind]
-        print(f"  {kind:>11} pairs: {n:4d}  E[acc] {expected:.1%}  ceiling {best:.1%}  "
-              f"points lost overall {(best - expected) * n / result['all'][0] * 100:.1f}")
+        print(
+            f"  {kind:>11} pairs: {n:4d}  E[acc] {expected:.1%}  ceiling {best:.1%}  "
+            f"points lost overall {(best - expected) * n / result['all'][0] * 100:.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,23 @@ def main() -> None:
     print(" | ".join("---" for _ in header))
     start = time.perf_counter()
     for size, prompts, k in itertools.product(args.sizes, args.prompts, args.ks):
-        command = [sys.executable, str(SCRIPT), "--no-isolated", "--size", size, "--prompts", str(prompts),
-                   "--k", str(k), "--iterations", str(args.iterations), "--warmup", str(args.warmup),
-                   "--device", args.device]
+        command = [
+            sys.executable,
+            str(SCRIPT),
+            "--no-isolated",
+            "--size",
+            size,
+            "--prompts",
+            str(prompts),
+            "--k",
+            str(k),
+            "--iterations",
+            str(args.iterations),
+            "--warmup",
+            str(args.warmup),
+            "--device",
+            args.device,
+        ]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
@@ -55,8 +69,10 @@ def main() -> None:
                 raise RuntimeError(f"no {name!r} in the output of {' '.join(command)}:\n{done.stdout}")
             values.append(found.group(1))
         print(" | ".join([size, str(prompts), str(k), *values]), flush=True)
-    print(f"\n{time.perf_counter() - start:.0f} s in all; device {args.device}, {args.iterations} iterations "
-          f"after {args.warmup} warm-up per row")
+    print(
+        f"\n{time.perf_counter() - start:.0f} s in all; device {args.device}, {args.iterations} iterations "
+        f"after {args.warmup} warm-up per row"
+    )
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def run_lit(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
     import lightning as L
 
     sys.path.insert(0, str(HERE))
-    from p3o_iteration import K, NEW_TOKENS, PROMPTS, count_generated_tokens
+    from p3o_iteration import NEW_TOKENS, PROMPTS, K, count_generated_tokens
 
     from lit_p3o import KLSpec, ModelSpec, OptimizerSpec, RLOOModule, RolloutSpec, SamplingSpec
 
@@ -77,10 +77,17 @@ def run_lit(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
         ModelSpec(name_or_path=str(workdir / "policy"), dtype=args.dtype),
         str(workdir / "reward"),
         clip_epsilon=CLIP,
-        rollout=RolloutSpec(prompts=str(workdir / "prompts.jsonl"), prompt_pool=None, num_prompts=PROMPTS,
-                            num_responses=K, update_epochs=1, minibatch_groups=PROMPTS, max_prompt_tokens=32,
-                            sampling=SamplingSpec(max_new_tokens=NEW_TOKENS, compile=COMPILE[args.lit_compile]),
-                            log_samples=0),
+        rollout=RolloutSpec(
+            prompts=str(workdir / "prompts.jsonl"),
+            prompt_pool=None,
+            num_prompts=PROMPTS,
+            num_responses=K,
+            update_epochs=1,
+            minibatch_groups=PROMPTS,
+            max_prompt_tokens=32,
+            sampling=SamplingSpec(max_new_tokens=NEW_TOKENS, compile=COMPILE[args.lit_compile]),
+            log_samples=0,
+        ),
         kl=KLSpec(beta=BETA),
         optimizer=OptimizerSpec(learning_rate=LEARNING_RATE),
         seed=args.seed,
@@ -92,9 +99,16 @@ def run_lit(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
         def on_train_epoch_end(self, trainer, pl_module) -> None:  # one epoch = one iteration
             stamps.append(time.perf_counter())
 
-    trainer = L.Trainer(accelerator=args.device, devices=1, max_epochs=args.warmup + args.iterations + 1,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Stamp()])
+    trainer = L.Trainer(
+        accelerator=args.device,
+        devices=1,
+        max_epochs=args.warmup + args.iterations + 1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Stamp()],
+    )
     trainer.fit(stage)
     return summary(iteration_seconds(stamps, args.warmup), generated[args.warmup + 1 :], PROMPTS * K)
 
@@ -112,14 +126,35 @@ def run_trl(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
     reward = AutoModelForSequenceClassification.from_pretrained(workdir / "reward", num_labels=1, dtype=dtype)
     prompts = [json.loads(line)["prompt"] for line in open(workdir / "prompts.jsonl")]
     config = RLOOConfig(
-        output_dir=str(workdir / "trl"), seed=args.seed, use_cpu=args.device == "cpu",
-        per_device_train_batch_size=PROMPTS * K, num_generations=K, steps_per_generation=1,
-        gradient_accumulation_steps=1, num_iterations=1, max_completion_length=NEW_TOKENS,
-        temperature=1.0, top_k=0, top_p=1.0, beta=BETA, epsilon=CLIP,
-        learning_rate=LEARNING_RATE, lr_scheduler_type="constant", optim="adamw_torch", weight_decay=0.0,
-        max_grad_norm=0.0, bf16=False, fp16=False, gradient_checkpointing=False,
-        max_steps=args.warmup + args.iterations + 1, report_to="none", logging_strategy="no",
-        save_strategy="no", eval_strategy="no", log_completions=False, disable_tqdm=True,
+        output_dir=str(workdir / "trl"),
+        seed=args.seed,
+        use_cpu=args.device == "cpu",
+        per_device_train_batch_size=PROMPTS * K,
+        num_generations=K,
+        steps_per_generation=1,
+        gradient_accumulation_steps=1,
+        num_iterations=1,
+        max_completion_length=NEW_TOKENS,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        beta=BETA,
+        epsilon=CLIP,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        max_steps=args.warmup + args.iterations + 1,
+        report_to="none",
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        log_completions=False,
+        disable_tqdm=True,
         dataloader_num_workers=0,
     )
     stamps: list[float] = []
@@ -128,9 +163,15 @@ def run_trl(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
         def on_step_end(self, *_, **__) -> None:
             stamps.append(time.perf_counter())
 
-    trainer = RLOOTrainer(model=policy, reward_funcs=reward, args=config,
-                          train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
-                          reward_processing_classes=tokenizer, callbacks=[Stamp()])
+    trainer = RLOOTrainer(
+        model=policy,
+        reward_funcs=reward,
+        args=config,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tokenizer,
+        reward_processing_classes=tokenizer,
+        callbacks=[Stamp()],
+    )
     generated: list[int] = []
     generate = trainer._generate_single_turn
 
@@ -161,9 +202,26 @@ def child(args: argparse.Namespace) -> None:
 
 
 def launch(side: str, workdir: Path, args: argparse.Namespace, seed: int) -> dict[str, float]:
-    command = [sys.executable, __file__, "--side", side, "--workdir", str(workdir), "--device", args.device,
-               "--dtype", args.dtype, "--iterations", str(args.iterations), "--warmup", str(args.warmup),
-               "--seed", str(seed), "--lit-compile", args.lit_compile]
+    command = [
+        sys.executable,
+        __file__,
+        "--side",
+        side,
+        "--workdir",
+        str(workdir),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--iterations",
+        str(args.iterations),
+        "--warmup",
+        str(args.warmup),
+        "--seed",
+        str(seed),
+        "--lit-compile",
+        args.lit_compile,
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -180,14 +238,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lit-compile", default="auto", choices=["auto", "true", "false"],
-                        help="lit-p3o's SamplingSpec.compile")
+    parser.add_argument(
+        "--lit-compile", default="auto", choices=["auto", "true", "false"], help="lit-p3o's SamplingSpec.compile"
+    )
     parser.add_argument("--side", choices=["lit", "trl"], help=argparse.SUPPRESS)  # a child run
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side is not None:
         sys.path.insert(0, str(HERE))
-        from p3o_iteration import K, NEW_TOKENS, PROMPTS
+        from p3o_iteration import NEW_TOKENS, PROMPTS, K
 
         args.shapes = (K, NEW_TOKENS, PROMPTS)
         return child(args)
@@ -204,20 +263,27 @@ def main() -> None:
                 # luck of the draw, and one seed for every round would repeat the same luck
                 result = launch(side, workdir, args, args.seed + r)
                 results[side].append(result)
-                print(f"round {r + 1} {side:>3}: {result['iteration_ms']:7.1f} ms/iteration  "
-                      f"completions/s {result['completions_per_s']:7.1f}  generated tokens/s "
-                      f"{result['tokens_per_s']:8.1f} ({result['tokens_per_iteration']:.0f}/iteration)  "
-                      f"peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+                print(
+                    f"round {r + 1} {side:>3}: {result['iteration_ms']:7.1f} ms/iteration  "
+                    f"completions/s {result['completions_per_s']:7.1f}  generated tokens/s "
+                    f"{result['tokens_per_s']:8.1f} ({result['tokens_per_iteration']:.0f}/iteration)  "
+                    f"peak RSS {result['peak_rss_mib']:.0f} MiB",
+                    flush=True,
+                )
 
-    print(f"\nsize {args.size}, device {args.device}, dtype {args.dtype}, lit-p3o compile {args.lit_compile}, "
-          f"{args.rounds} rounds x "
-          f"{args.iterations} iterations (+{args.warmup} warm-up), {time.perf_counter() - start:.0f} s in all")
+    print(
+        f"\nsize {args.size}, device {args.device}, dtype {args.dtype}, lit-p3o compile {args.lit_compile}, "
+        f"{args.rounds} rounds x "
+        f"{args.iterations} iterations (+{args.warmup} warm-up), {time.perf_counter() - start:.0f} s in all"
+    )
     for name in figures:
         lit = [r[name] for r in results["lit"]]
         trl = [r[name] for r in results["trl"]]
         ratios = [a / b for a, b in zip(lit, trl)]
-        print(f"{name:<18} lit-p3o median {statistics.median(lit):8.1f}  TRL median {statistics.median(trl):8.1f}  "
-              f"lit/TRL per round {' '.join(f'{x:.2f}' for x in ratios)}  median {statistics.median(ratios):.2f}")
+        print(
+            f"{name:<18} lit-p3o median {statistics.median(lit):8.1f}  TRL median {statistics.median(trl):8.1f}  "
+            f"lit/TRL per round {' '.join(f'{x:.2f}' for x in ratios)}  median {statistics.median(ratios):.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,20 @@ from lit_p3o.stages.sft import SFTModule
 # Checkpoints hold these config/buffer classes (hyperparameters, replay buffer); allow them
 # so that `trainer.fit(ckpt_path=...)` works with torch.load(weights_only=True).
 torch.serialization.add_safe_globals(
-    [Group, EvaluationSpec, GuardSpec, KLSpec, LoraSpec, ModelSpec, OptimizerSpec, QuantizationSpec, RewardSpec, RolloutSpec, SamplingSpec,
-     EmbeddedPreferenceSpec]
+    [
+        Group,
+        EvaluationSpec,
+        GuardSpec,
+        KLSpec,
+        LoraSpec,
+        ModelSpec,
+        OptimizerSpec,
+        QuantizationSpec,
+        RewardSpec,
+        RolloutSpec,
+        SamplingSpec,
+        EmbeddedPreferenceSpec,
+    ]
 )
 # Checkpoints written before lit_p3o.models became a package name the specs by their old path.
 torch.serialization.add_safe_globals(

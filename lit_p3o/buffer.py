@@ -16,8 +16,9 @@ is advanced by the rollout callback after each trained minibatch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -51,7 +52,9 @@ class Group:
         k = len(self.responses)
         if (self.logp_old is None) != (self.kl is None) or (self.kl is None) != (self.rewards is None):
             raise ValueError("Group: logp_old, kl and rewards are all given or all left to the update (None)")
-        present = [x for x in (self.logp_old, self.logp_ref, self.scores, self.kl, self.rewards, self.ended) if x is not None]
+        present = [
+            x for x in (self.logp_old, self.logp_ref, self.scores, self.kl, self.rewards, self.ended) if x is not None
+        ]
         if {len(x) for x in present} != {k} or any(len(v) != k for v in self.extras.values()):
             raise ValueError(f"Group: inconsistent sizes for {k} responses")
 
@@ -71,9 +74,16 @@ class RolloutBatch:
     """
 
     def __init__(
-        self, batch: Batch, logp_old: Tensor | None, logp_ref: Tensor, scores: Tensor, kl: Tensor | None,
-        rewards: Tensor | None, ended: Tensor, extras: dict[str, Tensor],
-    ) -> None:  # fmt: skip
+        self,
+        batch: Batch,
+        logp_old: Tensor | None,
+        logp_ref: Tensor,
+        scores: Tensor,
+        kl: Tensor | None,
+        rewards: Tensor | None,
+        ended: Tensor,
+        extras: dict[str, Tensor],
+    ) -> None:
         self.batch, self.logp_old, self.logp_ref = batch, logp_old, logp_ref
         self.scores, self.kl, self.rewards, self.ended, self.extras = scores, kl, rewards, ended, extras
 
@@ -88,8 +98,10 @@ class RolloutBatch:
     def to(self, device: torch.device | str) -> RolloutBatch:
         return RolloutBatch(
             self.batch.to(device),
-            *(None if t is None else t.to(device)
-              for t in (self.logp_old, self.logp_ref, self.scores, self.kl, self.rewards, self.ended)),
+            *(
+                None if t is None else t.to(device)
+                for t in (self.logp_old, self.logp_ref, self.scores, self.kl, self.rewards, self.ended)
+            ),
             {k: v.to(device) for k, v in self.extras.items()},
         )
 

@@ -67,8 +67,11 @@ def read_checkpoint(path: str | Path, flag: str = "--ckpt_path") -> dict[str, An
         unsafe = _unsafe_globals(file, err)
         if unsafe:
             commands = any(name.split(".")[0] in _COMMAND_MODULES for name in unsafe)
-            advice = ("they can run commands: do not load this file" if commands else "if you trust the file and "
-                      "these classes, allow them with torch.serialization.add_safe_globals")  # fmt: skip
+            advice = (
+                "they can run commands: do not load this file"
+                if commands
+                else "if you trust the file and these classes, allow them with torch.serialization.add_safe_globals"
+            )
             raise ConfigError(
                 f"{flag} {path}: holds {', '.join(unsafe)}, which torch's safe loader refuses to load (loading "
                 f"would run or build them); lit-p3o checkpoints hold no such objects, and {advice}"
@@ -170,9 +173,7 @@ def check_export_dir(
     marker = read_run_marker(directory)
     if marker is not None and _same_run(marker, run_id, checkpoint):
         return
-    owner = (
-        f"files without a {RUN_MARKER} (not exported by a lit-p3o run)" if marker is None else _export_of(marker)
-    )
+    owner = f"files without a {RUN_MARKER} (not exported by a lit-p3o run)" if marker is None else _export_of(marker)
     writer = writer or f"this resumed run (run {run_id or 'without an id'})"
     option = flag if flag.startswith("-") else f"--{flag}"
     raise ConfigError(

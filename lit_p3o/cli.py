@@ -204,7 +204,9 @@ class LitP3OCLI(LightningCLI):
                 check_export_dir(save_dir, run_id)
                 keep_csv_history(self.trainer, self.checkpoint)
             elif save_dir is not None and (marker := read_run_marker(Path(save_dir))) is not None:
-                log.warning("%s holds the export of run %s; this new run will replace it", save_dir, marker.get("run_id"))
+                log.warning(
+                    "%s holds the export of run %s; this new run will replace it", save_dir, marker.get("run_id")
+                )
             else:  # the export replaces save_dir whole: never a directory of other files
                 check_export_dir(save_dir, None, writer=f"this new run (run {new_id})")
         except BaseException:
@@ -227,12 +229,18 @@ class LitP3OCLI(LightningCLI):
 
     def _stopped_by_signal(self) -> str:
         saved = next((cb.path for cb in self.trainer.callbacks if isinstance(cb, SignalCheckpoint) and cb.path), None)
-        where = f"stopped by SIGTERM after {self.trainer.global_step} optimizer steps (epoch {self.trainer.current_epoch})"
+        where = (
+            f"stopped by SIGTERM after {self.trainer.global_step} optimizer steps (epoch {self.trainer.current_epoch})"
+        )
         if saved is None:
-            return (f"{where}; no checkpoint was written (no ModelCheckpoint in trainer.callbacks) and nothing "
-                    "was exported: the run cannot be resumed")  # fmt: skip
-        return (f"{where}; nothing was exported. Checkpoint: {saved}; resume by running the same command with "
-                f"--ckpt_path {saved}")  # fmt: skip
+            return (
+                f"{where}; no checkpoint was written (no ModelCheckpoint in trainer.callbacks) and nothing "
+                "was exported: the run cannot be resumed"
+            )
+        return (
+            f"{where}; nothing was exported. Checkpoint: {saved}; resume by running the same command with "
+            f"--ckpt_path {saved}"
+        )
 
 
 class _OneLineErrorParser(LightningArgumentParser):
@@ -281,8 +289,14 @@ def condense_parser_error(message: str) -> str:
     return message
 
 
-_PARSER_NOISE = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>",
-                 "Expected a path but")  # fmt: skip
+_PARSER_NOISE = (
+    "Does not validate",
+    "Subtypes:",
+    "Errors:",
+    "Given value",
+    "Expected a <class 'NoneType'>",
+    "Expected a path but",
+)
 
 
 def _import_class(class_path: str) -> type | None:
@@ -385,7 +399,6 @@ def _show_our_logs() -> None:
         handler.setFormatter(logging.Formatter("[lit-p3o] %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-
 
 
 def _hide_lightning_tips() -> None:

@@ -54,8 +54,13 @@ class RewardFunctionError(SourceError):
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    UserError, DataFormatError, NoGradientError, TooManySkippedError, OSError, MisconfigurationException
-)  # fmt: skip
+    UserError,
+    DataFormatError,
+    NoGradientError,
+    TooManySkippedError,
+    OSError,
+    MisconfigurationException,
+)
 
 _SPEC_MESSAGE = re.compile(r"(?P<cls>[A-Z]\w*)(?:\.(?P<field>\w+))?: ")
 

@@ -25,9 +25,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.data.encoding import Encoded, collate, encode_prompt, fit_prompt
-from lit_p3o.data.sources import read_text
 from lit_p3o.data.issues import DataFormatError
 from lit_p3o.data.prompts import load_prompts
+from lit_p3o.data.sources import read_text
 from lit_p3o.generation import SamplingSpec, decode, eval_mode, response_logprobs, sample_responses, seeded
 from lit_p3o.models import FrozenReference, is_sharded
 from lit_p3o.monitoring import log_point, phase, shows_progress
@@ -149,7 +149,9 @@ def evaluate_examples(
         "eos_rate": torch.tensor(out.ended, dtype=torch.float32),
     }
     if task is not None:
-        values["gold"] = torch.tensor(task.gold_reward_batch(out.prompts, out.responses, out.ended), dtype=torch.float32)
+        values["gold"] = torch.tensor(
+            task.gold_reward_batch(out.prompts, out.responses, out.ended), dtype=torch.float32
+        )
     return values
 
 
@@ -271,18 +273,28 @@ class FrontierCallback(L.Callback):
         rollout_spec = getattr(pl_module, "rollout_spec", None)  # the stage's chat template kwargs and stop strings
         if self._prompt_list is None:
             self._prompt_list = load_prompts(
-                self.prompts, self.split, self.num_prompts, tokenizer=pl_module.tokenizer,
+                self.prompts,
+                self.split,
+                self.num_prompts,
+                tokenizer=pl_module.tokenizer,
                 chat_template_kwargs=getattr(rollout_spec, "chat_template_kwargs", None),
-            )  # fmt: skip
+            )
         sampling = self.sampling
         if rollout_spec is not None:
             sampling = dataclasses.replace(sampling, stop_strings=rollout_spec.sampling.stop_strings)
         with seeded(self.seed, pl_module.device), trainer.precision_plugin.forward_context(), phase(trainer, "eval"):
             point = evaluate_policy(
-                pl_module.policy, pl_module.reference, pl_module.tokenizer, pl_module.scorer,
-                self._prompt_list, sampling, self.max_prompt_tokens, self.task, self.batch_size,
+                pl_module.policy,
+                pl_module.reference,
+                pl_module.tokenizer,
+                pl_module.scorer,
+                self._prompt_list,
+                sampling,
+                self.max_prompt_tokens,
+                self.task,
+                self.batch_size,
                 progress="eval: generate" if shows_progress(trainer) else None,
-            )  # fmt: skip
+            )
         if not trainer.is_global_zero:
             return point
         row = {"step": trainer.global_step, **point}
@@ -377,7 +389,9 @@ class CompletionReport(L.Callback):
             return
         prompts = load_prompts(self.prompts, self.split, self.num_prompts, tokenizer=pl_module.tokenizer)
         with trainer.precision_plugin.forward_context():
-            out = sample_completions(pl_module.policy, pl_module.tokenizer, prompts, self.sampling, self.max_prompt_tokens)
+            out = sample_completions(
+                pl_module.policy, pl_module.tokenizer, prompts, self.sampling, self.max_prompt_tokens
+            )
         if not trainer.is_global_zero:
             return
         print(f"\n[lit-p3o] sample completions ({self.split} prompts):")

@@ -133,7 +133,11 @@ def context_limit(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> tuple
 
 
 def check_fits_context(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: str, max_prompt_tokens: int, sampling: str,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: str,
+    max_prompt_tokens: int,
+    sampling: str,
     max_new_tokens: int,
 ) -> None:
     """Refuse a prompt budget plus response budget beyond the model's context: positions past
@@ -291,15 +295,25 @@ def _generate(
         padded_mask = F.pad(attention_mask, (pad, 0), value=0)
         rng = _rng_state(device)
         try:
-            out = model.generate(input_ids=padded_ids, attention_mask=padded_mask, synced_gpus=synced,
-                                 generation_config=spec.generation_config(tokenizer, stop_ids, compiled=True), **stops)
+            out = model.generate(
+                input_ids=padded_ids,
+                attention_mask=padded_mask,
+                synced_gpus=synced,
+                generation_config=spec.generation_config(tokenizer, stop_ids, compiled=True),
+                **stops,
+            )
             return out[:, padded_ids.shape[1] :]
         except torch._dynamo.exc.TorchDynamoException as error:  # e.g. no C++ compiler for inductor
             log.warning("SamplingSpec.compile: compilation failed, generating eagerly from now on: %s", error)
             _compile_failed = True
             _set_rng_state(device, rng)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, synced_gpus=synced,
-                         generation_config=spec.generation_config(tokenizer, stop_ids), **stops)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        synced_gpus=synced,
+        generation_config=spec.generation_config(tokenizer, stop_ids),
+        **stops,
+    )
     return out[:, input_ids.shape[1] :]
 
 

@@ -78,7 +78,9 @@ def _check_groups(logratio: Tensor, rewards: Tensor) -> None:
     if logratio.shape != rewards.shape or logratio.dim() != 2:
         raise ValueError(f"expected matching [G, K] tensors, got {tuple(logratio.shape)} and {tuple(rewards.shape)}")
     if logratio.shape[1] < 2:
-        raise ValueError(f"pairwise and leave-one-out losses need K >= 2 responses per group, got K={logratio.shape[1]}")
+        raise ValueError(
+            f"pairwise and leave-one-out losses need K >= 2 responses per group, got K={logratio.shape[1]}"
+        )
 
 
 def _check_epsilon(clip_epsilon: float) -> None:
@@ -94,7 +96,9 @@ def _clipped_surrogate(ratio: Tensor, advantage: Tensor, eps: float) -> tuple[Te
     return torch.minimum(unclipped, clipped), (clipped < unclipped).detach()
 
 
-def p3o_loss(logratio: Tensor, rewards: Tensor, clip_epsilon: float = 0.2, variant: str = "v1") -> tuple[Tensor, Tensor]:
+def p3o_loss(
+    logratio: Tensor, rewards: Tensor, clip_epsilon: float = 0.2, variant: str = "v1"
+) -> tuple[Tensor, Tensor]:
     """Pairwise Proximal Policy Optimization over all pairs ``i < j`` of every group.
 
     ``logratio[g, k] = ℓ = Σ_t (log π_θ − log π_old)`` and ``rewards[g, k] = r̃`` (treated as a
@@ -244,7 +248,9 @@ def ppo_policy_loss(
     return -masked_mean(surrogate, mask), masked_mean(clipped.float(), mask)
 
 
-def ppo_value_loss(values: Tensor, values_old: Tensor, returns: Tensor, mask: Tensor, clip_epsilon: float = 0.2) -> Tensor:
+def ppo_value_loss(
+    values: Tensor, values_old: Tensor, returns: Tensor, mask: Tensor, clip_epsilon: float = 0.2
+) -> Tensor:
     """``½ · mean_t max((V − R)², (clip(V, V_old − ε, V_old + ε) − R)²)`` over response tokens.
 
     The pessimistic max removes the incentive to move V further than ε from its rollout-time

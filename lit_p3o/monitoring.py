@@ -87,7 +87,11 @@ def phase(trainer: L.Trainer, label: str) -> Iterator[None]:
             yield
         finally:
             tqdm.set_postfix_str("", refresh=False)
-    elif isinstance(bar, RichProgressBar) and bar.progress is not None and getattr(bar, "train_progress_bar_id", None) is not None:
+    elif (
+        isinstance(bar, RichProgressBar)
+        and bar.progress is not None
+        and getattr(bar, "train_progress_bar_id", None) is not None
+    ):
         description = bar.train_progress_bar.description
         bar.progress.update(bar.train_progress_bar_id, description=f"{description} [{label}]")
         bar.refresh()

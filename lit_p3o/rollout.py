@@ -93,8 +93,14 @@ class RolloutSpec:
     def __post_init__(self) -> None:
         if self.num_responses < 2:
             raise ValueError(f"RolloutSpec.num_responses: pairwise methods need K >= 2, got {self.num_responses}")
-        for name in ("num_prompts", "update_epochs", "minibatch_groups", "max_prompt_tokens",
-                     "generation_batch_size", "forward_batch_size"):
+        for name in (
+            "num_prompts",
+            "update_epochs",
+            "minibatch_groups",
+            "max_prompt_tokens",
+            "generation_batch_size",
+            "forward_batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"RolloutSpec.{name}: must be >= 1, got {getattr(self, name)}")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
@@ -227,9 +233,12 @@ class RolloutCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.sampler is None:
             prompts = load_prompts(
-                self.spec.prompts, self.spec.split, self.spec.prompt_pool, pl_module.tokenizer,
+                self.spec.prompts,
+                self.spec.split,
+                self.spec.prompt_pool,
+                pl_module.tokenizer,
                 chat_template_kwargs=self.spec.chat_template_kwargs,
-            )  # fmt: skip
+            )
             self.sampler = PromptSampler(prompts, self.seed, trainer.global_rank, trainer.world_size)
             if trainer.is_global_zero:
                 log_clamps(self.spec, prompts, len(self.sampler.prompts), pl_module.tokenizer)
@@ -261,10 +270,19 @@ class RolloutCallback(L.Callback):
         for g in groups:
             prompt = decode(tok, g.prompt_ids)
             for i, response in enumerate(g.responses):
-                rows.append({"rollout": index, "prompt": prompt, "response": decode(tok, response),
-                             "score": float(g.scores[i]), "kl": None if g.kl is None else float(g.kl[i]),
-                             "ended": bool(g.ended[i])})  # fmt: skip
-            rank_zero_info(f"[rollout {index}] {prompt!r} -> {rows[-len(g.responses)]['response']!r} (score {g.scores[0]:.3f})")
+                rows.append(
+                    {
+                        "rollout": index,
+                        "prompt": prompt,
+                        "response": decode(tok, response),
+                        "score": float(g.scores[i]),
+                        "kl": None if g.kl is None else float(g.kl[i]),
+                        "ended": bool(g.ended[i]),
+                    }
+                )
+            rank_zero_info(
+                f"[rollout {index}] {prompt!r} -> {rows[-len(g.responses)]['response']!r} (score {g.scores[0]:.3f})"
+            )
         log_samples(trainer.loggers, "rollout/samples", rows, trainer.global_step)
 
     def on_train_batch_end(
@@ -353,22 +371,30 @@ def log_clamps(spec: RolloutSpec, prompts: list[str], rank_prompts: int, tokeniz
         log.warning(
             "rollout.minibatch_groups=%d is larger than the %d groups of a rollout (rollout.num_prompts per "
             "device): every minibatch holds all %d groups, so each rollout gives %d updates (rollout.update_epochs)",
-            spec.minibatch_groups, spec.num_prompts, spec.num_prompts, spec.update_epochs,
-        )  # fmt: skip
+            spec.minibatch_groups,
+            spec.num_prompts,
+            spec.num_prompts,
+            spec.update_epochs,
+        )
     if rank_prompts < spec.num_prompts:
         log.warning(
             "the prompt pool holds %d prompts per device (%d read from %s, rollout.prompt_pool=%s), fewer than "
             "rollout.num_prompts=%d: every rollout repeats prompts",
-            rank_prompts, len(prompts), spec.prompts, spec.prompt_pool, spec.num_prompts,
-        )  # fmt: skip
+            rank_prompts,
+            len(prompts),
+            spec.prompts,
+            spec.prompt_pool,
+            spec.num_prompts,
+        )
     stats = TruncationStats()
     for prompt in prompts:
         fit_prompt(encode_prompt(tokenizer, prompt), spec.max_prompt_tokens, tokenizer.bos_token_id, stats)
     if stats.truncated_prompts:
         log.warning(
             "rollout prompts: %s of the pool to fit rollout.max_prompt_tokens=%d",
-            stats.describe(), spec.max_prompt_tokens,
-        )  # fmt: skip
+            stats.describe(),
+            spec.max_prompt_tokens,
+        )
 
 
 def rollout(
@@ -380,9 +406,13 @@ def rollout(
     prompt_ids = [fit_prompt(encode_prompt(tok, p), spec.max_prompt_tokens, tok.bos_token_id) for p in prompts]
     repeated = [ids for ids in prompt_ids for _ in range(k)]  # group-major: K copies in a row
     sampled = sample_responses(
-        stage.policy, tok, repeated, spec.sampling, spec.generation_batch_size,
+        stage.policy,
+        tok,
+        repeated,
+        spec.sampling,
+        spec.generation_batch_size,
         progress="rollout: generate" if show_progress else None,
-    )  # fmt: skip
+    )
     examples, ended = sampled.examples, sampled.ended
     for e in examples:
         if not e.response_ids:  # generate() always emits at least one token; guard anyway
@@ -395,10 +425,12 @@ def rollout(
     n = spec.forward_batch_size
     chunks = tqdm(range(0, len(examples), n), desc="rollout: score", leave=False, disable=not show_progress)
     prompt_of = [p for p in prompts for _ in range(k)]  # the prompt set's row (its columns) for each response
-    scores = torch.cat([
-        stage.scorer.score_examples(examples[i : i + n], ended[i : i + n], prompts=prompt_of[i : i + n]).float()
-        for i in chunks
-    ])
+    scores = torch.cat(
+        [
+            stage.scorer.score_examples(examples[i : i + n], ended[i : i + n], prompts=prompt_of[i : i + n]).float()
+            for i in chunks
+        ]
+    )
     if spec.missing_eos_penalty is not None:
         scores = scores - spec.missing_eos_penalty * (~torch.tensor(ended)).float()
     kl = rewards = None
@@ -443,7 +475,9 @@ def _forward_passes(
     logp_old: list[Tensor] = []
     logp_ref: list[Tensor] = []
     extras: dict[str, list[Tensor]] = {}
-    starts = tqdm(range(0, len(examples), batch_size), desc="rollout: log-probs", leave=False, disable=not show_progress)
+    starts = tqdm(
+        range(0, len(examples), batch_size), desc="rollout: log-probs", leave=False, disable=not show_progress
+    )
     for start in starts:
         chunk = examples[start : start + batch_size]
         batch = collate(chunk, stage.tokenizer.pad_token_id).to(device)

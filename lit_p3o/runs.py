@@ -87,8 +87,12 @@ class OutputLock(L.Callback):
                 break
             os.close(fd)
         self._fd = fd
-        info = {"holder": self.holder, "pid": os.getpid(), "host": socket.gethostname(),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
+        info = {
+            "holder": self.holder,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        }
         try:  # who holds it, for the message of whoever is stopped
             os.ftruncate(fd, 0)
             os.write(fd, (json.dumps(info) + "\n").encode())

@@ -79,7 +79,9 @@ class Scorer(Protocol):
     the prompt texts, one per example, carrying their rows' other columns when loaded from a
     dataset (:class:`lit_p3o.data.prompts.Prompt`)."""
 
-    def score_examples(self, examples: list[Encoded], ended: list[bool], prompts: list[str] | None = None) -> Tensor: ...
+    def score_examples(
+        self, examples: list[Encoded], ended: list[bool], prompts: list[str] | None = None
+    ) -> Tensor: ...
 
 
 class RewardScorer:
@@ -138,7 +140,16 @@ class RewardScorer:
             response = src.decode(e.response_ids, skip_special_tokens=True)
             prompt = src.decode(e.prompt_ids, skip_special_tokens=True)
             ids = encode_response(self.tokenizer, response, add_eos=stop)
-            out.append(Encoded(fit_prompt(encode_prompt(self.tokenizer, prompt), max(1, self.max_length - len(ids)), self.tokenizer.bos_token_id), ids))
+            out.append(
+                Encoded(
+                    fit_prompt(
+                        encode_prompt(self.tokenizer, prompt),
+                        max(1, self.max_length - len(ids)),
+                        self.tokenizer.bos_token_id,
+                    ),
+                    ids,
+                )
+            )
         return out
 
     def score(self, prompts: list[str], responses: list[str]) -> Tensor:
@@ -263,8 +274,9 @@ def load_function(source: str) -> RewardFunction:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise RewardFunctionError(source, f"cannot import module {module_name!r} ({err}; sys.path holds the "
-                                          "working directory and PYTHONPATH)") from err
+        raise RewardFunctionError(
+            source, f"cannot import module {module_name!r} ({err}; sys.path holds the working directory and PYTHONPATH)"
+        ) from err
     except Exception as err:  # the module itself fails while it is imported
         raise RewardFunctionError(source, f"importing {module_name!r} raised {_one_line(err)}") from err
     function = getattr(module, attribute, None)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from micro import MICRO_ARCH
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +32,9 @@ def lit_p3o(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def error_line(result: subprocess.CompletedProcess) -> str:
     """The ``lit-p3o …: error: …`` line (argparse's or ours), else the last line of stderr."""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    return next((line for line in lines if line.startswith("lit-p3o") and ": error: " in line), lines[-1] if lines else "")
+    return next(
+        (line for line in lines if line.startswith("lit-p3o") and ": error: " in line), lines[-1] if lines else ""
+    )
 
 
 def write_yaml(path: Path, config: dict) -> Path:
@@ -91,14 +92,21 @@ def p3o_config(**init_args) -> dict:
 def sft_config(**data) -> dict:
     return {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 1, "logger": False, "enable_checkpointing": False,
-                    "enable_progress_bar": False, "enable_model_summary": False},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 1,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
         "model": {
             "class_path": "lit_p3o.SFTModule",
             "init_args": {"model": {"tokenizer": "embedded:reviews", "architecture": dict(MICRO_ARCH)}},
         },
         "data": {"class_path": "lit_p3o.SFTDataModule", "init_args": {"batch_size": 2, "max_length": 48, **data}},
-    }  # fmt: skip
+    }
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +130,10 @@ def copy_run(p3o_run, tmp_path: Path) -> Path:
 
 def test_resume_refuses_another_stage(p3o_run, tmp_path):
     config = p3o_config()
-    config["model"] = {"class_path": "lit_p3o.PPOModule", "init_args": {
-        k: config["model"]["init_args"][k] for k in ("policy", "reward_model", "rollout", "save_dir")}}  # fmt: skip
+    config["model"] = {
+        "class_path": "lit_p3o.PPOModule",
+        "init_args": {k: config["model"]["init_args"][k] for k in ("policy", "reward_model", "rollout", "save_dir")},
+    }
     write_yaml(tmp_path / "ppo.yaml", config)
     result = lit_p3o("fit", "--config", "ppo.yaml", "--ckpt_path", str(p3o_run[0] / "ckpt/last.ckpt"), cwd=tmp_path)
     assert result.returncode == 2
@@ -134,9 +144,19 @@ def test_resume_refuses_another_stage(p3o_run, tmp_path):
 def test_resume_lists_the_changed_settings_it_cannot_apply(p3o_run):
     work = p3o_run[0]
     result = lit_p3o(
-        "fit", "--config", "p3o.yaml", "--ckpt_path", "ckpt/last.ckpt", "--model.init_args.variant", "v2",
-        "--model.init_args.reward_model", "outputs/other_reward", "--model.init_args.save_dir", "elsewhere", cwd=work,
-    )  # fmt: skip
+        "fit",
+        "--config",
+        "p3o.yaml",
+        "--ckpt_path",
+        "ckpt/last.ckpt",
+        "--model.init_args.variant",
+        "v2",
+        "--model.init_args.reward_model",
+        "outputs/other_reward",
+        "--model.init_args.save_dir",
+        "elsewhere",
+        cwd=work,
+    )
     assert result.returncode == 2
     assert "the config differs from the checkpoint's run in settings a resumed run cannot change" in error_line(result)
     listed = [line.strip() for line in result.stderr.splitlines() if line.startswith("  model.init_args.")]
@@ -151,8 +171,16 @@ def test_resume_never_overwrites_another_runs_export(p3o_run, tmp_path):
     other.mkdir()
     (other / "config.json").write_text("{}")
     (other / "lit_p3o_run.json").write_text(json.dumps({"run_id": "0123456789ab", "stage": "PPOModule"}))
-    result = lit_p3o("fit", "--config", "p3o.yaml", "--ckpt_path", "ckpt/last.ckpt",
-                     "--model.init_args.save_dir", str(other), cwd=p3o_run[0])  # fmt: skip
+    result = lit_p3o(
+        "fit",
+        "--config",
+        "p3o.yaml",
+        "--ckpt_path",
+        "ckpt/last.ckpt",
+        "--model.init_args.save_dir",
+        str(other),
+        cwd=p3o_run[0],
+    )
     assert result.returncode == 2
     assert f"model.init_args.save_dir {other}: holds the export of run 0123456789ab (PPOModule)" in error_line(result)
     assert sorted(p.name for p in other.iterdir()) == ["config.json", "lit_p3o_run.json"]
@@ -163,10 +191,23 @@ def test_resume_applies_new_epochs_and_save_dir_and_appends_metrics(p3o_run, tmp
     work = copy_run(p3o_run, tmp_path)
     marker = json.loads((work / "export" / "lit_p3o_run.json").read_text())
     metrics = (work / "logs/p3o/v/metrics.csv").read_text().splitlines()
-    result = lit_p3o("fit", "--config", "p3o.yaml", "--ckpt_path", "ckpt/last.ckpt", "--trainer.max_epochs", "2",
-                     "--model.init_args.save_dir", "export2", cwd=work)  # fmt: skip
+    result = lit_p3o(
+        "fit",
+        "--config",
+        "p3o.yaml",
+        "--ckpt_path",
+        "ckpt/last.ckpt",
+        "--trainer.max_epochs",
+        "2",
+        "--model.init_args.save_dir",
+        "export2",
+        cwd=work,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming ckpt/last.ckpt with model.init_args.save_dir = 'export2' (the checkpoint had 'export')" in result.stderr
+    assert (
+        "resuming ckpt/last.ckpt with model.init_args.save_dir = 'export2' (the checkpoint had 'export')"
+        in result.stderr
+    )
     resumed = (work / "logs/p3o/v/metrics.csv").read_text().splitlines()
     assert resumed[: len(metrics)] == metrics and len(resumed) > len(metrics)  # appended, not replaced
     assert json.loads((work / "export2" / "lit_p3o_run.json").read_text()) == marker  # the same run
@@ -189,15 +230,24 @@ def test_text_file_as_checkpoint_says_what_it_is(p3o_run):
 def test_unwritable_output_directories_fail_before_training(tmp_path):
     write_yaml(tmp_path / "p3o.yaml", p3o_config())
     (tmp_path / "a_file").write_text("not a directory")
-    result = lit_p3o("fit", "--config", "p3o.yaml", "--model.init_args.save_dir", "a_file/export",
-                     "--trainer.logger.init_args.save_dir", "a_file/logs", cwd=tmp_path)  # fmt: skip
+    result = lit_p3o(
+        "fit",
+        "--config",
+        "p3o.yaml",
+        "--model.init_args.save_dir",
+        "a_file/export",
+        "--trainer.logger.init_args.save_dir",
+        "a_file/logs",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     blocked = tmp_path / "a_file"
     assert error_line(result) == (
         f"lit-p3o fit: error: model.init_args.save_dir a_file/export: cannot create a directory there, {blocked} is a file"
     )
-    assert f"\ntrainer.logger (CSVLogger) save_dir a_file/logs: cannot create a directory there, {blocked} is a file\n" in (
-        result.stderr
+    assert (
+        f"\ntrainer.logger (CSVLogger) save_dir a_file/logs: cannot create a directory there, {blocked} is a file\n"
+        in (result.stderr)
     )
     assert not (tmp_path / "ckpt").exists()  # no epoch ran
 
@@ -210,11 +260,13 @@ def test_missing_or_incomplete_model_directories_name_their_fields(tmp_path):
     assert error_line(result).startswith(
         "lit-p3o fit: error: model.init_args.policy.name_or_path: no such directory 'outputs/sft'"
     )
-    assert "\nmodel.init_args.reward_model: 'outputs/empty' holds no model (no config.json or adapter_config.json)\n" in (
-        result.stderr
+    assert (
+        "\nmodel.init_args.reward_model: 'outputs/empty' holds no model (no config.json or adapter_config.json)\n"
+        in (result.stderr)
     )
-    assert "\nmodel.init_args.reward_model: 'outputs/empty' holds no tokenizer (tokenizer_config.json or tokenizer.json)\n" in (
-        result.stderr
+    assert (
+        "\nmodel.init_args.reward_model: 'outputs/empty' holds no tokenizer (tokenizer_config.json or tokenizer.json)\n"
+        in (result.stderr)
     )
     assert "Traceback" not in result.stderr and result.stderr.count("'outputs/sft'") == 1  # one line per problem
 
@@ -253,14 +305,20 @@ def test_winrate_with_zero_prompts_names_the_argument(tmp_path):
 
 def test_clamped_rollout_settings_are_logged_once_with_counts(p3o_run):
     lines = [line for line in p3o_run[1].stderr.splitlines() if line.startswith("[lit-p3o]")]
-    assert lines.count(
-        "[lit-p3o] rollout.minibatch_groups=8 is larger than the 4 groups of a rollout (rollout.num_prompts per "
-        "device): every minibatch holds all 4 groups, so each rollout gives 2 updates (rollout.update_epochs)"
-    ) == 1
-    assert lines.count(
-        "[lit-p3o] the prompt pool holds 3 prompts per device (3 read from embedded:reviews, "
-        "rollout.prompt_pool=3), fewer than rollout.num_prompts=4: every rollout repeats prompts"
-    ) == 1
+    assert (
+        lines.count(
+            "[lit-p3o] rollout.minibatch_groups=8 is larger than the 4 groups of a rollout (rollout.num_prompts per "
+            "device): every minibatch holds all 4 groups, so each rollout gives 2 updates (rollout.update_epochs)"
+        )
+        == 1
+    )
+    assert (
+        lines.count(
+            "[lit-p3o] the prompt pool holds 3 prompts per device (3 read from embedded:reviews, "
+            "rollout.prompt_pool=3), fewer than rollout.num_prompts=4: every rollout repeats prompts"
+        )
+        == 1
+    )
     cut = [line for line in lines if "rollout.max_prompt_tokens=6" in line]
     assert len(cut) == 1 and cut[0].startswith("[lit-p3o] rollout prompts: 3 of 3 prompts truncated from the left (")
 
@@ -284,8 +342,16 @@ def test_help_lists_every_command(tmp_path):
 def test_demo_config_writes_last_ckpt_and_resumes_as_the_readme_says(tmp_path):
     """The README's resume command for the SFT stage, on a micro model."""
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
-    tiny = ["--model.init_args.model.architecture", json.dumps(MICRO_ARCH), "--data.init_args.embedded_size", "64",
-            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    tiny = [
+        "--model.init_args.model.architecture",
+        json.dumps(MICRO_ARCH),
+        "--data.init_args.embedded_size",
+        "64",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     first = lit_p3o("fit", "--config", "configs/demo/sft.yaml", *tiny, "--trainer.max_steps", "1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     last = tmp_path / "outputs/demo/logs/sft/demo/checkpoints/last.ckpt"
@@ -293,7 +359,16 @@ def test_demo_config_writes_last_ckpt_and_resumes_as_the_readme_says(tmp_path):
     assert "`outputs/demo/logs/<stage>/demo/checkpoints/last.ckpt`" in readme
     assert "--ckpt_path outputs/demo/logs/p3o/demo/checkpoints/last.ckpt" in readme
     assert last.is_file()
-    resumed = lit_p3o("fit", "--config", "configs/demo/sft.yaml", *tiny, "--trainer.max_steps", "2",
-                      "--ckpt_path", str(last.relative_to(tmp_path)), cwd=tmp_path)  # fmt: skip
+    resumed = lit_p3o(
+        "fit",
+        "--config",
+        "configs/demo/sft.yaml",
+        *tiny,
+        "--trainer.max_steps",
+        "2",
+        "--ckpt_path",
+        str(last.relative_to(tmp_path)),
+        cwd=tmp_path,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restored all states from the checkpoint" in resumed.stderr + resumed.stdout

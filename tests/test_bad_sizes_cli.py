@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from micro import MICRO_ARCH
 from test_bad_inputs import lit_p3o, p3o_config, write_yaml
 from test_user_errors import fails_in_one_line
@@ -32,11 +31,15 @@ def test_prompt_and_response_budgets_beyond_the_policys_context(tmp_path: Path, 
 def test_preference_batch_size_zero(tmp_path: Path):
     config = {
         "trainer": {"accelerator": "cpu", "max_steps": 1, "logger": False, "enable_checkpointing": False},
-        "model": {"class_path": "lit_p3o.RewardModule",
-                  "init_args": {"model": {"tokenizer": "embedded:reviews", "architecture": dict(MICRO_ARCH)}}},
-        "data": {"class_path": "lit_p3o.PreferenceDataModule",
-                 "init_args": {"train": str(PREFS / "trl.jsonl"), "batch_size": 0}},
-    }  # fmt: skip
+        "model": {
+            "class_path": "lit_p3o.RewardModule",
+            "init_args": {"model": {"tokenizer": "embedded:reviews", "architecture": dict(MICRO_ARCH)}},
+        },
+        "data": {
+            "class_path": "lit_p3o.PreferenceDataModule",
+            "init_args": {"train": str(PREFS / "trl.jsonl"), "batch_size": 0},
+        },
+    }
     write_yaml(tmp_path / "reward.yaml", config)
     result = lit_p3o("fit", "--config", "reward.yaml", cwd=tmp_path)
     assert fails_in_one_line(result) == "lit-p3o fit: error: data.init_args.batch_size: must be >= 1 pair, got 0"

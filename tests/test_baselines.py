@@ -5,6 +5,7 @@ import copy
 import lightning as L
 import pytest
 import torch
+from micro import MICRO_ARCH as MICRO
 
 from lit_p3o import ModelSpec, OnlineDPOModule, P3OModule, PPOModule, RLOOModule, RolloutSpec, SamplingSpec
 from lit_p3o.buffer import RolloutBatch, collate_groups
@@ -12,14 +13,20 @@ from lit_p3o.data.prompts import load_prompts
 from lit_p3o.losses import dpo_loss, gae, ppo_token_rewards, rloo_advantages
 from lit_p3o.rollout import KLSpec, rollout
 
-from micro import MICRO_ARCH as MICRO
-
 
 def build(cls, k: int = 3, defer_logp_old: bool = False, **kwargs):
     L.seed_everything(0)
     # by default logp_old from the rollout's own pass, so that perturbing θ afterwards gives ratios ≠ 1
-    spec = RolloutSpec(prompt_pool=16, num_prompts=4, num_responses=k, update_epochs=1, minibatch_groups=4,
-                       max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6), defer_logp_old=defer_logp_old)
+    spec = RolloutSpec(
+        prompt_pool=16,
+        num_prompts=4,
+        num_responses=k,
+        update_epochs=1,
+        minibatch_groups=4,
+        max_prompt_tokens=16,
+        sampling=SamplingSpec(max_new_tokens=6),
+        defer_logp_old=defer_logp_old,
+    )
     kwargs.setdefault("kl", KLSpec(beta=0.1))  # the β the test rollouts are drawn with
     return cls(ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"), "embedded:reviews", rollout=spec, **kwargs)
 
@@ -178,10 +185,19 @@ def test_every_stage_trains_through_the_shared_rollout(tmp_path, cls, k, defer_l
     (PPO whitens over it) and the buffer holds no ``logp_old``."""
     stage = build(cls, k=k, defer_logp_old=defer_logp_old)
     real = stage.scorer.score_examples
-    stage.scorer.score_examples = lambda examples, ended, prompts=None: real(examples, ended) + torch.randn(len(examples))
+    stage.scorer.score_examples = lambda examples, ended, prompts=None: (
+        real(examples, ended) + torch.randn(len(examples))
+    )
     before = copy.deepcopy(stage.policy.state_dict())
-    L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, default_root_dir=tmp_path).fit(stage)
+    L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    ).fit(stage)
     assert stage.buffer.rollouts == 1 and len(stage.buffer) == 4
     assert any(not torch.equal(v, before[n]) for n, v in stage.policy.state_dict().items())
 
@@ -191,9 +207,16 @@ def test_every_update_scores_at_the_sampling_temperature(cls, k):
     """At θ = θ_old the update's log-probs equal the rollout's at T = 0.7: ratio 1, and for
     online DPO (π_θ = π_ref at start) an implicit margin of 0."""
     L.seed_everything(0)
-    spec = RolloutSpec(prompt_pool=16, num_prompts=4, num_responses=k, update_epochs=1, minibatch_groups=4,
-                       max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6, temperature=0.7),
-                       defer_logp_old=False)  # the rollout's own logp_old pass, at T
+    spec = RolloutSpec(
+        prompt_pool=16,
+        num_prompts=4,
+        num_responses=k,
+        update_epochs=1,
+        minibatch_groups=4,
+        max_prompt_tokens=16,
+        sampling=SamplingSpec(max_new_tokens=6, temperature=0.7),
+        defer_logp_old=False,
+    )  # the rollout's own logp_old pass, at T
     stage = cls(ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"), "embedded:reviews", rollout=spec)
     with torch.no_grad():  # peakier logits, so T changes the log-probs a lot
         stage.policy.lm_head.weight.mul_(20.0)
@@ -230,12 +253,18 @@ def test_ppo_whitens_advantages_over_the_whole_rollout_by_default():
         mb_raw = raw_advantages(minibatch)
         mask = minibatch.response_mask.bool()
         advantages, _ = stage.advantages(minibatch)
-        torch.testing.assert_close(advantages[mask].double(), (mb_raw[mask].double() - mean) / std, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            advantages[mask].double(), (mb_raw[mask].double() - mean) / std, rtol=1e-5, atol=1e-5
+        )
         assert advantages[mask].mean().abs() > 1e-3  # not recentred on this minibatch alone
         assert torch.all(advantages[~mask] == 0)
 
     per_minibatch = build(PPOModule, whiten_over="minibatch")
     per_minibatch.buffer.fill(groups)
     local, _ = per_minibatch.advantages(minibatch)
-    torch.testing.assert_close(local[mask].double(), (mb_raw[mask].double() - mb_raw[mask].mean()) / mb_raw[mask].std(correction=0),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        local[mask].double(),
+        (mb_raw[mask].double() - mb_raw[mask].mean()) / mb_raw[mask].std(correction=0),
+        rtol=1e-5,
+        atol=1e-5,
+    )

@@ -45,8 +45,16 @@ def test_collate_groups_is_group_major_and_padded():
 
 def test_group_rejects_inconsistent_sizes():
     with pytest.raises(ValueError, match="inconsistent"):
-        Group([1], [[2], [3]], [torch.zeros(1)], [torch.zeros(1)] * 2, torch.zeros(2), torch.zeros(2),
-              torch.zeros(2), torch.ones(2, dtype=torch.bool))
+        Group(
+            [1],
+            [[2], [3]],
+            [torch.zeros(1)],
+            [torch.zeros(1)] * 2,
+            torch.zeros(2),
+            torch.zeros(2),
+            torch.zeros(2),
+            torch.ones(2, dtype=torch.bool),
+        )
 
 
 def test_collate_rejects_mixed_group_sizes():

@@ -11,8 +11,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from hf_fixtures import LLAMA3_TEMPLATE, gpt2_style_tokenizer, llama3_chat_tokenizer, save_model_dir
+
 from lit_p3o import ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
 from lit_p3o.data.encoding import encode_prompt
 from lit_p3o.data.formats import DataFormatError, parse_prompts
@@ -76,8 +76,14 @@ def test_load_prompts_reads_conversational_prompt_only_files(tmp_path, chat):
     assert prompts == list(parse_prompts([{"prompt": c} for c in CONVERSATIONS], "p", chat))
     assert load_prompts(str(path), tokenizer=chat, limit=2) == prompts[:2]
     # a preference file with explicit conversational prompts: its distinct prompts
-    pairs = [{"prompt": c, "chosen": [{"role": "assistant", "content": "Yes."}],
-              "rejected": [{"role": "assistant", "content": "No."}]} for c in CONVERSATIONS + CONVERSATIONS[:1]]  # fmt: skip
+    pairs = [
+        {
+            "prompt": c,
+            "chosen": [{"role": "assistant", "content": "Yes."}],
+            "rejected": [{"role": "assistant", "content": "No."}],
+        }
+        for c in CONVERSATIONS + CONVERSATIONS[:1]
+    ]
     assert load_prompts(str(write_jsonl(tmp_path / "pairs.jsonl", pairs)), tokenizer=chat) == prompts
 
 
@@ -117,12 +123,18 @@ def test_p3o_rolls_out_on_chat_prompts(tmp_path):
         ModelSpec(name_or_path=str(model_dir)),
         "embedded:reviews",
         rollout=RolloutSpec(
-            prompts=str(path), prompt_pool=None, num_prompts=2, num_responses=2, update_epochs=1,
-            minibatch_groups=2, max_prompt_tokens=64, sampling=SamplingSpec(max_new_tokens=4),
+            prompts=str(path),
+            prompt_pool=None,
+            num_prompts=2,
+            num_responses=2,
+            update_epochs=1,
+            minibatch_groups=2,
+            max_prompt_tokens=64,
+            sampling=SamplingSpec(max_new_tokens=4),
             chat_template_kwargs={"enable_thinking": True},
         ),
         optimizer=OptimizerSpec(learning_rate=1e-2),
-    )  # fmt: skip
+    )
     stage.scorer = LengthScorer()  # the embedded gold reward reads only the task's own prompts
     frontier = FrontierCallback(prompts=str(path), split="train", num_prompts=2, max_new_tokens=4)
     seen = []
@@ -132,11 +144,21 @@ def test_p3o_rolls_out_on_chat_prompts(tmp_path):
             seen.extend(tokenizer.decode(g.prompt_ids) for g in module.buffer.groups)
 
     L.Trainer(
-        accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[frontier, Spy()],
-    ).fit(stage)  # fmt: skip
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[frontier, Spy()],
+    ).fit(stage)
     assert stage.trainer.global_step == 1
-    rendered = set(parse_prompts([{"prompt": c} for c in CONVERSATIONS], "p", tokenizer, chat_template_kwargs={"enable_thinking": True}))
+    rendered = set(
+        parse_prompts(
+            [{"prompt": c} for c in CONVERSATIONS], "p", tokenizer, chat_template_kwargs={"enable_thinking": True}
+        )
+    )
     assert seen and all(p.removeprefix(tokenizer.bos_token) in rendered for p in seen)
     assert all(p.endswith("assistant<|end_header_id|>\n\n") for p in seen)  # no <think></think>: kwargs used
     assert frontier._prompt_list == load_prompts(
@@ -155,8 +177,10 @@ def test_sft_and_preference_data_render_prompts_as_the_rollout_does(tmp_path):
     tokenizer.chat_template = THINKING_TEMPLATE
     reply = [{"role": "assistant", "content": "Nineteen."}]
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"messages": CONVERSATIONS[0] + reply}])
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": CONVERSATIONS[0], "chosen": reply,
-                                                    "rejected": [{"role": "assistant", "content": "Twenty."}]}])  # fmt: skip
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"prompt": CONVERSATIONS[0], "chosen": reply, "rejected": [{"role": "assistant", "content": "Twenty."}]}],
+    )
     kwargs = {"enable_thinking": True}
     (rollout_prompt,) = parse_prompts([{"prompt": CONVERSATIONS[0]}], "p", tokenizer, chat_template_kwargs=kwargs)
     assert not rollout_prompt.endswith("<think></think>")
@@ -179,9 +203,16 @@ def test_sft_on_conversational_preferences_renders_with_the_kwargs():
 
     tokenizer = llama3_chat_tokenizer()
     tokenizer.chat_template = THINKING_TEMPLATE
-    rows = [{"prompt": CONVERSATIONS[0], "chosen": [{"role": "assistant", "content": "Nineteen."}],
-             "rejected": [{"role": "assistant", "content": "Twenty."}]}]  # fmt: skip
-    (expected,) = parse_prompts([{"prompt": CONVERSATIONS[0]}], "p", tokenizer, chat_template_kwargs={"enable_thinking": True})
+    rows = [
+        {
+            "prompt": CONVERSATIONS[0],
+            "chosen": [{"role": "assistant", "content": "Nineteen."}],
+            "rejected": [{"role": "assistant", "content": "Twenty."}],
+        }
+    ]
+    (expected,) = parse_prompts(
+        [{"prompt": CONVERSATIONS[0]}], "p", tokenizer, chat_template_kwargs={"enable_thinking": True}
+    )
     (record,) = parse_chosen(rows, "pairs.jsonl", tokenizer, chat_template_kwargs={"enable_thinking": True})
     assert record.prompt == expected and record.completion == "Nineteen."
     assert parse_chosen(rows, "pairs.jsonl", tokenizer)[0].prompt != expected

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from micro import MICRO_ARCH
 
 from lit_p3o.cli import LitP3OCLI, main
-from micro import MICRO_ARCH
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,7 +136,11 @@ def test_python_m_lit_p3o_fit(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "lit_p3o", "fit", "--config", str(path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "saved the SFT model" in result.stdout
@@ -156,8 +160,16 @@ def test_resume_applies_changeable_settings_and_compares_paths_by_target(tmp_pat
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rm").mkdir()
     checkpoint = saved_checkpoint(reward_model="rm", save_dir="a", rollout={"num_prompts": 4, "log_samples": 2})
-    config = {"model": {"class_path": "lit_p3o.stages.p3o.P3OModule", "init_args": {
-        "reward_model": str(tmp_path / "rm"), "save_dir": "b", "rollout": {"num_prompts": 4, "log_samples": 0}}}}  # fmt: skip
+    config = {
+        "model": {
+            "class_path": "lit_p3o.stages.p3o.P3OModule",
+            "init_args": {
+                "reward_model": str(tmp_path / "rm"),
+                "save_dir": "b",
+                "rollout": {"num_prompts": 4, "log_samples": 0},
+            },
+        }
+    }
     assert check_resume(config, checkpoint, "x.ckpt") == {
         "model.init_args.rollout.log_samples": (2, 0),
         "model.init_args.save_dir": ("a", "b"),
@@ -169,11 +181,17 @@ def test_resume_refuses_other_differences_and_other_stages():
     from lit_p3o.errors import ConfigError
 
     checkpoint = saved_checkpoint(kl=None, rollout={"num_prompts": 4})
-    config = {"model": {"class_path": "lit_p3o.P3OModule", "init_args": {"kl": {"beta": 0.1}, "rollout": {"num_prompts": 4}}}}
-    with pytest.raises(ConfigError, match=r"(?s)cannot change:\n  model\.init_args\.kl: checkpoint None, config \{'beta': 0\.1\}\nSet"):
+    config = {
+        "model": {"class_path": "lit_p3o.P3OModule", "init_args": {"kl": {"beta": 0.1}, "rollout": {"num_prompts": 4}}}
+    }
+    with pytest.raises(
+        ConfigError, match=r"(?s)cannot change:\n  model\.init_args\.kl: checkpoint None, config \{'beta': 0\.1\}\nSet"
+    ):
         check_resume(config, checkpoint, "x.ckpt")
     config["model"]["class_path"] = "lit_p3o.PPOModule"
-    with pytest.raises(ConfigError, match="the checkpoint is a lit_p3o.P3OModule run but the config's model is lit_p3o.PPOModule"):
+    with pytest.raises(
+        ConfigError, match="the checkpoint is a lit_p3o.P3OModule run but the config's model is lit_p3o.PPOModule"
+    ):
         check_resume(config, checkpoint, "x.ckpt")
 
 

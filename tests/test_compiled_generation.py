@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 import torch._dynamo
+from micro import MICRO_ARCH
 from torch import nn
 
 import lit_p3o.generation as generation
@@ -12,14 +13,15 @@ from lit_p3o import ModelSpec, SamplingSpec
 from lit_p3o.generation import bucket_width, sample_responses
 from lit_p3o.models import LoraSpec, build_causal_lm
 
-from micro import MICRO_ARCH
-
 
 def peaky_model(tokenizer, lora: bool = False) -> nn.Module:
     """A seeded micro model with peaked logits (varied lengths, some EOS), LoRA active if asked."""
     torch.manual_seed(0)
-    spec = ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews",
-                     lora=LoraSpec(r=2, lora_dropout=0.0) if lora else None)
+    spec = ModelSpec(
+        architecture=dict(MICRO_ARCH),
+        tokenizer="embedded:reviews",
+        lora=LoraSpec(r=2, lora_dropout=0.0) if lora else None,
+    )
     model = build_causal_lm(spec, tokenizer)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -30,7 +32,10 @@ def peaky_model(tokenizer, lora: bool = False) -> nn.Module:
 
 def varied_prompts(tokenizer, lengths: list[int]) -> list[list[int]]:
     words = [w for w in tokenizer.get_vocab() if not w.startswith("<")]
-    return [tokenizer(" ".join(words[(3 * i + j) % len(words)] for j in range(n)))["input_ids"] for i, n in enumerate(lengths)]
+    return [
+        tokenizer(" ".join(words[(3 * i + j) % len(words)] for j in range(n)))["input_ids"]
+        for i, n in enumerate(lengths)
+    ]
 
 
 def sample(model, tokenizer, prompts, compile_: bool, seed: int = 3):

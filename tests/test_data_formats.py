@@ -356,7 +356,10 @@ def test_unknown_preference_format_lists_known_formats_and_columns():
     assert str(raised.value) == f"prefs.jsonl: unknown preference format 'shp'; known: {known}"
     with pytest.raises(DataFormatError) as raised:
         parse_sft(rows, "prefs.jsonl", format="alpaca")
-    assert str(raised.value) == "prefs.jsonl: unknown SFT format 'alpaca'; known: auto, prompt_completion, messages, text, chosen"
+    assert (
+        str(raised.value)
+        == "prefs.jsonl: unknown SFT format 'alpaca'; known: auto, prompt_completion, messages, text, chosen"
+    )
 
 
 def test_no_rows_is_an_error():
@@ -464,7 +467,9 @@ def test_non_utf8_bytes_name_file_and_line(tmp_path, name):
     data = text.encode("latin-1")  # é as the single byte 0xe9
     path = tmp_path / name
     path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
-    with pytest.raises(DataFormatError, match=rf"^{path}: line 3: byte 0xe9 is not UTF-8 text \(invalid continuation byte\)"):
+    with pytest.raises(
+        DataFormatError, match=rf"^{path}: line 3: byte 0xe9 is not UTF-8 text \(invalid continuation byte\)"
+    ):
         load_rows(str(path))
     path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
     assert load_rows(str(path))[0][1] == {"prompt": "caf\u00e9", "completion": " b"}

@@ -13,8 +13,13 @@ RANK_SAMPLES = Path(__file__).parent / "scripts" / "rank_samples.py"
 
 
 def run(out: Path, devices: int, strategy: str = "ddp") -> dict:
-    subprocess.run([sys.executable, str(SCRIPT), str(out), str(devices), strategy], check=True, timeout=300,
-                   capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), str(devices), strategy],
+        check=True,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
     return torch.load(out, weights_only=False)
 
 
@@ -41,8 +46,9 @@ def test_two_processes_match_one_process(single, strategy, tmp_path):
 def test_ranks_sample_independently_and_reproducibly(tmp_path):
     def run_ranks(out: Path) -> list[dict]:
         out.mkdir()
-        subprocess.run([sys.executable, str(RANK_SAMPLES), str(out)], check=True, timeout=300,
-                       capture_output=True, text=True)
+        subprocess.run(
+            [sys.executable, str(RANK_SAMPLES), str(out)], check=True, timeout=300, capture_output=True, text=True
+        )
         return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
     first, again = run_ranks(tmp_path / "first"), run_ranks(tmp_path / "again")
@@ -62,8 +68,13 @@ def test_ddp_on_policy_rollout_compiled_matches_eager(tmp_path):
     results = {}
     for mode in ("eager", "compiled"):
         out = tmp_path / f"{mode}.pt"
-        subprocess.run([sys.executable, str(ROLLOUT_SCRIPT), str(out), "2", mode], check=True, timeout=600,
-                       capture_output=True, text=True)
+        subprocess.run(
+            [sys.executable, str(ROLLOUT_SCRIPT), str(out), "2", mode],
+            check=True,
+            timeout=600,
+            capture_output=True,
+            text=True,
+        )
         results[mode] = torch.load(out, weights_only=False)
     assert results["compiled"]["responses"] == results["eager"]["responses"]
     assert results["eager"]["ratio_max"] == results["compiled"]["ratio_max"] == 1.0

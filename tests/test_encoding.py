@@ -118,7 +118,7 @@ def test_collate_layout():
         [0, 0, 0, 1, 2, 2],
         [0, 0, 1, 2, 2, 2],
     ]
-    I = IGNORE_INDEX
+    I = IGNORE_INDEX  # noqa: E741 (reads as "ignored" in the table below)
     assert batch.labels().tolist() == [
         [I, I, I, 20, 21, 1],
         [I, I, I, 22, 1, I],

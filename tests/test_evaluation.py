@@ -13,6 +13,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from micro import MICRO_ARCH as MICRO
 
 from lit_p3o import (
     EvaluationSpec,
@@ -44,7 +45,6 @@ from lit_p3o.models import build_causal_lm, build_reward_model, load_tokenizer, 
 from lit_p3o.scoring import build_scorer
 from lit_p3o.tasks import get_task
 
-from micro import MICRO_ARCH as MICRO
 SPEC = ModelSpec(architecture=MICRO, tokenizer="embedded:reviews")
 TASK = get_task("reviews")
 
@@ -154,7 +154,9 @@ def test_gold_is_the_task_reward_of_the_decoded_responses():
     sampling = SamplingSpec(max_new_tokens=8)
     scorer = build_scorer("embedded:reviews", tokenizer)
     with seeded(3):
-        point = evaluate_policy(policy, FrozenReference(policy), tokenizer, scorer, prompts, sampling, 16, TASK, batch_size=5)
+        point = evaluate_policy(
+            policy, FrozenReference(policy), tokenizer, scorer, prompts, sampling, 16, TASK, batch_size=5
+        )
     with seeded(3):
         out = sample_completions(policy, tokenizer, prompts, sampling, 16, batch_size=5)
     direct = [TASK.gold_reward(p, r, e) for p, r, e in zip(prompts, out.responses, out.ended)]
@@ -171,20 +173,32 @@ def p3o_stage() -> P3OModule:
     return P3OModule(
         policy=SPEC,
         reward_model="embedded:reviews",
-        rollout=RolloutSpec(prompt_pool=32, num_prompts=4, num_responses=2, update_epochs=1, minibatch_groups=2,
-                            max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=8)),
+        rollout=RolloutSpec(
+            prompt_pool=32,
+            num_prompts=4,
+            num_responses=2,
+            update_epochs=1,
+            minibatch_groups=2,
+            max_prompt_tokens=16,
+            sampling=SamplingSpec(max_new_tokens=8),
+        ),
         optimizer=OptimizerSpec(learning_rate=1e-2),
-    )  # fmt: skip
+    )
 
 
 def fit(tmp_path: Path, callbacks: list[L.Callback], **kwargs) -> P3OModule:
     L.seed_everything(0)
     stage = p3o_stage()
     options = dict(
-        accelerator="cpu", devices=1, logger=CSVLogger(tmp_path), enable_progress_bar=False,
-        enable_model_summary=False, log_every_n_steps=1, callbacks=callbacks,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        callbacks=callbacks,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-    )  # fmt: skip
+    )
     L.Trainer(**{**options, **kwargs}).fit(stage)
     return stage
 
@@ -209,7 +223,9 @@ def test_frontier_callback_writes_one_row_per_evaluated_step(tmp_path):
 
 def test_frontier_callback_leaves_the_training_randomness_alone(tmp_path):
     plain = fit(tmp_path / "plain", [], max_epochs=2)
-    evaluated = fit(tmp_path / "evaluated", [FrontierCallback(num_prompts=4, eval_every=1, max_new_tokens=8)], max_epochs=2)
+    evaluated = fit(
+        tmp_path / "evaluated", [FrontierCallback(num_prompts=4, eval_every=1, max_new_tokens=8)], max_epochs=2
+    )
     a, b = plain.policy.state_dict(), evaluated.policy.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     L.seed_everything(0)  # as fit() does: the weights both runs started from
@@ -228,8 +244,12 @@ def test_frontier_callback_evaluates_under_the_trainers_precision(tmp_path, monk
         return real(model, batch, temperature)
 
     monkeypatch.setattr(evaluation, "response_logprobs", spy)
-    fit(tmp_path, [FrontierCallback(num_prompts=4, eval_every=100, max_new_tokens=8)], max_epochs=1,
-        precision="bf16-mixed")
+    fit(
+        tmp_path,
+        [FrontierCallback(num_prompts=4, eval_every=100, max_new_tokens=8)],
+        max_epochs=1,
+        precision="bf16-mixed",
+    )
     assert seen and all(seen)  # policy and reference passes at the start and at the end
 
 
@@ -237,11 +257,18 @@ def test_a_resumed_run_appends_without_repeating_its_last_step(tmp_path):
     def run(max_epochs: int, ckpt_path: str | None = None) -> None:
         L.seed_everything(0)
         L.Trainer(
-            accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, default_root_dir=tmp_path,
-            enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[FrontierCallback(num_prompts=4, eval_every=1, max_new_tokens=8),
-                       ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
-        ).fit(p3o_stage(), ckpt_path=ckpt_path)  # fmt: skip
+            accelerator="cpu",
+            devices=1,
+            max_epochs=max_epochs,
+            logger=False,
+            default_root_dir=tmp_path,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[
+                FrontierCallback(num_prompts=4, eval_every=1, max_new_tokens=8),
+                ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True),
+            ],
+        ).fit(p3o_stage(), ckpt_path=ckpt_path)
 
     run(max_epochs=1)
     run(max_epochs=2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
@@ -319,10 +346,22 @@ def test_winrate_command_writes_complementary_matrices(tmp_path, capsys):
     torch.manual_seed(2)
     save_pretrained(build_reward_model(SPEC, tokenizer), tokenizer, tmp_path / "rm")
     out_dir = tmp_path / "winrates"
-    main([
-        "winrate", f"a={tmp_path / 'policy0'}", f"a again={tmp_path / 'policy0'}", f"b={tmp_path / 'policy1'}",
-        "--judge", str(tmp_path / "rm"), "--num-prompts", "12", "--max-new-tokens", "8", "--out-dir", str(out_dir),
-    ])  # fmt: skip
+    main(
+        [
+            "winrate",
+            f"a={tmp_path / 'policy0'}",
+            f"a again={tmp_path / 'policy0'}",
+            f"b={tmp_path / 'policy1'}",
+            "--judge",
+            str(tmp_path / "rm"),
+            "--num-prompts",
+            "12",
+            "--max-new-tokens",
+            "8",
+            "--out-dir",
+            str(out_dir),
+        ]
+    )
     assert "win rate of row over column" in capsys.readouterr().out
     rows = read_rows(out_dir / "winrates.csv")
     table = {(r["judge"], r["policy_a"], r["policy_b"]): float(r["win_rate"]) for r in rows}
@@ -340,19 +379,40 @@ def test_winrate_command_writes_complementary_matrices(tmp_path, capsys):
 
 def rl_stage(cls=P3OModule, evaluation: EvaluationSpec | None = None):
     L.seed_everything(0)
-    rollout = RolloutSpec(prompt_pool=32, num_prompts=4, num_responses=2, update_epochs=1, minibatch_groups=2,
-                          max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=8))  # fmt: skip
-    return cls(policy=SPEC, reward_model="embedded:reviews", rollout=rollout, evaluation=evaluation,
-               optimizer=OptimizerSpec(learning_rate=1e-2))  # fmt: skip
+    rollout = RolloutSpec(
+        prompt_pool=32,
+        num_prompts=4,
+        num_responses=2,
+        update_epochs=1,
+        minibatch_groups=2,
+        max_prompt_tokens=16,
+        sampling=SamplingSpec(max_new_tokens=8),
+    )
+    return cls(
+        policy=SPEC,
+        reward_model="embedded:reviews",
+        rollout=rollout,
+        evaluation=evaluation,
+        optimizer=OptimizerSpec(learning_rate=1e-2),
+    )
 
 
 def quiet_trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    options = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                   enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     return L.Trainer(**{**options, **kwargs})
 
 
-EVAL = EvaluationSpec(num_prompts=12, batch_size=5, max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=8), seed=3)
+EVAL = EvaluationSpec(
+    num_prompts=12, batch_size=5, max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=8), seed=3
+)
 
 
 def test_validate_reports_the_held_out_evaluation_batch_by_batch(tmp_path):
@@ -366,8 +426,18 @@ def test_validate_reports_the_held_out_evaluation_batch_by_batch(tmp_path):
     parts = []
     for i, start in enumerate(range(0, 12, 5)):
         with seeded(3 + i):
-            parts.append(evaluate_examples(stage.policy, stage.reference, stage.tokenizer, stage.scorer,
-                                           prompts[start : start + 5], EVAL.sampling, 16, TASK))  # fmt: skip
+            parts.append(
+                evaluate_examples(
+                    stage.policy,
+                    stage.reference,
+                    stage.tokenizer,
+                    stage.scorer,
+                    prompts[start : start + 5],
+                    EVAL.sampling,
+                    16,
+                    TASK,
+                )
+            )
     expected = {name: torch.cat([p[name] for p in parts]).mean().item() for name in parts[0]}
     assert set(metrics) == {f"val/{name}" for name in ("kl", "score", "gold", "response_length", "eos_rate")}
     for name, value in expected.items():
@@ -377,8 +447,9 @@ def test_validate_reports_the_held_out_evaluation_batch_by_batch(tmp_path):
 
 @pytest.mark.parametrize("cls", [P3OModule, PPOModule, OnlineDPOModule, RLOOModule])
 def test_every_rl_stage_tests_with_kl_zero_before_training(tmp_path, cls):
-    stage = rl_stage(cls, evaluation=EvaluationSpec(num_prompts=6, max_prompt_tokens=16,
-                                                    sampling=SamplingSpec(max_new_tokens=6)))  # fmt: skip
+    stage = rl_stage(
+        cls, evaluation=EvaluationSpec(num_prompts=6, max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6))
+    )
     [metrics] = quiet_trainer(tmp_path).test(stage)
     assert metrics["test/kl"] == pytest.approx(0.0, abs=1e-5)  # π_θ = π_ref before any update
     assert 1 <= metrics["test/response_length"] <= 6 and 0 <= metrics["test/eos_rate"] <= 1
@@ -387,8 +458,9 @@ def test_every_rl_stage_tests_with_kl_zero_before_training(tmp_path, cls):
 
 def test_validation_runs_in_fit_only_when_evaluation_is_set(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/gold", mode="max", save_top_k=1)
-    trainer = quiet_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[checkpoint],
-                            num_sanity_val_steps=0)  # fmt: skip
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[checkpoint], num_sanity_val_steps=0
+    )
     trainer.fit(rl_stage(evaluation=EVAL))
     assert Path(checkpoint.best_model_path).is_file()
     assert "val/gold" in trainer.callback_metrics  # the last rollout's validation
@@ -403,8 +475,16 @@ def test_validation_runs_in_fit_only_when_evaluation_is_set(tmp_path):
 
 def test_predict_writes_one_completion_per_prompt(tmp_path):
     out = tmp_path / "completions.jsonl"
-    stage = rl_stage(evaluation=EvaluationSpec(num_prompts=7, batch_size=4, max_prompt_tokens=16, seed=1,
-                                               sampling=SamplingSpec(max_new_tokens=8), predictions_file=str(out)))  # fmt: skip
+    stage = rl_stage(
+        evaluation=EvaluationSpec(
+            num_prompts=7,
+            batch_size=4,
+            max_prompt_tokens=16,
+            seed=1,
+            sampling=SamplingSpec(max_new_tokens=8),
+            predictions_file=str(out),
+        )
+    )
     predictions = quiet_trainer(tmp_path).predict(stage)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows == [row for batch in predictions for row in batch]
@@ -419,14 +499,24 @@ def test_predict_writes_one_completion_per_prompt(tmp_path):
 def micro_rl_config(tmp_path: Path, evaluation: dict) -> Path:
     config = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
-                    "enable_model_summary": False, "default_root_dir": str(tmp_path / "logs")},
-        "model": {"class_path": "lit_p3o.P3OModule", "init_args": {
-            "policy": {"architecture": MICRO, "tokenizer": "embedded:reviews"},
-            "reward_model": "embedded:reviews",
-            "rollout": {"prompt_pool": 16, "num_prompts": 4, "max_prompt_tokens": 16},
-            "evaluation": evaluation}},
-    }  # fmt: skip
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp_path / "logs"),
+        },
+        "model": {
+            "class_path": "lit_p3o.P3OModule",
+            "init_args": {
+                "policy": {"architecture": MICRO, "tokenizer": "embedded:reviews"},
+                "reward_model": "embedded:reviews",
+                "rollout": {"prompt_pool": 16, "num_prompts": 4, "max_prompt_tokens": 16},
+                "evaluation": evaluation,
+            },
+        },
+    }
     path = tmp_path / "p3o.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -435,9 +525,17 @@ def micro_rl_config(tmp_path: Path, evaluation: dict) -> Path:
 def test_cli_validate_and_predict(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["lit-p3o"])
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("write a review of the pizza :", "review the lamp :")))
-    evaluation = {"num_prompts": 8, "batch_size": 4, "max_prompt_tokens": 16, "sampling": {"max_new_tokens": 6},
-                  "predict_prompts": str(prompts), "predictions_file": str(tmp_path / "out.jsonl")}  # fmt: skip
+    prompts.write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in ("write a review of the pizza :", "review the lamp :"))
+    )
+    evaluation = {
+        "num_prompts": 8,
+        "batch_size": 4,
+        "max_prompt_tokens": 16,
+        "sampling": {"max_new_tokens": 6},
+        "predict_prompts": str(prompts),
+        "predictions_file": str(tmp_path / "out.jsonl"),
+    }
     config = micro_rl_config(tmp_path, evaluation)
     main(["validate", "--config", str(config)])
     printed = capsys.readouterr().out
@@ -453,10 +551,23 @@ def test_report_prints_means_with_bootstrap_intervals_over_the_prompts(tmp_path,
     for seed, name in ((0, "sft"), (1, "p3o"), (2, "p3o-nokl")):
         policy, _ = micro_policy(seed)
         save_pretrained(policy, tokenizer, tmp_path / name)
-    main([
-        "report", "--reference", str(tmp_path / "sft"), "--policy", str(tmp_path / "p3o"), "--judge", "embedded:reviews",
-        "--num-prompts", "16", "--max-new-tokens", "6", "--also", f"no KL control={tmp_path / 'p3o-nokl'}",
-    ])  # fmt: skip
+    main(
+        [
+            "report",
+            "--reference",
+            str(tmp_path / "sft"),
+            "--policy",
+            str(tmp_path / "p3o"),
+            "--judge",
+            "embedded:reviews",
+            "--num-prompts",
+            "16",
+            "--max-new-tokens",
+            "6",
+            "--also",
+            f"no KL control={tmp_path / 'p3o-nokl'}",
+        ]
+    )
     lines = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(lines) if "proxy reward" in line and "gold reward" in line)
     assert [line.split()[0] for line in lines[header + 1 : header + 3]] == ["sft", "p3o"]
@@ -476,5 +587,11 @@ def test_report_prints_means_with_bootstrap_intervals_over_the_prompts(tmp_path,
     assert lines[header + 2].count(expected) == 2  # the proxy is the gold reward under this judge
     assert f"{0.0:.3f} [0.00, 0.00]" in lines[header + 1]  # the reference has no KL to itself
     with pytest.raises(UserError, match="--also trained=...: 'trained' names a built-in row"):
-        report(tmp_path / "sft", tmp_path / "p3o", "embedded:reviews", None, tmp_path / "x.png",
-               others={"trained": tmp_path / "p3o-nokl"})  # fmt: skip
+        report(
+            tmp_path / "sft",
+            tmp_path / "p3o",
+            "embedded:reviews",
+            None,
+            tmp_path / "x.png",
+            others={"trained": tmp_path / "p3o-nokl"},
+        )

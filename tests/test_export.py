@@ -36,11 +36,21 @@ TRL = Path(__file__).parent / "fixtures" / "prefs" / "trl.jsonl"
 OPT = OptimizerSpec(learning_rate=5e-2)
 
 
-def train_and_checkpoint(module: L.LightningModule, path: Path, data: L.LightningDataModule | None = None, **kwargs) -> Path:
+def train_and_checkpoint(
+    module: L.LightningModule, path: Path, data: L.LightningDataModule | None = None, **kwargs
+) -> Path:
     L.seed_everything(0)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, **kwargs)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        **kwargs,
+    )
     trainer.fit(module, data)
     trainer.save_checkpoint(path)
     return path
@@ -83,14 +93,24 @@ def test_lora_sft_export_loads_with_peft_from_another_directory(workdir, tmp_pat
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
     torch.testing.assert_close(logits(merged, IDS), expected, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(logits(AutoModelForCausalLM.from_pretrained(workdir / "base"), IDS), expected)  # it trained
+    assert not torch.allclose(
+        logits(AutoModelForCausalLM.from_pretrained(workdir / "base"), IDS), expected
+    )  # it trained
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "adapters")
-    assert tokenizer.padding_side == "left" and AutoTokenizer.from_pretrained(tmp_path / "merged").padding_side == "left"
+    assert (
+        tokenizer.padding_side == "left" and AutoTokenizer.from_pretrained(tmp_path / "merged").padding_side == "left"
+    )
 
 
 def test_rl_stage_export_is_the_trained_policy(workdir, tmp_path, monkeypatch):
-    rollout = RolloutSpec(prompt_pool=16, num_prompts=4, update_epochs=1, minibatch_groups=2, max_prompt_tokens=16,
-                          sampling=SamplingSpec(max_new_tokens=6))  # fmt: skip
+    rollout = RolloutSpec(
+        prompt_pool=16,
+        num_prompts=4,
+        update_epochs=1,
+        minibatch_groups=2,
+        max_prompt_tokens=16,
+        sampling=SamplingSpec(max_new_tokens=6),
+    )
     module = P3OModule(ModelSpec(name_or_path="base"), reward_model="embedded:reviews", rollout=rollout, optimizer=OPT)
     ckpt = train_and_checkpoint(module, workdir / "p3o.ckpt", max_epochs=1)
     out = export_checkpoint(ckpt, tmp_path / "policy")
@@ -111,8 +131,10 @@ def test_reward_stage_export_scores_like_the_module(workdir, tmp_path, monkeypat
     exported = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     texts = ["rate the tea : it is good .", "rate the bike : i hate it"]  # no final EOS (= pad here)
-    ours = reward_scores(module.reward_model.eval(), collate(
-        [Encoded([], ids) for ids in tokenizer(texts)["input_ids"]], tokenizer.pad_token_id))  # fmt: skip
+    ours = reward_scores(
+        module.reward_model.eval(),
+        collate([Encoded([], ids) for ids in tokenizer(texts)["input_ids"]], tokenizer.pad_token_id),
+    )
     # HF pools at the last token that is not pad_token_id, whichever side pads
     for side in ("left", "right"):
         tokenizer.padding_side = side
@@ -148,13 +170,15 @@ def test_export_of_a_checkpoint_written_under_the_cli(tmp_path, monkeypatch):
 
     monkeypatch.setattr("sys.argv", ["lit-p3o"])
     config = write_config(tmp_path, micro_config(tmp_path))
-    cli = LitP3OCLI(args=["fit", "--config", str(config), "--model.init_args.model.lora.r=2",
-                          "--trainer.enable_checkpointing=true"])  # fmt: skip
+    cli = LitP3OCLI(
+        args=["fit", "--config", str(config), "--model.init_args.model.lora.r=2", "--trainer.enable_checkpointing=true"]
+    )
     [ckpt] = (tmp_path / "logs" / "checkpoints").glob("*.ckpt")
     assert "_class_path" in torch.load(ckpt, weights_only=False)["hyper_parameters"]
     out = export_checkpoint(ckpt, tmp_path / "exported")  # adapters on an in-memory base: saved merged
-    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out), IDS), logits(cli.model.policy, IDS),
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        logits(AutoModelForCausalLM.from_pretrained(out), IDS), logits(cli.model.policy, IDS), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_adapters_on_saved_adapters_are_exported_merged(workdir, tmp_path, monkeypatch, micro_tokenizer, capsys):

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_bad_inputs import ENV, error_line, lit_p3o, p3o_config, p3o_run, write_yaml  # noqa: F401 (fixture)
 
 from lit_p3o.runs import OutputLock, atomic_file, lock_path, replaced_directory
@@ -37,8 +36,15 @@ def run_cli(*args: str, cwd: Path, file_limit: int | None = None) -> subprocess.
     if file_limit is None:
         return lit_p3o(*args, cwd=cwd)
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))  # noqa: E731
-    return subprocess.run([sys.executable, "-m", "lit_p3o", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
-                          timeout=300, preexec_fn=limit)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "lit_p3o", *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+    )
 
 
 def refused(result: subprocess.CompletedProcess) -> str:
@@ -58,7 +64,7 @@ def leftovers(directory: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run(p3o_run):
+def run(p3o_run):  # noqa: F811 (the imported fixture, by name)
     """A finished one-rollout P3O run: ``ckpt/last.ckpt`` and its marked ``export/``."""
     return p3o_run[0]
 
@@ -95,8 +101,12 @@ def test_export_over_another_runs_export_is_refused_and_over_its_own_replaces_it
     first = run_cli("export", "--ckpt", "other.ckpt", "--out", "shared", cwd=work)
     assert first.returncode == 0, first.stderr[-3000:]
     marker = json.loads((work / "shared/lit_p3o_run.json").read_text())
-    assert marker == {"run_id": "0123456789ab", "stage": "P3OModule", "exported_by": "lit-p3o export",
-                      "checkpoint": str(work / "other.ckpt")}  # fmt: skip
+    assert marker == {
+        "run_id": "0123456789ab",
+        "stage": "P3OModule",
+        "exported_by": "lit-p3o export",
+        "checkpoint": str(work / "other.ckpt"),
+    }
     before = snapshot(work / "shared")
 
     result = run_cli("export", "--ckpt", "ckpt/last.ckpt", "--out", "shared", cwd=work)
@@ -136,15 +146,22 @@ def reward(prompts, completions, **kwargs):
 def test_a_second_fit_on_the_same_save_dir_is_stopped(tmp_path):
     (tmp_path / "waiting.py").write_text(WAITING_REWARD)
     write_yaml(tmp_path / "p3o.yaml", p3o_config(reward_model="waiting:reward"))
-    first = subprocess.Popen([sys.executable, "-m", "lit_p3o", "fit", "--config", "p3o.yaml"], cwd=tmp_path, env=ENV,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = subprocess.Popen(
+        [sys.executable, "-m", "lit_p3o", "fit", "--config", "p3o.yaml"],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lock = lock_path(tmp_path / "export")
     try:
         while not (lock.is_file() and lock.read_text()):  # the first run holds save_dir
             assert first.poll() is None, first.communicate()[1][-3000:]
             time.sleep(0.1)
-        second = run_cli("fit", "--config", "p3o.yaml", "--model.init_args.reward_model", "embedded:reviews",
-                         cwd=tmp_path)  # fmt: skip
+        second = run_cli(
+            "fit", "--config", "p3o.yaml", "--model.init_args.reward_model", "embedded:reviews", cwd=tmp_path
+        )
     finally:
         (tmp_path / "go").touch()
         out, err = first.communicate(timeout=300)
@@ -170,10 +187,19 @@ def test_export_into_a_directory_in_use_is_stopped(run, tmp_path):
 
 
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
-    killed = subprocess.run([sys.executable, "-c", (
-        "import os, signal; from lit_p3o.runs import OutputLock; "
-        f"OutputLock({str(tmp_path / 'out')!r}, '--out', 'killed').acquire(); os.kill(os.getpid(), signal.SIGKILL)"
-    )], env=ENV, capture_output=True, text=True)  # fmt: skip
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import os, signal; from lit_p3o.runs import OutputLock; "
+                f"OutputLock({str(tmp_path / 'out')!r}, '--out', 'killed').acquire(); os.kill(os.getpid(), signal.SIGKILL)"
+            ),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert killed.returncode == -9, killed.stderr
     assert "killed" in lock_path(tmp_path / "out").read_text()  # left behind
     with OutputLock(tmp_path / "out", "--out", "next"):
@@ -203,8 +229,17 @@ def test_checkpoint_on_a_full_disk_keeps_the_last_good_one(work):
     write_yaml(work / "p3o.yaml", config)
     good = (work / "ckpt/last.ckpt").read_bytes()
     assert len(good) > 150_000  # the limit below stops the checkpoint, not the small files of the run
-    result = run_cli("fit", "--config", "p3o.yaml", "--ckpt_path", "ckpt/last.ckpt", "--trainer.max_epochs", "2",
-                     cwd=work, file_limit=150_000)  # fmt: skip
+    result = run_cli(
+        "fit",
+        "--config",
+        "p3o.yaml",
+        "--ckpt_path",
+        "ckpt/last.ckpt",
+        "--trainer.max_epochs",
+        "2",
+        cwd=work,
+        file_limit=150_000,
+    )
     assert refused(result) == (
         f"lit-p3o fit: error: checkpoint {work / 'ckpt/last.ckpt'}: could not be written (File too large); "
         "the previous one there, if any, is unchanged"
@@ -289,7 +324,12 @@ def bad_checkpoints(work: Path) -> dict[str, Path]:
     checkpoint = torch.load(work / "ckpt/last.ckpt", weights_only=False)
     checkpoint["callbacks"] = {"Evil": RunsACommand()}
     torch.save(checkpoint, work / "unsafe.ckpt")
-    return {"truncated": work / "truncated.ckpt", "corrupted": work / "corrupted.ckpt", "unsafe": work / "unsafe.ckpt", "text": work / "p3o.yaml"}
+    return {
+        "truncated": work / "truncated.ckpt",
+        "corrupted": work / "corrupted.ckpt",
+        "unsafe": work / "unsafe.ckpt",
+        "text": work / "p3o.yaml",
+    }
 
 
 EXPECTED = {
@@ -306,7 +346,11 @@ EXPECTED = {
 @pytest.mark.parametrize("command", ["fit", "export"])
 def test_bad_checkpoints_are_named_for_fit_and_export(work, command, case):
     path = bad_checkpoints(work)[case].name
-    args = ["fit", "--config", "p3o.yaml", "--ckpt_path", path] if command == "fit" else ["export", "--ckpt", path, "--out", "out"]
+    args = (
+        ["fit", "--config", "p3o.yaml", "--ckpt_path", path]
+        if command == "fit"
+        else ["export", "--ckpt", path, "--out", "out"]
+    )
     result = run_cli(*args, cwd=work)
     flag = "--ckpt_path" if command == "fit" else "--ckpt"
     assert refused(result) == f"lit-p3o {command}: error: {flag} {path}: {EXPECTED[case]}"

@@ -17,8 +17,13 @@ ROOT = Path(__file__).parents[1]
 
 
 def run_script(name: str, *args: str, timeout: int = 500) -> None:
-    result = subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True,
-                            timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
 
@@ -36,8 +41,16 @@ def test_gpu_strategy_overlays_parse_and_force_synced_generation(overlay, capsys
     from lit_p3o.cli import LitP3OCLI
 
     with pytest.raises(SystemExit) as exit_info:
-        LitP3OCLI(args=["fit", "--config", str(ROOT / "configs/demo/p3o.yaml"),
-                        "--config", str(ROOT / "configs/gpu" / overlay), "--print_config"])
+        LitP3OCLI(
+            args=[
+                "fit",
+                "--config",
+                str(ROOT / "configs/demo/p3o.yaml"),
+                "--config",
+                str(ROOT / "configs/gpu" / overlay),
+                "--print_config",
+            ]
+        )
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["strategy"]["class_path"].startswith("lightning.pytorch.strategies.")
@@ -99,8 +112,14 @@ def test_readme_fsdp_command_runs(tmp_path):
 
     config = ROOT / "configs" / "demo" / "p3o_fsdp.yaml"
     assert f"lit-p3o fit --config configs/demo/{config.name}" in (ROOT / "README.md").read_text()
-    result = subprocess.run([sys.executable, "-m", "lit_p3o", "fit", "--config", str(config)], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=500, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "lit_p3o", "fit", "--config", str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=500,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "saved the policy" in result.stdout
     load_complete(AutoModelForCausalLM, tmp_path / "outputs" / "demo" / "p3o_fsdp")

@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from micro import MICRO_ARCH, WIDE_ARCH
 from torch import nn
 
 from lit_p3o import (
@@ -25,16 +26,22 @@ from lit_p3o import (
 )
 from lit_p3o.guards import GradientGuard, NoGradientError, TooManySkippedError, UpdateLedger
 
-from micro import MICRO_ARCH, WIDE_ARCH
-
 LORA = LoraSpec(r=2, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
 
 
-def make_stage(guards: GuardSpec | None = None, policy: ModelSpec | None = None, save_dir: Path | None = None,
-               **rollout_kwargs) -> P3OModule:
+def make_stage(
+    guards: GuardSpec | None = None, policy: ModelSpec | None = None, save_dir: Path | None = None, **rollout_kwargs
+) -> P3OModule:
     """A micro P3O stage: 4 prompts × 2 responses, 2 minibatches × 2 passes = 4 updates per rollout."""
-    kwargs = dict(prompt_pool=32, num_prompts=4, num_responses=2, update_epochs=2, minibatch_groups=2,
-                  max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=4))
+    kwargs = dict(
+        prompt_pool=32,
+        num_prompts=4,
+        num_responses=2,
+        update_epochs=2,
+        minibatch_groups=2,
+        max_prompt_tokens=16,
+        sampling=SamplingSpec(max_new_tokens=4),
+    )
     kwargs.update(rollout_kwargs)
     return P3OModule(
         policy or ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews", lora=LORA),
@@ -48,13 +55,24 @@ def make_stage(guards: GuardSpec | None = None, policy: ModelSpec | None = None,
 
 def trainer(tmp_path: Path, max_epochs: int, **kwargs) -> L.Trainer:
     kwargs.setdefault("enable_checkpointing", False)
-    return L.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=tmp_path, **kwargs)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
 
 
 def varied(examples, ended, prompts=None):
     """Distinct rewards within every group (a random policy's gold rewards all tie)."""
-    return torch.arange(len(examples), dtype=torch.float32) * torch.tensor([1.0, -1.0]).repeat(len(examples))[: len(examples)]
+    return (
+        torch.arange(len(examples), dtype=torch.float32)
+        * torch.tensor([1.0, -1.0]).repeat(len(examples))[: len(examples)]
+    )
 
 
 def nan_at(*positions: int):
@@ -101,8 +119,10 @@ def test_a_step_whose_trainable_weights_get_no_gradient_stops_the_run(tmp_path):
 
 def test_sft_stops_too_when_its_trainable_weights_get_no_gradient(tmp_path):
     L.seed_everything(0)
-    sft = SFTModule(ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews", lora=LORA),
-                    save_dir=str(tmp_path / "sft"))
+    sft = SFTModule(
+        ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews", lora=LORA),
+        save_dir=str(tmp_path / "sft"),
+    )
     cut_graph_at(sft.policy, ("q_proj", "v_proj"))
     data = SFTDataModule(embedded_size=32, max_length=48, batch_size=8)
     with pytest.raises(NoGradientError, match="`policy`"):
@@ -121,9 +141,14 @@ def test_consecutive_exactly_zero_gradients_stop_the_run_and_name_the_cause(tmp_
         compute_loss = stage.compute_loss
         stage.compute_loss = lambda *args: (lambda loss, stats: (loss * 0.0, stats))(*compute_loss(*args))
     counter = StepCounter()
-    cause = "all responses to each prompt got the same reward" if tied else "the rewards of a prompt's responses differed"
-    with pytest.raises(NoGradientError, match=r"exactly-zero gradients in 3 consecutive optimizer steps "
-                       rf"\(model\.init_args\.guards\.max_zero_grad_steps = 3\).*{cause}"):
+    cause = (
+        "all responses to each prompt got the same reward" if tied else "the rewards of a prompt's responses differed"
+    )
+    with pytest.raises(
+        NoGradientError,
+        match=r"exactly-zero gradients in 3 consecutive optimizer steps "
+        rf"\(model\.init_args\.guards\.max_zero_grad_steps = 3\).*{cause}",
+    ):
         trainer(tmp_path, max_epochs=2, callbacks=[counter]).fit(stage)
     assert counter.batches == 3
 
@@ -237,7 +262,9 @@ def test_ledger_summary_and_limit():
     ledger = UpdateLedger(applied=6)
     assert ledger.summary() == "6 updates applied, 0 skipped"
     ledger.skipped.update({"non-finite reward in the minibatch": 2, "non-finite loss": 1})
-    assert ledger.summary() == "6 updates applied, 3 skipped (non-finite loss: 1, non-finite reward in the minibatch: 2)"
+    assert (
+        ledger.summary() == "6 updates applied, 3 skipped (non-finite loss: 1, non-finite reward in the minibatch: 2)"
+    )
     assert ledger.too_many_skipped(0.1, 29) and not ledger.too_many_skipped(0.1, 30)
     assert not ledger.too_many_skipped(0.0, math.inf) and not ledger.too_many_skipped(0.0, -1)
 
@@ -250,8 +277,11 @@ def test_all_updates_skipped_stops_early_and_saves_nothing(tmp_path, accumulate)
     stage = make_stage(save_dir=tmp_path / "out")
     stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.full((len(examples),), float("nan"))
     counter = StepCounter()
-    with pytest.raises(TooManySkippedError, match=r"5 of the 40 planned updates were skipped.*"
-                       r"model\.init_args\.guards\.max_skipped_fraction = 0\.1.*\(0 updates applied, 5 skipped \(non-finite reward in the minibatch: 5\)\)"):
+    with pytest.raises(
+        TooManySkippedError,
+        match=r"5 of the 40 planned updates were skipped.*"
+        r"model\.init_args\.guards\.max_skipped_fraction = 0\.1.*\(0 updates applied, 5 skipped \(non-finite reward in the minibatch: 5\)\)",
+    ):
         trainer(tmp_path, max_epochs=10, callbacks=[counter], accumulate_grad_batches=accumulate).fit(stage)
     assert counter.batches == 5
     assert not (tmp_path / "out").exists()
@@ -296,8 +326,10 @@ def test_the_ledger_is_checkpointed_and_resumed(tmp_path):
     del legacy["updates"]
     torch.save(legacy, tmp_path / "legacy.ckpt")
 
-    for path, skipped in [(tmp_path / "ckpt" / "last.ckpt", {"non-finite reward in the minibatch": 2}),
-                          (tmp_path / "legacy.ckpt", {"before resume": 2})]:
+    for path, skipped in [
+        (tmp_path / "ckpt" / "last.ckpt", {"non-finite reward in the minibatch": 2}),
+        (tmp_path / "legacy.ckpt", {"before resume": 2}),
+    ]:
         L.seed_everything(0)
         resumed = make_stage(GuardSpec(max_skipped_fraction=0.5))
         resumed.scorer.score_examples = varied
@@ -318,16 +350,27 @@ def test_qlora_p3o_on_cpu_trains_its_adapters_and_raises_the_task_reward(tmp_pat
 
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
     L.seed_everything(0)
-    sft = SFTModule(ModelSpec(architecture=dict(WIDE_ARCH), tokenizer="embedded:reviews"),
-                    optimizer=OptimizerSpec(learning_rate=3e-3), save_dir=str(tmp_path / "sft"))
-    trainer(tmp_path, max_epochs=1, limit_val_batches=0).fit(sft, SFTDataModule(embedded_size=1000, max_length=48,
-                                                                                 batch_size=32))
+    sft = SFTModule(
+        ModelSpec(architecture=dict(WIDE_ARCH), tokenizer="embedded:reviews"),
+        optimizer=OptimizerSpec(learning_rate=3e-3),
+        save_dir=str(tmp_path / "sft"),
+    )
+    trainer(tmp_path, max_epochs=1, limit_val_batches=0).fit(
+        sft, SFTDataModule(embedded_size=1000, max_length=48, batch_size=32)
+    )
     L.seed_everything(0)
     targets = ["q_proj", "v_proj"]  # peft's default for Llama: every path from them to the loss crosses a 4-bit layer
     stage = make_stage(
-        policy=ModelSpec(name_or_path=str(tmp_path / "sft"), lora=LoraSpec(r=8, lora_dropout=0.0, target_modules=targets),
-                         quantization=QuantizationSpec()),
-        prompt_pool=64, num_prompts=16, num_responses=4, minibatch_groups=8, sampling=SamplingSpec(max_new_tokens=12),
+        policy=ModelSpec(
+            name_or_path=str(tmp_path / "sft"),
+            lora=LoraSpec(r=8, lora_dropout=0.0, target_modules=targets),
+            quantization=QuantizationSpec(),
+        ),
+        prompt_pool=64,
+        num_prompts=16,
+        num_responses=4,
+        minibatch_groups=8,
+        sampling=SamplingSpec(max_new_tokens=12),
     )
     assert any(type(m).__name__ == "Linear4bit" for m in stage.policy.modules())
     before = {n: p.detach().clone() for n, p in stage.policy.named_parameters()}

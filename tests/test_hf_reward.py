@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_fixtures import ENDOFTEXT, EOT, gpt2_style_tokenizer, llama3_chat_tokenizer, save_model_dir
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hf_fixtures import ENDOFTEXT, EOT, gpt2_style_tokenizer, llama3_chat_tokenizer, save_model_dir
 from lit_p3o.data.encoding import Encoded, collate
 from lit_p3o.models import ModelSpec, build_reward_model, load_tokenizer, save_pretrained
 from lit_p3o.scoring import RewardScorer, pooling_positions, reward_scores
@@ -32,8 +32,14 @@ def examples(tokenizer) -> list[Encoded]:
     end_of_turn = tokenizer.convert_tokens_to_ids(EOT) if EOT in tokenizer.get_vocab() else eos
     return [
         Encoded(ids("Write a short review of the pizza.", True), ids(" The pizza is great.") + [eos]),
-        Encoded(ids(f"The quick brown fox.{ENDOFTEXT if end_of_turn == eos else EOT} What is 12 + 7?", True), ids(" 19") + [eos]),
-        Encoded(ids("Hello!", True) + [end_of_turn, eos] + ids(" How are you?"), ids(" I would order it again.") + [end_of_turn]),
+        Encoded(
+            ids(f"The quick brown fox.{ENDOFTEXT if end_of_turn == eos else EOT} What is 12 + 7?", True),
+            ids(" 19") + [eos],
+        ),
+        Encoded(
+            ids("Hello!", True) + [end_of_turn, eos] + ids(" How are you?"),
+            ids(" I would order it again.") + [end_of_turn],
+        ),
         Encoded(ids("Summarize the post: my cat sleeps all day.", True), ids(" The cat plays")),  # did not end
         Encoded(ids("What is 3 + 4?", True), [eos]),  # an empty response
     ]
@@ -63,7 +69,9 @@ def test_reward_model_trained_elsewhere_scores_as_under_its_own_forward(setup, t
     batch = collate(rows, scorer.tokenizer.pad_token_id)
     assert (batch.attention_mask[:, 0] == 0).any() and (batch.attention_mask[:, -1] == 0).any()  # left and right
     for order in ([4, 3, 2, 1, 0], [2, 0]):  # other neighbours, other padding, same scores
-        torch.testing.assert_close(scorer.score_examples([rows[i] for i in order]), expected[order], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            scorer.score_examples([rows[i] for i in order]), expected[order], atol=1e-5, rtol=1e-5
+        )
     if hf.config.pad_token_id is not None:  # transformers' own padded batch (right padding) agrees too
         padded = AutoTokenizer.from_pretrained(directory).pad(
             {"input_ids": [e.prompt_ids + e.response_ids for e in rows]}, return_tensors="pt"

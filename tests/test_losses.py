@@ -244,7 +244,8 @@ def test_property2_translation_invariance(variant, off_policy):
     )
     # The same check fails for a loss that is not pairwise: the test can tell the difference.
     assert not torch.allclose(
-        grad_of(lambda lr: reinforce_loss(lr, shifted), logratio), grad_of(lambda lr: reinforce_loss(lr, rewards), logratio)
+        grad_of(lambda lr: reinforce_loss(lr, shifted), logratio),
+        grad_of(lambda lr: reinforce_loss(lr, rewards), logratio),
     )
 
 
@@ -318,7 +319,7 @@ def test_property4_all_pairs_equal_leave_one_out(k):
     torch.testing.assert_close(grad_rloo, -advantages / (g * k))
     torch.testing.assert_close(grad_rloo_clipped, grad_rloo)
     for variant in ("v1", "v2"):
-        grad_p3o = grad_of(lambda lp: p3o(variant)(on_policy_ratio(lp), rewards), logprobs)
+        grad_p3o = grad_of(lambda lp, variant=variant: p3o(variant)(on_policy_ratio(lp), rewards), logprobs)
         torch.testing.assert_close(grad_p3o, 1.0 * grad_rloo)
 
 
@@ -490,9 +491,15 @@ def test_kl_regularized_rewards():
 
 def test_adaptive_kl_beta_hand_computed():
     # n/horizon = 256/10000 = 0.0256
-    assert adaptive_kl_beta(0.1, kl=10.0, target=6.0, n_samples=256, horizon=10000) == pytest.approx(0.1 * (1 + 0.2 * 0.0256))
-    assert adaptive_kl_beta(0.1, kl=1.0, target=6.0, n_samples=256, horizon=10000) == pytest.approx(0.1 * (1 - 0.2 * 0.0256))
-    assert adaptive_kl_beta(0.1, kl=6.6, target=6.0, n_samples=256, horizon=10000) == pytest.approx(0.1 * (1 + 0.1 * 0.0256))
+    assert adaptive_kl_beta(0.1, kl=10.0, target=6.0, n_samples=256, horizon=10000) == pytest.approx(
+        0.1 * (1 + 0.2 * 0.0256)
+    )
+    assert adaptive_kl_beta(0.1, kl=1.0, target=6.0, n_samples=256, horizon=10000) == pytest.approx(
+        0.1 * (1 - 0.2 * 0.0256)
+    )
+    assert adaptive_kl_beta(0.1, kl=6.6, target=6.0, n_samples=256, horizon=10000) == pytest.approx(
+        0.1 * (1 + 0.1 * 0.0256)
+    )
     assert adaptive_kl_beta(0.1, kl=6.0, target=6.0, n_samples=256, horizon=10000) == pytest.approx(0.1)
     for target, horizon in [(0.0, 10), (-1.0, 10), (6.0, 0)]:
         with pytest.raises(ValueError):

@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 import torch
+from micro import MICRO_ARCH
 from torch import nn
 
-from lit_p3o.models import factory
 from lit_p3o.models import (
     FrozenReference,
     LoraSpec,
@@ -20,12 +20,11 @@ from lit_p3o.models import (
     build_causal_lm,
     build_reward_model,
     disable_dropout,
+    factory,
     has_adapters,
     load_tokenizer,
     save_pretrained,
 )
-
-from micro import MICRO_ARCH
 
 IDS = torch.tensor([[3, 105, 7, 77, 62, 91, 71, 5], [0, 0, 3, 95, 62, 91, 44, 6]])
 MASK = (IDS != 0).long()
@@ -63,16 +62,17 @@ def test_tiny_model_from_architecture(micro_spec):
 
 
 def test_as_spec_accepts_plain_dicts():
-    spec = as_spec(
-        {"architecture": dict(MICRO_ARCH), "tokenizer": "embedded:reviews", "lora": {"r": 2}}
-    )
+    spec = as_spec({"architecture": dict(MICRO_ARCH), "tokenizer": "embedded:reviews", "lora": {"r": 2}})
     assert isinstance(spec.lora, LoraSpec) and spec.lora.r == 2 and spec.lora.lora_alpha == 16
 
 
 def test_load_from_saved_dir_has_identical_weights(micro_model_dir):
     spec = ModelSpec(name_or_path=str(micro_model_dir))
     tok = load_tokenizer(spec)
-    assert tok.get_vocab() == load_tokenizer(ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews")).get_vocab()
+    assert (
+        tok.get_vocab()
+        == load_tokenizer(ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews")).get_vocab()
+    )
     a = build_causal_lm(spec, tok)
     b = build_causal_lm(spec, tok)
     assert a.training
@@ -132,7 +132,12 @@ def test_4bit_lora_on_cpu(micro_model_dir, cpu_avx512bf16):
     tok = load_tokenizer(spec)
     model = build_causal_lm(spec, tok)
     inner = model.get_base_model().model.layers[0]
-    for linear in (inner.self_attn.k_proj, inner.self_attn.o_proj, inner.mlp.down_proj, inner.self_attn.q_proj.base_layer):
+    for linear in (
+        inner.self_attn.k_proj,
+        inner.self_attn.o_proj,
+        inner.mlp.down_proj,
+        inner.self_attn.q_proj.base_layer,
+    ):
         assert isinstance(linear, bnb.nn.Linear4bit)
         assert linear.weight.dtype == torch.uint8  # packed 4-bit storage
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -250,7 +255,9 @@ def test_lora_adapters_round_trip_to_a_merged_model(micro_model_dir, tmp_path):
     adapter_dir = save_pretrained(policy, tok, tmp_path / "adapters")
     assert (adapter_dir / "adapter_config.json").is_file()
     assert not (adapter_dir / "model.safetensors").exists()  # adapters only
-    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(micro_model_dir)
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        micro_model_dir
+    )
 
     reloaded_spec = ModelSpec(name_or_path=str(adapter_dir))
     reloaded = build_causal_lm(reloaded_spec, load_tokenizer(reloaded_spec))
@@ -384,7 +391,9 @@ def test_unreachable_hub_name_names_the_field(micro_tokenizer, monkeypatch):
 def test_quantization_without_bitsandbytes(micro_model_dir, micro_tokenizer, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        factory.importlib.util, "find_spec", lambda name, *a, **k: None if name == "bitsandbytes" else real(name, *a, **k)
+        factory.importlib.util,
+        "find_spec",
+        lambda name, *a, **k: None if name == "bitsandbytes" else real(name, *a, **k),
     )
     spec = ModelSpec(name_or_path=str(micro_model_dir), lora=LoraSpec(), quantization=QuantizationSpec())
     with pytest.raises(ImportError, match="quantization"):
@@ -421,7 +430,9 @@ def test_a_reward_model_loaded_to_score_still_reports_its_missing_head(micro_mod
     assert "LOAD REPORT" in output and "score.weight" in output
 
 
-def test_the_load_report_stays_when_more_than_the_new_head_is_missing(micro_model_dir, micro_tokenizer, caplog, tmp_path):
+def test_the_load_report_stays_when_more_than_the_new_head_is_missing(
+    micro_model_dir, micro_tokenizer, caplog, tmp_path
+):
     """A backbone weight missing from the checkpoint is a real problem, even for the reward stage."""
     from safetensors.torch import load_file, save_file
 

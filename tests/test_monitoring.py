@@ -12,14 +12,16 @@ import lightning as L
 import pytest
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from micro import MICRO_ARCH
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_p3o import FrontierCallback, ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
 from lit_p3o.monitoring import log_samples, markdown_table
-from micro import MICRO_ARCH
 
-ROWS = [{"prompt": "review the tea :", "response": "it is | good .", "score": 0.5, "ended": True},
-        {"prompt": "review the bike :", "response": "bad", "score": -1.25, "ended": False}]  # fmt: skip
+ROWS = [
+    {"prompt": "review the tea :", "response": "it is | good .", "score": 0.5, "ended": True},
+    {"prompt": "review the bike :", "response": "bad", "score": -1.25, "ended": False},
+]
 
 
 def tensorboard_texts(log_dir: str | Path) -> dict[str, list[tuple[int, str]]]:
@@ -49,28 +51,46 @@ def test_log_samples_writes_to_each_logger_in_its_form(tmp_path):
     lines = (Path(csv.log_dir) / "rollout_samples.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [{"step": 7, **row} for row in ROWS]
     wandb.log_table.assert_called_once_with(
-        key="rollout/samples", columns=["prompt", "response", "score", "ended"],
-        data=[["review the tea :", "it is | good .", 0.5, True], ["review the bike :", "bad", -1.25, False]], step=7,
-    )  # fmt: skip
+        key="rollout/samples",
+        columns=["prompt", "response", "score", "ended"],
+        data=[["review the tea :", "it is | good .", 0.5, True], ["review the bike :", "bad", -1.25, False]],
+        step=7,
+    )
 
 
 def p3o_stage(log_samples_groups: int = 2, minibatch_groups: int = 2) -> P3OModule:
     L.seed_everything(0)
-    rollout = RolloutSpec(prompt_pool=16, num_prompts=4, num_responses=2, update_epochs=1, minibatch_groups=minibatch_groups,
-                          max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6), log_samples=log_samples_groups,
-                          forward_batch_size=3)  # fmt: skip
+    rollout = RolloutSpec(
+        prompt_pool=16,
+        num_prompts=4,
+        num_responses=2,
+        update_epochs=1,
+        minibatch_groups=minibatch_groups,
+        max_prompt_tokens=16,
+        sampling=SamplingSpec(max_new_tokens=6),
+        log_samples=log_samples_groups,
+        forward_batch_size=3,
+    )
     spec = ModelSpec(architecture=MICRO_ARCH, tokenizer="embedded:reviews")
     return P3OModule(spec, "embedded:reviews", rollout=rollout, optimizer=OptimizerSpec(learning_rate=1e-2))
 
 
 def test_rollout_samples_reach_tensorboard_and_a_jsonl_next_to_the_csv_metrics(tmp_path):
     csv, tensorboard = CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")
-    L.Trainer(accelerator="cpu", max_epochs=2, logger=[csv, tensorboard], enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False).fit(p3o_stage())  # fmt: skip
+    L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=[csv, tensorboard],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(p3o_stage())
     rows = [json.loads(line) for line in (Path(csv.log_dir) / "rollout_samples.jsonl").read_text().splitlines()]
     assert (Path(csv.log_dir) / "metrics.csv").is_file()
     assert [(r["step"], r["rollout"]) for r in rows] == [(0, 1)] * 4 + [(2, 2)] * 4  # 2 groups × K = 2, per rollout
-    assert all(r["response"] and r["prompt"].startswith(("write", "review", "rate", "what")) or r["prompt"] for r in rows)
+    assert all(
+        r["response"] and r["prompt"].startswith(("write", "review", "rate", "what")) or r["prompt"] for r in rows
+    )
     assert {type(r["score"]) for r in rows} == {float} and {type(r["ended"]) for r in rows} == {bool}
     texts = tensorboard_texts(tensorboard.log_dir)["rollout/samples/text_summary"]
     assert [step for step, _ in texts] == [0, 2]
@@ -84,8 +104,15 @@ def test_every_rollouts_statistics_reach_the_csv_at_their_step(tmp_path, on_poli
     # on-policy: one minibatch of all 4 groups, whose update gives logp_old, the KL and r̃
     stage = p3o_stage(log_samples_groups=0, minibatch_groups=4 if on_policy else 2)
     csv = CSVLogger(tmp_path, name="csv")
-    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=csv, log_every_n_steps=50, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        logger=csv,
+        log_every_n_steps=50,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(stage)
     csv.save()
     with open(Path(csv.log_dir) / "metrics.csv") as f:
@@ -113,9 +140,15 @@ class ScorerSpy:
 @pytest.mark.parametrize("bar", [TQDMProgressBar, RichProgressBar])
 def test_progress_shows_every_rollout_phase_and_the_evaluation(tmp_path, capfd, bar):
     stage = p3o_stage(log_samples_groups=0)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=[bar(), FrontierCallback(num_prompts=4, eval_every=1, max_new_tokens=6)])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[bar(), FrontierCallback(num_prompts=4, eval_every=1, max_new_tokens=6)],
+    )
     stage.scorer = spy = ScorerSpy(stage.scorer, trainer)
     trainer.fit(stage)
     # scoring happens in the rollout (8 responses in chunks of 3) and in each evaluation

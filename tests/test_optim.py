@@ -10,12 +10,12 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from micro import MICRO_ARCH
+from test_cli import micro_config, write_config
 
 from lit_p3o import ModelSpec, OptimizerSpec, SFTDataModule, SFTModule
 from lit_p3o.cli import LitP3OCLI
 from lit_p3o.optim import configure_adamw
-from micro import MICRO_ARCH
-from test_cli import micro_config, write_config
 
 
 @pytest.fixture(autouse=True)
@@ -25,11 +25,27 @@ def plain_argv(monkeypatch):
 
 def test_cli_optimizer_and_scheduler_replace_the_stage_optimizer(tmp_path):
     config = write_config(tmp_path, micro_config(tmp_path))
-    cli = LitP3OCLI(args=[
-        "fit", "--config", str(config), "--model.init_args.optimizer", "null", "--trainer.max_steps", "9",
-        "--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.25",
-        "--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "1", "--lr_scheduler.gamma", "0.5",
-    ])  # fmt: skip
+    cli = LitP3OCLI(
+        args=[
+            "fit",
+            "--config",
+            str(config),
+            "--model.init_args.optimizer",
+            "null",
+            "--trainer.max_steps",
+            "9",
+            "--optimizer",
+            "torch.optim.SGD",
+            "--optimizer.lr",
+            "0.25",
+            "--lr_scheduler",
+            "torch.optim.lr_scheduler.StepLR",
+            "--lr_scheduler.step_size",
+            "1",
+            "--lr_scheduler.gamma",
+            "0.5",
+        ]
+    )
     [optimizer] = cli.trainer.optimizers
     assert type(optimizer) is torch.optim.SGD
     [scheduler] = cli.trainer.lr_scheduler_configs
@@ -41,14 +57,32 @@ def test_cli_optimizer_and_scheduler_replace_the_stage_optimizer(tmp_path):
 def test_cli_optimizer_works_with_an_rl_stage(tmp_path):
     rl = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "logger": False, "enable_checkpointing": False,
-                    "default_root_dir": str(tmp_path),  # LightningCLI saves its config.yaml there
-                    "enable_progress_bar": False, "enable_model_summary": False},
-        "model": {"class_path": "lit_p3o.P3OModule", "init_args": {
-            "policy": {"architecture": MICRO_ARCH, "tokenizer": "embedded:reviews"}, "reward_model": "embedded:reviews",
-            "rollout": {"prompt_pool": 16, "num_prompts": 4, "minibatch_groups": 2, "update_epochs": 1,
-                        "max_prompt_tokens": 16, "sampling": {"max_new_tokens": 6}}}},
-    }  # fmt: skip
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": 1,
+            "logger": False,
+            "enable_checkpointing": False,
+            "default_root_dir": str(tmp_path),  # LightningCLI saves its config.yaml there
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
+        "model": {
+            "class_path": "lit_p3o.P3OModule",
+            "init_args": {
+                "policy": {"architecture": MICRO_ARCH, "tokenizer": "embedded:reviews"},
+                "reward_model": "embedded:reviews",
+                "rollout": {
+                    "prompt_pool": 16,
+                    "num_prompts": 4,
+                    "minibatch_groups": 2,
+                    "update_epochs": 1,
+                    "max_prompt_tokens": 16,
+                    "sampling": {"max_new_tokens": 6},
+                },
+            },
+        },
+    }
     path = tmp_path / "p3o.yaml"
     path.write_text(yaml.safe_dump(rl))
     cli = LitP3OCLI(args=["fit", "--config", str(path), "--optimizer", "torch.optim.Adam", "--optimizer.lr", "0.5"])
@@ -61,11 +95,23 @@ def test_cli_optimizer_works_with_an_rl_stage(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1"], "--optimizer replaces the stage's `optimizer` block"),
-        (["--model.init_args.optimizer", "null", "--lr_scheduler", "torch.optim.lr_scheduler.StepLR",
-          "--lr_scheduler.step_size", "1"], "--lr_scheduler needs --optimizer"),
+        (
+            ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1"],
+            "--optimizer replaces the stage's `optimizer` block",
+        ),
+        (
+            [
+                "--model.init_args.optimizer",
+                "null",
+                "--lr_scheduler",
+                "torch.optim.lr_scheduler.StepLR",
+                "--lr_scheduler.step_size",
+                "1",
+            ],
+            "--lr_scheduler needs --optimizer",
+        ),
     ],
-)  # fmt: skip
+)
 def test_cli_refuses_optimizer_settings_that_would_be_ignored(tmp_path, capsys, args, message):
     config = write_config(tmp_path, micro_config(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
@@ -81,17 +127,26 @@ def sft_module(name: str) -> SFTModule:
     return SFTModule(spec, optimizer=OptimizerSpec(learning_rate=1e-2, name=name))
 
 
-@pytest.mark.parametrize("name, cls", [("adamw_8bit", bnb.optim.AdamW8bit), ("paged_adamw_8bit", bnb.optim.PagedAdamW8bit),
-                                       ("paged_adamw", bnb.optim.PagedAdamW)])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("adamw_8bit", bnb.optim.AdamW8bit),
+        ("paged_adamw_8bit", bnb.optim.PagedAdamW8bit),
+        ("paged_adamw", bnb.optim.PagedAdamW),
+    ],
+)
 def test_bitsandbytes_adamw_trains_on_cpu_like_adamw(name, cls):
     modules = {"adamw": sft_module("adamw"), name: sft_module(name)}
-    dm = SFTDataModule(train="embedded:reviews", embedded_size=16, max_length=48, batch_size=8,
-                       tokenizer=modules["adamw"].tokenizer)  # fmt: skip
+    dm = SFTDataModule(
+        train="embedded:reviews", embedded_size=16, max_length=48, batch_size=8, tokenizer=modules["adamw"].tokenizer
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     steps = {}
     for key, module in modules.items():
-        module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        module.trainer = L.Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+        )
         optimizer = configure_adamw(module, module.optimizer_spec)["optimizer"]
         before = {k: v.clone() for k, v in module.policy.state_dict().items()}
         module._loss(batch).backward()
@@ -111,7 +166,9 @@ def test_bitsandbytes_optimizer_without_the_package_says_what_to_install(monkeyp
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
     module = sft_module("adamw_8bit")
     with pytest.raises(ImportError, match=r"'adamw_8bit' needs the `bitsandbytes` package"):
         configure_adamw(module, module.optimizer_spec)
@@ -121,7 +178,9 @@ def adamw_trajectory(fused: bool | None, steps: int = 3) -> tuple[torch.optim.Op
     """Weights after ``steps`` AdamW steps (weight decay on) of an SFT module on a fixed batch."""
     module = sft_module("adamw")
     module.optimizer_spec = OptimizerSpec(learning_rate=1e-2, weight_decay=0.1, fused=fused)
-    dm = SFTDataModule(train="embedded:reviews", embedded_size=16, max_length=48, batch_size=8, tokenizer=module.tokenizer)
+    dm = SFTDataModule(
+        train="embedded:reviews", embedded_size=16, max_length=48, batch_size=8, tokenizer=module.tokenizer
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -148,13 +207,23 @@ def test_fused_is_refused_for_bitsandbytes_optimizers():
         OptimizerSpec(name="adamw_8bit", fused=True)
 
 
-@pytest.mark.parametrize("precision, clip, fused", [("32-true", 1.0, True), ("bf16-mixed", None, True), ("bf16-mixed", 1.0, False)])
+@pytest.mark.parametrize(
+    "precision, clip, fused", [("32-true", 1.0, True), ("bf16-mixed", None, True), ("bf16-mixed", 1.0, False)]
+)
 def test_fused_adamw_where_lightning_allows_it(precision, clip, fused):
     """Lightning's mixed-precision plugin refuses to clip a fused optimizer's gradients."""
     module = sft_module("adamw")
-    module.trainer = L.Trainer(accelerator="cpu", precision=precision, gradient_clip_val=clip, logger=False,
-                               enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    module.trainer = L.Trainer(
+        accelerator="cpu",
+        precision=precision,
+        gradient_clip_val=clip,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     assert bool(configure_adamw(module, module.optimizer_spec)["optimizer"].param_groups[0]["fused"]) is fused
     if not fused:
-        with pytest.raises(ValueError, match=r"OptimizerSpec.fused: true cannot be combined with trainer.gradient_clip_val=1.0"):
+        with pytest.raises(
+            ValueError, match=r"OptimizerSpec.fused: true cannot be combined with trainer.gradient_clip_val=1.0"
+        ):
             configure_adamw(module, OptimizerSpec(fused=True))

@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from micro import MICRO_ARCH as MICRO
 
 from lit_p3o import GuardSpec, ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
 from lit_p3o.buffer import collate_groups
@@ -14,14 +15,19 @@ from lit_p3o.generation import response_logprobs
 from lit_p3o.losses import pairwise_policy_gradient_loss
 from lit_p3o.rollout import KLSpec, rollout
 
-from micro import MICRO_ARCH as MICRO
-
 
 def make_stage(
     policy: ModelSpec | None = None, guards: GuardSpec | None = None, kl: KLSpec | None = None, **rollout_kwargs
 ) -> P3OModule:
-    kwargs = dict(prompt_pool=32, num_prompts=4, num_responses=2, update_epochs=2, minibatch_groups=2,
-                  max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6))
+    kwargs = dict(
+        prompt_pool=32,
+        num_prompts=4,
+        num_responses=2,
+        update_epochs=2,
+        minibatch_groups=2,
+        max_prompt_tokens=16,
+        sampling=SamplingSpec(max_new_tokens=6),
+    )
     kwargs.update(rollout_kwargs)
     return P3OModule(
         policy or ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"),
@@ -36,8 +42,14 @@ def make_stage(
 def trainer(tmp_path: Path, max_epochs: int, **kwargs) -> L.Trainer:
     kwargs.setdefault("enable_checkpointing", False)
     return L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, **kwargs,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kwargs,
     )
 
 
@@ -64,7 +76,10 @@ def test_one_epoch_is_one_rollout_then_update_epochs_passes(tmp_path):
 def varied_scores(examples, ended, prompts=None):
     """Distinct scores per response, so every pair has δ ≠ 0 (a random micro policy earns the
     same gold reward for all its gibberish)."""
-    return torch.arange(len(examples), dtype=torch.float32) * torch.tensor([1.0, -1.0]).repeat(len(examples))[: len(examples)]
+    return (
+        torch.arange(len(examples), dtype=torch.float32)
+        * torch.tensor([1.0, -1.0]).repeat(len(examples))[: len(examples)]
+    )
 
 
 def test_non_finite_reward_skips_the_step_and_keeps_weights(tmp_path, capsys):
@@ -85,7 +100,9 @@ def test_non_finite_reward_skips_the_step_and_keeps_weights(tmp_path, capsys):
     for name, value in weights(stage).items():
         assert torch.equal(value, before[name]), name
     out = capsys.readouterr().out
-    assert out.count("skipped an update (non-finite reward") == 2 and "non-finite loss" not in out  # the reward guard caught it
+    assert (
+        out.count("skipped an update (non-finite reward") == 2 and "non-finite loss" not in out
+    )  # the reward guard caught it
 
 
 def test_non_finite_loss_with_finite_rewards_skips_that_step_only(tmp_path, capsys):
@@ -152,7 +169,9 @@ def run_to_end(
 ):
     L.seed_everything(0)
     stage = make_stage(update_epochs=2, minibatch_groups=2, num_responses=3, kl=kl)
-    stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.randn(len(examples))  # uses the seeded RNG
+    stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.randn(
+        len(examples)
+    )  # uses the seeded RNG
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, every_n_epochs=1)
     t = trainer(tmp_path, max_epochs=stop_after or epochs, callbacks=[checkpoint], enable_checkpointing=True)
     t.fit(stage, ckpt_path=resume_from)
@@ -193,10 +212,14 @@ def test_p3o_raises_reward_of_an_sft_policy(tmp_path):
     from lit_p3o.tasks import get_task
 
     L.seed_everything(0)
-    arch = dict(MICRO, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=4)
-    sft = SFTModule(ModelSpec(architecture=arch, tokenizer="embedded:reviews"),
-                    optimizer=OptimizerSpec(learning_rate=3e-3), save_dir=str(tmp_path / "sft"))
+    arch = dict(
+        MICRO, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4
+    )
+    sft = SFTModule(
+        ModelSpec(architecture=arch, tokenizer="embedded:reviews"),
+        optimizer=OptimizerSpec(learning_rate=3e-3),
+        save_dir=str(tmp_path / "sft"),
+    )
     data = SFTDataModule(embedded_size=2000, max_length=48, batch_size=32)
     trainer(tmp_path, max_epochs=2, limit_val_batches=0).fit(sft, data)
 
@@ -206,12 +229,17 @@ def test_p3o_raises_reward_of_an_sft_policy(tmp_path):
     def mean_gold(policy, tokenizer) -> float:
         torch.manual_seed(123)
         out = sample_completions(policy, tokenizer, test_prompts, Sampling(max_new_tokens=24), 16)
-        return sum(task.gold_reward(p, r, e) for p, r, e in zip(out.prompts, out.responses, out.ended)) / len(test_prompts)
+        return sum(task.gold_reward(p, r, e) for p, r, e in zip(out.prompts, out.responses, out.ended)) / len(
+            test_prompts
+        )
 
     L.seed_everything(0)
     stage = make_stage(
-        policy=ModelSpec(name_or_path=str(tmp_path / "sft")), prompt_pool=400, num_prompts=32,
-        minibatch_groups=8, sampling=SamplingSpec(max_new_tokens=24),
+        policy=ModelSpec(name_or_path=str(tmp_path / "sft")),
+        prompt_pool=400,
+        num_prompts=32,
+        minibatch_groups=8,
+        sampling=SamplingSpec(max_new_tokens=24),
     )
     stage.optimizer_spec = OptimizerSpec(learning_rate=5e-4)  # 1e-3 gained only ~0.13, near the bar
     before = mean_gold(stage.policy, stage.tokenizer)
@@ -228,14 +256,16 @@ def test_resume_mid_rollout_continues_with_the_next_minibatch(tmp_path):
     L.seed_everything(0)
     stage = make_stage(update_epochs=2, minibatch_groups=2, num_responses=3)
     stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.randn(len(examples))
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "mid", save_top_k=-1, every_n_train_steps=6,
-                                 save_on_train_epoch_end=False)
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path / "mid", save_top_k=-1, every_n_train_steps=6, save_on_train_epoch_end=False
+    )
     trainer(tmp_path / "cut", max_epochs=3, max_steps=6, callbacks=[checkpoint], enable_checkpointing=True).fit(stage)
     saved = torch.load(next((tmp_path / "mid").glob("*step=6*.ckpt")), weights_only=False)
     assert saved["replay_buffer"][0]["consumed"] == 2  # 4 minibatches per rollout: 2 into rollout 2
 
-    resumed, resumed_trainer = run_to_end(tmp_path / "resumed", epochs=3,
-                                          resume_from=str(next((tmp_path / "mid").glob("*step=6*.ckpt"))))
+    resumed, resumed_trainer = run_to_end(
+        tmp_path / "resumed", epochs=3, resume_from=str(next((tmp_path / "mid").glob("*step=6*.ckpt")))
+    )
     assert resumed_trainer.global_step == full_trainer.global_step == 12
     for name, value in weights(full).items():
         torch.testing.assert_close(weights(resumed)[name], value, rtol=0, atol=1e-6)
@@ -251,8 +281,9 @@ def test_resume_mid_rollout_with_adaptive_beta_also_from_a_checkpoint_of_the_pre
     L.seed_everything(0)
     stage = make_stage(update_epochs=2, minibatch_groups=2, num_responses=3, kl=adaptive)
     stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.randn(len(examples))
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "mid", save_top_k=-1, every_n_train_steps=6,
-                                 save_on_train_epoch_end=False)
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path / "mid", save_top_k=-1, every_n_train_steps=6, save_on_train_epoch_end=False
+    )
     trainer(tmp_path / "cut", max_epochs=3, max_steps=6, callbacks=[checkpoint], enable_checkpointing=True).fit(stage)
     path = next((tmp_path / "mid").glob("*step=6*.ckpt"))
     saved = torch.load(path, weights_only=False)
@@ -277,10 +308,20 @@ def on_policy_run(tmp_path: Path, defer: bool) -> tuple[P3OModule, L.Trainer, in
 
     L.seed_everything(0)
     stage = P3OModule(
-        ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"), "embedded:reviews",
-        rollout=RolloutSpec(prompt_pool=32, num_prompts=4, num_responses=3, update_epochs=1, minibatch_groups=4,
-                            max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6), defer_logp_old=defer),
-        kl=KLSpec(beta=0.1, target=0.01, horizon=10), optimizer=OptimizerSpec(learning_rate=1e-2),
+        ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"),
+        "embedded:reviews",
+        rollout=RolloutSpec(
+            prompt_pool=32,
+            num_prompts=4,
+            num_responses=3,
+            update_epochs=1,
+            minibatch_groups=4,
+            max_prompt_tokens=16,
+            sampling=SamplingSpec(max_new_tokens=6),
+            defer_logp_old=defer,
+        ),
+        kl=KLSpec(beta=0.1, target=0.01, horizon=10),
+        optimizer=OptimizerSpec(learning_rate=1e-2),
     )
     stage.scorer.score_examples = varied_scores
     stage.loss_stats = []  # what compute_loss reported, minibatch by minibatch
@@ -330,8 +371,9 @@ def test_on_policy_update_takes_logp_old_from_its_own_forward(tmp_path):
     assert beta(kept) != 0.1
     assert beta(skipped) == pytest.approx(beta(kept), rel=0, abs=1e-7)
     for key in ("rollout/kl_mean", "rollout/reward_mean", "rollout/beta", "train/loss"):
-        torch.testing.assert_close(skipped_trainer.callback_metrics[key], kept_trainer.callback_metrics[key],
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            skipped_trainer.callback_metrics[key], kept_trainer.callback_metrics[key], rtol=0, atol=1e-5
+        )
 
 
 SHARED = ["rollout", "kl", "optimizer", "save_dir", "seed", "guards", "evaluation", "tokenizer"]

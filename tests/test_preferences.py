@@ -28,9 +28,9 @@ from lit_p3o.data.formats import (
     parse_trl,
     parse_trl_conversational,
 )
-from lit_p3o.data.sources import load_rows
 from lit_p3o.data.preferences import PreferenceDataModule, collate_pairs
 from lit_p3o.data.prompts import load_prompts
+from lit_p3o.data.sources import load_rows
 from lit_p3o.tasks import get_task
 
 PREFS = Path(__file__).parent / "fixtures" / "prefs"
@@ -251,12 +251,15 @@ def test_split_hh_keeps_the_leading_space_and_concatenates_back():
 @pytest.mark.parametrize(
     "row,field,reason",
     [
-        ({"chosen": f"{H} hi{A} hello{H} bye", "rejected": f"{H} hi{A} yo"}, "chosen",
-         "ends with a Human turn, not an Assistant reply"),
+        (
+            {"chosen": f"{H} hi{A} hello{H} bye", "rejected": f"{H} hi{A} yo"},
+            "chosen",
+            "ends with a Human turn, not an Assistant reply",
+        ),
         ({"chosen": 3, "rejected": f"{H} hi{A} yo"}, "chosen", "expected text, got int"),
         ({"chosen": "   ", "rejected": f"{H} hi{A} yo"}, "chosen", "empty"),
     ],
-)  # fmt: skip
+)
 def test_hh_more_bad_rows(row, field, reason):
     with pytest.raises(DataFormatError) as info:
         parse_hh([row], "hh.jsonl")
@@ -278,12 +281,15 @@ def _tldr_row(**change):
         (_tldr_row(choice=1.0), "choice", "not an integer"),
         (_tldr_row(choice=-1), "choice", "out of range (0 or 1)"),
         (_tldr_row(choice=None), "choice", "missing"),
-        (_tldr_row(summaries=[{"text": " a"}, {"text": " b"}, {"text": " c"}]), "summaries",
-         "expected a list of two summaries"),
+        (
+            _tldr_row(summaries=[{"text": " a"}, {"text": " b"}, {"text": " c"}]),
+            "summaries",
+            "expected a list of two summaries",
+        ),
         (_tldr_row(summaries=[{"text": " a"}, {"summary": " b"}]), "summaries[1].text", "missing"),
         (_tldr_row(summaries=[{"text": " a"}, {"text": "  "}]), "summaries[1].text", "empty"),
     ],
-)  # fmt: skip
+)
 def test_tldr_more_bad_rows(row, field, reason):
     with pytest.raises(DataFormatError) as info:
         parse_tldr([row], "tldr.jsonl")
@@ -291,7 +297,9 @@ def test_tldr_more_bad_rows(row, field, reason):
 
 
 def test_tldr_prompt_template():
-    assert TLDR_PROMPT_TEMPLATE.format(subreddit="a", title="b", post="c") == "SUBREDDIT: r/a\nTITLE: b\nPOST: c\nTL;DR:"
+    assert (
+        TLDR_PROMPT_TEMPLATE.format(subreddit="a", title="b", post="c") == "SUBREDDIT: r/a\nTITLE: b\nPOST: c\nTL;DR:"
+    )
 
 
 @pytest.mark.parametrize(
@@ -317,15 +325,35 @@ def test_trl_allows_an_empty_prompt():
 @pytest.mark.parametrize(
     "row,field,reason",
     [
-        ({"prompt": [{"role": "user"}], "chosen": [{"role": "assistant", "content": "a"}],
-          "rejected": [{"role": "assistant", "content": "b"}]}, "prompt",
-         "every message needs a text `role` and `content`"),
-        ({"prompt": [{"role": "user", "content": "q"}], "chosen": [],
-          "rejected": [{"role": "assistant", "content": "b"}]}, "chosen", "expected a non-empty list of messages"),
-        ({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": " "}],
-          "rejected": [{"role": "assistant", "content": "b"}]}, "chosen", "empty assistant reply"),
+        (
+            {
+                "prompt": [{"role": "user"}],
+                "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            },
+            "prompt",
+            "every message needs a text `role` and `content`",
+        ),
+        (
+            {
+                "prompt": [{"role": "user", "content": "q"}],
+                "chosen": [],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            },
+            "chosen",
+            "expected a non-empty list of messages",
+        ),
+        (
+            {
+                "prompt": [{"role": "user", "content": "q"}],
+                "chosen": [{"role": "assistant", "content": " "}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            },
+            "chosen",
+            "empty assistant reply",
+        ),
     ],
-)  # fmt: skip
+)
 def test_trl_conversational_more_bad_rows(row, field, reason, chat_tokenizer):
     with pytest.raises(DataFormatError) as info:
         parse_trl_conversational([row], "conv.jsonl", chat_tokenizer)
@@ -348,7 +376,9 @@ def test_conversational_rows_need_a_chat_template(path, tokenizer):
 def test_whole_source_problems_always_raise(chat_tokenizer):
     with pytest.raises(DataFormatError) as info:
         detect_preference_format({"question": "q", "answer": "a"}, "qa.jsonl")
-    assert str(info.value).startswith("cannot tell the preference format of qa.jsonl from its columns (answer, question); ")
+    assert str(info.value).startswith(
+        "cannot tell the preference format of qa.jsonl from its columns (answer, question); "
+    )
     with pytest.raises(DataFormatError, match=re.escape("empty.jsonl: no rows")):
         parse_preferences([], "empty.jsonl", strict=False)
     with pytest.raises(DataFormatError) as info:
@@ -455,22 +485,30 @@ def test_load_dataset_on_a_directory_of_jsonl_files(tmp_path, monkeypatch, chat_
 def test_parse_sft_prompt_completion_text():
     rows = [{"prompt": "rate the tea :", "completion": "it is good ."}, {"prompt": "", "completion": "i like tea ."}]
     assert detect_sft_format(rows[0].keys()) == "prompt_completion"
-    assert list(parse_sft(rows, "sft.jsonl")) == [SFTRecord("rate the tea :", "it is good ."), SFTRecord("", "i like tea .")]
+    assert list(parse_sft(rows, "sft.jsonl")) == [
+        SFTRecord("rate the tea :", "it is good ."),
+        SFTRecord("", "i like tea ."),
+    ]
 
 
 def test_parse_sft_messages_and_conversational_prompt_completion(chat_tokenizer, tokenizer):
     messages = [
-        {"messages": [
-            {"role": "system", "content": "be brief"},
-            {"role": "user", "content": "rate the mug :"},
-            {"role": "assistant", "content": "i like it ."},
-        ]},
-    ]  # fmt: skip
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "rate the mug :"},
+                {"role": "assistant", "content": "i like it ."},
+            ]
+        },
+    ]
     assert list(parse_sft(messages, "m.jsonl", tokenizer=chat_tokenizer)) == [
         SFTRecord("<system> be brief\n<user> rate the mug :\n<assistant>", "i like it .")
     ]
     conversational = [
-        {"prompt": [{"role": "user", "content": "rate the tea :"}], "completion": [{"role": "assistant", "content": "ok ."}]}
+        {
+            "prompt": [{"role": "user", "content": "rate the tea :"}],
+            "completion": [{"role": "assistant", "content": "ok ."}],
+        }
     ]
     assert list(parse_sft(conversational, "c.jsonl", tokenizer=chat_tokenizer)) == [
         SFTRecord("<user> rate the tea :\n<assistant>", "ok .")
@@ -620,7 +658,9 @@ def test_datamodule_rejects_bad_val_fraction(tokenizer):
         PreferenceDataModule(train=str(TRL), tokenizer=tokenizer, val_fraction=1.0)
 
 
-@pytest.mark.parametrize("field, value", [("batch_size", 0), ("batch_size", -2), ("max_length", 1), ("num_workers", -1)])
+@pytest.mark.parametrize(
+    "field, value", [("batch_size", 0), ("batch_size", -2), ("max_length", 1), ("num_workers", -1)]
+)
 def test_datamodule_rejects_bad_sizes(tokenizer, field, value):
     """batch_size 0 was accepted (a multiple of every K-wise group size) and became one group per batch."""
     with pytest.raises(ValueError, match=rf"^PreferenceDataModule\.{field}: must be >= \d+.*got {value}$"):

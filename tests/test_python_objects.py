@@ -31,9 +31,14 @@ def micro_lm(tokenizer):
 
 def trainer(tmp_path) -> L.Trainer:
     return L.Trainer(
-        accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
 
 
 def test_stages_take_a_ready_model_with_its_tokenizer(micro_tokenizer):
@@ -54,14 +59,27 @@ def test_stages_take_a_ready_model_with_its_tokenizer(micro_tokenizer):
 
 def test_ppo_takes_a_ready_critic_and_keeps_it_out_of_the_hparams(micro_tokenizer, tmp_path):
     critic = micro_lm(micro_tokenizer)
-    ppo = PPOModule(policy=micro_lm(micro_tokenizer), reward_model="embedded:reviews", critic=critic,
-                    tokenizer=micro_tokenizer, rollout=RolloutSpec(prompt_pool=4, num_prompts=2, minibatch_groups=2, max_prompt_tokens=16,
-                                                                   update_epochs=2, sampling=SamplingSpec(max_new_tokens=4)))  # fmt: skip
+    ppo = PPOModule(
+        policy=micro_lm(micro_tokenizer),
+        reward_model="embedded:reviews",
+        critic=critic,
+        tokenizer=micro_tokenizer,
+        rollout=RolloutSpec(
+            prompt_pool=4,
+            num_prompts=2,
+            minibatch_groups=2,
+            max_prompt_tokens=16,
+            update_epochs=2,
+            sampling=SamplingSpec(max_new_tokens=4),
+        ),
+    )
     assert ppo.critic is critic and not ppo.policy_states
     assert "critic" not in ppo.hparams and "policy" not in ppo.hparams
     before = {k: v.clone() for k, v in critic.state_dict().items()}
     trainer(tmp_path).fit(ppo)
-    assert any(not torch.equal(before[k], v) for k, v in critic.state_dict().items())  # trained (from the 2nd step: the value head starts at zero)
+    assert any(
+        not torch.equal(before[k], v) for k, v in critic.state_dict().items()
+    )  # trained (from the 2nd step: the value head starts at zero)
 
 
 def test_a_peft_model_is_the_policy_and_its_adapters_off_the_reference(micro_tokenizer):
@@ -107,15 +125,25 @@ def completion_length(prompts, completions, **columns):
 
 def p3o(reward, prompts, evaluation=None, **rollout) -> P3OModule:
     L.seed_everything(0)
-    kwargs = dict(prompts=prompts, num_prompts=4, num_responses=2, update_epochs=1, minibatch_groups=4,
-                  max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=4), **rollout)  # fmt: skip
+    kwargs = dict(
+        prompts=prompts,
+        num_prompts=4,
+        num_responses=2,
+        update_epochs=1,
+        minibatch_groups=4,
+        max_prompt_tokens=16,
+        sampling=SamplingSpec(max_new_tokens=4),
+        **rollout,
+    )
     policy = ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews")
     return P3OModule(policy, reward, rollout=RolloutSpec(**kwargs), evaluation=evaluation)
 
 
 def test_a_list_of_prompts_for_the_rollout_and_the_evaluation(tmp_path):
     CALLS.clear()
-    evaluation = EvaluationSpec(prompts=PROMPTS[:3], num_prompts=None, max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=4))
+    evaluation = EvaluationSpec(
+        prompts=PROMPTS[:3], num_prompts=None, max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=4)
+    )
     stage = p3o(f"{__name__}:completion_length", PROMPTS, evaluation, prompt_pool=None)
     trainer(tmp_path).fit(stage)
     (call,) = [c for c in CALLS if len(c["prompts"]) == 8]  # the rollout: 4 prompts x 2 responses
@@ -151,12 +179,26 @@ def test_a_weighted_reward_built_from_python_resumes_and_exports(tmp_path):
         return p3o(reward, "embedded:reviews", prompt_pool=16)
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
-    L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-              callbacks=[ckpt], default_root_dir=tmp_path).fit(stage())  # fmt: skip
+    L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ckpt],
+        default_root_dir=tmp_path,
+    ).fit(stage())
     last = tmp_path / "ckpt" / "last.ckpt"
     torch.load(last, weights_only=True)  # no UnpicklingError: every class in it is allowed
-    resumed = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    resumed = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     resumed.fit(stage(), ckpt_path=str(last))
     assert resumed.global_step > 0 and resumed.current_epoch == 2
     out = export_checkpoint(last, tmp_path / "export")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hf_fixtures import gpt2_style_tokenizer, tiny_config
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
-from hf_fixtures import gpt2_style_tokenizer, tiny_config
 from lit_p3o.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,12 +34,16 @@ HUB_MODELS = {
 
 
 def _hh_rows(n: int) -> list[dict]:
-    dialogues = [f"\n\nHuman: How do I bake {k} loaves?\n\nAssistant: Mix flour.\n\nHuman: Then?\n\nAssistant:" for k in range(n)]
+    dialogues = [
+        f"\n\nHuman: How do I bake {k} loaves?\n\nAssistant: Mix flour.\n\nHuman: Then?\n\nAssistant:" for k in range(n)
+    ]
     return [{"chosen": f"{d} Knead, let it rise, then bake it.", "rejected": f"{d} No."} for d in dialogues]
 
 
 def _tldr_prompt(k: int) -> str:
-    return f"SUBREDDIT: r/cooking\nTITLE: My bread is flat ({k})\nPOST: I bake bread every day but it never rises.\nTL;DR:"
+    return (
+        f"SUBREDDIT: r/cooking\nTITLE: My bread is flat ({k})\nPOST: I bake bread every day but it never rises.\nTL;DR:"
+    )
 
 
 HUB_DATASETS = {
@@ -64,7 +68,9 @@ def make_hub_stand_ins(work: Path) -> None:
         # whole 4-bit blocks; the shipped prompt + response budgets fit (Pythia has 2048 positions, Qwen2.5 more)
         config = tiny_config(tokenizer, model_type, hidden_size=64, intermediate_size=128, max_position_embeddings=2048)
         model = AutoModelForCausalLM.from_config(config)
-        model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+        model.generation_config = GenerationConfig(
+            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id
+        )
         model.save_pretrained(work / name)
         tokenizer.save_pretrained(work / name)
     for name, splits in HUB_DATASETS.items():
@@ -96,7 +102,9 @@ def one_step(config: dict, variant: str = "") -> dict:
     model = config["model"]["init_args"]
     rollout = model.get("rollout")
     if rollout is not None:
-        rollout.update(num_prompts=2, minibatch_groups=2, update_epochs=1, generation_batch_size=4, forward_batch_size=4)
+        rollout.update(
+            num_prompts=2, minibatch_groups=2, update_epochs=1, generation_batch_size=4, forward_batch_size=4
+        )
         rollout["sampling"]["max_new_tokens"] = 6
         for callback in trainer.get("callbacks", []):
             if callback["class_path"] == "lit_p3o.FrontierCallback":
@@ -144,7 +152,9 @@ def test_shipped_pipeline_runs_a_step_of_every_stage(task, family, tmp_path, mon
     reward = fit(tmp_path, configs / "reward.yaml")
     assert AutoModelForSequenceClassification.from_pretrained(reward).config.num_labels == 1
     for stage in ("p3o", "ppo"):
-        assert AutoModelForCausalLM.from_pretrained(fit(tmp_path, configs / f"{stage}.yaml")).config.model_type == family
+        assert (
+            AutoModelForCausalLM.from_pretrained(fit(tmp_path, configs / f"{stage}.yaml")).config.model_type == family
+        )
         for overlay in OVERLAYS:
             adapters = fit(tmp_path, configs / f"{stage}.yaml", overlay)
             assert (adapters / "adapter_config.json").is_file(), f"{stage} + {overlay}: no LoRA adapters exported"

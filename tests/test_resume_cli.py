@@ -20,9 +20,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from micro import MICRO_ARCH
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
@@ -30,7 +29,12 @@ METRICS = Path("logs/p3o/v/metrics.csv")
 STEPS = 8  # 2 rollouts x (2 passes x 2 minibatches)
 
 # ModelCheckpoint settings of the cases
-EVERY_4_STEPS = {"dirpath": "ckpt", "save_last": True, "save_top_k": 0, "every_n_train_steps": 4}  # an epoch's last update
+EVERY_4_STEPS = {
+    "dirpath": "ckpt",
+    "save_last": True,
+    "save_top_k": 0,
+    "every_n_train_steps": 4,
+}  # an epoch's last update
 EVERY_3_STEPS = {"dirpath": "ckpt", "save_last": True, "save_top_k": -1, "every_n_train_steps": 3}
 
 
@@ -52,11 +56,18 @@ def config(checkpointing: dict[str, Any] | None, interrupt: dict[str, Any] | Non
     return {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_epochs": 2, "log_every_n_steps": 1,
-            "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": "logs",
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": 2,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": "logs",
             "enable_checkpointing": checkpointing is not None,
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                       "init_args": {"save_dir": "logs", "name": "p3o", "version": "v"}},
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": "logs", "name": "p3o", "version": "v"},
+            },
             "callbacks": callbacks,
         },
         "model": {
@@ -64,23 +75,38 @@ def config(checkpointing: dict[str, Any] | None, interrupt: dict[str, Any] | Non
             "init_args": {
                 "policy": {"tokenizer": "embedded:reviews", "architecture": dict(MICRO_ARCH)},
                 "reward_model": "embedded:reviews",
-                "rollout": {"prompt_pool": 16, "num_prompts": 4, "num_responses": 2, "update_epochs": 2,
-                            "minibatch_groups": 2, "max_prompt_tokens": 8, "sampling": {"max_new_tokens": 8},
-                            "log_samples": 0},
+                "rollout": {
+                    "prompt_pool": 16,
+                    "num_prompts": 4,
+                    "num_responses": 2,
+                    "update_epochs": 2,
+                    "minibatch_groups": 2,
+                    "max_prompt_tokens": 8,
+                    "sampling": {"max_new_tokens": 8},
+                    "log_samples": 0,
+                },
                 "guards": {"max_zero_grad_steps": 1000},  # micro responses often tie
                 "save_dir": "export",
                 **init_args,
             },
         },
-    }  # fmt: skip
+    }
 
 
 def lit_p3o(work: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lit_p3o", "fit", "--config", "p3o.yaml", *args], cwd=work, env=ENV,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "lit_p3o", "fit", "--config", "p3o.yaml", *args],
+        cwd=work,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-def run(work: Path, checkpointing: dict[str, Any] | None, interrupt: dict[str, Any] | None = None) -> subprocess.CompletedProcess:
+def run(
+    work: Path, checkpointing: dict[str, Any] | None, interrupt: dict[str, Any] | None = None
+) -> subprocess.CompletedProcess:
     work.mkdir(parents=True, exist_ok=True)
     (work / "p3o.yaml").write_text(yaml.safe_dump(config(checkpointing, interrupt)))
     return lit_p3o(work)
@@ -208,8 +234,15 @@ def test_ckpt_path_last_is_checked_like_a_path(uninterrupted, tmp_path):
     work = tmp_path / "run"
     shutil.copytree(uninterrupted, work)
     metrics = (work / METRICS).read_text()
-    result = lit_p3o(work, "--ckpt_path", "last", "--model.init_args.variant", "v2",
-                     "--model.init_args.reward_model", "embedded:arithmetic")  # fmt: skip
+    result = lit_p3o(
+        work,
+        "--ckpt_path",
+        "last",
+        "--model.init_args.variant",
+        "v2",
+        "--model.init_args.reward_model",
+        "embedded:arithmetic",
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("lit-p3o fit: error: ")]

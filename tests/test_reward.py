@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from micro import MICRO_ARCH
 from tokenizers import Tokenizer, decoders
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -33,7 +34,6 @@ from lit_p3o.stages.reward import RewardModule
 from lit_p3o.tasks import get_task
 from lit_p3o.tasks.reviews import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, vocabulary
 
-from micro import MICRO_ARCH
 TRL = Path(__file__).parent / "fixtures" / "prefs" / "trl.jsonl"
 TASK = get_task("reviews")
 
@@ -135,7 +135,9 @@ def test_reward_scores_when_pad_is_eos_follow_transformers():
 
 def test_reward_scores_under_lora(tok):
     torch.manual_seed(2)
-    lora_spec = ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews", lora=LoraSpec(r=2, lora_dropout=0.0))
+    lora_spec = ModelSpec(
+        architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews", lora=LoraSpec(r=2, lora_dropout=0.0)
+    )
     model = build_reward_model(lora_spec, tok).eval()
     with torch.no_grad():  # adapters and the saved head copy away from their initial values
         for name, param in model.named_parameters():
@@ -171,16 +173,16 @@ def module(monkeypatch):
 
 
 def pair_batch(tokenizer, pairs=PAIRS[:2]):
-    encoded = [
-        (encode_example(tokenizer, p, c, 64), encode_example(tokenizer, p, r, 64)) for p, c, r in pairs
-    ]
+    encoded = [(encode_example(tokenizer, p, c, 64), encode_example(tokenizer, p, r, 64)) for p, c, r in pairs]
     return encoded, collate_pairs(encoded, tokenizer.pad_token_id)
 
 
 def test_training_step_is_bradley_terry_on_the_scores(module):
     encoded, batch = pair_batch(module.tokenizer)
-    assert torch.equal(batch.input_ids[0, batch.prompt_width :][: len(encoded[0][0].response_ids)],
-                       torch.tensor(encoded[0][0].response_ids))  # row 0: first pair's chosen  # fmt: skip
+    assert torch.equal(
+        batch.input_ids[0, batch.prompt_width :][: len(encoded[0][0].response_ids)],
+        torch.tensor(encoded[0][0].response_ids),
+    )  # row 0: first pair's chosen
     loss = module.training_step(batch, 0)
     with torch.no_grad():
         chosen = torch.tensor([score_alone(module.reward_model, c) for c, _ in encoded])
@@ -348,9 +350,15 @@ def test_lora_reward_model_saves_adapters_and_scores_the_same(micro_model_dir, t
     module = RewardModule(model_spec, optimizer=OptimizerSpec(learning_rate=1e-2), save_dir=str(save_dir))
     data = PreferenceDataModule(train=str(TRL), val=str(TRL), max_length=64, batch_size=2)
     L.Trainer(
-        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
-    ).fit(module, data)  # fmt: skip
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+    ).fit(module, data)
     assert (save_dir / "adapter_config.json").is_file()
     prompts, responses = ["rate the tea :", "rate the bike :"], ["it is good .", "i hate it ."]
     loaded = RewardScorer.from_pretrained(save_dir).score(prompts, responses)
@@ -372,9 +380,13 @@ def shuffled_tokenizer() -> PreTrainedTokenizerFast:
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     backend.add_special_tokens(list(SPECIAL_TOKENS))
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token=PAD, eos_token=EOS, unk_token=UNK, bos_token=BOS,
+        tokenizer_object=backend,
+        pad_token=PAD,
+        eos_token=EOS,
+        unk_token=UNK,
+        bos_token=BOS,
         clean_up_tokenization_spaces=False,
-    )  # fmt: skip
+    )
 
 
 def test_accept_ids_from_another_tokenizer_re_encodes(reward_model, tok):
@@ -411,9 +423,11 @@ def test_score_checks_lengths_and_handles_nothing(reward_model, tok):
     # batching does not change scores
     prompts, responses = ["rate the tea :"] * 3, ["it is good .", "i hate it .", "the tea is okay . i had it today ."]
     torch.testing.assert_close(
-        scorer.score(prompts, responses), RewardScorer(reward_model, tok, batch_size=8).score(prompts, responses),
-        atol=1e-5, rtol=1e-5,
-    )  # fmt: skip
+        scorer.score(prompts, responses),
+        RewardScorer(reward_model, tok, batch_size=8).score(prompts, responses),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_gold_scorer_is_the_task_gold_reward_on_decoded_text(tok):
@@ -458,7 +472,9 @@ def test_sample_labelled_pairs_from_a_saved_policy(micro_model_dir, tok):
         assert 1 <= len(chosen.response_ids) <= 4
     assert 0.5 <= ceiling <= 1.0
     # each pair carries P(chosen wins) = σ((gold_chosen − gold_rejected) / T), the draw's own probability
-    preference = [1 / (1 + math.exp(-(gold_of(tok, c.prompt_ids, c) - gold_of(tok, r.prompt_ids, r)) / 0.5)) for c, r in pairs]
+    preference = [
+        1 / (1 + math.exp(-(gold_of(tok, c.prompt_ids, c) - gold_of(tok, r.prompt_ids, r)) / 0.5)) for c, r in pairs
+    ]
     assert [p.preference for p in pairs] == pytest.approx(preference, abs=1e-9)
     assert ceiling == pytest.approx(sum(max(p, 1 - p) for p in preference) / 6, abs=1e-9)
     again, again_ceiling = sample_labelled_pairs(TASK, spec_, "train", 6, seed=0)
@@ -482,7 +498,9 @@ def test_k_wise_groups_label_every_pair_of_distinct_responses(micro_model_dir, t
         assert len(unordered) == len(group)  # no pair twice
         if group is not groups[-1]:
             assert len(group) == math.comb(len(responses), 2)  # every pair of its distinct responses
-        preference += [1 / (1 + math.exp(-(gold_of(tok, c.prompt_ids, c) - gold_of(tok, r.prompt_ids, r)) / 0.5)) for c, r in group]
+        preference += [
+            1 / (1 + math.exp(-(gold_of(tok, c.prompt_ids, c) - gold_of(tok, r.prompt_ids, r)) / 0.5)) for c, r in group
+        ]
     assert [p.preference for g in groups for p in g] == pytest.approx(preference, abs=1e-9)
     assert ceiling == pytest.approx(sum(max(p, 1 - p) for p in preference) / 8, abs=1e-9)
     pairs, pair_ceiling = sample_labelled_pairs(TASK, spec_, "train", 6, seed=0)
@@ -498,20 +516,29 @@ def test_k_wise_groups_drop_identical_responses(micro_model_dir, monkeypatch):
 
     def fake_sample(policy, tokenizer, ids, sampling, batch_size=None, progress=None):
         texts = ["it is great .", "it is great .", "it is awful .", "it is okay ."]
-        return Sampled([Encoded(p, tokenizer(texts[i % 4])["input_ids"] + [1]) for i, p in enumerate(ids)], [True] * len(ids))
+        return Sampled(
+            [Encoded(p, tokenizer(texts[i % 4])["input_ids"] + [1]) for i, p in enumerate(ids)], [True] * len(ids)
+        )
 
     monkeypatch.setattr("lit_p3o.tasks.pairs.sample_responses", fake_sample)
     spec_ = EmbeddedPreferenceSpec(policy=str(micro_model_dir), label_temperature=1e-4)
     groups, ceiling = sample_labelled_groups(TASK, spec_, "train", 6, seed=0, responses_per_prompt=4)
     assert [len(g) for g in groups] == [3, 3]  # topped up from a second prompt
-    decoded = [{TASK.build_tokenizer().decode(e.response_ids, skip_special_tokens=True) for e in pair} for pair in groups[0]]
-    assert decoded == [{"it is great .", "it is awful ."}, {"it is great .", "it is okay ."}, {"it is awful .", "it is okay ."}]
+    decoded = [
+        {TASK.build_tokenizer().decode(e.response_ids, skip_special_tokens=True) for e in pair} for pair in groups[0]
+    ]
+    assert decoded == [
+        {"it is great .", "it is awful ."},
+        {"it is great .", "it is okay ."},
+        {"it is awful .", "it is okay ."},
+    ]
     assert ceiling == 1.0  # distinct gold everywhere, T → 0
 
 
 def test_k_wise_batches_hold_whole_groups(micro_model_dir, tok):
-    spec_ = EmbeddedPreferenceSpec(policy=str(micro_model_dir), train_pairs=12, val_pairs=2, max_new_tokens=4,
-                                   responses_per_prompt=3)  # fmt: skip
+    spec_ = EmbeddedPreferenceSpec(
+        policy=str(micro_model_dir), train_pairs=12, val_pairs=2, max_new_tokens=4, responses_per_prompt=3
+    )
     data = PreferenceDataModule(train="embedded:reviews", embedded=spec_, tokenizer=tok, batch_size=6)
     data.setup("fit")
     assert len(data.train_pairs) == 12 and sum(map(len, data.train_groups)) == 12
@@ -596,7 +623,9 @@ def test_identical_samples_are_dropped_and_a_degenerate_policy_fails(micro_model
 
     monkeypatch.setattr(
         "lit_p3o.tasks.pairs.sample_responses",
-        lambda policy, tokenizer, ids, sampling, batch_size=None, progress=None: Sampled([Encoded(p, [5, 1]) for p in ids], [True] * len(ids)),
+        lambda policy, tokenizer, ids, sampling, batch_size=None, progress=None: Sampled(
+            [Encoded(p, [5, 1]) for p in ids], [True] * len(ids)
+        ),
     )
     spec_ = EmbeddedPreferenceSpec(policy=str(micro_model_dir))
     with pytest.raises(RuntimeError, match="every sampled pair was identical"):
@@ -654,13 +683,23 @@ def test_fit_on_embedded_pairs_prints_the_expected_accuracy(micro_model_dir, tok
     module = RewardModule(ModelSpec(name_or_path=str(micro_model_dir)), optimizer=OptimizerSpec(learning_rate=1e-2))
     spec_ = EmbeddedPreferenceSpec(policy=str(micro_model_dir), train_pairs=4, val_pairs=6, max_new_tokens=4)
     data = PreferenceDataModule(train="embedded:reviews", embedded=spec_, batch_size=2)
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, data)
     batch = collate_pairs(data.val_pairs, tok.pad_token_id)
     with torch.no_grad():
         chosen, rejected = reward_scores(module.reward_model.eval(), batch).chunk(2)
-    by_hand = sum(p.preference if m > 0 else 1 - p.preference for p, m in zip(data.val_pairs, (chosen - rejected).tolist())) / 6
+    by_hand = (
+        sum(p.preference if m > 0 else 1 - p.preference for p, m in zip(data.val_pairs, (chosen - rejected).tolist()))
+        / 6
+    )
     expected = trainer.callback_metrics["val/expected_accuracy"].item()
     assert expected == pytest.approx(by_hand, abs=1e-6)
     out = capsys.readouterr().out

@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from micro import MICRO_ARCH
 
 from lit_p3o import GuardSpec, ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
 from lit_p3o.cli import LitP3OCLI
@@ -22,8 +23,6 @@ from lit_p3o.errors import RewardFunctionError
 from lit_p3o.models import build_reward_model, load_tokenizer, save_pretrained
 from lit_p3o.scoring import FunctionScorer, RewardScorer, RewardSpec, WeightedScorer, build_scorer, load_function
 from lit_p3o.tasks import arithmetic, get_task
-
-from micro import MICRO_ARCH
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).stem  # this module, importable by name: its functions are reward sources
@@ -91,24 +90,35 @@ def test_function_scorer_calls_like_trl_with_prompt_columns(tok):
     }
     CALLS.clear()  # without prompt texts: decoded from the ids, no columns
     scorer.score_examples(examples(tok, PAIRS), [True, True])
-    assert CALLS == [{"prompts": ["rate the tea :", "rate the mug :"], "completions": ["it is good .", "i hate it . it is bad ."]}]
+    assert CALLS == [
+        {"prompts": ["rate the tea :", "rate the mug :"], "completions": ["it is good .", "i hate it . it is bad ."]}
+    ]
 
 
 def test_none_becomes_nan_and_bad_returns_are_named(tok):
     rows = examples(tok, PAIRS)
     scores = build_scorer(f"{HERE}:none_for_long", tok).score_examples(rows, [True, True])
     assert scores[0] == 1.0 and math.isnan(scores[1])
-    with pytest.raises(ValueError, match=f"reward function {HERE}:wrong_length: must return one value per completion \\(2\\), got 1 values"):
+    with pytest.raises(
+        ValueError,
+        match=f"reward function {HERE}:wrong_length: must return one value per completion \\(2\\), got 1 values",
+    ):
         build_scorer(f"{HERE}:wrong_length", tok).score_examples(rows, [True, True])
-    with pytest.raises(RewardFunctionError, match=f"reward function {HERE}:text_values: value 0 is 'high'; expected a float or None"):
+    with pytest.raises(
+        RewardFunctionError, match=f"reward function {HERE}:text_values: value 0 is 'high'; expected a float or None"
+    ):
         build_scorer(f"{HERE}:text_values", tok).score_examples(rows, [True, True])
-    with pytest.raises(RewardFunctionError, match=f"reward function {HERE}:bool_values: value 0 is True; expected a float or None"):
+    with pytest.raises(
+        RewardFunctionError, match=f"reward function {HERE}:bool_values: value 0 is True; expected a float or None"
+    ):
         build_scorer(f"{HERE}:bool_values", tok).score_examples(rows, [True, True])
 
 
 def test_load_function_errors_name_the_source():
     assert load_function(f"{HERE}:word_count") is word_count
-    with pytest.raises(RewardFunctionError, match="reward function no_such_module_x:f: cannot import module 'no_such_module_x'"):
+    with pytest.raises(
+        RewardFunctionError, match="reward function no_such_module_x:f: cannot import module 'no_such_module_x'"
+    ):
         load_function("no_such_module_x:f")
     with pytest.raises(RewardFunctionError, match=f"module '{HERE}' has no attribute 'missing'"):
         load_function(f"{HERE}:missing")
@@ -153,25 +163,44 @@ def test_weighted_reward_gives_its_functions_the_prompt_columns(tok):
 
 def p3o(reward, prompts="embedded:reviews", guards=None, **rollout):
     L.seed_everything(0)
-    kwargs = dict(prompts=prompts, prompt_pool=16, num_prompts=4, num_responses=2, update_epochs=1,
-                  minibatch_groups=4, max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=4))  # fmt: skip
+    kwargs = dict(
+        prompts=prompts,
+        prompt_pool=16,
+        num_prompts=4,
+        num_responses=2,
+        update_epochs=1,
+        minibatch_groups=4,
+        max_prompt_tokens=16,
+        sampling=SamplingSpec(max_new_tokens=4),
+    )
     kwargs.update(rollout)
     tokenizer = prompts if prompts.startswith("embedded:") else "embedded:reviews"
     return P3OModule(
-        ModelSpec(architecture=dict(MICRO_ARCH), tokenizer=tokenizer), reward,
-        rollout=RolloutSpec(**kwargs), optimizer=OptimizerSpec(learning_rate=1e-2), guards=guards,
-    )  # fmt: skip
+        ModelSpec(architecture=dict(MICRO_ARCH), tokenizer=tokenizer),
+        reward,
+        rollout=RolloutSpec(**kwargs),
+        optimizer=OptimizerSpec(learning_rate=1e-2),
+        guards=guards,
+    )
 
 
 def fit(stage, tmp_path, epochs=1):
     L.Trainer(
-        accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=tmp_path,
-    ).fit(stage)  # fmt: skip
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    ).fit(stage)
 
 
 def test_none_rewards_skip_the_update_through_the_guard(tmp_path):
-    stage = p3o([RewardSpec(f"{HERE}:always_none"), RewardSpec("embedded:reviews", 0.5)], guards=GuardSpec(max_skipped_fraction=1.0))
+    stage = p3o(
+        [RewardSpec(f"{HERE}:always_none"), RewardSpec("embedded:reviews", 0.5)],
+        guards=GuardSpec(max_skipped_fraction=1.0),
+    )
     before = {k: v.clone() for k, v in stage.policy.state_dict().items()}
     fit(stage, tmp_path)
     assert stage.skipped_steps == 1
@@ -248,18 +277,54 @@ def test_rlvr_rewards_are_exact_match_on_the_answers(tmp_path):
 def test_shipped_arithmetic_configs_run_a_step(tmp_path, monkeypatch):
     """configs/arithmetic: SFT then RLVR with P3O, each for one step, as shipped but tiny."""
     monkeypatch.setattr(sys, "argv", ["lit-p3o"])
-    sft = ["fit", "--config", str(ROOT / "configs/arithmetic/sft.yaml"), "--trainer.max_steps", "1",
-           "--trainer.callbacks", "[]", "--data.init_args.embedded_size", "32", "--trainer.default_root_dir", str(tmp_path),
-           "--model.init_args.save_dir", str(tmp_path / "sft"), "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    sft = [
+        "fit",
+        "--config",
+        str(ROOT / "configs/arithmetic/sft.yaml"),
+        "--trainer.max_steps",
+        "1",
+        "--trainer.callbacks",
+        "[]",
+        "--data.init_args.embedded_size",
+        "32",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--model.init_args.save_dir",
+        str(tmp_path / "sft"),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     LitP3OCLI(args=sft)
-    rl = ["fit", "--config", str(ROOT / "configs/arithmetic/p3o.yaml"), "--trainer.max_epochs", "1",
-          "--model.init_args.policy.name_or_path", str(tmp_path / "sft"), "--trainer.default_root_dir", str(tmp_path),
-          "--trainer.logger", "false", "--trainer.callbacks", "[]", "--model.init_args.rollout.num_prompts", "4",
-          "--model.init_args.rollout.minibatch_groups", "4", "--model.init_args.rollout.update_epochs", "1",
-          "--model.init_args.save_dir", str(tmp_path / "p3o"), "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    rl = [
+        "fit",
+        "--config",
+        str(ROOT / "configs/arithmetic/p3o.yaml"),
+        "--trainer.max_epochs",
+        "1",
+        "--model.init_args.policy.name_or_path",
+        str(tmp_path / "sft"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger",
+        "false",
+        "--trainer.callbacks",
+        "[]",
+        "--model.init_args.rollout.num_prompts",
+        "4",
+        "--model.init_args.rollout.minibatch_groups",
+        "4",
+        "--model.init_args.rollout.update_epochs",
+        "1",
+        "--model.init_args.save_dir",
+        str(tmp_path / "p3o"),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     cli = LitP3OCLI(args=rl)
     assert cli.trainer.global_step == 1
     assert isinstance(cli.model.scorer, WeightedScorer)
     assert (tmp_path / "p3o" / "config.json").is_file()
     shipped = yaml.safe_load((ROOT / "configs/arithmetic/p3o.yaml").read_text())
-    assert shipped["model"]["init_args"]["reward_model"] == [{"source": "lit_p3o.tasks.arithmetic:exact_match", "weight": 1.0}]
+    assert shipped["model"]["init_args"]["reward_model"] == [
+        {"source": "lit_p3o.tasks.arithmetic:exact_match", "weight": 1.0}
+    ]

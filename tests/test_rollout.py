@@ -5,9 +5,10 @@ import math
 from types import SimpleNamespace
 
 import lightning as L
-from lightning.pytorch.plugins.precision import Precision
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import Precision
+from micro import MICRO_ARCH as MICRO
 from torch import nn
 
 from lit_p3o import ModelSpec, P3OModule, RolloutSpec, SamplingSpec
@@ -18,14 +19,20 @@ from lit_p3o.generation import check_fits_context, context_limit, response_logpr
 from lit_p3o.losses import adaptive_kl_beta, token_logprobs
 from lit_p3o.rollout import KLController, KLSpec, PromptSampler, RolloutCallback, rollout, sampling_seed
 
-from micro import MICRO_ARCH as MICRO
-
 
 def make_stage(**rollout_kwargs) -> P3OModule:
     L.seed_everything(0)
     spec = ModelSpec(architecture=MICRO, tokenizer="embedded:reviews")
-    kwargs = dict(prompt_pool=32, num_prompts=6, num_responses=3, update_epochs=1, minibatch_groups=2,
-                  max_prompt_tokens=16, forward_batch_size=5, sampling=SamplingSpec(max_new_tokens=6))
+    kwargs = dict(
+        prompt_pool=32,
+        num_prompts=6,
+        num_responses=3,
+        update_epochs=1,
+        minibatch_groups=2,
+        max_prompt_tokens=16,
+        forward_batch_size=5,
+        sampling=SamplingSpec(max_new_tokens=6),
+    )
     kwargs.update(rollout_kwargs)
     return P3OModule(spec, "embedded:reviews", rollout=RolloutSpec(**kwargs))
 
@@ -165,10 +172,22 @@ def test_kl_controller_fixed_and_adaptive():
 def test_adaptive_beta_after_one_rollout_counts_every_response(tmp_path):
     """6 prompts × K = 3 responses: the controller moves β by n = 18 samples, not 6 prompts."""
     L.seed_everything(0)
-    stage = P3OModule(ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"), "embedded:reviews",
-                      rollout=make_stage().rollout_spec, kl=KLSpec(beta=0.1, target=6.0, horizon=100))
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    stage = P3OModule(
+        ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"),
+        "embedded:reviews",
+        rollout=make_stage().rollout_spec,
+        kl=KLSpec(beta=0.1, target=6.0, horizon=100),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(stage)
     (callback,) = [c for c in trainer.callbacks if isinstance(c, RolloutCallback)]
     kl = float(torch.cat([g.kl for g in stage.buffer.groups]).mean())  # frozen at rollout time
@@ -182,8 +201,12 @@ def test_every_update_of_a_rollout_uses_the_beta_it_was_drawn_with_and_beta_move
     """3 minibatches per rollout, adaptive β: the updates read β from the one controller (PPO's
     token rewards, on-policy r̃), so it must not move before the rollout's last update."""
     L.seed_everything(0)
-    stage = P3OModule(ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"), "embedded:reviews",
-                      rollout=make_stage().rollout_spec, kl=KLSpec(beta=0.1, target=0.01, horizon=10))
+    stage = P3OModule(
+        ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"),
+        "embedded:reviews",
+        rollout=make_stage().rollout_spec,
+        kl=KLSpec(beta=0.1, target=0.01, horizon=10),
+    )
     logged, seen = [], []
     log_rollout = stage.log_rollout
     stage.log_rollout = lambda stats: (logged.append(stats), log_rollout(stats))
@@ -192,8 +215,17 @@ def test_every_update_of_a_rollout_uses_the_beta_it_was_drawn_with_and_beta_move
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             seen.append((module.buffer.rollouts, module.kl_controller.beta))
 
-    L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False, callbacks=[Spy()],
-              enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path).fit(stage)  # fmt: skip
+    L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[Spy()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    ).fit(stage)
     drawn = [s["beta"] for s in logged]  # as logged: rounded to float32 by the mean over ranks
     assert drawn[0] == pytest.approx(0.1, rel=1e-6) and drawn[1] != pytest.approx(0.1, rel=1e-3)
     assert [rollout for rollout, _ in seen] == [1] * 3 + [2] * 3
@@ -201,7 +233,8 @@ def test_every_update_of_a_rollout_uses_the_beta_it_was_drawn_with_and_beta_move
     n = 6 * 3  # prompts × K
     assert logged[1]["beta"] == pytest.approx(adaptive_kl_beta(0.1, logged[0]["kl_mean"], 0.01, n, 10), rel=1e-6)
     assert stage.kl_controller.beta == pytest.approx(
-        adaptive_kl_beta(logged[1]["beta"], logged[1]["kl_mean"], 0.01, n, 10), rel=1e-6)  # fmt: skip
+        adaptive_kl_beta(logged[1]["beta"], logged[1]["kl_mean"], 0.01, n, 10), rel=1e-6
+    )
 
 
 @pytest.mark.parametrize(
@@ -222,15 +255,25 @@ def test_prompt_and_response_budgets_beyond_the_context_are_refused_before_sampl
     """400 + 8 on a 128-position model ran on silently (issue 22); the micro model has 64."""
     too_long = dict(max_prompt_tokens=60, sampling=SamplingSpec(max_new_tokens=8))
     spec = ModelSpec(architecture=MICRO, tokenizer="embedded:reviews")
-    rollout_spec = RolloutSpec(prompt_pool=8, num_prompts=2, **(too_long if section == "rollout" else {"max_prompt_tokens": 16}))
+    rollout_spec = RolloutSpec(
+        prompt_pool=8, num_prompts=2, **(too_long if section == "rollout" else {"max_prompt_tokens": 16})
+    )
     evaluation = EvaluationSpec(**too_long) if section == "evaluation" else None
     cls = "RolloutSpec" if section == "rollout" else "EvaluationSpec"
-    with pytest.raises(ValueError, match=rf"^{cls}\.max_prompt_tokens: 60 prompt tokens \+ {cls}\.sampling\."
-                       r"max_new_tokens = 8 make 68 positions, more than the policy's context of 64 "
-                       r"\(max_position_embeddings of its config\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^{cls}\.max_prompt_tokens: 60 prompt tokens \+ {cls}\.sampling\."
+        r"max_new_tokens = 8 make 68 positions, more than the policy's context of 64 "
+        r"\(max_position_embeddings of its config\)",
+    ):
         P3OModule(spec, "embedded:reviews", rollout=rollout_spec, evaluation=evaluation)
-    P3OModule(spec, "embedded:reviews", rollout=RolloutSpec(prompt_pool=8, num_prompts=2, max_prompt_tokens=56,
-                                                            sampling=SamplingSpec(max_new_tokens=8)))  # exactly 64 fits
+    P3OModule(
+        spec,
+        "embedded:reviews",
+        rollout=RolloutSpec(
+            prompt_pool=8, num_prompts=2, max_prompt_tokens=56, sampling=SamplingSpec(max_new_tokens=8)
+        ),
+    )  # exactly 64 fits
 
 
 def test_context_limit_falls_back_to_the_tokenizer():
@@ -258,7 +301,7 @@ def test_temperature_scales_sampling_logprobs_and_kl_alike():
         ids = torch.tensor([prompt_ids + response])
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].double()
-        return torch.log_softmax(logits / temperature, -1).gather(-1, ids[0, len(prompt_ids):, None])[:, 0].float()
+        return torch.log_softmax(logits / temperature, -1).gather(-1, ids[0, len(prompt_ids) :, None])[:, 0].float()
 
     with stage.reference.active() as reference:
         for g in groups:
@@ -304,13 +347,16 @@ def test_response_logprobs_divides_the_logits_by_the_temperature():
     groups = rollout(stage, prompts(2), beta=0.0, spec=stage.rollout_spec)
     batch = collate_groups(groups, stage.tokenizer.pad_token_id).batch
     with torch.no_grad():
-        logits = stage.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              position_ids=batch.position_ids).logits[:, batch.prompt_width - 1 : -1]
+        logits = stage.policy(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).logits[:, batch.prompt_width - 1 : -1]
         tokens = batch.input_ids[:, batch.prompt_width :]
         mask = batch.response_mask[:, batch.prompt_width :]
         for t in (1.0, 0.5, 2.0):
             expected = torch.log_softmax(logits.double() / t, -1).gather(-1, tokens[..., None])[..., 0] * mask
-            torch.testing.assert_close(response_logprobs(stage.policy, batch, t), expected.float(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                response_logprobs(stage.policy, batch, t), expected.float(), atol=1e-5, rtol=1e-5
+            )
     with pytest.raises(ValueError, match="temperature"):
         response_logprobs(stage.policy, batch, 0.0)
 
@@ -322,8 +368,13 @@ def test_first_update_of_every_rollout_has_ratio_one_under_the_trainers_precisio
     reach training_step unrounded, so each rollout's first update sees ρ = 1 up to the float
     error of a different padding layout (measured: mostly exactly 1, at most 2e-5; outside the
     trainer's autocast bf16-mixed gave 5e-4 to 4e-3, and bf16-true's rounded buffer 4e-2)."""
-    stage = make_stage(num_prompts=4, num_responses=2, minibatch_groups=2, forward_batch_size=3,
-                       sampling=SamplingSpec(max_new_tokens=10))
+    stage = make_stage(
+        num_prompts=4,
+        num_responses=2,
+        minibatch_groups=2,
+        forward_batch_size=3,
+        sampling=SamplingSpec(max_new_tokens=10),
+    )
     stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.randn(len(examples))
     seen = []
 
@@ -337,9 +388,18 @@ def test_first_update_of_every_rollout_has_ratio_one_under_the_trainers_precisio
             m = trainer.callback_metrics
             seen.append((batch_idx, float(m["train/ratio_max"]), float(m["train/approx_kl"])))
 
-    L.Trainer(accelerator="cpu", devices=1, max_epochs=2, precision=precision, logger=False,
-              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-              default_root_dir=tmp_path, callbacks=[Spy()]).fit(stage)
+    L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[Spy()],
+    ).fit(stage)
     firsts = [(ratio, kl) for idx, ratio, kl in seen if idx == 0]
     assert len(firsts) == 2
     for ratio, kl in firsts:
@@ -357,8 +417,13 @@ def test_ranks_draw_different_sampling_noise_for_the_same_prompts():
         stage = make_stage(num_prompts=4, minibatch_groups=4, log_samples=0)
         callback = RolloutCallback(stage.rollout_spec, KLSpec(), seed=0)
         callback.sampler = PromptSampler(pool, seed=0, rank=0, world_size=1)  # the same prompts on every rank
-        trainer = SimpleNamespace(global_rank=rank, world_size=2, is_global_zero=rank == 0, precision_plugin=Precision(),
-                                  progress_bar_callback=None)  # fmt: skip
+        trainer = SimpleNamespace(
+            global_rank=rank,
+            world_size=2,
+            is_global_zero=rank == 0,
+            precision_plugin=Precision(),
+            progress_bar_callback=None,
+        )
         callback.on_train_epoch_start(trainer, stage)
         return [r for g in stage.buffer.groups for r in g.responses]
 

@@ -94,7 +94,9 @@ def test_left_padding_does_not_change_the_loss(micro_spec):
 
 def test_embedded_corpus_sizes_and_val_split(micro_tokenizer):
     tok = micro_tokenizer
-    dm = SFTDataModule(train="embedded:reviews", embedded_size=40, val_fraction=0.1, max_length=48, batch_size=8, tokenizer=tok)
+    dm = SFTDataModule(
+        train="embedded:reviews", embedded_size=40, val_fraction=0.1, max_length=48, batch_size=8, tokenizer=tok
+    )
     dm.setup("fit")
     assert len(dm.train_examples) == 40 and len(dm.val_examples) == 4
     assert all(e.response_ids[-1] == tok.eos_token_id for e in dm.train_examples)
@@ -136,7 +138,12 @@ def test_messages_rows_use_the_chat_template(micro_tokenizer, tmp_path):
     tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     try:
         rows = [
-            {"messages": [{"role": "user", "content": "review the pizza :"}, {"role": "assistant", "content": "it is great ."}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "review the pizza :"},
+                    {"role": "assistant", "content": "it is great ."},
+                ]
+            },
             {
                 "messages": [
                     {"role": "user", "content": "rate the lamp :"},
@@ -279,7 +286,9 @@ def test_fit_saves_a_model_plain_transformers_reloads(micro_spec, tmp_path):
     assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 1, 3)
     text = "write a review of the pizza : the pizza is great ."
     assert tok(text)["input_ids"] == module.tokenizer(text)["input_ids"]
-    batch = collate([encode_example(tok, "write a review of the pizza :", "the pizza is great .", 48)], tok.pad_token_id)
+    batch = collate(
+        [encode_example(tok, "write a review of the pizza :", "the pizza is great .", 48)], tok.pad_token_id
+    )
     module.policy.eval()
     with torch.no_grad():
         expected = module.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -289,8 +298,17 @@ def test_fit_saves_a_model_plain_transformers_reloads(micro_spec, tmp_path):
 
 def test_module_accepts_a_plain_dict_spec():
     module = SFTModule(
-        model={"architecture": {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                                "num_attention_heads": 2, "num_key_value_heads": 2}, "tokenizer": "embedded:reviews"}
+        model={
+            "architecture": {
+                "model_type": "llama",
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+            },
+            "tokenizer": "embedded:reviews",
+        }
     )
     assert isinstance(module.model_spec, ModelSpec)
     assert module.policy.config.vocab_size == len(module.tokenizer)

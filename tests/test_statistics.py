@@ -71,7 +71,9 @@ def test_pooled_win_rate_pools_every_pair_of_runs_and_matches_a_direct_bootstrap
     resampled = []
     for _ in range(300):
         ia, ib, ip = rng.integers(0, 2, 2), rng.integers(0, 3, 3), rng.integers(0, 4, 4)
-        resampled.append(np.mean([[np.mean((a[i, ip] > b[j, ip]) + 0.5 * (a[i, ip] == b[j, ip])) for j in ib] for i in ia]))
+        resampled.append(
+            np.mean([[np.mean((a[i, ip] > b[j, ip]) + 0.5 * (a[i, ip] == b[j, ip])) for j in ib] for i in ia])
+        )
     assert got.low == pytest.approx(np.percentile(resampled, 2.5))
     assert got.high == pytest.approx(np.percentile(resampled, 97.5))
     flipped = pooled_win_rate(b, a, n_resamples=10)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_fixtures import EOT, gpt2_style_tokenizer, llama3_chat_tokenizer, save_model_dir
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from hf_fixtures import EOT, gpt2_style_tokenizer, llama3_chat_tokenizer, save_model_dir
 from lit_p3o import ModelSpec, P3OModule, RolloutSpec, SamplingSpec
 from lit_p3o.data.encoding import Encoded, encode_prompt
 from lit_p3o.generation import response_end, sample_responses, stop_token_ids
@@ -37,7 +37,9 @@ def chat_dir(tmp_path_factory):
     """A Llama-3-style model whose generation_config lists EOS and ``<|eot_id|>``."""
     tokenizer = llama3_chat_tokenizer()
     eot = tokenizer.convert_tokens_to_ids(EOT)
-    return save_model_dir(tmp_path_factory.mktemp("chat") / "model", tokenizer, eos_token_id=[tokenizer.eos_token_id, eot])
+    return save_model_dir(
+        tmp_path_factory.mktemp("chat") / "model", tokenizer, eos_token_id=[tokenizer.eos_token_id, eot]
+    )
 
 
 def test_stop_token_ids_take_the_tokenizer_eos_and_the_generation_config_list(chat_dir):
@@ -100,9 +102,13 @@ def test_sampling_stops_where_hf_generate_stops(chat_dir, listed):
     torch.manual_seed(0)
     with torch.no_grad():
         out = model.generate(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=True, top_k=0,
-            max_new_tokens=12, pad_token_id=tokenizer.pad_token_id,
-        )  # fmt: skip
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=12,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     for e, row in zip(ours.examples, out[:, batch.prompt_width :].tolist()):
         assert row[: len(e.response_ids)] == e.response_ids
         rest = row[len(e.response_ids) :]
@@ -146,10 +152,15 @@ def test_rollout_masks_penalty_and_ended_follow_the_eos_list(chat_dir):
         ModelSpec(name_or_path=str(chat_dir)),
         "embedded:reviews",
         rollout=RolloutSpec(
-            prompts="embedded:reviews", prompt_pool=8, num_prompts=4, num_responses=4,
-            max_prompt_tokens=64, sampling=SamplingSpec(max_new_tokens=8), missing_eos_penalty=2.0,
+            prompts="embedded:reviews",
+            prompt_pool=8,
+            num_prompts=4,
+            num_responses=4,
+            max_prompt_tokens=64,
+            sampling=SamplingSpec(max_new_tokens=8),
+            missing_eos_penalty=2.0,
         ),
-    )  # fmt: skip
+    )
     eot = stage.tokenizer.convert_tokens_to_ids(EOT)
     bias_head(stage.policy, {eot: 3.0})
     stage.reference.copy.set_output_embeddings(stage.policy.get_output_embeddings())

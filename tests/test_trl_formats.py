@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from hf_fixtures import gpt2_style_tokenizer, llama3_chat_tokenizer
+from micro import MICRO_ARCH
+
 from lit_p3o.data.encoding import Encoded
 from lit_p3o.data.formats import (
     DataFormatError,
@@ -29,8 +30,6 @@ from lit_p3o.data.sft import SFTDataModule
 from lit_p3o.losses import bradley_terry_loss
 from lit_p3o.models import ModelSpec
 from lit_p3o.stages.reward import RewardModule
-
-from micro import MICRO_ARCH
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -78,7 +77,9 @@ def test_preference_datamodule_on_implicit_rows(tmp_path):
     dm = PreferenceDataModule(train=str(path), tokenizer=tokenizer, val_fraction=0.0, strict=True, max_length=64)
     dm.setup("fit")
     assert len(dm.train_pairs) == 2
-    chosen, rejected = next(p for p in dm.train_pairs if len(p[0].prompt_ids) == len(tokenizer("The sky is")["input_ids"]))
+    chosen, rejected = next(
+        p for p in dm.train_pairs if len(p[0].prompt_ids) == len(tokenizer("The sky is")["input_ids"])
+    )
     assert chosen.prompt_ids == rejected.prompt_ids == tokenizer("The sky is")["input_ids"]
     assert tokenizer.decode(chosen.response_ids) == " blue.<|endoftext|>"
 
@@ -101,10 +102,14 @@ def test_margin_column_is_read_and_checked(caplog):
     assert "skipped 2 of 6 rows of m.jsonl: 2 × margin: not a finite number (rows 4, 5)" in caplog.text
     with pytest.raises(DataFormatError, match="m.jsonl: row 4: field `margin`: not a finite number"):
         parse_preferences(rows, "m.jsonl")
-    conversational = [{
-        "prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "assistant", "content": "a"}],
-        "rejected": [{"role": "assistant", "content": "b"}], "margin": 1.5,
-    }]  # fmt: skip
+    conversational = [
+        {
+            "prompt": [{"role": "user", "content": "Q"}],
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+            "margin": 1.5,
+        }
+    ]
     assert parse_preferences(conversational, "c", tokenizer=llama3_chat_tokenizer())[0].margin == 1.5
 
 
@@ -128,10 +133,15 @@ def test_margin_reaches_the_reward_model_loss_as_in_trl(tmp_path, monkeypatch):
         {"prompt": "rate the mug :", "chosen": "i like it .", "rejected": "i hate it .", "margin": -1.0},
     ]
     path = write_jsonl(tmp_path / "m.jsonl", rows)
-    dm = PreferenceDataModule(train=str(path), tokenizer=module.tokenizer, val_fraction=0.0, batch_size=2, max_length=32)
+    dm = PreferenceDataModule(
+        train=str(path), tokenizer=module.tokenizer, val_fraction=0.0, batch_size=2, max_length=32
+    )
     dm.setup("fit")
     pairs = sorted(dm.train_pairs, key=lambda p: -p.margin)  # the module shuffles rows
-    assert [module.tokenizer.decode(p[0].response_ids, skip_special_tokens=True) for p in pairs] == ["it is good .", "i like it ."]
+    assert [module.tokenizer.decode(p[0].response_ids, skip_special_tokens=True) for p in pairs] == [
+        "it is good .",
+        "i like it .",
+    ]
     batch = collate_pairs(pairs, module.tokenizer.pad_token_id)
     assert batch.margin.tolist() == [3.0, -1.0]
     loss = module.training_step(batch, 0)
@@ -160,13 +170,18 @@ def test_pairs_keep_their_margin_through_pickling_and_plain_tuples_have_none():
 
 def test_sft_text_rows_are_plain_language_modelling(tmp_path):
     rows = [{"text": "The quick brown fox."}, {"text": "Hello world."}, {"text": ""}]
-    assert list(parse_sft(rows, "t.jsonl", strict=False)) == [SFTRecord("", rows[0]["text"]), SFTRecord("", rows[1]["text"])]
+    assert list(parse_sft(rows, "t.jsonl", strict=False)) == [
+        SFTRecord("", rows[0]["text"]),
+        SFTRecord("", rows[1]["text"]),
+    ]
     with pytest.raises(DataFormatError, match="t.jsonl: row 2: field `text`: empty"):
         parse_sft(rows, "t.jsonl")
     tokenizer = llama3_chat_tokenizer()
     dm = SFTDataModule(train=str(write_jsonl(tmp_path / "t.jsonl", rows[:2])), tokenizer=tokenizer, val_fraction=0.0)
     dm.setup("fit")
-    expected = {tuple(tokenizer(r["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]) for r in rows[:2]}
+    expected = {
+        tuple(tokenizer(r["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]) for r in rows[:2]
+    }
     assert {tuple(e.response_ids) for e in dm.train_examples} == expected  # every token of the text trained
     assert all(e.prompt_ids == [tokenizer.bos_token_id] for e in dm.train_examples)  # only BOS is not
 
@@ -177,12 +192,22 @@ def test_sft_text_rows_are_plain_language_modelling(tmp_path):
 def test_message_content_as_a_list_of_parts():
     tokenizer = llama3_chat_tokenizer()
     parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "12 + 7?"}]
-    as_parts = {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": [{"type": "text", "text": "19"}]}]}
+    as_parts = {
+        "messages": [
+            {"role": "user", "content": parts},
+            {"role": "assistant", "content": [{"type": "text", "text": "19"}]},
+        ]
+    }
     as_text = {"messages": [{"role": "user", "content": "What is 12 + 7?"}, {"role": "assistant", "content": "19"}]}
     assert list(parse_sft([as_parts], "p", tokenizer)) == list(parse_sft([as_text], "p", tokenizer))
-    image = {"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}, *parts]}, as_text["messages"][1]]}
+    image = {
+        "messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}, *parts]}, as_text["messages"][1]]
+    }
     with pytest.raises(DataFormatError) as info:
         parse_sft([image], "p", tokenizer)
-    assert str(info.value) == "p: row 0: field `messages`: message content holds a part of type 'image'; only text parts are supported"
+    assert (
+        str(info.value)
+        == "p: row 0: field `messages`: message content holds a part of type 'image'; only text parts are supported"
+    )
     with pytest.raises(DataFormatError, match="a part without a `type`"):
         parse_sft([{"messages": [{"role": "user", "content": ["hi"]}, as_text["messages"][1]]}], "p", tokenizer)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from micro import MICRO_ARCH
+from test_bad_inputs import ENV, ROOT, error_line, p3o_config, sft_config, write_yaml
 
 from lit_p3o.models import ModelSpec, build_causal_lm, load_tokenizer, save_pretrained
-from micro import MICRO_ARCH
-from test_bad_inputs import ENV, ROOT, error_line, lit_p3o, p3o_config, sft_config, write_yaml
 
-REWARDS = '''
+REWARDS = """
 def raises(prompts, completions, **columns):
     return [float(columns["answer"][0])] * len(completions)  # the embedded prompts have no `answer`
 
@@ -41,7 +41,7 @@ def constant(prompts, completions, **columns):
 
 def length(prompts, completions, **columns):
     return [float(len(c.split())) for c in completions]
-'''
+"""
 
 
 def fails_in_one_line(result: subprocess.CompletedProcess, *named: str) -> str:
@@ -78,14 +78,32 @@ def models(tmp_path_factory) -> Path:
 def reward_config(policy: Path, **embedded) -> dict:
     """A K-wise (3 responses per prompt) reward stage on embedded pairs sampled from ``policy``."""
     return {
-        "trainer": {"accelerator": "cpu", "max_steps": 1, "logger": False, "enable_checkpointing": False,
-                    "enable_progress_bar": False, "enable_model_summary": False},
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 1,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
         "model": {"class_path": "lit_p3o.RewardModule", "init_args": {"model": {"name_or_path": str(policy)}}},
-        "data": {"class_path": "lit_p3o.PreferenceDataModule", "init_args": {
-            "train": "embedded:reviews", "max_length": 32, "batch_size": 4,
-            "embedded": {"policy": str(policy), "train_pairs": 6, "val_pairs": 2, "max_new_tokens": 4,
-                         "responses_per_prompt": 3, **embedded}}},
-    }  # fmt: skip
+        "data": {
+            "class_path": "lit_p3o.PreferenceDataModule",
+            "init_args": {
+                "train": "embedded:reviews",
+                "max_length": 32,
+                "batch_size": 4,
+                "embedded": {
+                    "policy": str(policy),
+                    "train_pairs": 6,
+                    "val_pairs": 2,
+                    "max_new_tokens": 4,
+                    "responses_per_prompt": 3,
+                    **embedded,
+                },
+            },
+        },
+    }
 
 
 SPEC_VALUES = [
@@ -121,8 +139,10 @@ def cases(models: Path, work: Path) -> dict[str, list[str]]:
     (work / "train.csv").write_text("prompt,completion\nhello,world\n")
     (work / "empty_data").mkdir()
     (work / "frontier.csv").write_text("step,kl,score,gold\n")
-    torch.save({"hyper_parameters": {"policy": None, "unknown_knob": 1}, "state_dict": {}, "loops": {}},
-               work / "unknown_stage.ckpt")  # its stage cannot be told
+    torch.save(
+        {"hyper_parameters": {"policy": None, "unknown_knob": 1}, "state_dict": {}, "loops": {}},
+        work / "unknown_stage.ckpt",
+    )  # its stage cannot be told
     configs = {
         "p3o": p3o_config(),
         "sft": sft_config(),
@@ -134,7 +154,9 @@ def cases(models: Path, work: Path) -> dict[str, list[str]]:
         "k_wise_one": reward_config(models / "sft", responses_per_prompt=1),
         "nan_rewards": p3o_config(reward_model="rewards:nan"),
         "constant_rewards": p3o_config(reward_model="rewards:constant", guards={"max_zero_grad_steps": 2}),
-        "weighted": p3o_config(reward_model=[{"source": "embedded:reviews"}, {"source": "rewards:text", "weight": 0.5}]),
+        "weighted": p3o_config(
+            reward_model=[{"source": "embedded:reviews"}, {"source": "rewards:text", "weight": 0.5}]
+        ),
         "no_module": p3o_config(reward_model="no_such_rewards:score"),
         **{f"function_{name}": p3o_config(reward_model=f"rewards:{name}") for name, _ in BAD_REWARD_FUNCTIONS},
     }
@@ -144,8 +166,13 @@ def cases(models: Path, work: Path) -> dict[str, list[str]]:
     sft, judge_args = str(models / "sft"), ["--num-prompts", "2", "--max-new-tokens", "2", "--out-dir", "w"]
     return {
         **{f"spec {field}": fit("p3o", f"--model.init_args.{field}", value) for field, value, _ in SPEC_VALUES},
-        "spec in two places": fit("p3o", "--model.init_args.rollout.sampling.temperature", "0.7",
-                                  "--model.init_args.evaluation.sampling.temperature", "0"),
+        "spec in two places": fit(
+            "p3o",
+            "--model.init_args.rollout.sampling.temperature",
+            "0.7",
+            "--model.init_args.evaluation.sampling.temperature",
+            "0",
+        ),
         "value of the wrong type": fit("p3o", "--model.init_args.rollout.num_responses", "abc"),
         "callback that does not import": fit("p3o", "--trainer.callbacks+", "lightning.pytorch.callbacks.Nope"),
         "trainer setting": fit("p3o", "--trainer.max_epochs", "-2"),
@@ -161,25 +188,86 @@ def cases(models: Path, work: Path) -> dict[str, list[str]]:
         "misspelt fit flag": fit("p3o", "--trainer.max_epoch", "2", "--print_config"),  # was max_epochs
         "misspelt frontier flag": ["frontier", "p3o=frontier.csv", "--ou", "f.png"],  # was --out
         "export of an unknown stage": ["export", "--ckpt", "unknown_stage.ckpt", "--out", "exported"],
-        "export --stage that does not import": ["export", "--ckpt", "unknown_stage.ckpt", "--out", "exported",
-                                                "--stage", "lit_p3o.Nope"],
-        "export --stage that is no stage": ["export", "--ckpt", "unknown_stage.ckpt", "--out", "exported",
-                                            "--stage", "lit_p3o.SamplingSpec"],
-        "report missing policy": ["report", "--reference", sft, "--policy", "outputs/missing",
-                                  "--judge", "embedded:reviews", "--num-prompts", "2"],
+        "export --stage that does not import": [
+            "export",
+            "--ckpt",
+            "unknown_stage.ckpt",
+            "--out",
+            "exported",
+            "--stage",
+            "lit_p3o.Nope",
+        ],
+        "export --stage that is no stage": [
+            "export",
+            "--ckpt",
+            "unknown_stage.ckpt",
+            "--out",
+            "exported",
+            "--stage",
+            "lit_p3o.SamplingSpec",
+        ],
+        "report missing policy": [
+            "report",
+            "--reference",
+            sft,
+            "--policy",
+            "outputs/missing",
+            "--judge",
+            "embedded:reviews",
+            "--num-prompts",
+            "2",
+        ],
         "winrate missing judge": ["winrate", f"a={sft}", f"b={sft}", "--judge", "./judges/missing", *judge_args],
-        "winrate judge not importable": ["winrate", f"a={sft}", f"b={sft}", "--judge", "no_such_judge:score", *judge_args],
+        "winrate judge not importable": [
+            "winrate",
+            f"a={sft}",
+            f"b={sft}",
+            "--judge",
+            "no_such_judge:score",
+            *judge_args,
+        ],
         "winrate judge raises": ["winrate", f"a={sft}", f"b={sft}", "--judge", "rewards:raises", *judge_args],
-        "winrate judge of another task": ["winrate", f"a={sft}", f"b={sft}", "--judge", "embedded:arithmetic",
-                                          *judge_args],
-        "winrate judge folder named gold": ["winrate", f"a={sft}", f"b={sft}", "--judge", str(models / "gold"),
-                                            *judge_args],
-        "report --also reference": ["report", "--reference", sft, "--policy", sft, "--judge", "embedded:reviews",
-                                    "--num-prompts", "2", "--also", f"reference={sft}"],
+        "winrate judge of another task": [
+            "winrate",
+            f"a={sft}",
+            f"b={sft}",
+            "--judge",
+            "embedded:arithmetic",
+            *judge_args,
+        ],
+        "winrate judge folder named gold": [
+            "winrate",
+            f"a={sft}",
+            f"b={sft}",
+            "--judge",
+            str(models / "gold"),
+            *judge_args,
+        ],
+        "report --also reference": [
+            "report",
+            "--reference",
+            sft,
+            "--policy",
+            sft,
+            "--judge",
+            "embedded:reviews",
+            "--num-prompts",
+            "2",
+            "--also",
+            f"reference={sft}",
+        ],
         "winrate unknown judge task": ["winrate", f"a={sft}", f"b={sft}", "--judge", "embedded:nosuch", *judge_args],
-        "winrate unknown prompts task": ["winrate", f"a={sft}", f"b={sft}", "--judge", "embedded:reviews",
-                                         "--prompts", "embedded:nosuch", *judge_args],
-    }  # fmt: skip
+        "winrate unknown prompts task": [
+            "winrate",
+            f"a={sft}",
+            f"b={sft}",
+            "--judge",
+            "embedded:reviews",
+            "--prompts",
+            "embedded:nosuch",
+            *judge_args,
+        ],
+    }
 
 
 RUN_EACH = """
@@ -201,8 +289,14 @@ def results(models, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     each one's exit code and stderr."""
     work = tmp_path_factory.mktemp("cases")
     command_lines = cases(models, work)
-    run = subprocess.run([sys.executable, "-c", RUN_EACH, json.dumps(list(command_lines.values()))],
-                         cwd=work, env=ENV, capture_output=True, text=True, timeout=900)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", RUN_EACH, json.dumps(list(command_lines.values()))],
+        cwd=work,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     chunks = run.stderr.split("\n@@ exit ")
     assert run.returncode == 0 and len(chunks) == len(command_lines) + 1, run.stderr[-5000:]
     out = {}
@@ -230,7 +324,10 @@ def test_a_spec_used_in_two_places_is_named_where_its_value_is_bad(results):
     "case, line",
     [
         ("value of the wrong type", "model.init_args.rollout.num_responses: Expected a <class 'int'>. Got value: abc"),
-        ("callback that does not import", "trainer.callbacks: module 'lightning.pytorch.callbacks' has no attribute 'Nope'"),
+        (
+            "callback that does not import",
+            "trainer.callbacks: module 'lightning.pytorch.callbacks' has no attribute 'Nope'",
+        ),
     ],
 )
 def test_parser_errors_are_one_line_naming_the_config_path(results, case, line):
@@ -254,8 +351,12 @@ def test_lit_p3o_debug_shows_the_traceback(tmp_path):
     write_yaml(tmp_path / "p3o.yaml", p3o_config())
     result = subprocess.run(
         [sys.executable, "-m", "lit_p3o", "fit", "--config", "p3o.yaml", "--model.init_args.kl.beta", "-1"],
-        cwd=tmp_path, env={**ENV, "LIT_P3O_DEBUG": "1"}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env={**ENV, "LIT_P3O_DEBUG": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "Traceback" in result.stderr and 'raise ValueError(f"KLSpec.beta: must be >= 0' in result.stderr
     assert error_line(result) == "lit-p3o fit: error: model.init_args.kl.beta: must be >= 0, got -1.0"
@@ -263,7 +364,8 @@ def test_lit_p3o_debug_shows_the_traceback(tmp_path):
 
 def test_k_wise_batch_size_that_splits_a_group_names_the_data_field(results):
     fails_in_one_line(
-        results["k_wise_batch"], "lit-p3o fit: error: data.init_args.batch_size: 4 is not a multiple of the 3 pairs per prompt"
+        results["k_wise_batch"],
+        "lit-p3o fit: error: data.init_args.batch_size: 4 is not a multiple of the 3 pairs per prompt",
     )
 
 
@@ -338,16 +440,26 @@ def test_bad_reward_function_names_it_and_the_field(results, function, message):
 
 
 def test_reward_function_inside_a_weighted_reward_names_its_entry(results):
-    fails_in_one_line(results["weighted"], "lit-p3o fit: error: model.init_args.reward_model[1].source: reward function rewards:text:")
+    fails_in_one_line(
+        results["weighted"], "lit-p3o fit: error: model.init_args.reward_model[1].source: reward function rewards:text:"
+    )
 
 
 def test_reward_function_returning_nan_for_everything_stops_the_run(results):
-    fails_in_one_line(results["nan_rewards"], "were skipped, more than model.init_args.guards.max_skipped_fraction = 0.1 allows", "(rewards:nan)")
+    fails_in_one_line(
+        results["nan_rewards"],
+        "were skipped, more than model.init_args.guards.max_skipped_fraction = 0.1 allows",
+        "(rewards:nan)",
+    )
 
 
 def test_constant_reward_function_stops_at_the_gradient_guard(results):
-    fails_in_one_line(results["constant_rewards"], "`policy` got exactly-zero gradients in 2 consecutive optimizer steps "
-                      "(model.init_args.guards.max_zero_grad_steps = 2)", "every response to a prompt got the same reward")  # fmt: skip
+    fails_in_one_line(
+        results["constant_rewards"],
+        "`policy` got exactly-zero gradients in 2 consecutive optimizer steps "
+        "(model.init_args.guards.max_zero_grad_steps = 2)",
+        "every response to a prompt got the same reward",
+    )
 
 
 def test_reward_function_module_that_does_not_import_is_named(results):
@@ -364,8 +476,12 @@ def test_reward_function_in_the_working_directory_imports_without_python_m(tmp_p
     write_yaml(tmp_path / "p3o.yaml", p3o_config(reward_model="rewards:length"))
     result = subprocess.run(
         [sys.executable, "-P", "-c", "from lit_p3o.cli import main; main()", "fit", "--config", "p3o.yaml"],
-        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "export" / "model.safetensors").is_file()
 
@@ -404,7 +520,10 @@ def test_report_with_a_missing_policy_names_the_argument(results):
     "case, message",
     [
         ("winrate missing judge", "--judge: no such directory './judges/missing'"),
-        ("winrate judge not importable", "--judge: reward function no_such_judge:score: cannot import module 'no_such_judge'"),
+        (
+            "winrate judge not importable",
+            "--judge: reward function no_such_judge:score: cannot import module 'no_such_judge'",
+        ),
         ("winrate judge raises", "--judge: reward function rewards:raises: raised KeyError"),
     ],
 )
@@ -415,15 +534,24 @@ def test_winrate_with_a_bad_judge_names_it(results, case, message):
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("winrate judge of another task", "winrate: error: --judge embedded:arithmetic: the gold reward of another "
-         "task than --prompts embedded:reviews; a task's gold reward scores only its own prompts (give --judge "
-         "embedded:reviews, or a reward model)"),
-        ("winrate judge folder named gold", "winrate: error: --judge {models}/gold: a reward model folder named "
-         "'gold' would share its label with the gold reward of --prompts embedded:reviews; rename the folder"),
-        ("report --also reference", "report: error: --also reference=...: 'reference' names a built-in row of the "
-         "report (reference, trained); label the extra policy otherwise"),
+        (
+            "winrate judge of another task",
+            "winrate: error: --judge embedded:arithmetic: the gold reward of another "
+            "task than --prompts embedded:reviews; a task's gold reward scores only its own prompts (give --judge "
+            "embedded:reviews, or a reward model)",
+        ),
+        (
+            "winrate judge folder named gold",
+            "winrate: error: --judge {models}/gold: a reward model folder named "
+            "'gold' would share its label with the gold reward of --prompts embedded:reviews; rename the folder",
+        ),
+        (
+            "report --also reference",
+            "report: error: --also reference=...: 'reference' names a built-in row of the "
+            "report (reference, trained); label the extra policy otherwise",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_label_clash_names_the_argument(results, models, case, message):
     """Both were ValueError tracebacks naming the Python functions (judge_policies, report)."""
     assert fails_in_one_line(results[case]) == f"lit-p3o {message.format(models=models)}"
@@ -435,15 +563,22 @@ def test_a_label_clash_names_the_argument(results, models, case, message):
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("export of an unknown stage", "--ckpt unknown_stage.ckpt: cannot tell which stage wrote this checkpoint "
-         "(hyperparameters ['policy', 'unknown_knob']; matching: none); pass --stage with its class path, e.g. "
-         "--stage lit_p3o.P3OModule"),
-        ("export --stage that does not import", "--stage: lit_p3o.Nope does not import (module 'lit_p3o' has no "
-         "attribute 'Nope')"),
-        ("export --stage that is no stage", "--stage: lit_p3o.SamplingSpec is not a LightningModule, so it wrote "
-         "no checkpoint"),
+        (
+            "export of an unknown stage",
+            "--ckpt unknown_stage.ckpt: cannot tell which stage wrote this checkpoint "
+            "(hyperparameters ['policy', 'unknown_knob']; matching: none); pass --stage with its class path, e.g. "
+            "--stage lit_p3o.P3OModule",
+        ),
+        (
+            "export --stage that does not import",
+            "--stage: lit_p3o.Nope does not import (module 'lit_p3o' has no attribute 'Nope')",
+        ),
+        (
+            "export --stage that is no stage",
+            "--stage: lit_p3o.SamplingSpec is not a LightningModule, so it wrote no checkpoint",
+        ),
     ],
-)  # fmt: skip
+)
 def test_export_of_a_checkpoint_whose_stage_is_unknown_names_stage(results, case, message):
     assert fails_in_one_line(results[case]) == f"lit-p3o export: error: {message}"
 
@@ -461,9 +596,14 @@ def test_a_bug_keeps_its_traceback(tmp_path):
     config = p3o_config()
     config["trainer"]["callbacks"] = [{"class_path": "planted.Broken"}]
     write_yaml(tmp_path / "p3o.yaml", config)
-    result = subprocess.run([sys.executable, "-m", "lit_p3o", "fit", "--config", "p3o.yaml"], cwd=tmp_path,
-                            env={**ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])},
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "lit_p3o", "fit", "--config", "p3o.yaml"],
+        cwd=tmp_path,
+        env={**ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "KeyError: 'planted bug'" in result.stderr
     assert ": error: " not in result.stderr

@@ -14,6 +14,7 @@ from lit_p3o.models import check_model_source, looks_local
 from lit_p3o.scoring import is_function_source, load_function
 from lit_p3o.tasks import resolve_embedded
 
+
 class _CommandParser(argparse.ArgumentParser):
     """The commands' parsers: a flag must be spelt in full (argparse would take ``--max-new``
     for ``--max-new-tokens``, and a misspelt flag for whichever it abbreviates), and an error

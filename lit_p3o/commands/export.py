@@ -18,6 +18,7 @@ from lit_p3o.errors import ConfigError
 from lit_p3o.models import has_adapters, save_pretrained
 from lit_p3o.runs import OutputLock, write_error
 
+
 def constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
     """``cls``'s constructor parameters, a ``**kwargs`` passed on to the parent's constructor
     (the RL stages' ``**shared``) replaced by the parent's, as the CLI reads them."""
@@ -52,8 +53,14 @@ def stage_class(hparams: Mapping[str, Any], class_path: str | None = None) -> ty
 
     keys = set(hparams) - {"_instantiator"}
     fits = []
-    for cls in (lit_p3o.SFTModule, lit_p3o.RewardModule, lit_p3o.P3OModule, lit_p3o.PPOModule,
-                lit_p3o.OnlineDPOModule, lit_p3o.RLOOModule):  # fmt: skip
+    for cls in (
+        lit_p3o.SFTModule,
+        lit_p3o.RewardModule,
+        lit_p3o.P3OModule,
+        lit_p3o.PPOModule,
+        lit_p3o.OnlineDPOModule,
+        lit_p3o.RLOOModule,
+    ):
         params = constructor_parameters(cls)
         required = {n for n, p in params.items() if p.default is inspect.Parameter.empty}
         if required <= keys <= set(params):
@@ -89,7 +96,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, merge: bool = False, cl
 
     checkpoint = read_checkpoint(ckpt, "--ckpt")
     if "hyper_parameters" not in checkpoint:
-        raise ConfigError(f"--ckpt {ckpt}: a Lightning checkpoint without hyperparameters; it was not written by a lit-p3o stage")
+        raise ConfigError(
+            f"--ckpt {ckpt}: a Lightning checkpoint without hyperparameters; it was not written by a lit-p3o stage"
+        )
     source, run_id = str(Path(ckpt).expanduser().resolve()), checkpoint.get(_RUN_ID_KEY)
     writer = f"this export of {ckpt} (run {run_id or 'without an id'})"
     with OutputLock(out, "--out", f"lit-p3o export of {ckpt}"):
@@ -108,26 +117,33 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, merge: bool = False, cl
             else:
                 module = cls(**hparams)
         except OSError as err:
-            raise ConfigError(f"--ckpt {ckpt}: rebuilding {cls.__name__} failed; run export from the directory "
-                              f"training ran in ({err})") from err  # fmt: skip
+            raise ConfigError(
+                f"--ckpt {ckpt}: rebuilding {cls.__name__} failed; run export from the directory "
+                f"training ran in ({err})"
+            ) from err
         missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
         missing = [k for k in missing if not k.startswith(("reference.", "reward_model."))]
         if missing or unexpected:
-            raise ConfigError(f"--ckpt {ckpt}: weights do not fit {cls.__name__}: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")  # fmt: skip
+            raise ConfigError(
+                f"--ckpt {ckpt}: weights do not fit {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         network = module.policy if hasattr(module, "policy") else module.reward_model
         if has_adapters(network) and not merge:
             bases = [c.base_model_name_or_path for c in network.peft_config.values()]
             if any(Path(b, "adapter_config.json").is_file() for b in bases if b):
-                print(f"[lit-p3o] the adapters' base {bases[0]} is itself an adapter directory; merging (peft cannot stack them)")
+                print(
+                    f"[lit-p3o] the adapters' base {bases[0]} is itself an adapter directory; merging (peft cannot stack them)"
+                )
                 merge = True
         marker = {RUN_MARKER: run_marker(run_id, cls.__name__, checkpoint=source)}
         try:
             path = save_pretrained(network.eval(), module.tokenizer, out, merge=merge, extra_files=marker)
         except OSError as err:  # a full disk, a read-only directory, a file in the way
             raise write_error("--out", out, err) from err
-    print(f"[lit-p3o] exported {cls.__name__}.{'policy' if hasattr(module, 'policy') else 'reward_model'} "
-          f"of {ckpt} to {Path(path).resolve()}")  # fmt: skip
+    print(
+        f"[lit-p3o] exported {cls.__name__}.{'policy' if hasattr(module, 'policy') else 'reward_model'} "
+        f"of {ckpt} to {Path(path).resolve()}"
+    )
     return path
 
 
@@ -135,9 +151,13 @@ def export_main(argv: Sequence[str] | None = None) -> Path:
     """``lit-p3o export --ckpt CKPT --out DIR [--merge] [--stage CLASS_PATH]``."""
     parser = _CommandParser(prog="lit-p3o export", description=export_checkpoint.__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, type=Path, help="a Lightning checkpoint (.ckpt) of any lit-p3o stage")
-    parser.add_argument("--out", required=True, type=Path, help="directory to write (missing, empty, or an export of the same run)")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="directory to write (missing, empty, or an export of the same run)"
+    )
     parser.add_argument("--merge", action="store_true", help="merge LoRA adapters into the base and save it whole")
-    parser.add_argument("--stage", default=None, help="the stage's class path, when it cannot be told from the checkpoint")
+    parser.add_argument(
+        "--stage", default=None, help="the stage's class path, when it cannot be told from the checkpoint"
+    )
     args = parser.parse_args(argv)
     try:
         return export_checkpoint(args.ckpt, args.out, args.merge, args.stage)

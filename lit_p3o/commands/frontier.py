@@ -14,6 +14,7 @@ from matplotlib.lines import Line2D
 from lit_p3o.commands._common import _CommandParser, _label_and_path, _unique
 from lit_p3o.evaluation import read_frontier
 
+
 def algorithm_of(label: str) -> str:
     """The algorithm a run label names: its first word ("p3o-v1 beta=0.05 seed=0" → "p3o-v1")."""
     return label.split(" ", 1)[0]

@@ -29,6 +29,7 @@ from lit_p3o.scoring import build_scorer
 from lit_p3o.statistics import bootstrap_mean
 from lit_p3o.tasks import resolve_embedded
 
+
 def report(
     reference: str | Path,
     policy: str | Path,
@@ -51,8 +52,10 @@ def report(
     ``gold_low``/``gold_high``, ``kl_low``/``kl_high``."""
     clash = sorted({"reference", "trained"} & set(others or {}))
     if clash:
-        raise UserError(f"--also {clash[0]}=...: '{clash[0]}' names a built-in row of the report (reference, "
-                        "trained); label the extra policy otherwise")  # fmt: skip
+        raise UserError(
+            f"--also {clash[0]}=...: '{clash[0]}' names a built-in row of the report (reference, "
+            "trained); label the extra policy otherwise"
+        )
     spec = ModelSpec(name_or_path=str(reference))
     tokenizer = load_tokenizer(spec)
     ref_model = build_causal_lm(spec, tokenizer).eval()
@@ -70,13 +73,17 @@ def report(
             samples = evaluate_examples(model, frozen, tokenizer, scorer, prompt_list, sampling, 256, task)
         rows[key] = _summarise(samples)
     width = max(22, *(len(n) + 2 for n in names.values()))
-    print(f"\n[lit-p3o] {len(prompt_list)} held-out prompts, one sample each (judge: {judge_label(judge)}); "
-          "means with bootstrap 95% intervals over the prompts")  # fmt: skip
+    print(
+        f"\n[lit-p3o] {len(prompt_list)} held-out prompts, one sample each (judge: {judge_label(judge)}); "
+        "means with bootstrap 95% intervals over the prompts"
+    )
     print(f"{'':<{width}}{'proxy reward':>22}{'gold reward':>22}{'KL to ref':>20}{'length':>8}{'EOS':>7}")
     for key, r in rows.items():
         gold = "-" if r["gold"] is None else _with_interval(r, "gold")
-        print(f"{names[key]:<{width}}{_with_interval(r, 'score'):>22}{gold:>22}{_with_interval(r, 'kl'):>20}"
-              f"{r['response_length']:>8.1f}{r['eos_rate']:>7.0%}")  # fmt: skip
+        print(
+            f"{names[key]:<{width}}{_with_interval(r, 'score'):>22}{gold:>22}{_with_interval(r, 'kl'):>20}"
+            f"{r['response_length']:>8.1f}{r['eos_rate']:>7.0%}"
+        )
     if frontier_csv is not None:
         path = plot_training_curves(read_frontier(frontier_csv), Path(out))
         print(f"[lit-p3o] wrote {path}")
@@ -132,8 +139,14 @@ def report_main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float 
     parser.add_argument("--num-prompts", type=_positive_int, default=200)
     parser.add_argument("--max-new-tokens", type=_positive_int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--also", nargs="+", type=_label_and_path, default=[], metavar="LABEL=DIR",
-                        help="more policies to list as extra rows (e.g. the same run without KL control)")
+    parser.add_argument(
+        "--also",
+        nargs="+",
+        type=_label_and_path,
+        default=[],
+        metavar="LABEL=DIR",
+        help="more policies to list as extra rows (e.g. the same run without KL control)",
+    )
     args = parser.parse_args(argv)
     also = _unique(args.also, parser)
     check_models({"--reference": args.reference, "--policy": args.policy} | {f"--also {k}": v for k, v in also.items()})
@@ -142,5 +155,15 @@ def report_main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float 
     if args.frontier is not None:
         read_frontier(args.frontier)  # a bad file fails now, not after every policy was sampled
     with _named("--judge"):
-        return report(args.reference, args.policy, args.judge, args.frontier, args.out, args.prompts,
-                      args.num_prompts, args.max_new_tokens, args.seed, also)  # fmt: skip
+        return report(
+            args.reference,
+            args.policy,
+            args.judge,
+            args.frontier,
+            args.out,
+            args.prompts,
+            args.num_prompts,
+            args.max_new_tokens,
+            args.seed,
+            also,
+        )

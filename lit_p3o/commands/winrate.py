@@ -32,6 +32,7 @@ from lit_p3o.models import ModelSpec, build_causal_lm, load_tokenizer
 from lit_p3o.scoring import GoldScorer, RewardScorer, build_scorer
 from lit_p3o.tasks import resolve_embedded
 
+
 def win_rate(a: Sequence[float] | Tensor, b: Sequence[float] | Tensor) -> float:
     """``P(a > b) + ½·P(a = b)`` over aligned judgements of the same prompts."""
     a = torch.as_tensor(a, dtype=torch.float64)
@@ -64,11 +65,15 @@ def judge_labels(judge: str, prompts: str) -> dict[str, str]:
     if resolve_embedded(prompts) is None or prompts == judge:
         return labels
     if resolve_embedded(judge) is not None:
-        raise UserError(f"--judge {judge}: the gold reward of another task than --prompts {prompts}; a task's gold "
-                        f"reward scores only its own prompts (give --judge {prompts}, or a reward model)")  # fmt: skip
+        raise UserError(
+            f"--judge {judge}: the gold reward of another task than --prompts {prompts}; a task's gold "
+            f"reward scores only its own prompts (give --judge {prompts}, or a reward model)"
+        )
     if labels[judge] == "gold":
-        raise UserError(f"--judge {judge}: a reward model folder named 'gold' would share its label with the gold "
-                        f"reward of --prompts {prompts}; rename the folder")  # fmt: skip
+        raise UserError(
+            f"--judge {judge}: a reward model folder named 'gold' would share its label with the gold "
+            f"reward of --prompts {prompts}; rename the folder"
+        )
     return labels | {prompts: "gold"}
 
 
@@ -93,8 +98,9 @@ def compare_policies(
     """
     if len(policies) < 2:
         raise ValueError(f"compare_policies: needs at least two policies, got {len(policies)}")
-    scores = judge_policies(policies, judge, prompts, num_prompts, max_new_tokens, seed, split,
-                            max_prompt_tokens, batch_size, device)  # fmt: skip
+    scores = judge_policies(
+        policies, judge, prompts, num_prompts, max_new_tokens, seed, split, max_prompt_tokens, batch_size, device
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, tuple[list[str], Tensor]] = {}
@@ -223,6 +229,15 @@ def winrate_main(argv: Sequence[str] | None = None) -> dict[str, tuple[list[str]
     check_prompts(args.prompts)
     with _named("--judge"):
         return compare_policies(
-            policies, args.judge, args.prompts, args.num_prompts, args.max_new_tokens, args.seed, args.out_dir,
-            args.split, args.max_prompt_tokens, args.batch_size, args.device,
-        )  # fmt: skip
+            policies,
+            args.judge,
+            args.prompts,
+            args.num_prompts,
+            args.max_new_tokens,
+            args.seed,
+            args.out_dir,
+            args.split,
+            args.max_prompt_tokens,
+            args.batch_size,
+            args.device,
+        )

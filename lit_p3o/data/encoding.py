@@ -210,4 +210,6 @@ def collate_pairs(pairs: list[Pair] | list[tuple[Encoded, Encoded]], pad_token_i
     known = [getattr(p, "preference", None) for p in pairs]
     preference = None if None in known else torch.tensor(known, dtype=torch.float32)
     chosen_rows, rejected_rows = (torch.tensor([rows[key] for key in side], dtype=torch.long) for side in keys)
-    return PairBatch(**vars(batch), chosen_rows=chosen_rows, rejected_rows=rejected_rows, margin=margin, preference=preference)
+    return PairBatch(
+        **vars(batch), chosen_rows=chosen_rows, rejected_rows=rejected_rows, margin=margin, preference=preference
+    )

@@ -322,7 +322,9 @@ def _conversational_prompt_completion(
     return SFTRecord(_render(tokenizer, prompt, chat_template_kwargs), completion)
 
 
-def _conversation(row: Row, tokenizer: PreTrainedTokenizerBase, chat_template_kwargs: Mapping[str, Any] | None = None) -> SFTRecord:
+def _conversation(
+    row: Row, tokenizer: PreTrainedTokenizerBase, chat_template_kwargs: Mapping[str, Any] | None = None
+) -> SFTRecord:
     messages = _as_messages(row.get("messages"), "messages")
     completion = _assistant_reply(messages, "messages")
     return SFTRecord(_render(tokenizer, _context(messages, "messages"), chat_template_kwargs), completion)
@@ -378,7 +380,9 @@ def parse_chosen(
 ) -> Parsed[SFTRecord]:
     """A preference dataset as SFT data: each pair's prompt and chosen reply (the rejected one
     is not trained on), as SFT on HH-RLHF's preferred transcripts is usually done."""
-    pairs = parse_preferences(rows, origin, tokenizer=tokenizer, strict=strict, chat_template_kwargs=chat_template_kwargs)
+    pairs = parse_preferences(
+        rows, origin, tokenizer=tokenizer, strict=strict, chat_template_kwargs=chat_template_kwargs
+    )
     return Parsed((SFTRecord(p.prompt, p.chosen) for p in pairs), pairs.issues, pairs.row_numbers)
 
 
@@ -495,7 +499,9 @@ def _trl(row: Row) -> PreferenceRecord:
     )
 
 
-def _trl_conversational(row: Row, tokenizer: PreTrainedTokenizerBase, chat_template_kwargs: Mapping[str, Any] | None = None) -> PreferenceRecord:
+def _trl_conversational(
+    row: Row, tokenizer: PreTrainedTokenizerBase, chat_template_kwargs: Mapping[str, Any] | None = None
+) -> PreferenceRecord:
     chosen = _as_messages(row.get("chosen"), "chosen")
     rejected = _as_messages(row.get("rejected"), "rejected")
     if row.get("prompt") is not None:

@@ -26,9 +26,9 @@ from lit_p3o.data.encoding import (
     fit_prompt,
 )
 from lit_p3o.data.formats import Parsed, PreferenceRecord, parse_preferences
-from lit_p3o.data.sources import DataSource, load_rows
 from lit_p3o.data.issues import RowIssues
 from lit_p3o.data.module import SourceDataModule
+from lit_p3o.data.sources import DataSource, load_rows
 from lit_p3o.monitoring import shows_progress
 from lit_p3o.tasks import Task, resolve_embedded
 from lit_p3o.tasks.pairs import EmbeddedPreferenceSpec, draw_label, sample_labelled_groups, sample_labelled_pairs
@@ -108,9 +108,13 @@ class PreferenceDataModule(SourceDataModule):
     def _read(self, source: DataSource, split: str) -> tuple[Parsed[PreferenceRecord], str]:
         rows, origin = load_rows(source, split)
         records = parse_preferences(
-            rows, origin, format=self.hparams.format, tokenizer=self.tokenizer, strict=self.hparams.strict,
+            rows,
+            origin,
+            format=self.hparams.format,
+            tokenizer=self.tokenizer,
+            strict=self.hparams.strict,
             chat_template_kwargs=self.hparams.chat_template_kwargs,
-        )  # fmt: skip
+        )
         return records, origin
 
     def _encode(self, records: Parsed[PreferenceRecord], origin: str) -> list[Pair]:

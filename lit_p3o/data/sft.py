@@ -76,9 +76,12 @@ class SFTDataModule(SourceDataModule):
         rows, origin = load_rows(source, split)
         try:
             return parse_sft(
-                rows, origin, tokenizer=self.tokenizer, strict=self.hparams.strict,
+                rows,
+                origin,
+                tokenizer=self.tokenizer,
+                strict=self.hparams.strict,
                 chat_template_kwargs=self.hparams.chat_template_kwargs,
-            )  # fmt: skip
+            )
         except DataFormatError as err:
             if origin in str(err):
                 raise
@@ -91,7 +94,9 @@ class SFTDataModule(SourceDataModule):
         for row, record in zip(getattr(records, "row_numbers", range(len(records))), records):
             try:
                 examples.append(
-                    encode_example(self.tokenizer, record.prompt, record.completion, self.hparams.max_length, self.truncation)
+                    encode_example(
+                        self.tokenizer, record.prompt, record.completion, self.hparams.max_length, self.truncation
+                    )
                 )
             except ResponseTooLong as err:
                 issues.add(row, "completion", str(err))

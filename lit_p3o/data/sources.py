@@ -58,8 +58,10 @@ def load_rows(source: DataSource, split: str = "train") -> tuple[list[dict[str, 
         if any((path / marker).is_file() for marker in _SAVED_MARKERS):
             return _read_saved(path, split)
         if not any(f.is_file() and not f.name.startswith(".") for f in path.rglob("*")):
-            raise DataFormatError(f"{source}: an empty directory; expected data files ({', '.join(_FILE_SUFFIXES)}) "
-                                  "or a dataset written by save_to_disk")  # fmt: skip
+            raise DataFormatError(
+                f"{source}: an empty directory; expected data files ({', '.join(_FILE_SUFFIXES)}) "
+                "or a dataset written by save_to_disk"
+            )
         source = str(path)  # a directory of data files
     elif _looks_like_path(source):
         raise FileNotFoundError(f"no such data file or directory: {source}")
@@ -70,10 +72,7 @@ def _looks_like_path(source: str) -> bool:
     """Hub names are ``name`` or ``owner/name`` and may hold dots (``teknium/OpenHermes-2.5``),
     so only a data-file suffix or more path structure than that marks a local path."""
     return (
-        source.endswith(_FILE_SUFFIXES)
-        or source.startswith(("/", ".", "~"))
-        or "\\" in source
-        or source.count("/") > 1
+        source.endswith(_FILE_SUFFIXES) or source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
     )
 
 
@@ -96,8 +95,7 @@ def read_text(path: Path) -> str:
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         raise DataFormatError(
-            f"{path}: line {line}: byte 0x{raw[err.start]:02x} is not UTF-8 text ({err.reason}); "
-            "save the file as UTF-8"
+            f"{path}: line {line}: byte 0x{raw[err.start]:02x} is not UTF-8 text ({err.reason}); save the file as UTF-8"
         ) from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
 

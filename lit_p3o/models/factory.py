@@ -17,10 +17,11 @@ import importlib.util
 import json
 import logging
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -196,7 +197,8 @@ class _NewHeadReport(logging.Filter):
             return True
         rows = re.findall(r"^(\S+)\s*\|\s*([A-Z]+)\s*\|", message, flags=re.MULTILINE)
         expected = [
-            (status == "MISSING" and key.startswith("score.")) or (status == "UNEXPECTED" and key.startswith("lm_head."))
+            (status == "MISSING" and key.startswith("score."))
+            or (status == "UNEXPECTED" and key.startswith("lm_head."))
             for key, status in rows
         ]
         return not (rows and all(expected))
@@ -326,7 +328,9 @@ def bitsandbytes_optimizer(name: str) -> type[torch.optim.Optimizer]:
     """The bitsandbytes optimizer class behind ``OptimizerSpec.name`` (this module is the one
     that imports bitsandbytes)."""
     if name not in _BNB_OPTIMIZERS:
-        raise ValueError(f"OptimizerSpec.name: no bitsandbytes optimizer {name!r}; choose from {sorted(_BNB_OPTIMIZERS)}")
+        raise ValueError(
+            f"OptimizerSpec.name: no bitsandbytes optimizer {name!r}; choose from {sorted(_BNB_OPTIMIZERS)}"
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError(
             f"OptimizerSpec.name: {name!r} needs the `bitsandbytes` package "
@@ -435,6 +439,5 @@ def _from_pretrained(auto_class: Any, source: str, field_name: str, **kwargs: An
         return auto_class.from_pretrained(source, **kwargs)
     except OSError as err:
         raise OSError(
-            f"ModelSpec.{field_name}: {source!r} is neither a local model directory nor a "
-            f"reachable hub model ({err})"
+            f"ModelSpec.{field_name}: {source!r} is neither a local model directory nor a reachable hub model ({err})"
         ) from err

@@ -77,8 +77,10 @@ def _check_replaceable(directory: Path) -> None:
     """Refuse to replace a file, or a directory of files that are no saved model."""
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(errno.EEXIST, f"{directory} is a file, not a directory to save a model in")
-    if directory.is_dir() and any(directory.iterdir()) and not any(
-        (directory / name).is_file() for name in ("config.json", "adapter_config.json")
+    if (
+        directory.is_dir()
+        and any(directory.iterdir())
+        and not any((directory / name).is_file() for name in ("config.json", "adapter_config.json"))
     ):
         raise FileExistsError(
             errno.ENOTEMPTY,

@@ -67,9 +67,7 @@ class ModelSpec:
         if self.architecture is not None and "model_type" not in self.architecture:
             raise ValueError("ModelSpec.architecture: needs a `model_type` key (e.g. 'llama')")
         if self.quantization is not None and self.lora is None:
-            raise ValueError(
-                "ModelSpec.quantization: quantized weights cannot be trained; add a `lora` section"
-            )
+            raise ValueError("ModelSpec.quantization: quantized weights cannot be trained; add a `lora` section")
         if self.quantization is not None and self.architecture is not None:
             raise ValueError(
                 "ModelSpec.quantization: bitsandbytes quantizes weights while loading; save the "

@@ -35,10 +35,10 @@ from lit_p3o.models import (
     FrozenReference,
     ModelSource,
     as_spec,
-    python_objects,
     build_causal_lm,
     disable_dropout,
     load_tokenizer,
+    python_objects,
 )
 from lit_p3o.monitoring import log_point
 from lit_p3o.optim import OptimizerSpec, configure_adamw
@@ -52,8 +52,8 @@ from lit_p3o.rollout import (
     this_ranks,
 )
 from lit_p3o.scoring import RewardSource, build_scorer
-from lit_p3o.tasks import resolve_embedded
 from lit_p3o.stages.sharding import ShardableModule
+from lit_p3o.tasks import resolve_embedded
 
 _NOT_CHECKPOINTED = ("reward_model.", "reference.")
 # statistics of the ratio π_θ / π_old: constant on an on-policy minibatch (ρ = 1, nothing clipped)
@@ -93,7 +93,9 @@ def close_finished_epoch(checkpoint: dict[str, Any]) -> None:
         progress["processed"] += 1
     for progress in (batches["total"], batches["current"]):
         progress["completed"] += 1
-    loop["epoch_loop.state_dict"]["_batches_that_stepped"] = loop["epoch_loop.state_dict"].get("_batches_that_stepped", 0) + 1
+    loop["epoch_loop.state_dict"]["_batches_that_stepped"] = (
+        loop["epoch_loop.state_dict"].get("_batches_that_stepped", 0) + 1
+    )
 
 
 class RLStage(ShardableModule):
@@ -167,17 +169,31 @@ class RLStage(ShardableModule):
         """Prompt plus response budgets within the policy's context, checked before anything is
         sampled (``evaluation`` only when given: its defaults serve validate/test on request)."""
         rollout = self.rollout_spec
-        check_fits_context(self.policy, self.tokenizer, "RolloutSpec", rollout.max_prompt_tokens,
-                           "RolloutSpec.sampling", rollout.sampling.max_new_tokens)  # fmt: skip
+        check_fits_context(
+            self.policy,
+            self.tokenizer,
+            "RolloutSpec",
+            rollout.max_prompt_tokens,
+            "RolloutSpec.sampling",
+            rollout.sampling.max_new_tokens,
+        )
         if evaluation is not None:
-            check_fits_context(self.policy, self.tokenizer, "EvaluationSpec", evaluation.max_prompt_tokens,
-                               "EvaluationSpec.sampling", evaluation.sampling.max_new_tokens)  # fmt: skip
+            check_fits_context(
+                self.policy,
+                self.tokenizer,
+                "EvaluationSpec",
+                evaluation.max_prompt_tokens,
+                "EvaluationSpec.sampling",
+                evaluation.sampling.max_new_tokens,
+            )
 
     # ------------------------------------------------------------------ what subclasses define
 
     policy_states = False  # whether compute_loss needs the policy's last hidden states
 
-    def compute_loss(self, batch: RolloutBatch, logp: Tensor, states: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(
+        self, batch: RolloutBatch, logp: Tensor, states: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The algorithm: a scalar loss and detached statistics to log, from the minibatch and
         the policy's per-token log-probs ``[N, R]`` (with gradient) and, when
         :attr:`policy_states`, its hidden states ``[N, R, H]``, both from one forward."""
@@ -256,9 +272,16 @@ class RLStage(ShardableModule):
         spec = self.evaluation_spec
         with seeded(self._evaluation_seed(batch_idx), self.device):
             values = evaluate_examples(
-                self.policy, self.reference, self.tokenizer, self.scorer, prompts, spec.sampling,
-                spec.max_prompt_tokens, resolve_embedded(spec.prompts), spec.batch_size,
-            )  # fmt: skip
+                self.policy,
+                self.reference,
+                self.tokenizer,
+                self.scorer,
+                prompts,
+                spec.sampling,
+                spec.max_prompt_tokens,
+                resolve_embedded(spec.prompts),
+                spec.batch_size,
+            )
         means = {f"{prefix}/{name}": v.mean().to(self.device) for name, v in values.items()}
         self.log_dict(means, batch_size=len(prompts), sync_dist=True, prog_bar=False)
 
@@ -272,7 +295,9 @@ class RLStage(ShardableModule):
         """One sampled completion per prompt: ``{"prompt", "response", "ended"}``."""
         spec = self.evaluation_spec
         with seeded(self._evaluation_seed(batch_idx), self.device):
-            out = sample_completions(self.policy, self.tokenizer, prompts, spec.sampling, spec.max_prompt_tokens, spec.batch_size)
+            out = sample_completions(
+                self.policy, self.tokenizer, prompts, spec.sampling, spec.max_prompt_tokens, spec.batch_size
+            )
         return [{"prompt": p, "response": r, "ended": e} for p, r, e in zip(out.prompts, out.responses, out.ended)]
 
     def trajectory_logratio(self, batch: RolloutBatch, logp: Tensor) -> tuple[Tensor, Tensor]:
@@ -362,8 +387,10 @@ class RLStage(ShardableModule):
     def zero_gradient_hint(self) -> str:
         """Which cause of exactly-zero gradients the last minibatches point to (for :class:`GradientGuard`)."""
         if self._tied_streak >= self.guard_spec.max_zero_grad_steps:
-            return (f"Here: in the last {self._tied_streak} minibatches all responses to each prompt got the "
-                    "same reward, so there was nothing to learn from.")
+            return (
+                f"Here: in the last {self._tied_streak} minibatches all responses to each prompt got the "
+                "same reward, so there was nothing to learn from."
+            )
         return "Here: the rewards of a prompt's responses differed, so the loss does not reach the weights."
 
     def log_rollout(self, stats: dict[str, float]) -> None:
@@ -406,7 +433,9 @@ class RLStage(ShardableModule):
         """Summarise the run's updates, refuse to save a policy that skipped too many, then save
         (gathered on rank 0 when sharded)."""
         self.print(f"[lit-p3o] {type(self).__name__}: {self.updates.summary()}")
-        if self.updates.too_many_skipped(self.guard_spec.max_skipped_fraction, self.updates.applied + self.skipped_steps):
+        if self.updates.too_many_skipped(
+            self.guard_spec.max_skipped_fraction, self.updates.applied + self.skipped_steps
+        ):
             raise self._too_many_skipped(f"of the {self.updates.applied + self.skipped_steps} updates run")
         if self.updates.applied == 0:
             self.print("[lit-p3o] no update was applied: the policy is the one the run started from")

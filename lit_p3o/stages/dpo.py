@@ -39,7 +39,9 @@ class OnlineDPOModule(RLStage):
         super().__init__(policy, reward_model, rollout=rollout, **shared)
         self.beta_dpo = beta_dpo
 
-    def compute_loss(self, batch: RolloutBatch, logp: Tensor, states: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(
+        self, batch: RolloutBatch, logp: Tensor, states: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         logp = logp.sum(-1).view_as(batch.scores)
         logp_ref = batch.logp_ref.sum(-1).view_as(batch.scores)
         decided = batch.scores[:, 0] != batch.scores[:, 1]
@@ -53,8 +55,8 @@ class OnlineDPOModule(RLStage):
         def pick(x: Tensor, idx: Tensor) -> Tensor:
             return x.gather(1, idx).squeeze(1)[decided]
 
-        loss = dpo_loss(pick(logp, winner), pick(logp, loser), pick(logp_ref, winner), pick(logp_ref, loser), self.beta_dpo)
+        loss = dpo_loss(
+            pick(logp, winner), pick(logp, loser), pick(logp_ref, winner), pick(logp_ref, loser), self.beta_dpo
+        )
         margin = (pick(logp, winner) - pick(logp_ref, winner)) - (pick(logp, loser) - pick(logp_ref, loser))
         return loss, {"decided_fraction": decided.float().mean(), "implicit_margin": margin.detach().mean()}
-
-

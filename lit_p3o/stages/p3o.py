@@ -38,7 +38,9 @@ class P3OModule(RLStage):
         self.variant = variant
         self.clip_epsilon = clip_epsilon
 
-    def compute_loss(self, batch: RolloutBatch, logp: Tensor, states: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(
+        self, batch: RolloutBatch, logp: Tensor, states: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         token_logratio, logratio = self.trajectory_logratio(batch, logp)
         loss, clip_fraction = p3o_loss(logratio, batch.rewards, self.clip_epsilon, self.variant)
         stats = self.ratio_stats(token_logratio, logratio, batch.response_mask)

@@ -102,7 +102,9 @@ class PPOModule(RLStage):
             advantages = whiten(advantages, batch.response_mask, moments=moments)
         return advantages, returns
 
-    def compute_loss(self, batch: RolloutBatch, logp: Tensor, states: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(
+        self, batch: RolloutBatch, logp: Tensor, states: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         mask = batch.response_mask
         advantages, returns = self.advantages(batch)
         policy_loss, clip_fraction = ppo_policy_loss(logp, batch.logp_old, advantages, mask, self.clip_epsilon)
@@ -117,5 +119,3 @@ class PPOModule(RLStage):
             value_mean=(values.detach() * mask).sum() / mask.sum().clamp(min=1),
         )
         return policy_loss + self.value_loss_coef * value_loss, stats
-
-

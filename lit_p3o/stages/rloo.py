@@ -33,7 +33,9 @@ class RLOOModule(RLStage):
         super().__init__(policy, reward_model, **shared)
         self.clip_epsilon = clip_epsilon
 
-    def compute_loss(self, batch: RolloutBatch, logp: Tensor, states: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(
+        self, batch: RolloutBatch, logp: Tensor, states: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         token_logratio, logratio = self.trajectory_logratio(batch, logp)
         advantages = rloo_advantages(batch.rewards)
         loss = rloo_loss(logratio, advantages, self.clip_epsilon)

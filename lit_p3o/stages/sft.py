@@ -80,4 +80,3 @@ class SFTModule(ShardableModule):
         path = self.export_pretrained(self.policy, rebuild, self.tokenizer, self.save_dir)
         if path is not None:
             print(f"[lit-p3o] saved the SFT model to {Path(path).resolve()}")
-

@@ -37,7 +37,9 @@ def answer(prompt: str) -> int:
     return a + b if op == "+" else a - b
 
 
-def exact_match(prompts: Sequence[str], completions: Sequence[str], answer: Sequence[Any] | None = None, **kwargs: Any) -> list[float | None]:
+def exact_match(
+    prompts: Sequence[str], completions: Sequence[str], answer: Sequence[Any] | None = None, **kwargs: Any
+) -> list[float | None]:
     """1.0 where the completion (stripped) is the row's ``answer`` column, else 0.0; None where
     a row has no answer (the RL stage then skips that update, as for any non-finite reward)."""
     answers = answer if answer is not None else [None] * len(completions)
@@ -45,7 +47,9 @@ def exact_match(prompts: Sequence[str], completions: Sequence[str], answer: Sequ
 
 
 def _all_prompts() -> list[str]:
-    return [f"what is {a} {op} {b} ?" for a in range(MAX_OPERAND + 1) for op in OPERATORS for b in range(MAX_OPERAND + 1)]
+    return [
+        f"what is {a} {op} {b} ?" for a in range(MAX_OPERAND + 1) for op in OPERATORS for b in range(MAX_OPERAND + 1)
+    ]
 
 
 def _split(split: str) -> list[str]:
@@ -112,7 +116,9 @@ class ArithmeticTask:
 
     def gold_reward_batch(self, prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool]) -> list[float]:
         if not len(prompts) == len(responses) == len(ended):
-            raise ValueError(f"gold_reward_batch: {len(prompts)} prompts, {len(responses)} responses, {len(ended)} ended flags")
+            raise ValueError(
+                f"gold_reward_batch: {len(prompts)} prompts, {len(responses)} responses, {len(ended)} ended flags"
+            )
         return [gold_reward(p, r, e) for p, r, e in zip(prompts, responses, ended)]
 
     def is_grammatical(self, response: str) -> bool:

@@ -52,7 +52,9 @@ class EmbeddedPreferenceSpec:
         if self.train_pairs < 1 or self.val_pairs < 1:
             raise ValueError("EmbeddedPreferenceSpec: train_pairs and val_pairs must be >= 1")
         if self.responses_per_prompt < 2:
-            raise ValueError(f"EmbeddedPreferenceSpec.responses_per_prompt: must be >= 2, got {self.responses_per_prompt}")
+            raise ValueError(
+                f"EmbeddedPreferenceSpec.responses_per_prompt: must be >= 2, got {self.responses_per_prompt}"
+            )
 
     @property
     def pairs_per_prompt(self) -> int:
@@ -97,9 +99,7 @@ def sample_labelled_groups(
     model_spec = ModelSpec(name_or_path=spec.policy)
     tokenizer = load_tokenizer(model_spec)
     if expected_vocab is not None and tokenizer.get_vocab() != expected_vocab:
-        raise ValueError(
-            f"EmbeddedPreferenceSpec.policy: {spec.policy!r} uses another tokenizer than the reward model"
-        )
+        raise ValueError(f"EmbeddedPreferenceSpec.policy: {spec.policy!r} uses another tokenizer than the reward model")
     policy = build_causal_lm(model_spec, tokenizer)
     temperatures, k = spec.sampling_temperatures, responses_per_prompt
     rng = random.Random(seed)
@@ -129,7 +129,9 @@ def sample_labelled_groups(
             distinct = {tuple(examples[r].response_ids): r for r in reversed(range(k * i, k * i + k))}
             rows = sorted(distinct.values())  # the first of identical responses, in sampling order
             gold = {
-                r: task.gold_reward(prompt, tokenizer.decode(examples[r].response_ids, skip_special_tokens=True), ended[r])
+                r: task.gold_reward(
+                    prompt, tokenizer.decode(examples[r].response_ids, skip_special_tokens=True), ended[r]
+                )
                 for r in rows
             }
             group = []

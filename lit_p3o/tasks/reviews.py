@@ -54,22 +54,60 @@ from transformers import PreTrainedTokenizerFast
 from lit_p3o.tasks.words import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, word_tokenizer  # noqa: F401  (re-exported)
 
 FOODS = (
-    "pizza", "soup", "coffee", "burger", "salad", "pasta", "cake", "tea",
-    "bread", "sushi", "curry", "pie", "steak", "sandwich", "taco",
-)  # fmt: skip
+    "pizza",
+    "soup",
+    "coffee",
+    "burger",
+    "salad",
+    "pasta",
+    "cake",
+    "tea",
+    "bread",
+    "sushi",
+    "curry",
+    "pie",
+    "steak",
+    "sandwich",
+    "taco",
+)
 GOODS = (
-    "phone", "laptop", "camera", "lamp", "chair", "jacket", "bike", "watch",
-    "backpack", "kettle", "blender", "tent", "umbrella", "mug", "desk",
-)  # fmt: skip
+    "phone",
+    "laptop",
+    "camera",
+    "lamp",
+    "chair",
+    "jacket",
+    "bike",
+    "watch",
+    "backpack",
+    "kettle",
+    "blender",
+    "tent",
+    "umbrella",
+    "mug",
+    "desk",
+)
 ITEMS = FOODS + GOODS
 
 # Adjectives any item can take, and those the corpus only uses for one category (the grammar
 # and the reward accept every adjective with every item).
 GENERIC_ADJECTIVES = {
-    "great": 2, "excellent": 2, "amazing": 2, "good": 1, "nice": 1, "lovely": 1,
-    "okay": 0, "average": 0, "ordinary": 0,
-    "bad": -1, "poor": -1, "disappointing": -1, "awful": -2, "terrible": -2, "horrible": -2,
-}  # fmt: skip
+    "great": 2,
+    "excellent": 2,
+    "amazing": 2,
+    "good": 1,
+    "nice": 1,
+    "lovely": 1,
+    "okay": 0,
+    "average": 0,
+    "ordinary": 0,
+    "bad": -1,
+    "poor": -1,
+    "disappointing": -1,
+    "awful": -2,
+    "terrible": -2,
+    "horrible": -2,
+}
 FOOD_ADJECTIVES = {"delicious": 2, "tasty": 1, "fresh": 1, "bland": -1, "stale": -1, "disgusting": -2}
 GOODS_ADJECTIVES = {"brilliant": 2, "sturdy": 1, "useful": 1, "flimsy": -1, "noisy": -1, "useless": -2}
 ADJECTIVES = GENERIC_ADJECTIVES | FOOD_ADJECTIVES | GOODS_ADJECTIVES
@@ -83,9 +121,13 @@ FACT_VERBS = tuple(dict.fromkeys(FOOD_FACT_VERBS + GOODS_FACT_VERBS))
 TIMES = ("today", "yesterday", "last week")
 
 PROMPT_OPENERS = (
-    "write a review of", "please write a review of", "review", "rate",
-    "what do you think of", "how do you like",
-)  # fmt: skip
+    "write a review of",
+    "please write a review of",
+    "review",
+    "rate",
+    "what do you think of",
+    "how do you like",
+)
 PROMPT_MENTIONS = ("", "for my friend", "for my family", "for my blog", "for the website", "for our shop")
 TEST_SHARE = 5  # one prompt in TEST_SHARE (by hash) is held out for evaluation
 
@@ -335,9 +377,7 @@ class ReviewsTask:
     def gold_reward(self, prompt: str, response: str, ended_with_eos: bool) -> float:
         return gold_reward(prompt, response, ended_with_eos)
 
-    def gold_reward_batch(
-        self, prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool]
-    ) -> list[float]:
+    def gold_reward_batch(self, prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool]) -> list[float]:
         return gold_reward_batch(prompts, responses, ended)
 
     def is_grammatical(self, response: str) -> bool:

@@ -13,8 +13,15 @@ import torch
 from lit_p3o import ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
 from lit_p3o.cli import close_process_group
 
-MICRO = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
+MICRO = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
 
 
 def varied_scores(examples, ended, prompts=None):
@@ -27,8 +34,15 @@ def main(out: str, devices: int, compile_: bool) -> None:
     stage = P3OModule(
         ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"),
         "embedded:reviews",
-        rollout=RolloutSpec(prompt_pool=16, num_prompts=4, num_responses=2, update_epochs=1, minibatch_groups=4,
-                            max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6, compile=compile_)),
+        rollout=RolloutSpec(
+            prompt_pool=16,
+            num_prompts=4,
+            num_responses=2,
+            update_epochs=1,
+            minibatch_groups=4,
+            max_prompt_tokens=16,
+            sampling=SamplingSpec(max_new_tokens=6, compile=compile_),
+        ),
         optimizer=OptimizerSpec(learning_rate=1e-2),
     )
     with torch.no_grad():
@@ -44,14 +58,26 @@ def main(out: str, devices: int, compile_: bool) -> None:
         return loss, stats
 
     stage.compute_loss = recording
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-                        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(stage)
     if trainer.is_global_zero:
-        torch.save({"responses": [g.responses for g in stage.buffer.groups],
-                    "ratio_max": max(ratio_max),
-                    "weights": {k: v.detach().clone() for k, v in stage.policy.state_dict().items()}}, out)
+        torch.save(
+            {
+                "responses": [g.responses for g in stage.buffer.groups],
+                "ratio_max": max(ratio_max),
+                "weights": {k: v.detach().clone() for k, v in stage.policy.state_dict().items()},
+            },
+            out,
+        )
 
 
 if __name__ == "__main__":

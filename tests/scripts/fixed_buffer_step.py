@@ -19,8 +19,15 @@ from lit_p3o.data.prompts import load_prompts
 from lit_p3o.models import full_state_dict
 from lit_p3o.rollout import rollout
 
-MICRO = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
+MICRO = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
 GROUPS = 8
 
 
@@ -46,20 +53,39 @@ def main(out: str, devices: int, strategy: str) -> None:
     stage = FixedBufferP3O(
         ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"),
         "embedded:reviews",
-        rollout=RolloutSpec(prompt_pool=GROUPS, num_prompts=per_rank, num_responses=2, update_epochs=2,
-                            minibatch_groups=per_rank, max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6)),
+        rollout=RolloutSpec(
+            prompt_pool=GROUPS,
+            num_prompts=per_rank,
+            num_responses=2,
+            update_epochs=2,
+            minibatch_groups=per_rank,
+            max_prompt_tokens=16,
+            sampling=SamplingSpec(max_new_tokens=6),
+        ),
         optimizer=OptimizerSpec(learning_rate=1e-2),
     )
     if strategy == "fsdp":
         strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy if devices > 1 else "auto",
-                        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy if devices > 1 else "auto",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(stage)
     weights = full_state_dict(stage.policy)  # every rank takes part in the gather under FSDP2
     if trainer.is_global_zero:
-        torch.save({"loss": float(trainer.callback_metrics["train/loss"]),
-                    "weights": {k: v.detach().clone() for k, v in weights.items()}}, out)
+        torch.save(
+            {
+                "loss": float(trainer.callback_metrics["train/loss"]),
+                "weights": {k: v.detach().clone() for k, v in weights.items()},
+            },
+            out,
+        )
 
 
 if __name__ == "__main__":

@@ -35,25 +35,43 @@ class TokenScorer:
 def main(out: Path, epochs: int, ckpt: str | None) -> None:
     L.seed_everything(0)
     stage = P3OModule(
-        ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews"), "embedded:reviews",
-        rollout=RolloutSpec(prompt_pool=16, num_prompts=2, num_responses=2, update_epochs=2, minibatch_groups=1,
-                            max_prompt_tokens=16, sampling=SamplingSpec(max_new_tokens=6), log_samples=0),
-        optimizer=OptimizerSpec(learning_rate=1e-2), save_dir=str(out / "policy"),
-    )  # fmt: skip
+        ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews"),
+        "embedded:reviews",
+        rollout=RolloutSpec(
+            prompt_pool=16,
+            num_prompts=2,
+            num_responses=2,
+            update_epochs=2,
+            minibatch_groups=1,
+            max_prompt_tokens=16,
+            sampling=SamplingSpec(max_new_tokens=6),
+            log_samples=0,
+        ),
+        optimizer=OptimizerSpec(learning_rate=1e-2),
+        save_dir=str(out / "policy"),
+    )
     stage.scorer = TokenScorer()
     initial = {k: v.clone() for k, v in stage.policy.state_dict().items()}
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, max_epochs=epochs, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(out),
+        accelerator="cpu",
+        devices=2,
+        max_epochs=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(out),
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False),
-        callbacks=[ModelCheckpoint(dirpath=out / "ckpt", save_top_k=-1, every_n_train_steps=2,
-                                   save_on_train_epoch_end=False)],
-    )  # fmt: skip
+        callbacks=[
+            ModelCheckpoint(dirpath=out / "ckpt", save_top_k=-1, every_n_train_steps=2, save_on_train_epoch_end=False)
+        ],
+    )
     trainer.fit(stage, ckpt_path=ckpt)
     weights = full_state_dict(stage.policy)
     if trainer.is_global_zero:
-        torch.save({"weights": weights, "initial": initial, "rollouts": stage.buffer.rollouts,
-                    "step": trainer.global_step}, out / "result.pt")
+        torch.save(
+            {"weights": weights, "initial": initial, "rollouts": stage.buffer.rollouts, "step": trainer.global_step},
+            out / "result.pt",
+        )
 
 
 if __name__ == "__main__":

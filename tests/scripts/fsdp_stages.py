@@ -17,9 +17,19 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lit_p3o import (
-    LoraSpec, ModelSpec, OnlineDPOModule, OptimizerSpec, PPOModule, PreferenceDataModule, RewardModule, RLOOModule,
-    RolloutSpec, SamplingSpec, SFTDataModule, SFTModule,
-)  # fmt: skip
+    LoraSpec,
+    ModelSpec,
+    OnlineDPOModule,
+    OptimizerSpec,
+    PPOModule,
+    PreferenceDataModule,
+    RewardModule,
+    RLOOModule,
+    RolloutSpec,
+    SamplingSpec,
+    SFTDataModule,
+    SFTModule,
+)
 from lit_p3o.cli import close_process_group
 from lit_p3o.models import is_sharded
 
@@ -38,9 +48,15 @@ class UnequalLengths(L.Callback):
 
 def trainer(**kwargs) -> L.Trainer:
     return L.Trainer(
-        accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 def rl_summary(stage) -> dict:
@@ -66,21 +82,32 @@ def main(out: Path) -> None:
     t.fit(reward, PreferenceDataModule(train=str(TRL), val_fraction=0.0, max_length=64, batch_size=1))
     summary["reward"] = {"steps": t.global_step, "sharded": is_sharded(reward.reward_model)}
 
-    rollout = RolloutSpec(prompt_pool=16, num_prompts=2, num_responses=2, update_epochs=1, minibatch_groups=2,
-                          max_prompt_tokens=16, log_samples=0)
-    ppo = PPOModule(spec(lora=LoraSpec(r=2, lora_dropout=0.0)), str(out / "reward"), rollout=rollout,
-                    optimizer=optimizer)
+    rollout = RolloutSpec(
+        prompt_pool=16,
+        num_prompts=2,
+        num_responses=2,
+        update_epochs=1,
+        minibatch_groups=2,
+        max_prompt_tokens=16,
+        log_samples=0,
+    )
+    ppo = PPOModule(
+        spec(lora=LoraSpec(r=2, lora_dropout=0.0)), str(out / "reward"), rollout=rollout, optimizer=optimizer
+    )
     t = trainer(max_epochs=1, callbacks=[UnequalLengths()])
     t.fit(ppo)
-    summary["ppo"] = {**rl_summary(ppo), "steps": t.global_step, "reward_model_sharded": is_sharded(ppo.reward_model),
-                      "value_head_sharded": is_sharded(ppo.value_head)}
+    summary["ppo"] = {
+        **rl_summary(ppo),
+        "steps": t.global_step,
+        "reward_model_sharded": is_sharded(ppo.reward_model),
+        "value_head_sharded": is_sharded(ppo.value_head),
+    }
 
     for name, cls in (("dpo", OnlineDPOModule), ("rloo", RLOOModule)):
         stage = cls(spec(), "embedded:reviews", rollout=rollout, optimizer=optimizer)
         t = trainer(max_epochs=1, callbacks=[UnequalLengths()])
         t.fit(stage)
-        summary[name] = {**rl_summary(stage), "steps": t.global_step,
-                         "reference_sharded": is_sharded(stage.reference)}
+        summary[name] = {**rl_summary(stage), "steps": t.global_step, "reference_sharded": is_sharded(stage.reference)}
     if t.is_global_zero:
         (out / "summary.json").write_text(json.dumps(summary))
 
