@@ -130,6 +130,10 @@ def run(work: Path, name: str, knob: float, lr: float, seed: int, rollouts: int)
         return csv_path, policy  # finished earlier: an interrupted sweep resumes where it stopped
     # the demo's P3O config adapts β towards a KL target; the sweep fixes β instead
     value = json.dumps({"beta": knob, "target": None}) if method.knob == P3O_KNOB else str(knob)
+    frontier = {
+        "class_path": "lit_p3o.FrontierCallback",
+        "init_args": {"evaluation": {"num_prompts": 100}, "eval_every": 8},
+    }
     lit_p3o(
         "fit",
         "--config",
@@ -160,7 +164,7 @@ def run(work: Path, name: str, knob: float, lr: float, seed: int, rollouts: int)
         "--trainer.logger.init_args.name",
         tag,
         "--trainer.callbacks",
-        json.dumps([{"class_path": "lit_p3o.FrontierCallback", "init_args": {"num_prompts": 100, "eval_every": 8}}]),
+        json.dumps([frontier]),
     )
     return csv_path, policy
 

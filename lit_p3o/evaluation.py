@@ -195,32 +195,28 @@ class FrontierCallback(L.Callback):
     points at wrong steps) and dropped when the step is not a multiple of
     ``log_every_n_steps``.
 
-    Sampling is seeded with ``seed`` (the same noise at every step, which makes steps
-    comparable) and the training RNG is restored afterwards; every forward runs under the
-    trainer's precision (e.g. bf16 autocast). Rank 0 evaluates and broadcasts the point. Needs an RL stage (``policy``, ``reference``, ``tokenizer``, ``scorer``).
+    ``evaluation`` names the prompts and how they are sampled, as the stages' own (its
+    ``predict_*`` fields belong to the stage and are refused here). Sampling is seeded with
+    ``evaluation.seed`` (the same noise at every step, which makes steps comparable) and the
+    training RNG is restored afterwards; every forward runs under the trainer's precision (e.g.
+    bf16 autocast). Rank 0 evaluates and broadcasts the point. Needs an RL stage (``policy``,
+    ``reference``, ``tokenizer``, ``scorer``).
     """
 
     def __init__(
-        self,
-        prompts: str = "embedded:reviews",
-        split: str = "test",
-        num_prompts: int = 200,
-        eval_every: int = 50,
-        max_new_tokens: int = 32,
-        max_prompt_tokens: int = 256,
-        csv_name: str = "frontier.csv",
-        batch_size: int = 64,
-        seed: int = 0,
+        self, evaluation: EvaluationSpec | None = None, eval_every: int = 50, csv_name: str = "frontier.csv"
     ) -> None:
+        evaluation = evaluation or EvaluationSpec()
         if eval_every < 1:
             raise ValueError(f"FrontierCallback.eval_every: must be >= 1, got {eval_every}")
-        if num_prompts < 1:
-            raise ValueError(f"FrontierCallback.num_prompts: must be >= 1, got {num_prompts}")
-        self.prompts, self.split, self.num_prompts = prompts, split, num_prompts
-        self.eval_every, self.max_prompt_tokens = eval_every, max_prompt_tokens
-        self.sampling = SamplingSpec(max_new_tokens=max_new_tokens)
-        self.csv_name, self.batch_size, self.seed = csv_name, batch_size, seed
-        self.task = resolve_embedded(prompts)
+        for name in ("predict_prompts", "predictions_file"):  # set here, they would be ignored
+            if getattr(evaluation, name) is not None:
+                raise ValueError(
+                    f"EvaluationSpec.{name}: FrontierCallback never predicts (the stage's `evaluation` does), "
+                    f"got {getattr(evaluation, name)!r}"
+                )
+        self.evaluation, self.eval_every, self.csv_name = evaluation, eval_every, csv_name
+        self.task = resolve_embedded(evaluation.prompts)
         self.path: Path | None = None
         self.rows: list[dict[str, Any]] = []
         self.last_step: int | None = None
@@ -271,28 +267,26 @@ class FrontierCallback(L.Callback):
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float | None]:
         """One point; every rank evaluating uses the same prompts and seed, only rank 0 writes."""
         rollout_spec = getattr(pl_module, "rollout_spec", None)  # the stage's chat template kwargs and stop strings
+        spec = self.evaluation
         if self._prompt_list is None:
             self._prompt_list = load_prompts(
-                self.prompts,
-                self.split,
-                self.num_prompts,
+                spec.prompts,
+                spec.split,
+                spec.num_prompts,
                 tokenizer=pl_module.tokenizer,
                 chat_template_kwargs=getattr(rollout_spec, "chat_template_kwargs", None),
             )
-        sampling = self.sampling
-        if rollout_spec is not None:
-            sampling = dataclasses.replace(sampling, stop_strings=rollout_spec.sampling.stop_strings)
-        with seeded(self.seed, pl_module.device), trainer.precision_plugin.forward_context(), phase(trainer, "eval"):
+        with seeded(spec.seed, pl_module.device), trainer.precision_plugin.forward_context(), phase(trainer, "eval"):
             point = evaluate_policy(
                 pl_module.policy,
                 pl_module.reference,
                 pl_module.tokenizer,
                 pl_module.scorer,
                 self._prompt_list,
-                sampling,
-                self.max_prompt_tokens,
+                self.sampling(rollout_spec),
+                spec.max_prompt_tokens,
                 self.task,
-                self.batch_size,
+                spec.batch_size,
                 progress="eval: generate" if shows_progress(trainer) else None,
             )
         if not trainer.is_global_zero:
@@ -301,6 +295,14 @@ class FrontierCallback(L.Callback):
         self.rows.append(row)
         self._append(row)
         return point
+
+    def sampling(self, rollout_spec: Any) -> SamplingSpec:
+        """``evaluation.sampling``, stopping at the rollout's stop strings unless it names its own
+        (the policy learns to end its responses where the rollout cuts them)."""
+        sampling = self.evaluation.sampling
+        if rollout_spec is None or sampling.stop_strings is not None:
+            return sampling
+        return dataclasses.replace(sampling, stop_strings=rollout_spec.sampling.stop_strings)
 
     def _append(self, row: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from hf_fixtures import LLAMA3_TEMPLATE, gpt2_style_tokenizer, llama3_chat_tokenizer, save_model_dir
 
-from lit_p3o import ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
+from lit_p3o import EvaluationSpec, ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
 from lit_p3o.data.encoding import encode_prompt
 from lit_p3o.data.formats import DataFormatError, parse_prompts
 from lit_p3o.data.prompts import load_prompts
@@ -136,7 +136,9 @@ def test_p3o_rolls_out_on_chat_prompts(tmp_path):
         optimizer=OptimizerSpec(learning_rate=1e-2),
     )
     stage.scorer = LengthScorer()  # the embedded gold reward reads only the task's own prompts
-    frontier = FrontierCallback(prompts=str(path), split="train", num_prompts=2, max_new_tokens=4)
+    frontier = FrontierCallback(
+        EvaluationSpec(prompts=str(path), split="train", num_prompts=2, sampling=SamplingSpec(max_new_tokens=4))
+    )
     seen = []
 
     class Spy(L.Callback):

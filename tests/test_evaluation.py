@@ -32,7 +32,7 @@ from lit_p3o.commands._common import _label_and_path
 from lit_p3o.commands.frontier import plot_frontier
 from lit_p3o.commands.report import report
 from lit_p3o.commands.winrate import win_rate, win_rate_matrix
-from lit_p3o.errors import UserError
+from lit_p3o.errors import UserError, locate
 from lit_p3o.evaluation import (
     FRONTIER_COLUMNS,
     FrontierCallback,
@@ -186,6 +186,12 @@ def p3o_stage() -> P3OModule:
     )
 
 
+def frontier(num_prompts: int, eval_every: int) -> FrontierCallback:
+    return FrontierCallback(
+        EvaluationSpec(num_prompts=num_prompts, sampling=SamplingSpec(max_new_tokens=8)), eval_every
+    )
+
+
 def fit(tmp_path: Path, callbacks: list[L.Callback], **kwargs) -> P3OModule:
     L.seed_everything(0)
     stage = p3o_stage()
@@ -204,7 +210,7 @@ def fit(tmp_path: Path, callbacks: list[L.Callback], **kwargs) -> P3OModule:
 
 
 def test_frontier_callback_writes_one_row_per_evaluated_step(tmp_path):
-    callback = FrontierCallback(num_prompts=8, eval_every=2, max_new_tokens=8)
+    callback = frontier(8, eval_every=2)
     # 2 minibatches per rollout and 2 per optimizer step: steps 1, 2, 3 at the ends of epochs
     # 0, 1, 2; step 2 is still current at the first batch of epoch 2 and must not repeat.
     stage = fit(tmp_path, [callback], max_epochs=3, accumulate_grad_batches=2)
@@ -223,9 +229,7 @@ def test_frontier_callback_writes_one_row_per_evaluated_step(tmp_path):
 
 def test_frontier_callback_leaves_the_training_randomness_alone(tmp_path):
     plain = fit(tmp_path / "plain", [], max_epochs=2)
-    evaluated = fit(
-        tmp_path / "evaluated", [FrontierCallback(num_prompts=4, eval_every=1, max_new_tokens=8)], max_epochs=2
-    )
+    evaluated = fit(tmp_path / "evaluated", [frontier(4, eval_every=1)], max_epochs=2)
     a, b = plain.policy.state_dict(), evaluated.policy.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     L.seed_everything(0)  # as fit() does: the weights both runs started from
@@ -246,7 +250,7 @@ def test_frontier_callback_evaluates_under_the_trainers_precision(tmp_path, monk
     monkeypatch.setattr(evaluation, "response_logprobs", spy)
     fit(
         tmp_path,
-        [FrontierCallback(num_prompts=4, eval_every=100, max_new_tokens=8)],
+        [frontier(4, eval_every=100)],
         max_epochs=1,
         precision="bf16-mixed",
     )
@@ -265,7 +269,7 @@ def test_a_resumed_run_appends_without_repeating_its_last_step(tmp_path):
             enable_progress_bar=False,
             enable_model_summary=False,
             callbacks=[
-                FrontierCallback(num_prompts=4, eval_every=1, max_new_tokens=8),
+                frontier(4, eval_every=1),
                 ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True),
             ],
         ).fit(p3o_stage(), ckpt_path=ckpt_path)
@@ -277,7 +281,7 @@ def test_a_resumed_run_appends_without_repeating_its_last_step(tmp_path):
 
 def test_model_checkpoint_monitoring_an_eval_metric_keeps_the_best_point(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="eval/gold", mode="max", save_top_k=1)
-    stage = fit(tmp_path, [FrontierCallback(num_prompts=8, eval_every=1, max_new_tokens=8), checkpoint], max_epochs=3)
+    stage = fit(tmp_path, [frontier(8, eval_every=1), checkpoint], max_epochs=3)
     # 2 optimizer steps per rollout; ModelCheckpoint saves at each rollout's end (steps 2, 4, 6)
     rows = {int(r["step"]): float(r["gold"]) for r in read_rows(Path(stage.trainer.log_dir) / "frontier.csv")}
     assert sorted(rows) == list(range(7))
@@ -292,9 +296,26 @@ def test_early_stopping_can_watch_an_eval_metric(tmp_path):
 
     # kl is 0 at step 0 and grows: "min" with patience 0 stops after the first rollout's end
     stopper = EarlyStopping(monitor="eval/kl", mode="min", patience=0, check_on_train_epoch_end=True)
-    stage = fit(tmp_path, [FrontierCallback(num_prompts=8, eval_every=1, max_new_tokens=8), stopper], max_epochs=5)
+    stage = fit(tmp_path, [frontier(8, eval_every=1), stopper], max_epochs=5)
     assert stopper.stopped_epoch == 1 and stage.trainer.current_epoch == 2
     assert stage.trainer.global_step == 4
+
+
+@pytest.mark.parametrize("field", ["predict_prompts", "predictions_file"])
+def test_frontier_callback_refuses_the_predict_settings_it_would_ignore(field):
+    with pytest.raises(ValueError, match=f"^EvaluationSpec.{field}: FrontierCallback never predicts") as raised:
+        FrontierCallback(EvaluationSpec(**{field: "x.jsonl"}))
+    frontier = {"class_path": "lit_p3o.FrontierCallback", "init_args": {"evaluation": {field: "x.jsonl"}}}
+    located = locate(str(raised.value), {"trainer": {"callbacks": [frontier]}})
+    assert located.startswith(f"trainer.callbacks[0].init_args.evaluation.{field}: FrontierCallback never predicts")
+
+
+def test_frontier_callback_stops_at_the_rollouts_stop_strings_unless_told_its_own():
+    rollout = RolloutSpec(sampling=SamplingSpec(stop_strings=["\n"]))
+    assert FrontierCallback().sampling(rollout).stop_strings == ["\n"]
+    own = FrontierCallback(EvaluationSpec(sampling=SamplingSpec(max_new_tokens=4, stop_strings=["."])))
+    assert own.sampling(rollout) == SamplingSpec(max_new_tokens=4, stop_strings=["."])
+    assert FrontierCallback().sampling(None) == SamplingSpec()  # not an RL stage's rollout: as given
 
 
 # --------------------------------------------------------------------------- commands

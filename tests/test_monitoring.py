@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from micro import MICRO_ARCH
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lit_p3o import FrontierCallback, ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
+from lit_p3o import EvaluationSpec, FrontierCallback, ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
 from lit_p3o.monitoring import log_samples, markdown_table
 
 ROWS = [
@@ -147,7 +147,10 @@ def test_progress_shows_every_rollout_phase_and_the_evaluation(tmp_path, capfd, 
         enable_checkpointing=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        callbacks=[bar(), FrontierCallback(num_prompts=4, eval_every=1, max_new_tokens=6)],
+        callbacks=[
+            bar(),
+            FrontierCallback(EvaluationSpec(num_prompts=4, sampling=SamplingSpec(max_new_tokens=6)), eval_every=1),
+        ],
     )
     stage.scorer = spy = ScorerSpy(stage.scorer, trainer)
     trainer.fit(stage)

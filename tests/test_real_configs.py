@@ -108,7 +108,10 @@ def one_step(config: dict, variant: str = "") -> dict:
         rollout["sampling"]["max_new_tokens"] = 6
         for callback in trainer.get("callbacks", []):
             if callback["class_path"] == "lit_p3o.FrontierCallback":
-                callback["init_args"].update(num_prompts=2, eval_every=1, max_new_tokens=6, batch_size=2)
+                callback["init_args"]["eval_every"] = 1
+                evaluation = callback["init_args"]["evaluation"]
+                evaluation.update(num_prompts=2, batch_size=2)
+                evaluation.setdefault("sampling", {})["max_new_tokens"] = 6
     if variant:
         model["save_dir"] += f"_{variant}"
         trainer["default_root_dir"] += f"_{variant}"
