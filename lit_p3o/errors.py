@@ -152,18 +152,15 @@ def configured_classes(config: dict[str, Any], path: str = "") -> Iterator[tuple
         if cls is not None:
             where = f"{path}.init_args" if path else "init_args"
             yield where, cls, init_args
-            yield from _nested(cls.__init__, init_args, where)
+            yield from _nested(cls, init_args, where)
         return
     for key, value in config.items():
         yield from configured_classes(value, f"{path}.{key}" if path else key)
 
 
 def _nested(owner: Any, values: dict[str, Any], path: str) -> Iterator[tuple[str, type, dict[str, Any]]]:
-    """The dataclasses among the arguments of ``owner`` (a constructor or a dataclass)."""
-    try:
-        hints = typing.get_type_hints(owner)
-    except Exception:  # an annotation that does not resolve: its nested specs stay unnamed
-        return
+    """The dataclasses among the arguments of ``owner`` (a configured class or a dataclass)."""
+    hints = _argument_hints(owner)
     for name, value in values.items():
         for cls in _dataclasses_in(hints.get(name)):
             items = value if isinstance(value, list) else [value]
@@ -174,6 +171,24 @@ def _nested(owner: Any, values: dict[str, Any], path: str) -> Iterator[tuple[str
                     yield from _nested(cls, item, where)
         if isinstance(value, (dict, list)) and not _dataclasses_in(hints.get(name)):
             yield from configured_classes(value, f"{path}.{name}")  # e.g. a callback list
+
+
+def _argument_hints(owner: type) -> dict[str, Any]:
+    """The type hints of what ``owner`` is built from: a dataclass's fields, or the arguments of
+    a class's constructor and of its bases' (a stage passes the shared ones on as ``**shared``,
+    and jsonargparse reads them from the base). An annotation that does not resolve leaves its
+    nested specs unnamed."""
+    if dataclasses.is_dataclass(owner):
+        owners = [owner]
+    else:
+        owners = [c.__init__ for c in reversed(owner.__mro__) if "__init__" in vars(c)]
+    hints: dict[str, Any] = {}
+    for item in owners:
+        try:
+            hints.update(typing.get_type_hints(item))
+        except Exception:
+            continue
+    return hints
 
 
 def _dataclasses_in(hint: Any) -> list[type]:
