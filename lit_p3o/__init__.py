@@ -21,6 +21,7 @@ from lit_p3o.optim import OptimizerSpec
 from lit_p3o.rollout import KLSpec, RolloutCallback, RolloutSpec
 from lit_p3o.scoring import GoldScorer, RewardScorer, RewardSpec
 from lit_p3o.stages.dpo import OnlineDPOModule
+from lit_p3o.stages.grpo import GRPOModule
 from lit_p3o.stages.p3o import P3OModule
 from lit_p3o.stages.ppo import PPOModule
 from lit_p3o.stages.reward import RewardModule
@@ -57,6 +58,7 @@ __all__ = [
     "EvaluationSpec",
     "FrontierCallback",
     "FrozenReference",
+    "GRPOModule",
     "GoldScorer",
     "GradientGuard",
     "Group",

@@ -237,7 +237,7 @@ class FrontierCallback(L.Callback):
         if missing:
             raise TypeError(
                 f"FrontierCallback: {type(pl_module).__name__} has no {', '.join(missing)}; "
-                "it evaluates RL stages (P3O, PPO, RLOO, online DPO)"
+                "it evaluates RL stages (P3O, PPO, RLOO, GRPO, online DPO)"
             )
         # log_dir broadcasts, so every rank must ask for it, not only the one that writes
         self.path = Path(trainer.log_dir or trainer.default_root_dir) / self.csv_name

@@ -88,11 +88,14 @@ def _check_epsilon(clip_epsilon: float) -> None:
         raise ValueError(f"clip_epsilon must be in (0, 1), got {clip_epsilon}")
 
 
-def _clipped_surrogate(ratio: Tensor, advantage: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """``min(ρA, clip(ρ, 1−ε, 1+ε)A)`` and a detached mask of where the clipped branch is
-    strictly smaller (there the term is constant in ρ, so its gradient is zero)."""
+def _clipped_surrogate(
+    ratio: Tensor, advantage: Tensor, eps: float, eps_high: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """``min(ρA, clip(ρ, 1−ε, 1+ε_high)A)`` (``ε_high = ε`` unless given) and a detached mask of
+    where the clipped branch is strictly smaller (there the term is constant in ρ, so its
+    gradient is zero)."""
     unclipped = ratio * advantage
-    clipped = ratio.clamp(1 - eps, 1 + eps) * advantage
+    clipped = ratio.clamp(1 - eps, 1 + (eps if eps_high is None else eps_high)) * advantage
     return torch.minimum(unclipped, clipped), (clipped < unclipped).detach()
 
 
@@ -171,6 +174,115 @@ def rloo_loss(logratio: Tensor, advantages: Tensor, clip_epsilon: float | None =
         return -(ratio * advantages).mean()
     _check_epsilon(clip_epsilon)
     return -_clipped_surrogate(ratio, advantages, clip_epsilon)[0].mean()
+
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+REWARD_SCALINGS = ("group", "batch", "none")
+
+
+def group_advantages(
+    rewards: Tensor, scale_rewards: str = "group", batch_rewards: Tensor | None = None, eps: float = 1e-4
+) -> Tensor:
+    """GRPO's group-relative advantages within each ``[G, K]`` row:
+    ``A_i = (r̃_i − mean_group r̃) / (σ + eps)``, ``σ`` the unbiased standard deviation of the
+    row (``"group"``, GRPO) or of every entry of ``batch_rewards`` (``"batch"``; default
+    ``rewards``), or ``A_i = r̃_i − mean_group r̃`` (``"none"``, Dr. GRPO: dividing by a group's σ
+    weighs prompts by how hard they are). ``eps = 1e-4`` as TRL's. Detached."""
+    _check_groups(rewards, rewards)
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale_rewards == "none":
+        return centred.detach()
+    if scale_rewards == "group":
+        std = rewards.std(dim=1, keepdim=True)
+    elif scale_rewards == "batch":
+        std = (rewards if batch_rewards is None else batch_rewards).std()
+    else:
+        raise ValueError(f"group_advantages: scale_rewards must be one of {REWARD_SCALINGS}, got {scale_rewards!r}")
+    return (centred / (std + eps)).detach()
+
+
+def overlong_penalty(lengths: Tensor, max_length: int, buffer: int, factor: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment, a reward term ``≤ 0`` per response of ``|y|`` tokens:
+    ``−factor · clip((|y| − (L − B)) / B, 0, 1)`` with ``L = max_length`` and ``B = buffer``:
+    zero up to ``L − B`` tokens, then falling linearly to ``−factor`` at ``L`` (a response is
+    never longer than ``L``), so the policy learns to finish before the limit cuts it off."""
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"overlong_penalty: buffer must be in (0, {max_length}], got {buffer}")
+    return -factor * ((lengths.float() - (max_length - buffer)) / buffer).clamp(0, 1)
+
+
+def k3_kl(logp: Tensor, logp_ref: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(π_θ ‖ π_ref): ``exp(ref − logp) − (ref − logp) − 1`` (≥ 0,
+    unbiased on tokens sampled from π_θ, with gradient ``(1 − exp(ref − logp)) ∇logp``); GRPO's
+    KL loss term. ``logp_ref`` is a constant."""
+    diff = logp_ref.detach() - logp
+    return diff.exp() - diff - 1
+
+
+def aggregate_token_loss(
+    per_token: Tensor,
+    mask: Tensor,
+    loss_type: str,
+    max_completion_length: int | None = None,
+    token_normalizer: float | Tensor | None = None,
+) -> Tensor:
+    """A per-token loss ``l`` ``[N, T]`` reduced over the tokens of ``mask`` as GRPO's ``loss_type`` says:
+
+    - ``"grpo"``: ``mean_i (Σ_t l_it m_it / Σ_t m_it)`` over the sequences with a token in the
+      mask: every response weighs the same, so a long one's tokens weigh less (length bias);
+    - ``"bnpo"``: ``Σ l·m / Σ m``, every token of this batch weighs the same;
+    - ``"dr_grpo"``: ``Σ l·m / (N · max_completion_length)``, a constant denominator (Dr. GRPO);
+    - ``"dapo"``: ``Σ l·m / token_normalizer``, a token count the caller makes over more than
+      this batch (DAPO: every token of an optimizer step); ``Σ m`` when None (then = ``"bnpo"``).
+    """
+    mask = mask.to(per_token.dtype)
+    if loss_type == "grpo":
+        lengths = mask.sum(-1)
+        per_sequence = (per_token * mask).sum(-1) / lengths.clamp(min=1)
+        return per_sequence.sum() / (lengths > 0).sum().clamp(min=1)
+    total = (per_token * mask).sum()
+    if loss_type == "bnpo" or (loss_type == "dapo" and token_normalizer is None):
+        return total / mask.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        if max_completion_length is None or max_completion_length < 1:
+            raise ValueError(f"aggregate_token_loss: dr_grpo needs max_completion_length >= 1, got {max_completion_length}")
+        return total / (per_token.shape[0] * max_completion_length)
+    if loss_type == "dapo":
+        return total / token_normalizer
+    raise ValueError(f"aggregate_token_loss: loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
+
+
+def grpo_loss(
+    logp: Tensor,
+    logp_old: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    loss_type: str = "dapo",
+    max_completion_length: int | None = None,
+    beta: float = 0.0,
+    logp_ref: Tensor | None = None,
+    token_normalizer: float | Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """GRPO's token-level clipped surrogate on per-token log-probs ``[N, T]`` and one advantage
+    per response ``[N]``: ``l_t = −min(ρ_t A, clip(ρ_t, 1−ε, 1+ε_high) A) + β · k3_t`` with
+    ``ρ_t = exp(logp_t − logp_old_t)`` and :func:`k3_kl` to ``logp_ref`` (only when ``β > 0``),
+    reduced by :func:`aggregate_token_loss`. ``ε_high > ε`` (DAPO's clip-higher, 0.28) lets a
+    token with a positive advantage grow further before it is clipped. Returns the loss and the
+    (detached) share of the mask's tokens on the clipped branch."""
+    _check_epsilon(epsilon)
+    if epsilon_high is not None and epsilon_high <= 0:
+        raise ValueError(f"grpo_loss: epsilon_high must be > 0, got {epsilon_high}")
+    ratio = (logp - logp_old.detach()).exp()
+    surrogate, clipped = _clipped_surrogate(ratio, advantages.detach()[:, None], epsilon, epsilon_high)
+    per_token = -surrogate
+    if beta:
+        if logp_ref is None:
+            raise ValueError("grpo_loss: beta > 0 needs logp_ref")
+        per_token = per_token + beta * k3_kl(logp, logp_ref)
+    loss = aggregate_token_loss(per_token, mask, loss_type, max_completion_length, token_normalizer)
+    return loss, masked_mean(clipped.float(), mask)
 
 
 def masked_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -60,6 +60,7 @@ def stage_class(hparams: Mapping[str, Any], class_path: str | None = None) -> ty
         lit_p3o.PPOModule,
         lit_p3o.OnlineDPOModule,
         lit_p3o.RLOOModule,
+        lit_p3o.GRPOModule,
     ):
         params = constructor_parameters(cls)
         required = {n for n, p in params.items() if p.default is inspect.Parameter.empty}
