@@ -245,7 +245,9 @@ def aggregate_token_loss(
         return total / mask.sum().clamp(min=1)
     if loss_type == "dr_grpo":
         if max_completion_length is None or max_completion_length < 1:
-            raise ValueError(f"aggregate_token_loss: dr_grpo needs max_completion_length >= 1, got {max_completion_length}")
+            raise ValueError(
+                f"aggregate_token_loss: dr_grpo needs max_completion_length >= 1, got {max_completion_length}"
+            )
         return total / (per_token.shape[0] * max_completion_length)
     if loss_type == "dapo":
         return total / token_normalizer

@@ -93,7 +93,9 @@ class GRPOModule(RLStage):
                 "the KL in the reward) is not used; set kl_in_reward: true, or drop kl and set beta"
             )
         if overlong_penalty < 0:
-            raise ValueError(f"GRPOModule.overlong_penalty: it is subtracted, give a value >= 0, got {overlong_penalty}")
+            raise ValueError(
+                f"GRPOModule.overlong_penalty: it is subtracted, give a value >= 0, got {overlong_penalty}"
+            )
         super().__init__(policy, reward_model, **shared)
         max_new_tokens = self.rollout_spec.sampling.max_new_tokens
         if overlong_buffer is not None and not 0 < overlong_buffer <= max_new_tokens:
