@@ -396,8 +396,10 @@ def test_two_processes_match_one_process(tmp_path, strategy):
     sharded = run(tmp_path / f"{strategy}.pt", 2, strategy)
     assert sum(sharded["tokens_by_rank"]) == sum(single["tokens_by_rank"]) and len(set(sharded["tokens_by_rank"])) == 2
     assert sharded["loss"] == pytest.approx(single["loss"], abs=1e-6) and single["loss"] != 0.0
+    # AdamW's first steps are ~lr · g/|g|: for a weight whose gradient is nearly 0, the summation
+    # order of the two runs moves it by up to ~1e-4 of the 1e-2 step; a wrong normaliser moves far more
     for name, value in single["weights"].items():
-        torch.testing.assert_close(sharded["weights"][name], value, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(sharded["weights"][name], value, atol=1e-4, rtol=1e-5)
 
 
 def overlay(tmp_path: Path, config: str, **init_args) -> list[str]:
@@ -443,7 +445,7 @@ def test_arithmetic_config_runs_a_rollout_and_a_bad_setting_is_one_line(tmp_path
 
     monkeypatch.setattr(sys, "argv", ["lit-p3o"])
     monkeypatch.chdir(tmp_path)
-    args = overlay(tmp_path, "configs/arithmetic/grpo.yaml", reward_model="lit_p3o.tasks.arithmetic:exact_match")
+    args = overlay(tmp_path, "configs/arithmetic/grpo.yaml", reward_model=[{"source": "lit_p3o.tasks.arithmetic:exact_match"}])
     args += ["--model.init_args.rollout.prompts", "embedded:arithmetic"]
     cli = LitP3OCLI(args=args)
     assert cli.trainer.global_step == 2 and cli.model.drop_equal_reward_groups and cli.model.loss_type == "dapo"
