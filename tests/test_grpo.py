@@ -20,6 +20,7 @@ from micro import MICRO_ARCH as MICRO
 
 from lit_p3o import GRPOModule, KLSpec, ModelSpec, OptimizerSpec, RolloutSpec, SamplingSpec
 from lit_p3o.buffer import RolloutBatch, collate_groups
+from lit_p3o.commands.export import stage_class
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.losses import aggregate_token_loss, group_advantages, grpo_loss, k3_kl, overlong_penalty
 from lit_p3o.rollout import rollout
@@ -366,7 +367,9 @@ def test_resume_mid_rollout_matches_an_uninterrupted_run(tmp_path):
     full = run(tmp_path / "full")
     run(tmp_path / "cut", max_steps=6)
     (saved,) = (tmp_path / "cut" / "ckpt").glob("*step=6*.ckpt")
-    assert torch.load(saved, weights_only=False)["replay_buffer"][0]["consumed"] == 2  # inside rollout 2
+    checkpoint = torch.load(saved, weights_only=False)
+    assert checkpoint["replay_buffer"][0]["consumed"] == 2  # inside rollout 2
+    assert stage_class(checkpoint["hyper_parameters"]) is GRPOModule  # `lit-p3o export` tells the stage
     resumed = run(tmp_path / "resumed", resume_from=str(saved))
     assert resumed.updates.applied == full.updates.applied == 8
     for name, value in full.policy.state_dict().items():
@@ -445,7 +448,9 @@ def test_arithmetic_config_runs_a_rollout_and_a_bad_setting_is_one_line(tmp_path
 
     monkeypatch.setattr(sys, "argv", ["lit-p3o"])
     monkeypatch.chdir(tmp_path)
-    args = overlay(tmp_path, "configs/arithmetic/grpo.yaml", reward_model=[{"source": "lit_p3o.tasks.arithmetic:exact_match"}])
+    args = overlay(
+        tmp_path, "configs/arithmetic/grpo.yaml", reward_model=[{"source": "lit_p3o.tasks.arithmetic:exact_match"}]
+    )
     args += ["--model.init_args.rollout.prompts", "embedded:arithmetic"]
     cli = LitP3OCLI(args=args)
     assert cli.trainer.global_step == 2 and cli.model.drop_equal_reward_groups and cli.model.loss_type == "dapo"

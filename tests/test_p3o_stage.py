@@ -379,7 +379,7 @@ def test_on_policy_update_takes_logp_old_from_its_own_forward(tmp_path):
 SHARED = ["rollout", "kl", "optimizer", "save_dir", "seed", "guards", "evaluation", "tokenizer"]
 
 
-@pytest.mark.parametrize("name", ["P3OModule", "PPOModule", "OnlineDPOModule", "RLOOModule"])
+@pytest.mark.parametrize("name", ["P3OModule", "PPOModule", "OnlineDPOModule", "RLOOModule", "GRPOModule"])
 def test_every_rl_stage_shows_the_shared_arguments_to_the_cli_and_takes_them_by_keyword(name):
     """The stages pass the shared arguments on as ``**shared``: the CLI (jsonargparse) and the
     export's stage detection still see each with its type and default, and none is positional."""
