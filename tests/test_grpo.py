@@ -235,6 +235,18 @@ def test_overlong_penalty_is_applied_to_scores_before_the_advantages():
     torch.testing.assert_close(grad, -advantages.flatten()[:, None] * mask / mask.sum())
 
 
+def test_batch_scaling_divides_by_the_std_of_the_whole_rollout_not_the_minibatch():
+    stage = build(scale_rewards="batch")
+    whole = fixed_batch(stage)  # the buffer holds all 4 groups
+    minibatch = collate_groups(stage.buffer.groups[1:3], stage.tokenizer.pad_token_id)
+    grad, _ = logp_gradient(stage, minibatch)
+    rewards = minibatch.rewards
+    advantages = (rewards - rewards.mean(1, keepdim=True)) / (whole.rewards.std() + EPS)
+    mask = minibatch.response_mask.float()  # on-policy ∂L/∂logp_t = −A_i / N_tokens (dapo alone)
+    torch.testing.assert_close(grad, -advantages.flatten()[:, None] * mask / mask.sum())
+    assert not torch.allclose(whole.rewards.std(), rewards.std())
+
+
 def test_the_kl_is_in_the_reward_or_in_the_loss_never_both():
     in_loss = build(beta=0.1)
     drift(in_loss)
