@@ -214,6 +214,12 @@ def test_groups_whose_scores_all_tie_are_dropped_and_counted():
     kept = build(kl_in_reward=True, kl=KLSpec(beta=0.5))
     kept.load_state_dict(stage.state_dict())
     assert all(row_has_gradient(logp_gradient(kept, batch)[0]))
+    # every group tied: nothing is left, and GradientGuard's message says why the gradient is zero
+    assert "rewards of a prompt's responses differed" in stage.zero_gradient_hint()
+    batch.scores[:] = 1.0
+    grad, stats = logp_gradient(stage, batch)
+    assert not grad.any() and stats["dropped_groups"] == 4
+    assert "left every response out of the loss" in stage.zero_gradient_hint()
 
 
 def test_overlong_penalty_is_applied_to_scores_before_the_advantages():
