@@ -118,10 +118,12 @@ class ClockedFrontier(FrontierCallback):
 
 @dataclass
 class Trace:
-    """One run's evaluations: rollouts done, held-out (or training-prompt) exact match, training seconds."""
+    """One run's evaluations: rollouts done, exact match (held-out or training prompts), KL to
+    SFT and training seconds, each ``[evaluations]``; and its optimizer steps."""
 
     rollouts: np.ndarray
     accuracy: np.ndarray
+    kl: np.ndarray
     seconds: np.ndarray
     steps: int
 
@@ -134,6 +136,7 @@ def read_trace(log_dir: Path) -> Trace:
     return Trace(
         np.array(steps) / STEPS_PER_ROLLOUT,
         np.array(frontier["gold"]),
+        np.array(frontier["kl"]),
         np.array([seconds[s] for s in steps]),
         max(steps),
     )
@@ -222,7 +225,7 @@ def run(work: Path, name: str, lr: float, seed: int, rollouts: int, split: str) 
     if done.exists():
         return log_dir
     log_dir.mkdir(parents=True, exist_ok=True)
-    config = log_dir / "config.yaml"
+    config = log_dir / "run.yaml"  # not config.yaml: the CLI writes the resolved config there
     config.write_text(yaml.safe_dump(run_config(work, name, lr, seed, rollouts, split, log_dir), sort_keys=False))
     print(f"[rlvr] {log_dir.name}: started", flush=True)
     start = time.time()
@@ -236,8 +239,9 @@ def run(work: Path, name: str, lr: float, seed: int, rollouts: int, split: str) 
 
 
 def at_time(trace: Trace, seconds: float) -> float:
-    """The run's accuracy at its last evaluation within ``seconds`` of training."""
-    return float(trace.accuracy[np.searchsorted(trace.seconds, seconds, side="right") - 1])
+    """The run's accuracy after ``seconds`` of training, interpolated between its evaluations
+    (its last one beyond them)."""
+    return float(np.interp(seconds, trace.seconds, trace.accuracy))
 
 
 def main() -> None:
@@ -259,7 +263,8 @@ def main() -> None:
         train_sft(args.work)
 
         def peak(name: str, lr: float) -> float:
-            return float(read_trace(run(args.work, name, lr, TUNING_SEED, args.rollouts, "train")).accuracy.max())
+            trace = read_trace(run(args.work, name, lr, TUNING_SEED, args.rollouts, "train"))
+            return float(trace.accuracy[1:].max())  # not the first evaluation: the SFT policy, the same for every lr
 
         tuned = tune_learning_rates(peak, args.methods, args.learning_rates, args.jobs)
         specs = [(args.work, n, tuned[n][0], s, args.rollouts, "test") for n in args.methods for s in range(args.seeds)]
@@ -277,61 +282,97 @@ def main() -> None:
 
 def rollout_columns(rollouts: int) -> list[int]:
     """The evaluated rollout counts the table shows: about a quarter, half, three quarters and all of the budget."""
-    evaluated = range(0, rollouts + 1, EVAL_EVERY_ROLLOUTS)
+    evaluated = range(EVAL_EVERY_ROLLOUTS, rollouts + 1, EVAL_EVERY_ROLLOUTS)
     picks = [min(evaluated, key=lambda r: abs(r - rollouts * f)) for f in (0.25, 0.5, 0.75)]
     return list(dict.fromkeys([*picks, rollouts]))
 
 
-def accuracy_at_rollout(traces: list[Trace], rollouts: float) -> Estimate:
-    return bootstrap_mean([t.accuracy[np.argmin(abs(t.rollouts - rollouts))] for t in traces])
+def at_rollout(trace: Trace, rollouts: float) -> float:
+    return float(trace.accuracy[np.argmin(abs(trace.rollouts - rollouts))])
+
+
+def machine(load: float) -> str:
+    """The CPU model and core count, and how busy the machine was when the sweep began."""
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [
+        line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+    ]
+    model = models[0] if models else platform.processor() or platform.machine()
+    return f"{os.cpu_count()} cores, {model}; load average {load:.1f} when it began"
 
 
 def write_report(args, tuned, traces: dict[str, list[Trace]], wall: float, run_seconds: float, load: float) -> None:
+    """``rlvr.md``: the run's identity, the results table and its mechanical reading, then the
+    budget and tuning; every evaluation of every run goes to ``rlvr_runs.csv``."""
     columns = rollout_columns(args.rollouts)
     budget = min(float(np.mean([t.seconds[-1] for t in ts])) for ts in traces.values())
-    matched = (budget / 2, budget)  # every method trained at least this long, on average
-    sft = [t.accuracy[0] for ts in traces.values() for t in ts]
-    sft_hits = round(float(np.mean(sft)) * EVAL_SAMPLES)
-    sft_estimate = bootstrap_mean([1.0] * sft_hits + [0.0] * (EVAL_SAMPLES - sft_hits))
-    command = "python benchmarks/rlvr.py " + shlex.join(sys.argv[1:])
+    matched = (budget / 2, budget)  # the least training time any method had, on average over its seeds
+    sft_rate = float(np.mean([ts[0].accuracy[0] for ts in traces.values()]))  # every run starts from the same SFT
+    hits = round(sft_rate * EVAL_SAMPLES)
+    sft = bootstrap_mean([1.0] * hits + [0.0] * (EVAL_SAMPLES - hits))
+    by_rollouts = {n: [bootstrap_mean([at_rollout(t, r) for t in ts]) for r in columns] for n, ts in traces.items()}
+    by_seconds = {n: [bootstrap_mean([at_time(t, s) for t in ts]) for s in matched] for n, ts in traces.items()}
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
-    machine = f"{os.cpu_count()}-core {platform.machine()} CPU ({platform.processor() or platform.system()}), load average {load:.1f} at the start"
-    at_rollouts = {n: [accuracy_at_rollout(ts, r) for r in columns] for n, ts in traces.items()}
-    at_seconds = {n: [bootstrap_mean([at_time(t, s) for t in ts]) for s in matched] for n, ts in traces.items()}
+    command = "python benchmarks/rlvr.py " + shlex.join(sys.argv[1:])
     lines = [
-        "# RLVR on the arithmetic task: every method, the same budget",
+        "# RLVR on the arithmetic task: every method from one SFT policy, the same budget",
         "",
         "| date | commit | machine | command | wall time |",
         "|---|---|---|---|---|",
-        f"| {datetime.now(timezone.utc):%Y-%m-%d} | `{commit}` | {machine} | `{command}` | "
-        f"{wall / 60:.1f} min (the runs it used: {run_seconds / 60:.1f} min in all, some possibly from earlier invocations) |",
+        f"| {datetime.now(timezone.utc):%Y-%m-%d} | `{commit}` | {machine(load)} | `{command}` | {wall / 60:.1f} min "
+        f"(its runs took {run_seconds / 60:.1f} min together, counting any reused from an earlier invocation) |",
         "",
-        f"Held-out exact match: {EVAL_SAMPLES} samples (each of the {EVAL_SAMPLES // EVAL_REPEATS} held-out prompts "
-        f"{EVAL_REPEATS} times, temperature 1), mean over {args.seeds} seed(s) with a bootstrap 95% interval over seeds. "
-        f"SFT (every run's first evaluation): {sft_estimate} (interval over the samples).",
+        f"Exact match on the {EVAL_SAMPLES // EVAL_REPEATS} held-out prompts (each sampled {EVAL_REPEATS} times at "
+        f"temperature 1: {EVAL_SAMPLES} samples per evaluation), mean over {args.seeds} seeds with a bootstrap 95% "
+        f"interval over seeds; SFT, where every run starts: {sft} (interval over the samples). Seconds: training "
+        "time on this machine, evaluations left out (accuracy interpolated between evaluations); "
+        f"{matched[1]:.0f} s is the least any method trained, on average over its seeds.",
         "",
         "| method | lr | "
-        + " | ".join(f"after {r} rollouts" for r in columns)
-        + " | "
-        + " | ".join(f"after {s:.0f} s" for s in matched)
-        + " | s per rollout | optimizer steps |",
-        "|---|---|" + "---|" * (len(columns) + len(matched) + 2),
+        + " | ".join([f"after {r} rollouts" for r in columns] + [f"after {s:.0f} s" for s in matched])
+        + " | KL to SFT at the end | training s per rollout | optimizer steps |",
+        "|---|---|" + "---|" * (len(columns) + len(matched) + 3),
     ]
     for name, ts in traces.items():
-        per_rollout = bootstrap_mean([t.seconds[-1] / t.rollouts[-1] for t in ts])
-        cells = [str(e) for e in at_rollouts[name] + at_seconds[name]]
-        steps = "/".join(sorted({str(t.steps) for t in ts}))
-        lines.append(f"| {name} | {tuned[name][0]:g} | " + " | ".join(cells) + f" | {per_rollout} | {steps} |")
-    lines += ["", *reading(at_rollouts, at_seconds, columns[-1], matched[-1], sft_estimate), ""]
-    lines += [
+        cells = [str(e) for e in by_rollouts[name] + by_seconds[name]]
+        cells.append(str(bootstrap_mean([t.kl[-1] for t in ts])))
+        cells.append(str(bootstrap_mean([t.seconds[-1] / t.rollouts[-1] for t in ts])))
+        cells.append("/".join(sorted({str(t.steps) for t in ts})))
+        lines.append(f"| {name} | {tuned[name][0]:g} | " + " | ".join(cells) + " |")
+    lines += ["", *reading(by_rollouts, by_seconds, f"{columns[-1]} rollouts", f"{matched[1]:.0f} s", sft), ""]
+    lines += budget_section(args, tuned)
+    (args.out / "rlvr.md").write_text("\n".join(lines) + "\n")
+    write_runs(traces, args.out / "rlvr_runs.csv")
+    print((args.out / "rlvr.md").read_text())
+
+
+def reading(by_rollouts: dict, by_seconds: dict, rollouts: str, seconds: str, sft: Estimate) -> list[str]:
+    """The mechanical part of the reading: per budget the best method, those whose interval
+    overlaps its own (not told apart at this many seeds), and those whose interval lies above SFT's."""
+    out = ["**Reading** (mechanical, from the table; a person's reading belongs under it):"]
+    for budget, table in ((rollouts, by_rollouts), (seconds, by_seconds)):
+        final = {name: estimates[-1] for name, estimates in table.items()}
+        best = max(final, key=lambda n: final[n].value)
+        tied = [n for n in final if n != best and final[n].high >= final[best].low]
+        above_sft = [n for n in final if final[n].low > sft.high]
+        out.append(
+            f"- after {budget}: best {best} {final[best]}; not told apart from it: {', '.join(tied) or 'none'}; "
+            f"above SFT ({sft.value:.3f}) beyond both intervals: {', '.join(above_sft) or 'none'}."
+        )
+    return out
+
+
+def budget_section(args, tuned) -> list[str]:
+    lines = [
         "## Budget and tuning",
         "",
         f"Every method: {args.rollouts} rollouts of {SAMPLES} samples ({SAMPLES // 4} prompts × 4 responses; "
-        f"online DPO {SAMPLES // 2} × 2), {UPDATE_EPOCHS} replay passes in minibatches of {MINIBATCH} samples "
-        f"({STEPS_PER_ROLLOUT} optimizer steps per rollout), KL, optimizer and reward as in `{BASE_CONFIG}`; "
-        f"one SFT policy (`{SFT_CONFIG}`). Seconds are training seconds on this machine, evaluations left out. "
-        f"Learning rate: the value of {', '.join(f'{lr:g}' for lr in args.learning_rates)} whose tuning run "
-        f"(seed {TUNING_SEED}) reached the highest exact-match rate on the training prompts (never the held-out ones).",
+        f"online DPO, which needs pairs, {SAMPLES // 2} × 2), {UPDATE_EPOCHS} replay passes in minibatches of "
+        f"{MINIBATCH} samples ({STEPS_PER_ROLLOUT} optimizer steps per rollout); KL, optimizer and reward as in "
+        f"`{BASE_CONFIG}`, from one SFT policy (`{SFT_CONFIG}`); RL samples its prompts from the training split only. "
+        f"Learning rate: of {', '.join(f'{lr:g}' for lr in args.learning_rates)}, the value whose tuning run "
+        f"(seed {TUNING_SEED}) reached the highest exact-match rate on the training prompts after its start "
+        "(the held-out prompts take no part in any choice).",
         "",
         "| method | stage | arguments | chosen lr | tuning peak per lr (training prompts) |",
         "|---|---|---|---|---|",
@@ -339,32 +380,21 @@ def write_report(args, tuned, traces: dict[str, list[Trace]], wall: float, run_s
     for name, (lr, peaks) in tuned.items():
         method = METHODS[name]
         arguments = ", ".join(f"{k}={v}" for k, v in method.init_args.items()) or "defaults"
-        peaks_cell = ", ".join(f"{k:g}: {v:.3f}" for k, v in peaks.items()) or "— (one value, no tuning run)"
+        peaks_cell = ", ".join(f"{k:g}: {v:.3f}" for k, v in peaks.items()) or "— (one value: no tuning run)"
         lines.append(f"| {name} | `{method.class_path}` | {arguments} | {lr:g} | {peaks_cell} |")
-    lines += ["", "Plot: `rlvr.png` (held-out exact match against rollouts and against training seconds)."]
-    (args.out / "rlvr.md").write_text("\n".join(lines) + "\n")
-    print((args.out / "rlvr.md").read_text())
+    lines += ["", "Plot: `rlvr.png`; every evaluation of every run: `rlvr_runs.csv`."]
+    return lines
 
 
-def reading(at_rollouts: dict, at_seconds: dict, rollouts: int, seconds: float, sft: Estimate) -> list[str]:
-    """The mechanical part of the reading: the best method at the full budget and at matched
-    seconds, and which methods' intervals overlap it (not distinguishable at this many seeds)."""
-    out = [
-        f"**Reading** (from the table; intervals that overlap the best one are not told apart). SFT: {sft.value:.3f}."
-    ]
-    for label, table in (
-        (f"after {rollouts} rollouts", at_rollouts),
-        (f"after {seconds:.0f} s of training", at_seconds),
-    ):
-        final = {name: estimates[-1] for name, estimates in table.items()}
-        best = max(final, key=lambda n: final[n].value)
-        tied = [n for n in final if n != best and final[n].high >= final[best].low]
-        behind = [n for n in final if n != best and n not in tied]
-        out.append(
-            f"- {label}: best {best} {final[best]}; overlapping it: {', '.join(tied) or 'none'}; "
-            f"below it: {', '.join(behind) or 'none'}."
-        )
-    return out
+def write_runs(traces: dict[str, list[Trace]], out: Path) -> None:
+    """Every evaluation of every run, tagged with its method and seed."""
+    with open(out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "seed", "rollouts", "training_seconds", "exact_match", "kl"])
+        for name, ts in traces.items():
+            for seed, t in enumerate(ts):
+                for row in zip(t.rollouts, t.seconds, t.accuracy, t.kl):
+                    writer.writerow([name, seed, *(f"{v:.6g}" for v in row)])
 
 
 def plot(traces: dict[str, list[Trace]], out: Path) -> None:
@@ -378,13 +408,11 @@ def plot(traces: dict[str, list[Trace]], out: Path) -> None:
         estimates = [bootstrap_mean([t.accuracy[i] for t in ts]) for i in range(length)]
         mean = np.array([e.value for e in estimates])
         low, high = np.array([e.low for e in estimates]), np.array([e.high for e in estimates])
-        for axes, x in (
-            (by_rollouts, ts[0].rollouts[:length]),
-            (by_seconds, np.mean([t.seconds[:length] for t in ts], 0)),
-        ):
+        seconds = np.mean([t.seconds[:length] for t in ts], axis=0)
+        for axes, x in ((by_rollouts, ts[0].rollouts[:length]), (by_seconds, seconds)):
             (line,) = axes.plot(x, mean, label=name)
             axes.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
-    by_rollouts.set(xlabel="rollouts", ylabel="held-out exact match")
+    by_rollouts.set(xlabel="rollouts", ylabel="held-out exact match (mean over seeds, 95% CI)")
     by_seconds.set(xlabel="training seconds (mean over seeds)")
     by_rollouts.legend(fontsize="small")
     figure.tight_layout()
