@@ -3,7 +3,8 @@
 With a verifiable reward (``lit_p3o.tasks.arithmetic:exact_match``) there is no reward model
 to over-optimise, so the comparison measures the objectives themselves. Every method starts
 from one SFT policy (``configs/arithmetic/sft.yaml``, trained once and cached under
-``--work``) and takes ``configs/arithmetic/p3o.yaml``'s rollout, KL and optimizer settings.
+``--work``) and takes ``configs/arithmetic/p3o.yaml``'s rollout, KL and optimizer settings
+(the KL to SFT enters every method's reward with the same β, the GRPO rows' included).
 
 Budget, the same for every method:
 
@@ -12,8 +13,8 @@ Budget, the same for every method:
    samples: 8 optimizer steps per rollout.
 2. Learning rate: ``sweep.py``'s rule over :data:`LR_GRID` (one tuning run per value under a
    seed kept out of the comparison; the value with the highest exact-match rate at any
-   evaluation wins), scored on the *training* prompts, so the held-out prompts take no part
-   in any choice.
+   evaluation after the start wins), scored on the *training* prompts, so the held-out
+   prompts take no part in any choice.
 3. ``--seeds`` seeds at the chosen rate.
 
 Measured every 2 rollouts: exact match on the task's held-out split (51 prompts that neither
@@ -21,11 +22,14 @@ SFT nor RL sees; disjoint from the 149 training prompts), each prompt sampled
 :data:`EVAL_REPEATS` times at temperature 1; and the run's training seconds so far, the
 evaluations' own time left out (:class:`ClockedFrontier`). Intervals: bootstrap 95% over seeds.
 
-    python benchmarks/rlvr.py [--seeds 5] [--rollouts 40] [--jobs 2] [--methods ...] [--work DIR] [--out DIR]
+    python benchmarks/rlvr.py [--seeds 5] [--rollouts 40] [--jobs 2] [--methods ...] [--learning-rates ...]
+                              [--work DIR] [--out DIR]
 
 Every finished (method, learning rate, seed, rollouts) run is kept under ``--work`` and
 reused, so an interrupted sweep continues where it stopped. ``--jobs N`` runs N runs at a
-time, each on (cores / N) threads (wall-clock seconds then depend on it).
+time, each on (cores / N) threads. Seconds depend on that and on how busy the machine is:
+compare them only between runs made under the same conditions (a fresh ``--work`` for a
+timing you report).
 """
 
 from __future__ import annotations
