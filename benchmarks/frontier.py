@@ -31,15 +31,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from sweep import TUNING_SEED, lit_p3o, run_all, tune_learning_rates, use_jobs
 
 from lit_p3o.commands import judge_policies, plot_frontier
 from lit_p3o.evaluation import read_frontier
@@ -78,16 +76,7 @@ METHODS = {
     "dpo": Method("dpo", "--model.init_args.beta_dpo", (0.05, 0.1, 0.2)),
 }
 LR_GRID = (1e-4, 2e-4, 4e-4)
-TUNING_SEED = 100
 MATCHED_KL = (1.0, 2.0, 4.0, 8.0)
-
-
-THREADS: int | None = None  # torch threads of each run; None: torch's default (all cores)
-
-
-def lit_p3o(*args: str) -> None:
-    env = dict(os.environ) if THREADS is None else {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
-    subprocess.run([sys.executable, "-m", "lit_p3o", *args], check=True, env=env)
 
 
 def train_base(work: Path) -> None:
@@ -169,26 +158,14 @@ def run(work: Path, name: str, knob: float, lr: float, seed: int, rollouts: int)
     return csv_path, policy
 
 
-RunSpec = tuple[Path, str, float, float, int, int]
-"""The arguments of :func:`run`: work, method, knob, learning rate, seed, rollouts."""
+def tuning_peak(work: Path, rollouts: int) -> Callable[[str, float], float]:
+    """The tuning run of (method, lr) at the method's middle KL knob; its highest gold reward."""
 
+    def peak(name: str, lr: float) -> float:
+        csv_path, _ = run(work, name, METHODS[name].sweep[1], lr, TUNING_SEED, rollouts)
+        return max(read_frontier(csv_path)["gold"])
 
-def run_all(specs: list[RunSpec], jobs: int) -> list[tuple[Path, Path]]:
-    """:func:`run` for every spec, ``jobs`` at a time; results in the order of ``specs``."""
-    with ThreadPoolExecutor(jobs) as pool:
-        return list(pool.map(lambda spec: run(*spec), specs))
-
-
-def tune_learning_rates(work: Path, names: list[str], rollouts: int, jobs: int) -> dict[str, tuple[float, dict]]:
-    """Per method, the grid value whose tuning run reached the highest gold reward at any
-    evaluation, and every value's peak."""
-    specs = [(work, name, METHODS[name].sweep[1], lr, TUNING_SEED, rollouts) for name in names for lr in LR_GRID]
-    peaks = {(spec[1], spec[3]): max(read_frontier(csv)["gold"]) for spec, (csv, _) in zip(specs, run_all(specs, jobs))}
-    tuned = {}
-    for name in names:
-        by_lr = {lr: peaks[name, lr] for lr in LR_GRID}
-        tuned[name] = (max(by_lr, key=by_lr.get), by_lr)
-    return tuned
+    return peak
 
 
 def frontier_fit(csvs: list[Path]) -> tuple[list[Estimate | None], float]:
@@ -215,14 +192,13 @@ def main() -> None:
     parser.add_argument("--skip-base", action="store_true", help="reuse SFT and reward model under --work")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each on cores/jobs threads")
     args = parser.parse_args()
-    global THREADS
-    THREADS = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    use_jobs(args.jobs)
     if "ppo" not in args.methods:
         parser.error("--methods: ppo is the reference of the win-rate table; keep it")
     start = time.time()
     if not args.skip_base:
         train_base(args.work)
-    tuned = tune_learning_rates(args.work, args.methods, args.rollouts, args.jobs)
+    tuned = tune_learning_rates(tuning_peak(args.work, args.rollouts), args.methods, LR_GRID, args.jobs)
     csvs: dict[str, list[Path]] = {}
     labelled: dict[str, Path] = {}
     middle_policies: dict[str, list[Path]] = {}
@@ -232,7 +208,7 @@ def main() -> None:
         for knob in METHODS[name].sweep
         for seed in range(args.seeds)
     ]
-    for (_, name, knob, _, seed, _), (path, policy) in zip(specs, run_all(specs, args.jobs)):
+    for (_, name, knob, _, seed, _), (path, policy) in zip(specs, run_all(run, specs, args.jobs)):
         csvs.setdefault(name, []).append(path)
         labelled[f"{name} knob={knob} seed={seed}"] = path
         if knob == METHODS[name].sweep[1]:
