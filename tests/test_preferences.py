@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_jsonl
 
 from lit_p3o.data.encoding import Encoded
 from lit_p3o.data.formats import (
@@ -58,11 +59,6 @@ def chat_tokenizer():
 
 def rows_of(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 # --------------------------------------------------------------------------- expected records

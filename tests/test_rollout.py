@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from helpers import make_p3o_stage
 from lightning.pytorch.plugins.precision import Precision
 from micro import MICRO_ARCH as MICRO
 from torch import nn
@@ -21,20 +22,10 @@ from lit_p3o.rollout import KLController, KLSpec, PromptSampler, RolloutCallback
 
 
 def make_stage(**rollout_kwargs) -> P3OModule:
+    """6 prompts × 3 responses, one pass, forwards in batches of 5, the default optimizer; seeded."""
     L.seed_everything(0)
-    spec = ModelSpec(architecture=MICRO, tokenizer="embedded:reviews")
-    kwargs = dict(
-        prompt_pool=32,
-        num_prompts=6,
-        num_responses=3,
-        update_epochs=1,
-        minibatch_groups=2,
-        max_prompt_tokens=16,
-        forward_batch_size=5,
-        sampling=SamplingSpec(max_new_tokens=6),
-    )
-    kwargs.update(rollout_kwargs)
-    return P3OModule(spec, "embedded:reviews", rollout=RolloutSpec(**kwargs))
+    kwargs = dict(num_prompts=6, num_responses=3, update_epochs=1, forward_batch_size=5)
+    return make_p3o_stage(optimizer=None, **{**kwargs, **rollout_kwargs})
 
 
 def force_eos(stage: P3OModule, logit: float) -> None:
