@@ -1,20 +1,33 @@
-"""Preference data: every parser on its fixture (tests/fixtures/prefs), every bad row strict and
-skipped, loading from files, save_to_disk and load_dataset directories, SFT parsing, the
-PreferenceDataModule's encoding and load_prompts."""
+"""lit_p3o.data.formats on tests/fixtures/prefs: every preference parser on its fixture, every bad row strict and
+skipped, and SFT parsing."""
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import re
-from pathlib import Path
 
 import pytest
-import torch
-from helpers import write_jsonl
+from helpers import reviews_chat_tokenizer, reviews_tokenizer
+from prefs_fixtures import (
+    CONV,
+    CONV_BAD,
+    CONV_RECORDS,
+    HH,
+    HH_BAD,
+    HH_RECORDS,
+    IMPLICIT,
+    IMPLICIT_BAD,
+    IMPLICIT_RECORDS,
+    TLDR,
+    TLDR_BAD,
+    TLDR_RECORDS,
+    TRL,
+    TRL_RECORDS,
+    A,
+    H,
+    rows_of,
+)
 
-from lit_p3o.data.encoding import Encoded
 from lit_p3o.data.formats import (
     TLDR_PROMPT_TEMPLATE,
     DataFormatError,
@@ -29,147 +42,21 @@ from lit_p3o.data.formats import (
     parse_trl,
     parse_trl_conversational,
 )
-from lit_p3o.data.preferences import PreferenceDataModule, collate_pairs
-from lit_p3o.data.prompts import load_prompts
 from lit_p3o.data.sources import load_rows
-from lit_p3o.tasks import get_task
 
-PREFS = Path(__file__).parent / "fixtures" / "prefs"
-HH, TLDR, TRL = PREFS / "hh.jsonl", PREFS / "tldr.jsonl", PREFS / "trl.jsonl"
-CONV, IMPLICIT = PREFS / "trl_conversational.jsonl", PREFS / "trl_conversational_implicit.jsonl"
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<{{ message['role'] }}> {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
 DATA_LOG = "lit_p3o.data"
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     """The embedded task's word-level tokenizer (no chat template)."""
-    return get_task("reviews").build_tokenizer()
+    return reviews_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def chat_tokenizer():
-    tok = get_task("reviews").build_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return reviews_chat_tokenizer()
 
-
-def rows_of(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-# --------------------------------------------------------------------------- expected records
-
-H, A = "\n\nHuman:", "\n\nAssistant:"
-BREAD = (
-    f"{H} I want to bake bread at home for the first time. What do I need?{A} Flour, water, salt and "
-    f"yeast are enough for a basic loaf. A large bowl and an oven-safe pan help too.{H} How long does "
-    f"the dough need to rise?{A}"
-)
-PLANT = (
-    f"{H} My basil plant keeps wilting.{A} Is it in a pot or in the ground, and how often do you water "
-    f"it?{H} In a pot on the windowsill, I water it every day.{A}"
-)
-CODE = (
-    f"{H} How do I reverse a list in Python?{A} You can call my_list.reverse() to reverse it in place.{H} "
-    f"What if I want to keep the original?{A}"
-)
-HH_RECORDS = [
-    PreferenceRecord(
-        BREAD,
-        " Usually one to two hours at room temperature, until it has roughly doubled in size.",
-        " Bread is one of the oldest prepared foods.",
-    ),
-    PreferenceRecord(
-        PLANT,
-        " Daily watering is probably too much. Let the top of the soil dry out between waterings and make "
-        "sure the pot drains.",
-        " Water it twice a day.",
-    ),
-    PreferenceRecord(
-        CODE,
-        " Use reversed(my_list) or the slice my_list[::-1]; both leave the original list unchanged.",
-        " You can't.",
-    ),
-    PreferenceRecord(
-        BREAD,
-        " About an hour in a warm kitchen; poke it gently, and if the dent springs back slowly it is ready.",
-        " Overnight, always.",
-    ),
-]
-HH_BAD = {
-    3: ("chosen/rejected", "the transcripts differ before the final Assistant reply"),
-    4: ("chosen/rejected", "identical responses"),
-    5: ("rejected", "empty response"),
-    6: ("rejected", "missing"),
-    7: ("chosen", "no '\\n\\nAssistant:' turn"),
-}
-
-TLDR_RECORDS = [
-    PreferenceRecord(
-        "SUBREDDIT: r/relationships\nTITLE: My roommate never cleans up after cooking\nPOST: We share a small "
-        "kitchen and every evening the sink is full of his pans. I have asked him twice.\nTL;DR:",
-        " roommate leaves dirty pans every night, asked twice, nothing changed.",
-        " I have a roommate.",
-    ),
-    PreferenceRecord(  # choice 1, and the first summary gains its leading space
-        "SUBREDDIT: r/personalfinance\nTITLE: Should I pay off my car loan early?\nPOST: The loan is at 6% and I "
-        "have six months of savings in an account earning 4%.\nTL;DR:",
-        " paying off car loan early makes sense since it costs more than savings earn",
-        " car loan at 6%, savings at 4%, pay it early?",
-    ),
-    PreferenceRecord(
-        "SUBREDDIT: r/books\nTITLE: Looking for sci-fi recommendations\nPOST: I loved The Left Hand of Darkness "
-        "and want more like it.\nTL;DR:",
-        " liked Le Guin, want similar sci-fi",
-        " books?",
-    ),
-]
-TLDR_BAD = {
-    2: ("choice", "out of range (0 or 1)"),
-    3: ("choice", "not an integer"),
-    4: ("summaries", "expected a list of two summaries"),
-    5: ("info", "missing"),
-    6: ("chosen/rejected", "identical responses"),
-}
-
-TRL_RECORDS = [
-    PreferenceRecord(
-        "write a review of the pizza :", "the pizza is very tasty . i would order it again .", "the pizza is stale ."
-    ),
-    PreferenceRecord("what do you think of the lamp ?", "i really like the lamp .", "i hate it ."),
-    PreferenceRecord(
-        "please write a review of the soup for my blog :",
-        "i tried the soup today . it is delicious .",
-        "the soup is bland . i would not order it again . it is awful .",
-    ),
-    PreferenceRecord("rate the bike :", "i would recommend the bike .", "the bike is flimsy ."),
-    PreferenceRecord("write a review of the pizza :", "i love the pizza .", "i dislike it ."),
-]
-
-CONV_RECORDS = [
-    PreferenceRecord("<user> review the pizza :\n<assistant>", "the pizza is great .", "the pizza is bad ."),
-    PreferenceRecord("<system> be brief\n<user> rate the mug :\n<assistant>", "i like it .", "it is noisy ."),
-]
-CONV_BAD = {
-    2: ("chosen", "expected exactly one assistant message"),
-    3: ("rejected", "the last message is not the assistant's"),
-}
-IMPLICIT_RECORDS = [
-    PreferenceRecord("<user> review the cake :\n<assistant>", "the cake is delicious .", "the cake is stale ."),
-    PreferenceRecord(
-        "<user> rate the desk :\n<assistant> which desk ?\n<user> the desk\n<assistant>",
-        "it is sturdy .",
-        "it is flimsy .",
-    ),
-]
-IMPLICIT_BAD = {
-    2: ("chosen/rejected", "the conversations differ before the final assistant reply"),
-    3: ("chosen", "no turns before the final assistant reply"),
-}
 
 # (fixture, parser(rows, origin, tokenizer, strict), good records, bad rows)
 CASES = {
@@ -393,88 +280,6 @@ def test_whole_source_problems_always_raise(chat_tokenizer):
     )
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def test_malformed_json_line_names_file_and_line():
-    path = PREFS / "malformed.jsonl"  # line 2 is blank, line 3 is cut short
-    with pytest.raises(DataFormatError) as info:
-        load_rows(str(path))
-    # the line has 53 characters and ends where the next `,` was expected: column 54, not the
-    # "column 1" of the line break that json would see as a line of its own
-    assert str(info.value) == f"{path}: line 3: malformed JSON (Expecting ',' delimiter, column 54)"
-
-
-def test_non_object_json_line(tmp_path):
-    path = tmp_path / "rows.jsonl"
-    path.write_text('{"prompt": "a"}\n"just text"\n')
-    with pytest.raises(DataFormatError) as info:
-        load_rows(str(path))
-    assert str(info.value) == f"{path}: line 2: expected a JSON object, got str"
-
-
-def test_json_array_and_gzip_files(tmp_path):
-    rows = rows_of(TRL)
-    array = tmp_path / "trl.json"
-    array.write_text(json.dumps(rows, indent=2))
-    assert load_rows(str(array)) == (rows, str(array))
-    zipped = tmp_path / "trl.jsonl.gz"
-    with gzip.open(zipped, "wt", encoding="utf-8") as f:
-        f.write(TRL.read_text(encoding="utf-8"))
-    assert load_rows(str(zipped)) == (rows, str(zipped))
-
-
-def test_missing_file_is_not_looked_up_on_the_hub(tmp_path):
-    missing = tmp_path / "nope.jsonl"
-    with pytest.raises(FileNotFoundError, match=re.escape(f"no such data file or directory: {missing}")):
-        load_rows(str(missing))
-    with pytest.raises(FileNotFoundError):
-        load_rows("./no/such/dir")
-    with pytest.raises(FileNotFoundError):
-        load_rows("data/prefs.parquet")
-
-
-def test_save_to_disk_round_trip_and_split_selection(tmp_path, chat_tokenizer):
-    import datasets
-
-    train, test = rows_of(TRL)[:3], rows_of(TRL)[3:]
-    directory = tmp_path / "saved"
-    datasets.DatasetDict(
-        {"train": datasets.Dataset.from_list(train), "test": datasets.Dataset.from_list(test)}
-    ).save_to_disk(str(directory))
-    assert load_rows(str(directory)) == (train, f"{directory} [train]")
-    rows, origin = load_rows(str(directory), "test")
-    assert (rows, origin) == (test, f"{directory} [test]")
-    assert list(parse_preferences(rows, origin)) == TRL_RECORDS[3:]
-    with pytest.raises(DataFormatError) as info:
-        load_rows(str(directory), "validation")
-    assert str(info.value) == f"{directory}: no split 'validation'; available splits: train, test"
-    # a single saved Dataset: the split is moot
-    single = tmp_path / "single"
-    datasets.Dataset.from_list(train).save_to_disk(str(single))
-    assert load_rows(str(single), "validation") == (train, str(single))
-
-
-def test_load_dataset_on_a_directory_of_jsonl_files(tmp_path, monkeypatch, chat_tokenizer):
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    directory = tmp_path / "hh"
-    directory.mkdir()
-    (directory / "train.jsonl").write_text(HH.read_text(encoding="utf-8"), encoding="utf-8")
-    write_jsonl(directory / "test.jsonl", rows_of(HH)[:2])
-    rows, origin = load_rows(str(directory), "test")
-    assert origin == f"{directory} [test]"
-    assert list(parse_preferences(rows, origin)) == HH_RECORDS[:2]
-    rows, origin = load_rows(str(directory), "train")
-    assert list(parse_preferences(rows, origin, strict=False)) == HH_RECORDS
-    with pytest.raises(DataFormatError) as info:
-        load_rows(str(directory), "validation")
-    message = str(info.value)
-    assert message.startswith(f"{directory}: ") and "validation" in message
-    assert "'train'" in message and "'test'" in message
-
-
 # --------------------------------------------------------------------------- SFT
 
 
@@ -549,146 +354,3 @@ def test_parse_sft_empty_completion_strict_and_skipped(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "skipped 2 of 3 rows of sft.jsonl: 1 × completion: empty (rows 1); 1 × completion: missing (rows 2)"
     ]
-
-
-# --------------------------------------------------------------------------- PreferenceDataModule
-
-
-def ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def datamodule(tokenizer, train=TRL, **kwargs) -> PreferenceDataModule:
-    kwargs = {"val_fraction": 0.0, "batch_size": 2, "strict": True, **kwargs}
-    dm = PreferenceDataModule(train=str(train), tokenizer=tokenizer, **kwargs)
-    dm.setup("fit")
-    return dm
-
-
-def test_datamodule_encodes_pairs_and_batches_chosen_first(tokenizer):
-    dm = datamodule(tokenizer, val=str(TRL), max_length=64)
-    eos = tokenizer.eos_token_id
-    assert len(dm.train_pairs) == len(dm.val_pairs) == 5
-    for (chosen, rejected), record in zip(dm.train_pairs, TRL_RECORDS):
-        assert chosen == Encoded(ids(tokenizer, record.prompt), ids(tokenizer, record.chosen) + [eos])
-        assert rejected == Encoded(ids(tokenizer, record.prompt), ids(tokenizer, record.rejected) + [eos])
-        assert 2 not in chosen.prompt_ids + chosen.response_ids + rejected.response_ids  # no <unk>
-    assert dm.truncation.truncated_prompts == 0
-    batch = next(iter(dm.val_dataloader()))  # unshuffled: pairs 0 and 1
-    direct = collate_pairs(dm.val_pairs[:2], tokenizer.pad_token_id)
-    assert torch.equal(batch.input_ids, direct.input_ids)
-    texts = [
-        tokenizer.decode(row[mask.bool()].tolist(), skip_special_tokens=True)
-        for row, mask in zip(batch.input_ids, batch.response_mask)
-    ]
-    assert texts == [TRL_RECORDS[0].chosen, TRL_RECORDS[1].chosen, TRL_RECORDS[0].rejected, TRL_RECORDS[1].rejected]
-    assert batch.prompt_width == 8  # "what do you think of the lamp ?"
-    assert batch.attention_mask[0].tolist()[:8] == [0] + [1] * 7  # the 7-token pizza prompt, left padded
-    assert batch.attention_mask[2].tolist()[:8] == [0] + [1] * 7
-    assert batch.response_mask[:, :8].sum() == 0
-    assert len(next(iter(dm.train_dataloader())).input_ids) == 4
-
-
-def test_datamodule_truncates_the_shared_prompt_and_counts_it(tokenizer, caplog):
-    with caplog.at_level(logging.WARNING, logger="lit_p3o.data.preferences"):
-        dm = datamodule(tokenizer, max_length=20)
-    assert len(dm.train_pairs) == 5 and dm.val_pairs == [] and dm.val_dataloader() == []
-    # row 2: 11 prompt tokens, chosen 10 + EOS, rejected 16 + EOS: both sides keep the same 3 prompt tokens
-    soup = next(pair for pair in dm.train_pairs if len(pair[1].response_ids) == 17)
-    assert soup[0].prompt_ids == soup[1].prompt_ids == ids(tokenizer, "my blog :")
-    assert len(soup[0].response_ids) == 11
-    assert (dm.truncation.examples, dm.truncation.truncated_prompts, dm.truncation.removed_tokens) == (5, 1, 8)
-    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
-        "preference data: 1 of 5 prompts truncated from the left (8 tokens removed)"
-    ]
-    for chosen, rejected in dm.train_pairs:
-        assert len(chosen.prompt_ids) + max(len(chosen.response_ids), len(rejected.response_ids)) <= 20
-
-
-@pytest.mark.parametrize("val_fraction", [0.0, 0.4])
-def test_datamodule_response_too_long_strict_names_the_file_row(tokenizer, val_fraction):
-    """Row 2's rejected response is 16 tokens + EOS; the error names it by its row in the file,
-    also when a validation share is split off (the split happens after encoding)."""
-    with pytest.raises(DataFormatError) as info:
-        datamodule(tokenizer, max_length=17, val_fraction=val_fraction, strict=True)
-    assert str(info.value) == (
-        f"{TRL}: row 2: field `rejected`: response too long for max_length=17 "
-        "(EOS included; a prompt token must fit too)"
-    )
-
-
-def test_datamodule_response_too_long_skipped(tokenizer, caplog):
-    with caplog.at_level(logging.WARNING, logger=DATA_LOG):
-        dm = datamodule(tokenizer, max_length=17, strict=False)
-    assert sorted(len(r.response_ids) for _, r in dm.train_pairs) == [5, 5, 6, 6]  # row 2 is gone
-    assert [r.getMessage() for r in caplog.records if r.name == DATA_LOG] == [
-        f"skipped 1 of 5 rows of {TRL}: 1 × rejected: response too long for max_length=17 "
-        "(EOS included; a prompt token must fit too) (rows 2)"
-    ]
-
-
-def test_datamodule_skips_are_named_by_their_row_in_the_source(tokenizer, tmp_path, caplog):
-    rows = [
-        {"prompt": "rate the tea :", "chosen": "it is good .", "rejected": "it is bad ."},
-        {"prompt": "rate the tea :", "chosen": "it is good .", "rejected": "it is good ."},  # parser skips
-        {"prompt": "rate the tea :", "chosen": "it is good . i like it . i would order it again .", "rejected": "no ."},
-    ]
-    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    with caplog.at_level(logging.WARNING, logger=DATA_LOG):
-        dm = datamodule(tokenizer, train=path, max_length=10, strict=False)
-    assert len(dm.train_pairs) == 1
-    messages = [r.getMessage() for r in caplog.records if r.name == DATA_LOG]
-    assert messages[0] == f"skipped 1 of 3 rows of {path}: 1 × chosen/rejected: identical responses (rows 1)"
-    assert messages[1].startswith(f"skipped 1 of 2 rows of {path}: 1 × chosen: response too long")
-    assert messages[1].endswith("(rows 2)")
-
-
-def test_datamodule_conversational_with_chat_template(chat_tokenizer):
-    dm = datamodule(chat_tokenizer, train=CONV, max_length=64, strict=False)
-    expected = {tuple(ids(chat_tokenizer, r.prompt)): ids(chat_tokenizer, r.chosen) for r in CONV_RECORDS}
-    assert {tuple(c.prompt_ids): c.response_ids[:-1] for c, _ in dm.train_pairs} == expected
-
-
-def test_datamodule_rejects_bad_val_fraction(tokenizer):
-    with pytest.raises(ValueError, match="val_fraction"):
-        PreferenceDataModule(train=str(TRL), tokenizer=tokenizer, val_fraction=1.0)
-
-
-@pytest.mark.parametrize(
-    "field, value", [("batch_size", 0), ("batch_size", -2), ("max_length", 1), ("num_workers", -1)]
-)
-def test_datamodule_rejects_bad_sizes(tokenizer, field, value):
-    """batch_size 0 was accepted (a multiple of every K-wise group size) and became one group per batch."""
-    with pytest.raises(ValueError, match=rf"^PreferenceDataModule\.{field}: must be >= \d+.*got {value}$"):
-        PreferenceDataModule(train=str(TRL), tokenizer=tokenizer, **{field: value})
-
-
-# --------------------------------------------------------------------------- load_prompts
-
-
-def test_load_prompts_from_a_prompt_column(tmp_path):
-    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "rate the tea :"}, {"prompt": "rate the mug :"}])
-    assert load_prompts(str(path)) == ["rate the tea :", "rate the mug :"]
-    assert load_prompts(str(path), limit=1) == ["rate the tea :"]
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "rate the tea :"}, {"text": "rate the mug :"}])
-    with pytest.raises(ValueError) as info:
-        load_prompts(str(bad))
-    assert str(info.value) == f"{bad}: row 1: field `prompt`: missing"
-
-
-def test_load_prompts_from_preference_data_are_distinct_and_in_order(caplog):
-    assert load_prompts(str(TRL)) == [
-        "write a review of the pizza :",
-        "what do you think of the lamp ?",
-        "please write a review of the soup for my blog :",
-        "rate the bike :",
-    ]
-    with caplog.at_level(logging.WARNING, logger=DATA_LOG):
-        assert load_prompts(str(HH)) == [BREAD, PLANT, CODE]  # row 8 repeats row 0's prompt
-        assert load_prompts(str(TLDR), limit=2) == [r.prompt for r in TLDR_RECORDS[:2]]
-
-
-def test_load_prompts_embedded_needs_a_limit():
-    assert load_prompts("embedded:reviews", "test", 3) == get_task("reviews").prompts("test", 3)
-    with pytest.raises(ValueError, match="give `limit`"):
-        load_prompts("embedded:reviews")

@@ -12,11 +12,7 @@ from helpers import PAIRS, score_alone, shuffled_tokenizer, spec
 from transformers import AutoModelForSequenceClassification
 
 from lit_p3o.data.encoding import collate, encode_example
-from lit_p3o.data.preferences import (
-    Pair,
-    PreferenceDataModule,
-    collate_pairs,
-)
+from lit_p3o.data.preferences import Pair, PreferenceDataModule, collate_pairs
 from lit_p3o.losses import bradley_terry_loss
 from lit_p3o.models import LoraSpec, ModelSpec, load_tokenizer
 from lit_p3o.optim import OptimizerSpec
