@@ -1,11 +1,12 @@
-"""Helpers several test files share: JSONL files, a CPU trainer, a micro P3O stage, the reviews chat tokenizer,
-reward-model inputs and references.
+"""Helpers several test files share: JSONL files, a CPU trainer, a micro P3O stage, reward-model inputs and
+references. Shared fixtures are in ``conftest.py``.
 
 Model look-alikes of Hugging Face families live in ``hf_fixtures.py``, the micro architectures in ``micro.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -21,14 +22,8 @@ from transformers import PreTrainedTokenizerFast
 from lit_p3o import GuardSpec, ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
 from lit_p3o.data.encoding import Encoded
 from lit_p3o.rollout import KLSpec
-from lit_p3o.tasks import get_task
 from lit_p3o.tasks.reviews import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, vocabulary
 
-REVIEWS_CHAT_TEMPLATE = (
-    "{% for message in messages %}<{{ message['role'] }}> {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
-"""Renders ``<role> content`` lines in the embedded task's words, ending with ``<assistant>``."""
 FAST_OPTIMIZER = OptimizerSpec(learning_rate=1e-2)
 """The micro stages' learning rate: large enough that a few updates visibly move the policy."""
 
@@ -37,18 +32,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     """Write ``rows`` one JSON object a line (UTF-8, non-ASCII kept as is) and return ``path``."""
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-def reviews_tokenizer() -> PreTrainedTokenizerFast:
-    """The embedded task's word-level tokenizer (no chat template)."""
-    return get_task("reviews").build_tokenizer()
-
-
-def reviews_chat_tokenizer() -> PreTrainedTokenizerFast:
-    """The embedded task's tokenizer with :data:`REVIEWS_CHAT_TEMPLATE`."""
-    tokenizer = reviews_tokenizer()
-    tokenizer.chat_template = REVIEWS_CHAT_TEMPLATE
-    return tokenizer
 
 
 def cpu_trainer(tmp_path: Path, max_epochs: int = 1, **kwargs: Any) -> L.Trainer:
@@ -93,7 +76,7 @@ def make_p3o_stage(
         policy or ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews"),
         "embedded:reviews",
         rollout=RolloutSpec(**kwargs),
-        optimizer=optimizer,
+        optimizer=None if optimizer is None else dataclasses.replace(optimizer),  # a stage's own copy
         save_dir=None if save_dir is None else str(save_dir),
         guards=guards,
         kl=kl,

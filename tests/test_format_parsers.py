@@ -7,7 +7,6 @@ import logging
 import re
 
 import pytest
-from helpers import reviews_chat_tokenizer, reviews_tokenizer
 from prefs_fixtures import (
     CONV,
     CONV_BAD,
@@ -45,17 +44,6 @@ from lit_p3o.data.formats import (
 from lit_p3o.data.sources import load_rows
 
 DATA_LOG = "lit_p3o.data"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """The embedded task's word-level tokenizer (no chat template)."""
-    return reviews_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer():
-    return reviews_chat_tokenizer()
 
 
 # (fixture, parser(rows, origin, tokenizer, strict), good records, bad rows)

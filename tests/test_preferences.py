@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from helpers import reviews_chat_tokenizer, reviews_tokenizer, write_jsonl
+from helpers import write_jsonl
 from prefs_fixtures import CONV, CONV_RECORDS, TRL, TRL_RECORDS
 
 from lit_p3o.data.encoding import Encoded
@@ -14,17 +14,6 @@ from lit_p3o.data.formats import DataFormatError
 from lit_p3o.data.preferences import PreferenceDataModule, collate_pairs
 
 DATA_LOG = "lit_p3o.data"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """The embedded task's word-level tokenizer (no chat template)."""
-    return reviews_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer():
-    return reviews_chat_tokenizer()
 
 
 # --------------------------------------------------------------------------- PreferenceDataModule

@@ -5,24 +5,13 @@ from __future__ import annotations
 import logging
 
 import pytest
-from helpers import reviews_chat_tokenizer, reviews_tokenizer, write_jsonl
+from helpers import write_jsonl
 from prefs_fixtures import BREAD, CODE, HH, PLANT, TLDR, TLDR_RECORDS, TRL
 
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.tasks import get_task
 
 DATA_LOG = "lit_p3o.data"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """The embedded task's word-level tokenizer (no chat template)."""
-    return reviews_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer():
-    return reviews_chat_tokenizer()
 
 
 # --------------------------------------------------------------------------- load_prompts

@@ -7,24 +7,13 @@ import json
 import re
 
 import pytest
-from helpers import reviews_chat_tokenizer, reviews_tokenizer, write_jsonl
+from helpers import write_jsonl
 from prefs_fixtures import HH, HH_RECORDS, PREFS, TRL, TRL_RECORDS, rows_of
 
 from lit_p3o.data.formats import DataFormatError, parse_preferences
 from lit_p3o.data.sources import load_rows
 
 DATA_LOG = "lit_p3o.data"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """The embedded task's word-level tokenizer (no chat template)."""
-    return reviews_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer():
-    return reviews_chat_tokenizer()
 
 
 # --------------------------------------------------------------------------- loading
