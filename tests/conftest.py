@@ -1,4 +1,5 @@
-"""Shared fixtures: a micro Llama (~17k parameters) on the embedded task's tokenizer."""
+"""Shared fixtures: a micro Llama (~17k parameters) on the embedded task's tokenizer; that tokenizer alone,
+with and without a chat template."""
 
 from __future__ import annotations
 
@@ -43,3 +44,28 @@ def wide_model_dir(tmp_path_factory, micro_tokenizer):
     torch.manual_seed(0)
     model = build_causal_lm(ModelSpec(architecture=dict(WIDE_ARCH), tokenizer="embedded:reviews"), micro_tokenizer)
     return save_pretrained(model, micro_tokenizer, tmp_path_factory.mktemp("wide") / "model")
+
+
+REVIEWS_CHAT_TEMPLATE = (
+    "{% for message in messages %}<{{ message['role'] }}> {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+"""Renders ``<role> content`` lines in the embedded task's words, ending with ``<assistant>``."""
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The embedded task's word-level tokenizer (no chat template)."""
+    from lit_p3o.tasks import get_task
+
+    return get_task("reviews").build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    """The embedded task's tokenizer with :data:`REVIEWS_CHAT_TEMPLATE` (a module's own fixture of this name wins)."""
+    from lit_p3o.tasks import get_task
+
+    chat = get_task("reviews").build_tokenizer()
+    chat.chat_template = REVIEWS_CHAT_TEMPLATE
+    return chat

@@ -4,13 +4,13 @@ prompt, ``chat_template_kwargs`` passed through, without doubling a template's B
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from helpers import write_jsonl
 from hf_fixtures import LLAMA3_TEMPLATE, gpt2_style_tokenizer, llama3_chat_tokenizer, save_model_dir
 
 from lit_p3o import EvaluationSpec, ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
@@ -30,11 +30,6 @@ CONVERSATIONS = [
 ]
 #: Llama-3's template plus a keyword of the kind Qwen3 has (``enable_thinking``).
 THINKING_TEMPLATE = LLAMA3_TEMPLATE + "{% if add_generation_prompt and not enable_thinking %}<think></think>{% endif %}"
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import write_jsonl
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -53,11 +54,6 @@ def make_tokenizer(chat_template: str | None) -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="module")
 def chat_tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer(CHAT_TEMPLATE)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 # --------------------------------------------------------------------------- fixtures and what they hold

@@ -8,6 +8,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import cpu_trainer as trainer
+from helpers import make_p3o_stage
 from lightning.pytorch.callbacks import ModelCheckpoint
 from micro import MICRO_ARCH, WIDE_ARCH
 from torch import nn
@@ -19,7 +21,6 @@ from lit_p3o import (
     OptimizerSpec,
     P3OModule,
     QuantizationSpec,
-    RolloutSpec,
     SamplingSpec,
     SFTDataModule,
     SFTModule,
@@ -32,39 +33,10 @@ LORA = LoraSpec(r=2, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
 def make_stage(
     guards: GuardSpec | None = None, policy: ModelSpec | None = None, save_dir: Path | None = None, **rollout_kwargs
 ) -> P3OModule:
-    """A micro P3O stage: 4 prompts × 2 responses, 2 minibatches × 2 passes = 4 updates per rollout."""
-    kwargs = dict(
-        prompt_pool=32,
-        num_prompts=4,
-        num_responses=2,
-        update_epochs=2,
-        minibatch_groups=2,
-        max_prompt_tokens=16,
-        sampling=SamplingSpec(max_new_tokens=4),
-    )
-    kwargs.update(rollout_kwargs)
-    return P3OModule(
-        policy or ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews", lora=LORA),
-        "embedded:reviews",
-        rollout=RolloutSpec(**kwargs),
-        optimizer=OptimizerSpec(learning_rate=1e-2),
-        save_dir=None if save_dir is None else str(save_dir),
-        guards=guards,
-    )
-
-
-def trainer(tmp_path: Path, max_epochs: int, **kwargs) -> L.Trainer:
-    kwargs.setdefault("enable_checkpointing", False)
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=max_epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kwargs,
-    )
+    """A micro P3O stage with LoRA: 4 prompts × 2 responses, 2 minibatches × 2 passes = 4 updates per rollout."""
+    rollout_kwargs.setdefault("sampling", SamplingSpec(max_new_tokens=4))
+    policy = policy or ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews", lora=LORA)
+    return make_p3o_stage(policy, guards=guards, save_dir=save_dir, **rollout_kwargs)
 
 
 def varied(examples, ended, prompts=None):

@@ -5,6 +5,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import cpu_trainer as trainer
+from helpers import make_p3o_stage as make_stage
 from lightning.pytorch.callbacks import ModelCheckpoint
 from micro import MICRO_ARCH as MICRO
 
@@ -14,43 +16,6 @@ from lit_p3o.data.prompts import load_prompts
 from lit_p3o.generation import response_logprobs
 from lit_p3o.losses import pairwise_policy_gradient_loss
 from lit_p3o.rollout import KLSpec, rollout
-
-
-def make_stage(
-    policy: ModelSpec | None = None, guards: GuardSpec | None = None, kl: KLSpec | None = None, **rollout_kwargs
-) -> P3OModule:
-    kwargs = dict(
-        prompt_pool=32,
-        num_prompts=4,
-        num_responses=2,
-        update_epochs=2,
-        minibatch_groups=2,
-        max_prompt_tokens=16,
-        sampling=SamplingSpec(max_new_tokens=6),
-    )
-    kwargs.update(rollout_kwargs)
-    return P3OModule(
-        policy or ModelSpec(architecture=MICRO, tokenizer="embedded:reviews"),
-        "embedded:reviews",
-        rollout=RolloutSpec(**kwargs),
-        optimizer=OptimizerSpec(learning_rate=1e-2),
-        guards=guards,
-        kl=kl,
-    )
-
-
-def trainer(tmp_path: Path, max_epochs: int, **kwargs) -> L.Trainer:
-    kwargs.setdefault("enable_checkpointing", False)
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=max_epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kwargs,
-    )
 
 
 def weights(stage: P3OModule) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
+from helpers import cpu_trainer as trainer
 from micro import MICRO_ARCH
 
 from lit_p3o import P3OModule, PPOModule, RewardModule, SFTModule
@@ -27,18 +28,6 @@ FITS = RolloutSpec(max_prompt_tokens=16)  # within the micro model's 64 position
 def micro_lm(tokenizer):
     torch.manual_seed(0)
     return build_causal_lm(ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews"), tokenizer)
-
-
-def trainer(tmp_path) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
 
 
 def test_stages_take_a_ready_model_with_its_tokenizer(micro_tokenizer):

@@ -1,12 +1,12 @@
 """The shared rollout on a micro model: shapes, masks, EOS handling, log-probs, KL, ratio = 1."""
 
-import copy
 import math
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from helpers import make_p3o_stage
 from lightning.pytorch.plugins.precision import Precision
 from micro import MICRO_ARCH as MICRO
 from torch import nn
@@ -15,26 +15,16 @@ from lit_p3o import ModelSpec, P3OModule, RolloutSpec, SamplingSpec
 from lit_p3o.buffer import collate_groups
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.evaluation import EvaluationSpec
-from lit_p3o.generation import check_fits_context, context_limit, response_logprobs, sample_responses, seeded
+from lit_p3o.generation import response_logprobs
 from lit_p3o.losses import adaptive_kl_beta, token_logprobs
 from lit_p3o.rollout import KLController, KLSpec, PromptSampler, RolloutCallback, rollout, sampling_seed
 
 
 def make_stage(**rollout_kwargs) -> P3OModule:
+    """6 prompts × 3 responses, one pass, forwards in batches of 5, the default optimizer; seeded."""
     L.seed_everything(0)
-    spec = ModelSpec(architecture=MICRO, tokenizer="embedded:reviews")
-    kwargs = dict(
-        prompt_pool=32,
-        num_prompts=6,
-        num_responses=3,
-        update_epochs=1,
-        minibatch_groups=2,
-        max_prompt_tokens=16,
-        forward_batch_size=5,
-        sampling=SamplingSpec(max_new_tokens=6),
-    )
-    kwargs.update(rollout_kwargs)
-    return P3OModule(spec, "embedded:reviews", rollout=RolloutSpec(**kwargs))
+    kwargs = dict(num_prompts=6, num_responses=3, update_epochs=1, forward_batch_size=5)
+    return make_p3o_stage(optimizer=None, **{**kwargs, **rollout_kwargs})
 
 
 def force_eos(stage: P3OModule, logit: float) -> None:
@@ -276,18 +266,6 @@ def test_prompt_and_response_budgets_beyond_the_context_are_refused_before_sampl
     )  # exactly 64 fits
 
 
-def test_context_limit_falls_back_to_the_tokenizer():
-    stage = make_stage()
-    assert context_limit(stage.policy, stage.tokenizer) == (64, "max_position_embeddings of its config")
-    no_positions = nn.Linear(1, 1)  # a model whose config says nothing
-    tokenizer = copy.copy(stage.tokenizer)
-    assert context_limit(no_positions, tokenizer) is None  # model_max_length not set either
-    tokenizer.model_max_length = 20
-    assert context_limit(no_positions, tokenizer) == (20, "model_max_length of its tokenizer")
-    with pytest.raises(ValueError, match=r"EvaluationSpec\.max_prompt_tokens: 16 .* context of 20 \(model_max_length"):
-        check_fits_context(no_positions, tokenizer, "EvaluationSpec", 16, "EvaluationSpec.sampling", 8)
-
-
 def test_temperature_scales_sampling_logprobs_and_kl_alike():
     """At T = 0.7 responses come from softmax(z/T), so logp_old, logp_ref and the KL must use
     z/T too (ALGORITHMS.md §3), and the first update then sees ρ = 1."""
@@ -313,33 +291,6 @@ def test_temperature_scales_sampling_logprobs_and_kl_alike():
     batch = collate_groups(groups[:2], stage.tokenizer.pad_token_id)
     token_logratio, logratio = stage.trajectory_logratio(*stage.policy_forward(batch)[:2])
     assert logratio.abs().max() < 1e-5 and token_logratio.abs().max() < 1e-5
-
-
-def test_the_sampler_draws_from_softmax_of_the_logits_over_the_temperature():
-    """A head that ignores the context and gives tokens a, b logits 1 and 0 (everything else,
-    EOS included, -30): the sampled share of a follows softmax(z/T), not the spec object."""
-    stage = make_stage()
-    a, b = [i for i in range(len(stage.tokenizer)) if i not in stage.tokenizer.all_special_ids][:2]
-    head = nn.Linear(stage.policy.config.hidden_size, len(stage.tokenizer), bias=True)
-    nn.init.zeros_(head.weight)
-    nn.init.constant_(head.bias, -30.0)
-    head.bias.data[a], head.bias.data[b] = 1.0, 0.0
-    stage.policy.lm_head = head
-    ids = [stage.tokenizer.encode("it is")] * 64
-
-    def sample(t: float, seed: int = 0) -> torch.Tensor:
-        with seeded(seed):
-            out = sample_responses(stage.policy, stage.tokenizer, ids, SamplingSpec(max_new_tokens=8, temperature=t))
-        return torch.tensor([e.response_ids for e in out.examples])  # [64, 8]: nothing ends early
-
-    low = sample(0.05)
-    assert (low == a).all()  # T → 0: the argmax
-    for t in (0.5, 1.0):
-        tokens = sample(t)
-        assert set(tokens.unique().tolist()) == {a, b}
-        share, expected = float((tokens == a).float().mean()), 1 / (1 + math.exp(-1 / t))  # 0.88, 0.73
-        assert abs(share - expected) < 0.05, (t, share, expected)  # 512 draws: 0.05 is > 2.5 standard errors
-    assert not torch.equal(sample(0.7), sample(1.0))  # the same seed, other temperatures
 
 
 def test_response_logprobs_divides_the_logits_by_the_temperature():

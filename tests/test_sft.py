@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
 import torch
+from helpers import write_jsonl
 
 from lit_p3o.data.encoding import collate, encode_example
 from lit_p3o.data.issues import DataFormatError
@@ -24,11 +24,6 @@ ROWS = [
     {"prompt": "review the cake :", "completion": "i hate the cake ."},
     {"prompt": "rate the mug :", "completion": "the mug is okay ."},
 ]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def data_module(tok, train, **kwargs):

@@ -4,14 +4,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import write_jsonl
 from hf_fixtures import gpt2_style_tokenizer, llama3_chat_tokenizer
 from micro import MICRO_ARCH
 
@@ -30,12 +29,6 @@ from lit_p3o.data.sft import SFTDataModule
 from lit_p3o.losses import bradley_terry_loss
 from lit_p3o.models import ModelSpec
 from lit_p3o.stages.reward import RewardModule
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 IMPLICIT = [
     {"chosen": "The sky is blue.", "rejected": "The sky is green."},  # TRL's own example

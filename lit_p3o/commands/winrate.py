@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,29 +79,19 @@ def judge_labels(judge: str, prompts: str) -> dict[str, str]:
 
 
 def compare_policies(
-    policies: Mapping[str, str | Path],
-    judge: str,
-    prompts: str = "embedded:reviews",
-    num_prompts: int = 200,
-    max_new_tokens: int = 32,
-    seed: int = 0,
-    out_dir: str | Path = "winrates",
-    split: str = "test",
-    max_prompt_tokens: int = 256,
-    batch_size: int = 64,
-    device: str | None = None,
+    policies: Mapping[str, str | Path], judge: str, out_dir: str | Path = "winrates", **judging: Any
 ) -> dict[str, tuple[list[str], Tensor]]:
     """Head-to-head win rates of saved policies on the same prompts; ``{judge: (names, matrix)}``.
 
     Every policy samples one response per prompt under the same seed. ``judge`` is a reward
     model directory or ``"embedded:<task>"``; with embedded prompts the task's gold reward
-    judges as well. Prints each matrix, writes ``winrates.csv`` and ``winrates_<judge>.png``.
+    judges as well. ``judging`` (prompts, num_prompts, max_new_tokens, seed, split,
+    max_prompt_tokens, batch_size, device) goes to :func:`judge_policies`, whose signature
+    holds the types and defaults. Prints each matrix, writes ``winrates.csv`` and ``winrates_<judge>.png``.
     """
     if len(policies) < 2:
         raise ValueError(f"compare_policies: needs at least two policies, got {len(policies)}")
-    scores = judge_policies(
-        policies, judge, prompts, num_prompts, max_new_tokens, seed, split, max_prompt_tokens, batch_size, device
-    )
+    scores = judge_policies(policies, judge, **judging)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, tuple[list[str], Tensor]] = {}
@@ -231,13 +222,13 @@ def winrate_main(argv: Sequence[str] | None = None) -> dict[str, tuple[list[str]
         return compare_policies(
             policies,
             args.judge,
-            args.prompts,
-            args.num_prompts,
-            args.max_new_tokens,
-            args.seed,
             args.out_dir,
-            args.split,
-            args.max_prompt_tokens,
-            args.batch_size,
-            args.device,
+            prompts=args.prompts,
+            num_prompts=args.num_prompts,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            split=args.split,
+            max_prompt_tokens=args.max_prompt_tokens,
+            batch_size=args.batch_size,
+            device=args.device,
         )

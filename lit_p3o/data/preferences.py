@@ -155,7 +155,7 @@ class PreferenceDataModule(SourceDataModule):
         train_bar, val_bar = ("reward pairs: train", "reward pairs: val") if progress else (None, None)
         self.train_groups, _ = sample_labelled_groups(task, spec, "train", spec.train_pairs, seed, vocab, k, train_bar)
         self.val_pairs, self.label_accuracy_ceiling = sample_labelled_pairs(
-            task, spec, "test", spec.val_pairs, seed + 1, vocab, val_bar
+            task, spec, "test", spec.val_pairs, seed + 1, vocab, progress=val_bar
         )
         print(
             f"[lit-p3o] embedded preferences: {len(self.train_pairs)} train / {len(self.val_pairs)} val pairs, "

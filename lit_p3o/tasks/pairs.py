@@ -9,6 +9,7 @@ import itertools
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -62,20 +63,11 @@ class EmbeddedPreferenceSpec:
         return math.comb(self.responses_per_prompt, 2)
 
 
-def sample_labelled_pairs(
-    task: Task,
-    spec: EmbeddedPreferenceSpec,
-    split: str,
-    n_pairs: int,
-    seed: int,
-    expected_vocab: dict[str, int] | None = None,
-    progress: str | None = None,
-) -> tuple[list[Pair], float]:
-    """``n_pairs`` independent pairs, one per prompt (:func:`sample_labelled_groups` with two
-    responses per prompt), and their Bayes accuracy: what held-out accuracy is measured on."""
-    groups, ceiling = sample_labelled_groups(
-        task, spec, split, n_pairs, seed, expected_vocab, responses_per_prompt=2, progress=progress
-    )
+def sample_labelled_pairs(*args: Any, **kwargs: Any) -> tuple[list[Pair], float]:
+    """``n_pairs`` independent pairs, one per prompt, and their Bayes accuracy: what held-out
+    accuracy is measured on. :func:`sample_labelled_groups` with two responses per prompt; it
+    takes that function's arguments (whose signature holds their types) but ``responses_per_prompt``."""
+    groups, ceiling = sample_labelled_groups(*args, responses_per_prompt=2, **kwargs)
     return [pair for group in groups for pair in group], ceiling
 
 

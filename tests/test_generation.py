@@ -1,18 +1,29 @@
-"""Responses stop where the model's generation_config says (issue 10, part 2): every id of its
+"""lit_p3o.generation. Responses stop where the model's generation_config says (issue 10, part 2): every id of its
 EOS list (Llama-3's end-of-turn token), optional stop strings; masks, the missing-EOS penalty
-and the ``ended`` flags follow the same rule."""
+and the ``ended`` flags follow the same rule. The context limit, and sampling at a temperature."""
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
+from helpers import make_p3o_stage as make_stage
 from hf_fixtures import EOT, gpt2_style_tokenizer, llama3_chat_tokenizer, save_model_dir
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from lit_p3o import ModelSpec, P3OModule, RolloutSpec, SamplingSpec
 from lit_p3o.data.encoding import Encoded, encode_prompt
-from lit_p3o.generation import response_end, sample_responses, stop_token_ids
+from lit_p3o.generation import (
+    check_fits_context,
+    context_limit,
+    response_end,
+    sample_responses,
+    seeded,
+    stop_token_ids,
+)
 from lit_p3o.models import load_tokenizer
 from lit_p3o.rollout import rollout
 
@@ -175,3 +186,45 @@ def test_rollout_masks_penalty_and_ended_follow_the_eos_list(chat_dir):
     for g in groups:
         for response, old in zip(g.responses, g.logp_old):
             assert old.shape == (len(response),) and old[-1] < 0  # the stop token is scored
+
+
+# --------------------------------------------------------------------------- context and temperature
+
+
+def test_context_limit_falls_back_to_the_tokenizer():
+    stage = make_stage()
+    assert context_limit(stage.policy, stage.tokenizer) == (64, "max_position_embeddings of its config")
+    no_positions = nn.Linear(1, 1)  # a model whose config says nothing
+    tokenizer = copy.copy(stage.tokenizer)
+    assert context_limit(no_positions, tokenizer) is None  # model_max_length not set either
+    tokenizer.model_max_length = 20
+    assert context_limit(no_positions, tokenizer) == (20, "model_max_length of its tokenizer")
+    with pytest.raises(ValueError, match=r"EvaluationSpec\.max_prompt_tokens: 16 .* context of 20 \(model_max_length"):
+        check_fits_context(no_positions, tokenizer, "EvaluationSpec", 16, "EvaluationSpec.sampling", 8)
+
+
+def test_the_sampler_draws_from_softmax_of_the_logits_over_the_temperature():
+    """A head that ignores the context and gives tokens a, b logits 1 and 0 (everything else,
+    EOS included, -30): the sampled share of a follows softmax(z/T), not the spec object."""
+    stage = make_stage()
+    a, b = [i for i in range(len(stage.tokenizer)) if i not in stage.tokenizer.all_special_ids][:2]
+    head = nn.Linear(stage.policy.config.hidden_size, len(stage.tokenizer), bias=True)
+    nn.init.zeros_(head.weight)
+    nn.init.constant_(head.bias, -30.0)
+    head.bias.data[a], head.bias.data[b] = 1.0, 0.0
+    stage.policy.lm_head = head
+    ids = [stage.tokenizer.encode("it is")] * 64
+
+    def sample(t: float, seed: int = 0) -> torch.Tensor:
+        with seeded(seed):
+            out = sample_responses(stage.policy, stage.tokenizer, ids, SamplingSpec(max_new_tokens=8, temperature=t))
+        return torch.tensor([e.response_ids for e in out.examples])  # [64, 8]: nothing ends early
+
+    low = sample(0.05)
+    assert (low == a).all()  # T → 0: the argmax
+    for t in (0.5, 1.0):
+        tokens = sample(t)
+        assert set(tokens.unique().tolist()) == {a, b}
+        share, expected = float((tokens == a).float().mean()), 1 / (1 + math.exp(-1 / t))  # 0.88, 0.73
+        assert abs(share - expected) < 0.05, (t, share, expected)  # 512 draws: 0.05 is > 2.5 standard errors
+    assert not torch.equal(sample(0.7), sample(1.0))  # the same seed, other temperatures
