@@ -1,0 +1,86 @@
+"""Sampling and training knobs users expect (issue 25, part 4): min_p, repetition_penalty and
+generation_kwargs on SamplingSpec, ModelSpec.attn_implementation, the QLoRA optimizer, SFT
+truncation, chat templates on evaluation prompts, no deprecation warnings of our own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_p3o import SamplingSpec
+from lit_p3o.data.encoding import encode_prompt
+from lit_p3o.generation import sample_responses
+from lit_p3o.models import build_causal_lm, load_tokenizer
+
+PROMPTS = ["write a review of the pizza :", "review the pasta :", "the soup ?"]
+
+
+@pytest.fixture(scope="module")
+def micro():
+    """A seeded micro model and its tokenizer."""
+    from micro import MICRO_ARCH
+
+    from lit_p3o.models import ModelSpec
+
+    spec = ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews")
+    tokenizer = load_tokenizer(spec)
+    torch.manual_seed(0)
+    return build_causal_lm(spec, tokenizer).eval(), tokenizer
+
+
+# --------------------------------------------------------------------------- SamplingSpec
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"min_p": 1.0}, r"SamplingSpec\.min_p: must be in \[0, 1\)"),
+        ({"min_p": -0.1}, r"SamplingSpec\.min_p: "),
+        ({"repetition_penalty": 0.0}, r"SamplingSpec\.repetition_penalty: must be > 0"),
+        ({"generation_kwargs": {"temperature": 0.5}}, r"generation_kwargs: 'temperature' is a SamplingSpec field"),
+        ({"generation_kwargs": {"min_p": 0.1}}, r"generation_kwargs: 'min_p' is a SamplingSpec field"),
+        ({"generation_kwargs": {"do_sample": False}}, r"generation_kwargs: 'do_sample' is set by lit-p3o"),
+        ({"generation_kwargs": {"num_return_sequences": 2}}, r"'num_return_sequences' is set by lit-p3o"),
+        ({"generation_kwargs": {"no_repeat_ngrams": 2}}, r"'no_repeat_ngrams' is not a transformers GenerationConfig"),
+    ],
+)
+def test_sampling_spec_refuses_bad_knobs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingSpec(**kwargs)
+
+
+def test_sampling_knobs_reach_the_generation_config(micro_tokenizer):
+    spec = SamplingSpec(min_p=0.1, repetition_penalty=1.3, generation_kwargs={"no_repeat_ngram_size": 3})
+    config = spec.generation_config(micro_tokenizer)
+    assert (config.min_p, config.repetition_penalty, config.no_repeat_ngram_size) == (0.1, 1.3, 3)
+    assert SamplingSpec().generation_config(micro_tokenizer).min_p is None  # 0 = off, no processor
+
+
+def test_min_p_near_one_samples_the_greedy_responses(micro):
+    model, tokenizer = micro
+    prompts = [encode_prompt(tokenizer, p) for p in PROMPTS]
+    greedy = [
+        model.generate(
+            input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id
+        )[0, len(p) :].tolist()
+        for p in prompts
+    ]
+    torch.manual_seed(0)
+    plain = sample_responses(model, tokenizer, prompts, SamplingSpec(max_new_tokens=8, compile=False))
+    torch.manual_seed(0)
+    sharp = sample_responses(model, tokenizer, prompts, SamplingSpec(max_new_tokens=8, min_p=0.999, compile=False))
+    assert [e.response_ids for e in plain.examples] != [
+        g[: len(e.response_ids)] for e, g in zip(plain.examples, greedy)
+    ]
+    for e, g in zip(sharp.examples, greedy):
+        assert e.response_ids == g[: len(e.response_ids)]
+
+
+def test_generation_kwargs_reach_generate(micro):
+    model, tokenizer = micro
+    prompts = [encode_prompt(tokenizer, p) for p in PROMPTS for _ in range(4)]
+    spec = SamplingSpec(max_new_tokens=12, compile=False, generation_kwargs={"no_repeat_ngram_size": 1})
+    torch.manual_seed(0)
+    out = sample_responses(model, tokenizer, prompts, spec)
+    for prompt, e in zip(prompts, out.examples):
+        assert len(set(prompt + e.response_ids)) == len(prompt + e.response_ids)  # no token twice
