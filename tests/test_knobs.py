@@ -84,3 +84,27 @@ def test_generation_kwargs_reach_generate(micro):
     out = sample_responses(model, tokenizer, prompts, spec)
     for prompt, e in zip(prompts, out.examples):
         assert len(set(prompt + e.response_ids)) == len(prompt + e.response_ids)  # no token twice
+
+
+# --------------------------------------------------------------------------- ModelSpec.attn_implementation
+
+
+def test_attn_implementation_reaches_built_and_loaded_models(micro_tokenizer, micro_model_dir):
+    from micro import MICRO_ARCH
+
+    from lit_p3o.models import ModelSpec, build_reward_model
+
+    built = ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews", attn_implementation="eager")
+    assert build_causal_lm(built, micro_tokenizer).config._attn_implementation == "eager"
+    assert build_reward_model(built, micro_tokenizer).config._attn_implementation == "eager"
+    loaded = ModelSpec(name_or_path=str(micro_model_dir), attn_implementation="eager")
+    assert build_causal_lm(loaded, micro_tokenizer).config._attn_implementation == "eager"
+    default = ModelSpec(name_or_path=str(micro_model_dir))
+    assert build_causal_lm(default, micro_tokenizer).config._attn_implementation == "sdpa"
+
+
+def test_attn_implementation_given_twice_is_refused():
+    from lit_p3o.models import ModelSpec
+
+    with pytest.raises(ValueError, match=r"ModelSpec\.attn_implementation: also given in `extra_kwargs`"):
+        ModelSpec(name_or_path="x", attn_implementation="sdpa", extra_kwargs={"attn_implementation": "eager"})

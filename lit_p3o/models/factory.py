@@ -222,6 +222,8 @@ def _load_or_build(
     spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, auto_class: Any, **head_kwargs: Any
 ) -> PreTrainedModel:
     dtype = _DTYPES[spec.dtype]
+    if spec.attn_implementation is not None:
+        head_kwargs["attn_implementation"] = spec.attn_implementation
     special = {
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
