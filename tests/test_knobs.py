@@ -108,3 +108,34 @@ def test_attn_implementation_given_twice_is_refused():
 
     with pytest.raises(ValueError, match=r"ModelSpec\.attn_implementation: also given in `extra_kwargs`"):
         ModelSpec(name_or_path="x", attn_implementation="sdpa", extra_kwargs={"attn_implementation": "eager"})
+
+
+# --------------------------------------------------------------------------- no deprecation warnings of our own
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_warns_nothing(micro_tokenizer, lora):
+    """Build, train a step and generate with checkpointing on, every warning an error (but
+    peft's own read of transformers' deprecated ``is_gradient_checkpointing``, which is not ours)."""
+    import warnings
+
+    import peft  # noqa: F401  (its import-time torch.jit deprecations are not ours either)
+    from micro import MICRO_ARCH
+
+    from lit_p3o.models import LoraSpec, ModelSpec
+
+    spec = ModelSpec(
+        architecture=dict(MICRO_ARCH),
+        tokenizer="embedded:reviews",
+        gradient_checkpointing=True,
+        lora=LoraSpec() if lora else None,
+    )
+    ids = torch.tensor([encode_prompt(micro_tokenizer, PROMPTS[0])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = build_causal_lm(spec, micro_tokenizer)
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert any(p.grad is not None for p in model.parameters())
+        model.eval()
+        model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=micro_tokenizer.pad_token_id)

@@ -271,7 +271,7 @@ def _finish(spec: ModelSpec, model: PreTrainedModel, task_type: str) -> PreTrain
     if spec.quantization is not None:
         _keep_4bit_layers_differentiable(model)
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
         model.config.use_cache = False
     if spec.lora is None:
         return model
@@ -281,6 +281,17 @@ def _finish(spec: ModelSpec, model: PreTrainedModel, task_type: str) -> PreTrain
         model.enable_input_require_grads()
     config = LoraConfig(task_type=task_type, **asdict(spec.lora))
     return get_peft_model(model, config)
+
+
+def _enable_checkpointing(model: PreTrainedModel) -> None:
+    """Activation checkpointing, non-reentrant (torch's reentrant variant is deprecated and
+    needs inputs that require grad), by the name this transformers has: 5.x renamed
+    ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` and warns on the old one."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _bnb_config(q: QuantizationSpec) -> Any:
