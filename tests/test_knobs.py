@@ -139,3 +139,47 @@ def test_gradient_checkpointing_warns_nothing(micro_tokenizer, lora):
         assert any(p.grad is not None for p in model.parameters())
         model.eval()
         model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=micro_tokenizer.pad_token_id)
+
+
+# --------------------------------------------------------------------------- the QLoRA optimizer
+
+
+def qlora_optimizer_spec():
+    """The ``optimizer`` block of configs/peft/qlora.yaml as the stage gets it."""
+    from pathlib import Path
+
+    import yaml
+
+    from lit_p3o import OptimizerSpec
+
+    overlay = yaml.safe_load((Path(__file__).parents[1] / "configs/peft/qlora.yaml").read_text())
+    return OptimizerSpec(**overlay["model"]["init_args"]["optimizer"])
+
+
+def test_qlora_overlay_takes_paged_8bit_adamw_on_cuda_and_adamw_with_a_note_on_cpu(caplog):
+    import logging
+
+    import bitsandbytes as bnb
+    import lightning as L
+    from micro import MICRO_ARCH
+
+    from lit_p3o import ModelSpec, SFTModule
+    from lit_p3o.optim import configure_adamw
+
+    spec = qlora_optimizer_spec()
+    assert spec.name == "paged_adamw_8bit"
+    module = SFTModule(ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews"), optimizer=spec)
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with caplog.at_level(logging.INFO, logger="lit_p3o.optim"):
+        assert type(configure_adamw(module, spec)["optimizer"]) is torch.optim.AdamW
+    [note] = [r for r in caplog.records if r.name == "lit_p3o.optim"]
+    assert note.levelno == logging.INFO and "paged_adamw_8bit is for CUDA; on cpu" in note.getMessage()
+    module._device = torch.device("cuda", 0)  # where the model sits decides; no GPU needed to build the optimizer
+    assert type(configure_adamw(module, spec)["optimizer"]) is bnb.optim.PagedAdamW8bit
+
+
+def test_cpu_fallback_needs_a_bitsandbytes_name():
+    from lit_p3o import OptimizerSpec
+
+    with pytest.raises(ValueError, match=r"OptimizerSpec\.cpu_fallback: is for a bitsandbytes name"):
+        OptimizerSpec(cpu_fallback=True)
