@@ -183,3 +183,69 @@ def test_cpu_fallback_needs_a_bitsandbytes_name():
 
     with pytest.raises(ValueError, match=r"OptimizerSpec\.cpu_fallback: is for a bitsandbytes name"):
         OptimizerSpec(cpu_fallback=True)
+
+
+# --------------------------------------------------------------------------- SFT rows longer than max_length
+
+LONG = "it is great . " * 4  # 16 words + EOS
+
+
+def sft_rows(tmp_path):
+    import json
+
+    rows = [{"prompt": "review the soup :", "completion": "the soup is bland ."}] * 3
+    rows = [*rows, {"prompt": "review the pizza :", "completion": LONG}]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_sft_cuts_an_overlong_completion_at_its_end_with_the_labels_on_it(micro_tokenizer, tmp_path, caplog):
+    import logging
+
+    from lit_p3o import SFTDataModule
+    from lit_p3o.data.encoding import IGNORE_INDEX, collate
+
+    dm = SFTDataModule(train=str(sft_rows(tmp_path)), max_length=12, val_fraction=0.0, tokenizer=micro_tokenizer)
+    with caplog.at_level(logging.INFO, logger="lit_p3o"):
+        dm.setup("fit")
+    [long] = [e for e in dm.train_examples if len(e.response_ids) > 6]
+    full = micro_tokenizer(LONG, add_special_tokens=False)["input_ids"]
+    assert long.response_ids == full[:11] and micro_tokenizer.eos_token_id not in long.response_ids  # the end cut
+    assert long.prompt_ids == micro_tokenizer("review the pizza :", add_special_tokens=False)["input_ids"][-1:]
+    assert (dm.truncation.truncated_responses, dm.truncation.removed_response_tokens) == (1, 17 - 11)
+    [note] = [r for r in caplog.records if "responses truncated" in r.getMessage()]
+    assert note.levelno == logging.INFO
+    assert "1 of 4 responses truncated at the end, EOS included (6 tokens removed)" in note.getMessage()
+    batch = collate(dm.train_examples, micro_tokenizer.pad_token_id)
+    labels = batch.labels()[dm.train_examples.index(long)]
+    assert labels[labels != IGNORE_INDEX].tolist() == full[:11]  # every kept response token trained, no prompt token
+    assert len(long.prompt_ids) + len(long.response_ids) == 12
+
+
+def test_sft_strict_keeps_the_error_for_an_overlong_completion(micro_tokenizer, tmp_path):
+    from lit_p3o import SFTDataModule
+    from lit_p3o.data.formats import DataFormatError
+
+    dm = SFTDataModule(
+        train=str(sft_rows(tmp_path)), max_length=12, val_fraction=0.0, strict=True, tokenizer=micro_tokenizer
+    )
+    with pytest.raises(
+        DataFormatError, match=r"long\.jsonl \[train\]: row 3: field `completion`: response has 17 tokens"
+    ):
+        dm.setup("fit")
+
+
+def test_sft_logs_how_many_completions_it_cut(micro_tokenizer, tmp_path):
+    import lightning as L
+    from micro import MICRO_ARCH
+
+    from lit_p3o import ModelSpec, SFTDataModule, SFTModule
+
+    dm = SFTDataModule(train=str(sft_rows(tmp_path)), max_length=12, val_fraction=0.0, batch_size=4)
+    module = SFTModule(ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews"))
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(module, dm)
+    assert trainer.callback_metrics["data/truncated_responses"].item() == 1
