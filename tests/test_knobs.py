@@ -249,3 +249,60 @@ def test_sft_logs_how_many_completions_it_cut(micro_tokenizer, tmp_path):
     )
     trainer.fit(module, dm)
     assert trainer.callback_metrics["data/truncated_responses"].item() == 1
+
+
+# --------------------------------------------------------------------------- plain-string prompts and chat templates
+
+QUESTIONS = ["What is 12 + 7?", "Hello!"]
+
+
+def thinking_template() -> str:
+    """Llama-3's template plus a keyword of the kind Qwen3 has (``enable_thinking``)."""
+    from hf_fixtures import LLAMA3_TEMPLATE
+
+    return LLAMA3_TEMPLATE + "{% if add_generation_prompt and not enable_thinking %}<think>{% endif %}"
+
+
+def test_listed_prompts_are_user_turns_when_the_tokenizer_has_a_chat_template(micro_tokenizer):
+    from hf_fixtures import llama3_chat_tokenizer
+
+    from lit_p3o.data.prompts import Prompt, load_prompts
+
+    chat = llama3_chat_tokenizer()
+    chat.chat_template = thinking_template()
+    rendered = load_prompts([Prompt(QUESTIONS[0], {"answer": "19"}), QUESTIONS[1]], tokenizer=chat)
+    for question, prompt in zip(QUESTIONS, rendered):
+        full = chat.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+        assert prompt == full.removeprefix(chat.bos_token)  # encoding adds the BOS once
+    assert rendered[0].columns == {"answer": "19"}  # a reward function's columns survive
+    kwargs = {"enable_thinking": True}
+    assert not load_prompts(QUESTIONS, tokenizer=chat, chat_template_kwargs=kwargs)[0].endswith("<think>")
+    assert load_prompts(QUESTIONS, tokenizer=micro_tokenizer) == QUESTIONS  # no template: as written
+
+
+def test_evaluation_prompts_render_as_the_rollout_s(tmp_path):
+    """validate/test/predict draw a stage's plain-string evaluation prompts through the same
+    function, template and kwargs as its rollout's."""
+    from hf_fixtures import llama3_chat_tokenizer, save_model_dir
+
+    from lit_p3o import EvaluationSpec, ModelSpec, P3OModule, RolloutSpec
+    from lit_p3o.data.prompts import load_prompts
+
+    tokenizer = llama3_chat_tokenizer()
+    tokenizer.chat_template = thinking_template()
+    model_dir = save_model_dir(tmp_path / "chat", tokenizer)
+    kwargs = {"enable_thinking": True}
+    stage = P3OModule(
+        ModelSpec(name_or_path=str(model_dir)),
+        "embedded:reviews",
+        rollout=RolloutSpec(
+            prompts=QUESTIONS, prompt_pool=None, num_prompts=2, max_prompt_tokens=64, chat_template_kwargs=kwargs
+        ),
+        evaluation=EvaluationSpec(prompts=QUESTIONS, num_prompts=None, max_prompt_tokens=64),
+    )
+    rollout_prompts = load_prompts(QUESTIONS, "train", None, stage.tokenizer, chat_template_kwargs=kwargs)
+    assert all(p.endswith("assistant<|end_header_id|>\n\n") for p in rollout_prompts)
+    assert [p for batch in stage.test_dataloader() for p in batch] == rollout_prompts
+    assert [p for batch in stage.predict_dataloader() for p in batch] == rollout_prompts
