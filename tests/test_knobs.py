@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_p3o import SamplingSpec
+from lit_p3o import OptimizerSpec, SamplingSpec
 from lit_p3o.data.encoding import encode_prompt
 from lit_p3o.generation import sample_responses
 from lit_p3o.models import build_causal_lm, load_tokenizer
@@ -150,8 +150,6 @@ def qlora_optimizer_spec():
 
     import yaml
 
-    from lit_p3o import OptimizerSpec
-
     overlay = yaml.safe_load((Path(__file__).parents[1] / "configs/peft/qlora.yaml").read_text())
     return OptimizerSpec(**overlay["model"]["init_args"]["optimizer"])
 
@@ -179,7 +177,6 @@ def test_qlora_overlay_takes_paged_8bit_adamw_on_cuda_and_adamw_with_a_note_on_c
 
 
 def test_cpu_fallback_needs_a_bitsandbytes_name():
-    from lit_p3o import OptimizerSpec
 
     with pytest.raises(ValueError, match=r"OptimizerSpec\.cpu_fallback: is for a bitsandbytes name"):
         OptimizerSpec(cpu_fallback=True)
@@ -306,3 +303,27 @@ def test_evaluation_prompts_render_as_the_rollout_s(tmp_path):
     assert all(p.endswith("assistant<|end_header_id|>\n\n") for p in rollout_prompts)
     assert [p for batch in stage.test_dataloader() for p in batch] == rollout_prompts
     assert [p for batch in stage.predict_dataloader() for p in batch] == rollout_prompts
+
+
+# --------------------------------------------------------------------------- errors name the config path
+
+
+@pytest.mark.parametrize(
+    ("init_args", "build", "path"),
+    [
+        ({"rollout": {"sampling": {"min_p": 1.5}}}, lambda: SamplingSpec(min_p=1.5), "rollout.sampling.min_p"),
+        (
+            {"rollout": {"sampling": {"generation_kwargs": {"do_sample": False}}}},
+            lambda: SamplingSpec(generation_kwargs={"do_sample": False}),
+            "rollout.sampling.generation_kwargs",
+        ),
+        ({"optimizer": {"cpu_fallback": True}}, lambda: OptimizerSpec(cpu_fallback=True), "optimizer.cpu_fallback"),
+    ],
+)
+def test_knob_errors_name_their_config_path(init_args, build, path):
+    from lit_p3o.errors import locate
+
+    config = {"model": {"class_path": "lit_p3o.P3OModule", "init_args": {"policy": {"name_or_path": "x"}, **init_args}}}
+    with pytest.raises(ValueError) as err:
+        build()
+    assert locate(str(err.value), config).startswith(f"model.init_args.{path}: ")
