@@ -4,6 +4,8 @@ truncation, chat templates on evaluation prompts, no deprecation warnings of our
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -101,6 +103,15 @@ def test_attn_implementation_reaches_built_and_loaded_models(micro_tokenizer, mi
     assert build_causal_lm(loaded, micro_tokenizer).config._attn_implementation == "eager"
     default = ModelSpec(name_or_path=str(micro_model_dir))
     assert build_causal_lm(default, micro_tokenizer).config._attn_implementation == "sdpa"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
+def test_flash_attention_without_its_package_says_what_to_install(micro_tokenizer, micro_model_dir):
+    from lit_p3o.models import ModelSpec
+
+    spec = ModelSpec(name_or_path=str(micro_model_dir), attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match=r"ModelSpec\.attn_implementation: 'flash_attention_2' needs the `flash-attn`"):
+        build_causal_lm(spec, micro_tokenizer)
 
 
 def test_attn_implementation_given_twice_is_refused():

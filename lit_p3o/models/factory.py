@@ -222,6 +222,11 @@ def _load_or_build(
     spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, auto_class: Any, **head_kwargs: Any
 ) -> PreTrainedModel:
     dtype = _DTYPES[spec.dtype]
+    if spec.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError(
+            "ModelSpec.attn_implementation: 'flash_attention_2' needs the `flash-attn` package and a CUDA GPU "
+            "(pip install flash-attn); or use 'sdpa'"
+        )
     if spec.attn_implementation is not None:
         head_kwargs["attn_implementation"] = spec.attn_implementation
     special = {
