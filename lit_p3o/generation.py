@@ -11,7 +11,9 @@ all call it, so at the first update step the trajectory ratio is 1 up to float e
 With a sampling temperature ``T`` the responses come from ``softmax(z/T)``, so every caller
 passes the same ``T`` to ``response_logprobs``: ``logp_old``, ``logp_ref``, the KL and the
 update's ratio all use logits divided by ``T`` (ALGORITHMS.md §3; TRL does the same).
-``top_k``/``top_p`` truncation is not accounted for in the log-probs.
+Truncation (``top_k``, ``top_p``, ``min_p``) and penalties (``repetition_penalty``, and any
+``generation_kwargs`` processor) are not accounted for in the log-probs: they are the model's
+tempered distribution, not the sampler's (docs/numerics.md).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch._dynamo.exc
@@ -56,6 +58,12 @@ class SamplingSpec:
     sizes the compile time exceeds what it saves over a run (docs/benchmarks.md); never when
     ``synced_gpus`` is on. Same tokens as eager for the same seed; if compilation fails, a warning
     is logged and generation continues eagerly from the same RNG state.
+
+    ``min_p`` (0 = off) keeps the tokens whose probability is at least ``min_p`` times the
+    most likely one's; ``repetition_penalty`` (1 = off) divides the logits of tokens already in
+    the prompt or response (CTRL's penalty); both as in transformers and vLLM. Any other
+    ``GenerationConfig`` field goes in ``generation_kwargs`` (e.g. ``no_repeat_ngram_size``),
+    except the fields above and those lit-p3o sets itself (:data:`_OWN_GENERATION_KEYS`).
     """
 
     max_new_tokens: int = 32
@@ -65,6 +73,9 @@ class SamplingSpec:
     synced_gpus: bool | None = None
     stop_strings: list[str] | None = None
     compile: bool | Literal["auto"] = "auto"
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    generation_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -79,6 +90,12 @@ class SamplingSpec:
             raise ValueError(f"SamplingSpec.stop_strings: must be non-empty strings, got {self.stop_strings!r}")
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"SamplingSpec.compile: true, false or 'auto', got {self.compile!r}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"SamplingSpec.min_p: must be in [0, 1) (0 = off), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"SamplingSpec.repetition_penalty: must be > 0 (1 = off), got {self.repetition_penalty}")
+        for key in self.generation_kwargs or {}:
+            _check_generation_key(key)
 
     def compiled_on(self, device: torch.device, synced: bool = False) -> bool:
         """Whether generation on ``device`` takes the compiled path (``synced``: ranks step in lockstep)."""
@@ -101,11 +118,37 @@ class SamplingSpec:
             eos_token_id=stop_ids or tokenizer.eos_token_id,
             stop_strings=self.stop_strings or None,
             use_cache=True,
+            min_p=self.min_p or None,
+            repetition_penalty=self.repetition_penalty,
+            **(self.generation_kwargs or {}),
         )
         if compiled:
             config.cache_implementation = "static"
             config.compile_config = _COMPILE_CONFIG
         return config
+
+
+# GenerationConfig keys set from SamplingSpec's typed fields, and those the rollout relies on
+# (sampling, one sequence per prompt, ids out, the model's stops, our cache choice).
+_TYPED_GENERATION_KEYS = frozenset(
+    {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "stop_strings"}
+)
+_OWN_GENERATION_KEYS = frozenset(
+    {"do_sample", "num_beams", "num_return_sequences", "max_length", "pad_token_id", "eos_token_id"}
+    | {"use_cache", "cache_implementation", "compile_config", "return_dict_in_generate"}
+)
+
+
+def _check_generation_key(key: str) -> None:
+    """Refuse a ``generation_kwargs`` key that a field sets, that lit-p3o sets, or that
+    ``GenerationConfig`` does not know (it would keep it as an attribute and ignore it)."""
+    where = f"SamplingSpec.generation_kwargs: {key!r}"
+    if key in _TYPED_GENERATION_KEYS:
+        raise ValueError(f"{where} is a SamplingSpec field; set `{key}` there instead")
+    if key in _OWN_GENERATION_KEYS:
+        raise ValueError(f"{where} is set by lit-p3o (the rollout relies on it); remove it")
+    if key.startswith("_") or key not in GenerationConfig().to_dict():
+        raise ValueError(f"{where} is not a transformers GenerationConfig field")
 
 
 # transformers compiles the decode step itself when the cache is static, but only on

@@ -6,6 +6,7 @@ The ``lit-p3o`` CLI also accepts LightningCLI's own ``--optimizer``/``--lr_sched
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -16,6 +17,8 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lit_p3o.models import bitsandbytes_optimizer
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class OptimizerSpec:
@@ -25,7 +28,9 @@ class OptimizerSpec:
     (optimizer state in 8 bits, a quarter of AdamW's memory), ``paged_adamw`` and
     ``paged_adamw_8bit`` (state in paged memory that spills to CPU under GPU memory
     pressure), the usual companions of QLoRA. bitsandbytes runs them on CPU too (paged ones
-    fall back to ordinary memory there, with a warning).
+    fall back to ordinary memory there, with a warning). ``cpu_fallback``: a bitsandbytes
+    ``name`` where the model is on CUDA, torch's ``adamw`` elsewhere, with one logged note (the
+    QLoRA overlay's choice: ``paged_adamw_8bit`` on GPUs, a plain run on a laptop).
 
     ``fused`` (``adamw`` only): torch's fused AdamW kernel, one pass over all parameters
     instead of a Python loop over them (the same update up to float rounding). ``None``, the
@@ -43,6 +48,7 @@ class OptimizerSpec:
     schedule: Literal["constant", "cosine"] = "constant"
     name: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
     fused: bool | None = None
+    cpu_fallback: bool = False
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
@@ -51,16 +57,22 @@ class OptimizerSpec:
             raise ValueError(f"OptimizerSpec.warmup_steps: must be >= 0, got {self.warmup_steps}")
         if self.fused and self.name != "adamw":
             raise ValueError(f"OptimizerSpec.fused: torch's fused kernel is for name 'adamw', not {self.name!r}")
+        if self.cpu_fallback and self.name == "adamw":
+            raise ValueError("OptimizerSpec.cpu_fallback: is for a bitsandbytes name; 'adamw' runs everywhere")
 
 
 def configure_adamw(module: L.LightningModule, spec: OptimizerSpec) -> dict[str, Any]:
     """AdamW over the trainable parameters only (LoRA, value heads), plus the schedule."""
     params = [p for p in module.parameters() if p.requires_grad]
     hyper = {"lr": spec.learning_rate, "weight_decay": spec.weight_decay, "betas": spec.betas, "eps": spec.eps}
-    if spec.name == "adamw":
+    name = spec.name
+    if spec.cpu_fallback and module.device.type != "cuda":
+        log.info("OptimizerSpec.cpu_fallback: %s is for CUDA; on %s this run uses torch's AdamW", name, module.device)
+        name = "adamw"
+    if name == "adamw":
         optimizer = torch.optim.AdamW(params, fused=_use_fused(spec, module.trainer), **hyper)
     else:
-        optimizer = bitsandbytes_optimizer(spec.name)(params, **hyper)
+        optimizer = bitsandbytes_optimizer(name)(params, **hyper)
     total = None
     if spec.schedule == "cosine":
         total = max(1, int(module.trainer.estimated_stepping_batches))

@@ -84,7 +84,7 @@ def test_print_config_shows_the_knobs(tmp_path, capsys):
     assert model_args["optimizer"]["learning_rate"] == 0.01
     assert "lora" in model_args["model"] and "quantization" in model_args["model"]
     data_args = printed["data"]["init_args"]
-    assert data_args["max_length"] == 48 and data_args["strict"] is True and data_args["val_fraction"] == 0.05
+    assert data_args["max_length"] == 48 and data_args["strict"] is None and data_args["val_fraction"] == 0.05
     assert not (tmp_path / "sft").exists()  # printing runs nothing
 
 

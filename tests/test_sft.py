@@ -233,12 +233,13 @@ def test_overlong_completion_strict_and_lenient(micro_tokenizer, tmp_path, caplo
     path = write_jsonl(tmp_path / "long.jsonl", rows)
     # the row number is the file's, whatever the train/validation shuffle does
     with pytest.raises(DataFormatError, match=r"long\.jsonl.*row 5: field `completion`: response has 17 tokens"):
-        data_module(micro_tokenizer, path, max_length=16, val_fraction=0.25).setup("fit")
-    dm = data_module(micro_tokenizer, path, max_length=16, val_fraction=0.25, strict=False)
-    with caplog.at_level(logging.WARNING, logger="lit_p3o"):
-        dm.setup("fit")
-    assert len(dm.train_examples) + len(dm.val_examples) == 7
-    assert "skipped 1 of 8 rows" in caplog.text and "(rows 5)" in caplog.text
+        data_module(micro_tokenizer, path, max_length=16, val_fraction=0.25, strict=True).setup("fit")
+    for strict in (None, False):  # cut at its end (tests/test_knobs.py), neither skipped nor refused
+        dm = data_module(micro_tokenizer, path, max_length=16, val_fraction=0.25, strict=strict)
+        with caplog.at_level(logging.INFO, logger="lit_p3o"):
+            dm.setup("fit")
+        assert len(dm.train_examples) + len(dm.val_examples) == 8
+        assert "1 of 8 responses truncated at the end" in caplog.text and "skipped" not in caplog.text
 
 
 def test_invalid_arguments():

@@ -8,8 +8,9 @@ from the same code path.
 
 Truncation policy (SFT, preferences, prompts alike): a prompt that does not fit is cut from
 the **left** (the end of a prompt is what the response answers), a leading BOS is kept, and
-each cut is counted; a response is never cut: a response that alone exceeds the budget is a
-bad row.
+each cut is counted. A response that alone exceeds the budget is a bad row, or, for SFT
+(``truncate``), cut at its **end** as TRL's ``SFTTrainer`` does (its EOS goes with it, so the
+model is not taught to stop there) after a one-token prompt, and counted.
 """
 
 from __future__ import annotations
@@ -30,16 +31,24 @@ class ResponseTooLong(ValueError):
 
 @dataclass
 class TruncationStats:
-    """How many prompts were cut from the left, for the stage to log."""
+    """How many prompts were cut from the left (and SFT responses at their end), for the stage to log."""
 
     examples: int = 0
     truncated_prompts: int = 0
     removed_tokens: int = 0
+    truncated_responses: int = 0
+    removed_response_tokens: int = 0
 
     def describe(self) -> str:
         return (
             f"{self.truncated_prompts} of {self.examples} prompts truncated from the left "
             f"({self.removed_tokens} tokens removed)"
+        )
+
+    def describe_responses(self) -> str:
+        return (
+            f"{self.truncated_responses} of {self.examples} responses truncated at the end, EOS included "
+            f"({self.removed_response_tokens} tokens removed)"
         )
 
 
@@ -93,10 +102,17 @@ def encode_example(
     response: str,
     max_length: int,
     stats: TruncationStats | None = None,
+    truncate: bool = False,
 ) -> Encoded:
-    """Prompt and response ids fitted into ``max_length`` by the module's policy."""
+    """Prompt and response ids fitted into ``max_length`` by the module's policy; a response
+    too long for it is cut at its end with ``truncate``, else refused."""
     response_ids = encode_response(tokenizer, response)
-    if len(response_ids) >= max_length:
+    if len(response_ids) >= max_length and truncate:
+        if stats is not None:
+            stats.truncated_responses += 1
+            stats.removed_response_tokens += len(response_ids) - (max_length - 1)
+        response_ids = response_ids[: max_length - 1]
+    elif len(response_ids) >= max_length:
         raise ResponseTooLong(
             f"response has {len(response_ids)} tokens (EOS included); max_length={max_length} "
             "leaves no room for the prompt"

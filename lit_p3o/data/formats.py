@@ -271,6 +271,14 @@ def _render(
     return text
 
 
+def render_user_turn(
+    tokenizer: PreTrainedTokenizerBase, text: str, chat_template_kwargs: Mapping[str, Any] | None = None
+) -> str:
+    """A plain prompt as the one user message of a conversation, rendered as conversational
+    prompts are (generation prompt, no doubled BOS)."""
+    return _render(tokenizer, [{"role": "user", "content": text}], chat_template_kwargs)
+
+
 def _pair(row: Row, prompt: str, chosen: str, rejected: str) -> PreferenceRecord:
     """The checks all preference formats share: two non-empty responses that differ (beyond
     surrounding whitespace), since an indistinguishable pair teaches a reward model nothing;

@@ -69,10 +69,17 @@ class SourceDataModule(L.LightningDataModule):
         return shuffled[n_val:], shuffled[:n_val]
 
     def _report(self, n_val: int) -> None:
-        """Log the prompts cut to fit, and that validation is skipped when nothing was held out."""
+        """Log the prompts (and responses) cut to fit, and that validation is skipped when nothing was held out."""
         log = logging.getLogger(type(self).__module__)  # the subclass's module, as before the base
         if self.truncation.truncated_prompts:
             log.warning("%s: %s", self.label, self.truncation.describe())
+        if self.truncation.truncated_responses:
+            log.info(
+                "%s: %s to fit max_length=%d (strict: true stops at such rows instead)",
+                self.label,
+                self.truncation.describe_responses(),
+                self.hparams.max_length,
+            )
         if not n_val:
             log.info("%s: no validation %s; validation is skipped", self.label, self.unit)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from lit_p3o.data.formats import parse_preferences, parse_prompts
+from lit_p3o.data.formats import parse_preferences, parse_prompts, render_user_turn
 from lit_p3o.data.sources import DataSource, load_rows
 from lit_p3o.tasks import resolve_embedded
 
@@ -38,12 +38,15 @@ def load_prompts(
     ``datasets`` object) with a ``prompt`` column, as text or as TRL's conversational
     prompt-only form (message lists rendered with ``tokenizer``'s chat template and the
     generation prompt, ``chat_template_kwargs`` passed through); a preference dataset (HH,
-    TL;DR, TRL), whose distinct prompts are used in order; or, from Python, a list of strings.
+    TL;DR, TRL), whose distinct prompts are used in order; or a list of strings (YAML or Python),
+    each a user message: rendered as one user turn with ``tokenizer``'s chat template when it
+    has one, so that the rollout and the evaluation prompt alike (a dataset's text prompts are
+    used as written: they are often formatted already, as HH's transcripts).
 
     Prompts are :class:`Prompt` strings: from a ``prompt`` column they carry the row's other
     columns; an embedded task may give columns through its ``prompt_columns(prompt)``."""
     if isinstance(source, (list, tuple)):
-        return _listed_prompts(source, limit)
+        return _listed_prompts(source, limit, tokenizer, chat_template_kwargs)
     task = resolve_embedded(source)
     if task is not None:
         if limit is None:
@@ -68,10 +71,20 @@ def load_prompts(
     return prompts[:limit] if limit is not None else prompts
 
 
-def _listed_prompts(prompts: list[str] | tuple[str, ...], limit: int | None) -> list[str]:
+def _listed_prompts(
+    prompts: list[str] | tuple[str, ...],
+    limit: int | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    chat_template_kwargs: Mapping[str, Any] | None,
+) -> list[str]:
     for n, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"prompts[{n}]: expected a non-empty string, got {prompt!r}")
     if not prompts:
         raise ValueError("prompts: the list given is empty")
-    return [p if isinstance(p, Prompt) else Prompt(p) for p in prompts[:limit]]
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return [p if isinstance(p, Prompt) else Prompt(p) for p in prompts[:limit]]
+    return [
+        Prompt(render_user_turn(tokenizer, p, chat_template_kwargs), getattr(p, "columns", None))
+        for p in prompts[:limit]
+    ]

@@ -25,7 +25,10 @@ class SFTDataModule(SourceDataModule):
     ``prompt``/``completion``, ``messages`` or ``text``, or a preference dataset's pairs, whose chosen
     replies are trained on (:func:`~lit_p3o.data.formats.parse_chosen`). Without
     ``val``, a seeded ``val_fraction`` of the training rows is held out (none: no validation).
-    With ``strict`` a bad row raises an error naming it (its row number in the file); otherwise bad rows are skipped, counted and logged.
+    A bad row (a missing field, an empty completion) raises an error naming it (its row number
+    in the file), or with ``strict: false`` is skipped, counted and logged. A completion longer
+    than ``max_length`` (with a one-token prompt) is cut at its end, as TRL's ``SFTTrainer``
+    does, counted and logged (``data/truncated_responses``), or with ``strict: true`` raises.
     ``chat_template_kwargs`` go to ``apply_chat_template`` for conversational rows (give the
     RL stage's ``rollout.chat_template_kwargs`` too, so that both render prompts alike).
     The tokenizer is the trained module's (``trainer.lightning_module.tokenizer``) unless one
@@ -45,7 +48,7 @@ class SFTDataModule(SourceDataModule):
         max_length: int = 512,
         batch_size: int = 8,
         num_workers: int = 0,
-        strict: bool = True,
+        strict: bool | None = None,
         seed: int = 0,
         chat_template_kwargs: dict[str, Any] | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
@@ -79,7 +82,7 @@ class SFTDataModule(SourceDataModule):
                 rows,
                 origin,
                 tokenizer=self.tokenizer,
-                strict=self.hparams.strict,
+                strict=self.hparams.strict is not False,
                 chat_template_kwargs=self.hparams.chat_template_kwargs,
             )
         except DataFormatError as err:
@@ -88,19 +91,25 @@ class SFTDataModule(SourceDataModule):
             raise DataFormatError(f"{origin}: {err}") from err
 
     def _encode(self, records: list[SFTRecord], origin: str) -> list[Encoded]:
-        """Bad rows are named by their row in the source, even after the parser skipped some."""
-        issues = RowIssues(origin, strict=self.hparams.strict)
+        """Over-long rows are cut, or under ``strict: true`` named by their row in the source,
+        even after the parser skipped some."""
+        truncate = self.hparams.strict is not True
+        issues = RowIssues(origin, strict=True)  # reached only when not truncating
         examples = []
         for row, record in zip(getattr(records, "row_numbers", range(len(records))), records):
             try:
                 examples.append(
                     encode_example(
-                        self.tokenizer, record.prompt, record.completion, self.hparams.max_length, self.truncation
+                        self.tokenizer,
+                        record.prompt,
+                        record.completion,
+                        self.hparams.max_length,
+                        self.truncation,
+                        truncate,
                     )
                 )
             except ResponseTooLong as err:
                 issues.add(row, "completion", str(err))
-        issues.report(total=len(records))
         return examples
 
     def _loader(self, examples: list[Encoded], shuffle: bool) -> DataLoader:

@@ -222,6 +222,13 @@ def _load_or_build(
     spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, auto_class: Any, **head_kwargs: Any
 ) -> PreTrainedModel:
     dtype = _DTYPES[spec.dtype]
+    if spec.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError(
+            "ModelSpec.attn_implementation: 'flash_attention_2' needs the `flash-attn` package and a CUDA GPU "
+            "(pip install flash-attn); or use 'sdpa'"
+        )
+    if spec.attn_implementation is not None:
+        head_kwargs["attn_implementation"] = spec.attn_implementation
     special = {
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -269,7 +276,7 @@ def _finish(spec: ModelSpec, model: PreTrainedModel, task_type: str) -> PreTrain
     if spec.quantization is not None:
         _keep_4bit_layers_differentiable(model)
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
         model.config.use_cache = False
     if spec.lora is None:
         return model
@@ -279,6 +286,17 @@ def _finish(spec: ModelSpec, model: PreTrainedModel, task_type: str) -> PreTrain
         model.enable_input_require_grads()
     config = LoraConfig(task_type=task_type, **asdict(spec.lora))
     return get_peft_model(model, config)
+
+
+def _enable_checkpointing(model: PreTrainedModel) -> None:
+    """Activation checkpointing, non-reentrant (torch's reentrant variant is deprecated and
+    needs inputs that require grad), by the name this transformers has: 5.x renamed
+    ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` and warns on the old one."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _bnb_config(q: QuantizationSpec) -> Any:

@@ -48,6 +48,9 @@ class ModelSpec:
     "hidden_size": 128, ...}``) to build a fresh, randomly initialised model.
     ``tokenizer`` defaults to ``name_or_path``; ``"embedded:reviews"`` builds the embedded
     task's tokenizer locally.
+    ``attn_implementation`` picks transformers' attention kernel (``None``: transformers'
+    default, ``sdpa`` where the model supports it); ``flash_attention_2`` needs the
+    ``flash-attn`` package and a CUDA GPU.
     """
 
     name_or_path: str | None = None
@@ -59,6 +62,7 @@ class ModelSpec:
     lora: LoraSpec | None = None
     quantization: QuantizationSpec | None = None
     gradient_checkpointing: bool = False
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     extra_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -68,6 +72,8 @@ class ModelSpec:
             raise ValueError("ModelSpec.architecture: needs a `model_type` key (e.g. 'llama')")
         if self.quantization is not None and self.lora is None:
             raise ValueError("ModelSpec.quantization: quantized weights cannot be trained; add a `lora` section")
+        if self.attn_implementation is not None and "attn_implementation" in self.extra_kwargs:
+            raise ValueError("ModelSpec.attn_implementation: also given in `extra_kwargs`; keep the typed field only")
         if self.quantization is not None and self.architecture is not None:
             raise ValueError(
                 "ModelSpec.quantization: bitsandbytes quantizes weights while loading; save the "

@@ -261,7 +261,13 @@ class RLStage(ShardableModule):
 
     def _prompt_loader(self, source: str | list[str]) -> DataLoader:
         spec = self.evaluation_spec
-        prompts = load_prompts(source, spec.split, spec.num_prompts, tokenizer=self.tokenizer)
+        prompts = load_prompts(
+            source,
+            spec.split,
+            spec.num_prompts,
+            tokenizer=self.tokenizer,
+            chat_template_kwargs=self.rollout_spec.chat_template_kwargs,  # rendered as the rollout's
+        )
         return DataLoader(prompts, batch_size=spec.batch_size, shuffle=False, collate_fn=list)
 
     def _evaluation_seed(self, batch_idx: int) -> int:

@@ -73,6 +73,12 @@ class SFTModule(ShardableModule):
     def configure_callbacks(self) -> list[L.Callback]:
         return [GradientGuard(self.guard_spec.max_zero_grad_steps)]
 
+    def on_train_start(self) -> None:
+        """``data/truncated_responses``: completions the data module cut to fit ``max_length``."""
+        truncation = getattr(self.trainer.datamodule, "truncation", None)
+        if truncation is not None:
+            self.log("data/truncated_responses", float(truncation.truncated_responses), sync_dist=False)
+
     def on_train_end(self) -> None:
         if self.save_dir is None:
             return
