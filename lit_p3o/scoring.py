@@ -95,8 +95,10 @@ class RewardScorer:
     def __init__(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int = 1024, batch_size: int = 32
     ) -> None:
-        self.model = disable_dropout(model).requires_grad_(False)
-        self.tokenizer = tokenizer
+        """``model`` (with its ``tokenizer``) as :func:`lit_p3o.models.build_reward_model` makes
+        a ready model: so a model given here scores as the same model loaded from its path."""
+        self.tokenizer = load_tokenizer(model, tokenizer, "RewardScorer.model")
+        self.model = disable_dropout(build_reward_model(model, self.tokenizer)).requires_grad_(False)
         self.max_length = max_length
         self.batch_size = batch_size
         self.source_tokenizer: PreTrainedTokenizerBase | None = None
@@ -348,9 +350,10 @@ class RewardSpec:
             raise ValueError(f"RewardSpec.weight: must be finite, got {self.weight}")
 
 
-RewardSource = Union[str, list[RewardSpec], RewardFunction]
+RewardSource = Union[str, list[RewardSpec], RewardFunction, RewardScorer]
 """What ``reward_model`` of an RL stage accepts: one source, a list of weighted ones, or (from
-Python) a reward function itself."""
+Python) a reward function itself or a :class:`RewardScorer` (a reward model object and its
+tokenizer)."""
 
 
 def load_function(source: str) -> RewardFunction:
@@ -384,13 +387,22 @@ def is_function_source(source: str) -> bool:
 
 def build_scorer(source: RewardSource | RewardSpec, policy_tokenizer: PreTrainedTokenizerBase):
     """``"embedded:<task>"`` → that task's gold reward; ``"package.module:function"`` → a
-    :class:`FunctionScorer`, as is a Python callable itself; a list of :class:`RewardSpec` →
+    :class:`FunctionScorer`, as is a Python callable itself; a :class:`RewardScorer` as it is
+    (a bare model is refused: it needs its tokenizer); a list of :class:`RewardSpec` →
     their :class:`WeightedScorer`; otherwise a saved reward model's path."""
     if isinstance(source, (list, tuple)):
         specs = [s if isinstance(s, RewardSpec) else RewardSpec(**s) for s in source]
         return WeightedScorer([(build_scorer(s.source, policy_tokenizer), s.weight) for s in specs])
     if isinstance(source, RewardSpec):
         return build_scorer([source], policy_tokenizer)
+    if isinstance(source, RewardScorer):
+        source.accept_ids_from(policy_tokenizer)
+        return source
+    if isinstance(source, nn.Module):
+        raise TypeError(
+            f"reward_model: a {type(source).__name__} needs its tokenizer; "
+            "pass RewardScorer(model, tokenizer) (lit_p3o.RewardScorer)"
+        )
     if callable(source):
         return FunctionScorer(source, policy_tokenizer, name=getattr(source, "__qualname__", repr(source)))
     task = resolve_embedded(source)
