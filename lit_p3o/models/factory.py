@@ -57,9 +57,14 @@ def as_spec(spec: ModelSource | dict[str, Any]) -> ModelSpec | nn.Module:
 
 def python_objects(**arguments: Any) -> list[str]:
     """The names of constructor arguments given as Python objects (models, tokenizers, datasets,
-    functions): ``save_hyperparameters`` leaves them out, as they are neither config nor small."""
-    plain = (str, int, float, bool, type(None), ModelSpec, dict, list, tuple)
-    return [name for name, value in arguments.items() if not isinstance(value, plain)]
+    functions): ``save_hyperparameters`` leaves them out, as they are neither config nor small.
+    Containers count by exact type: a ``DatasetDict`` is a ``dict`` subclass, not config."""
+    plain = (str, int, float, bool, type(None), ModelSpec)
+    return [
+        name
+        for name, value in arguments.items()
+        if not (isinstance(value, plain) or type(value) in (dict, list, tuple))
+    ]
 
 
 def load_tokenizer(
