@@ -225,6 +225,7 @@ class RolloutCallback(L.Callback):
         self.seed = seed
         self.sampler: PromptSampler | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._terms: dict[str, float] = {}  # the last rollout's reward terms (term_stats)
 
     @property
     def state_key(self) -> str:
@@ -259,9 +260,9 @@ class RolloutCallback(L.Callback):
             groups = rollout(pl_module, prompts, self.kl.beta, self.spec, show_progress=shows_progress(trainer))
         buffer.fill(groups)
         terms = {name: torch.cat([g.reward_terms[name] for g in groups]) for name in groups[0].reward_terms}
-        self._report(trainer, pl_module, term_stats(terms))  # each reward term, at the rollout's step
+        self._terms = term_stats(terms)  # each reward term, logged with the rollout's statistics
         if groups[0].kl is not None:  # else the update gives the KL (on-policy, step 4)
-            self._report(trainer, pl_module, rollout_stats(*group_tensors(groups), self.kl.beta))
+            self._report(trainer, pl_module, {**rollout_stats(*group_tensors(groups), self.kl.beta), **self._terms})
         if self.spec.log_samples and trainer.is_global_zero:
             self._log_samples(trainer, pl_module, groups[: self.spec.log_samples])
 
@@ -297,7 +298,9 @@ class RolloutCallback(L.Callback):
         buffer.consumed += 1
         stats = outputs.get("rollout") if isinstance(outputs, dict) else None
         if stats is not None:  # on-policy: what the update made of its rollout, logged after its step
-            stats = self._report(trainer, pl_module, stats)
+            stats = self._report(trainer, pl_module, {**stats, **self._terms})
+        elif buffer.groups[0].kl is None and self._terms:  # on-policy, the update skipped: the terms still
+            self._report(trainer, pl_module, self._terms)
         if buffer.consumed < buffer.num_minibatches():
             return
         if stats is None and buffer.groups[0].kl is not None:  # off-policy: the rollout's own KL (step 3)

@@ -15,7 +15,7 @@ from hf_fixtures import llama3_chat_tokenizer, save_model_dir
 from lightning.pytorch.loggers import CSVLogger
 from micro import MICRO_ARCH
 
-from lit_p3o import ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
+from lit_p3o import GuardSpec, ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
 from lit_p3o.data.encoding import encode_example
 from lit_p3o.data.prompts import Prompt
 from lit_p3o.scoring import RewardSpec, build_scorer
@@ -85,25 +85,31 @@ def every_other_none(completions, **kwargs):
     return [None if i % 2 else 3.0 for i in range(len(completions))]
 
 
-def test_each_reward_term_reaches_the_logger_and_none_leaves_the_sum(tmp_path):
+def micro_stage(reward, guards=None, **rollout) -> P3OModule:
     L.seed_everything(0)
-    stage = P3OModule(
+    spec = dict(num_prompts=2, num_responses=2, update_epochs=1, minibatch_groups=2, max_prompt_tokens=16)
+    return P3OModule(
         ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews"),
-        [RewardSpec(f"{HERE}:length", 1.0), RewardSpec(f"{HERE}:every_other_none", 2.0)],
-        rollout=RolloutSpec(
-            prompt_pool=16,
-            num_prompts=2,
-            num_responses=2,
-            update_epochs=1,
-            minibatch_groups=2,
-            max_prompt_tokens=16,
-            sampling=SamplingSpec(max_new_tokens=4),
-        ),
+        reward,
+        rollout=RolloutSpec(prompt_pool=16, sampling=SamplingSpec(max_new_tokens=4), **{**spec, **rollout}),
+        guards=guards,
     )
+
+
+def logged_terms(stage, tmp_path, name: str) -> dict[str, str]:
+    """The CSV row of the one rollout that logged reward term ``name``."""
     logger = CSVLogger(tmp_path, name="logs")
     fit(stage, tmp_path, logger=logger)
     with open(f"{logger.log_dir}/metrics.csv") as f:
-        (row,) = [r for r in csv.DictReader(f) if r.get("rollout/reward/length/mean")]
+        (row,) = [r for r in csv.DictReader(f) if r.get(f"rollout/reward/{name}/mean")]
+    return row
+
+
+@pytest.mark.parametrize("update_epochs", [1, 2])  # on-policy (logged after the update) and replayed
+def test_each_reward_term_reaches_the_logger_and_none_leaves_the_sum(tmp_path, update_epochs):
+    reward = [RewardSpec(f"{HERE}:length", 1.0), RewardSpec(f"{HERE}:every_other_none", 2.0)]
+    stage = micro_stage(reward, update_epochs=update_epochs)
+    row = logged_terms(stage, tmp_path, "length")
     tok = stage.tokenizer
     lengths = [
         float(len(tok.decode(r, skip_special_tokens=True).split())) for g in stage.buffer.groups for r in g.responses
@@ -142,3 +148,12 @@ def fit(stage, tmp_path, logger=False):
         enable_checkpointing=False,
         default_root_dir=tmp_path,
     ).fit(stage)
+
+
+def test_terms_are_logged_when_the_update_is_skipped(tmp_path):
+    """One function returning None for some completions: those rewards are NaN, the on-policy
+    update is skipped, and the term's none_fraction still reaches the logger."""
+    stage = micro_stage(f"{HERE}:every_other_none", guards=GuardSpec(max_skipped_fraction=1.0))
+    row = logged_terms(stage, tmp_path, "every_other_none")
+    assert stage.skipped_steps == 1
+    assert float(row["rollout/reward/every_other_none/none_fraction"]) == 0.5
