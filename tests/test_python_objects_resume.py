@@ -132,6 +132,10 @@ def test_a_reward_model_object_and_a_prompt_list_resume_and_export(micro_tokeniz
         return P3OModule(MICRO, scorer, rollout=rollout(prompts))
 
     assert "reward_model" not in stage().hparams
+    with pytest.raises(
+        TypeError, match=r"reward_model: a LlamaForSequenceClassification needs its tokenizer; pass Rew"
+    ):
+        P3OModule(MICRO, scorer_model, rollout=rollout(prompts))  # a bare model: refused, not called as a function
     last = fit_and_resume(stage, tmp_path)
     assert (export_checkpoint(last, tmp_path / "export") / "config.json").is_file()
 
