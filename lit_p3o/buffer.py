@@ -33,7 +33,8 @@ class Group:
     """K responses to one prompt with everything the losses need, per response.
 
     ``logp_old``/``logp_ref`` hold one float32 tensor of per-token log-probs per response;
-    ``extras`` holds per-token tensors an algorithm adds at rollout time (PPO's values).
+    ``extras`` holds per-token tensors an algorithm adds at rollout time (PPO's values);
+    ``reward_terms`` each reward term's own values (None as NaN), logged with the rollout.
     ``logp_old``, ``kl`` and ``rewards`` are ``None`` when the rollout left them to the update
     (on-policy, ``RolloutSpec.defer_logp_old``): its own forward gives them, for its minibatch only.
     """
@@ -47,6 +48,7 @@ class Group:
     rewards: Tensor | None
     ended: Tensor
     extras: dict[str, list[Tensor]] = field(default_factory=dict)
+    reward_terms: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         k = len(self.responses)
@@ -55,7 +57,9 @@ class Group:
         present = [
             x for x in (self.logp_old, self.logp_ref, self.scores, self.kl, self.rewards, self.ended) if x is not None
         ]
-        if {len(x) for x in present} != {k} or any(len(v) != k for v in self.extras.values()):
+        if {len(x) for x in present} != {k} or any(
+            len(v) != k for v in (*self.extras.values(), *self.reward_terms.values())
+        ):
             raise ValueError(f"Group: inconsistent sizes for {k} responses")
 
 

@@ -49,7 +49,7 @@ from lit_p3o.data.prompts import load_prompts
 from lit_p3o.generation import SamplingSpec, decode, response_logprobs, sample_responses, seeded
 from lit_p3o.losses import adaptive_kl_beta, sequence_kl_rewards
 from lit_p3o.monitoring import log_samples, phase, shows_progress
-from lit_p3o.scoring import Scorer
+from lit_p3o.scoring import Scorer, score_terms, term_stats
 
 if TYPE_CHECKING:
     from lit_p3o.models import FrozenReference
@@ -225,6 +225,7 @@ class RolloutCallback(L.Callback):
         self.seed = seed
         self.sampler: PromptSampler | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._terms: dict[str, float] = {}  # the last rollout's reward terms (term_stats)
 
     @property
     def state_key(self) -> str:
@@ -258,8 +259,10 @@ class RolloutCallback(L.Callback):
         with seeded(noise, pl_module.device), trainer.precision_plugin.forward_context(), phase(trainer, "rollout"):
             groups = rollout(pl_module, prompts, self.kl.beta, self.spec, show_progress=shows_progress(trainer))
         buffer.fill(groups)
+        terms = {name: torch.cat([g.reward_terms[name] for g in groups]) for name in groups[0].reward_terms}
+        self._terms = term_stats(terms)  # each reward term, logged with the rollout's statistics
         if groups[0].kl is not None:  # else the update gives the KL (on-policy, step 4)
-            self._report(trainer, pl_module, rollout_stats(*group_tensors(groups), self.kl.beta))
+            self._report(trainer, pl_module, {**rollout_stats(*group_tensors(groups), self.kl.beta), **self._terms})
         if self.spec.log_samples and trainer.is_global_zero:
             self._log_samples(trainer, pl_module, groups[: self.spec.log_samples])
 
@@ -295,7 +298,9 @@ class RolloutCallback(L.Callback):
         buffer.consumed += 1
         stats = outputs.get("rollout") if isinstance(outputs, dict) else None
         if stats is not None:  # on-policy: what the update made of its rollout, logged after its step
-            stats = self._report(trainer, pl_module, stats)
+            stats = self._report(trainer, pl_module, {**stats, **self._terms})
+        elif buffer.groups[0].kl is None and self._terms:  # on-policy, the update skipped: the terms still
+            self._report(trainer, pl_module, self._terms)
         if buffer.consumed < buffer.num_minibatches():
             return
         if stats is None and buffer.groups[0].kl is not None:  # off-policy: the rollout's own KL (step 3)
@@ -425,12 +430,9 @@ def rollout(
     n = spec.forward_batch_size
     chunks = tqdm(range(0, len(examples), n), desc="rollout: score", leave=False, disable=not show_progress)
     prompt_of = [p for p in prompts for _ in range(k)]  # the prompt set's row (its columns) for each response
-    scores = torch.cat(
-        [
-            stage.scorer.score_examples(examples[i : i + n], ended[i : i + n], prompts=prompt_of[i : i + n]).float()
-            for i in chunks
-        ]
-    )
+    parts = [score_terms(stage.scorer, examples[i : i + n], ended[i : i + n], prompt_of[i : i + n]) for i in chunks]
+    scores = torch.cat([total for total, _ in parts])
+    terms = {name: torch.cat([t[name] for _, t in parts]) for name in parts[0][1]}
     if spec.missing_eos_penalty is not None:
         scores = scores - spec.missing_eos_penalty * (~torch.tensor(ended)).float()
     kl = rewards = None
@@ -454,6 +456,7 @@ def rollout(
             rewards=rows(rewards, g),
             ended=ended_t[g * k : (g + 1) * k],
             extras={name: values[g * k : (g + 1) * k] for name, values in extras.items()},
+            reward_terms={name: values[g * k : (g + 1) * k] for name, values in terms.items()},
         )
         for g in range(len(prompts))
     ]

@@ -10,6 +10,7 @@ transformers or TRL scores here as under its own forward.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 import re
@@ -94,8 +95,10 @@ class RewardScorer:
     def __init__(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int = 1024, batch_size: int = 32
     ) -> None:
-        self.model = disable_dropout(model).requires_grad_(False)
-        self.tokenizer = tokenizer
+        """``model`` (with its ``tokenizer``) as :func:`lit_p3o.models.build_reward_model` makes
+        a ready model: so a model given here scores as the same model loaded from its path."""
+        self.tokenizer = load_tokenizer(model, tokenizer, "RewardScorer.model")
+        self.model = disable_dropout(build_reward_model(model, self.tokenizer)).requires_grad_(False)
         self.max_length = max_length
         self.batch_size = batch_size
         self.source_tokenizer: PreTrainedTokenizerBase | None = None
@@ -192,10 +195,15 @@ RewardFunction = Callable[..., Sequence[Union[float, int, None]]]
 
 class FunctionScorer:
     """A Python reward function, called like TRL's ``reward_funcs``:
-    ``func(prompts=[...], completions=[...], **columns)`` with one entry per response (text,
-    special tokens removed) and, as keyword lists, the other columns of each response's prompt
-    row (:class:`lit_p3o.data.prompts.Prompt`); it returns one float, or None, per response.
-    None becomes NaN, which the RL stages' non-finite guard turns into a skipped update."""
+    ``func(prompts=[...], completions=[...], **columns)`` with one entry per response and, as
+    keyword lists, the other columns of each response's prompt row
+    (:class:`lit_p3o.data.prompts.Prompt`); it returns one float, or None, per response.
+
+    Plain prompts give text (special tokens removed); conversational prompts (message lists)
+    give, as TRL does, each prompt's messages and each completion as
+    ``[{"role": "assistant", "content": text}]``. None (the function does not apply to that
+    response) becomes NaN: alone it is a non-finite reward, which the RL stages' guard turns
+    into a skipped update; in a :class:`WeightedScorer` the term is left out of that sum."""
 
     def __init__(self, function: RewardFunction, tokenizer: PreTrainedTokenizerBase, name: str | None = None) -> None:
         if not callable(function):
@@ -207,6 +215,12 @@ class FunctionScorer:
     def score_examples(
         self, examples: list[Encoded], ended: list[bool] | None = None, prompts: Sequence[str] | None = None
     ) -> Tensor:
+        return self.values(examples, ended, prompts)[0]
+
+    def values(
+        self, examples: list[Encoded], ended: list[bool] | None = None, prompts: Sequence[str] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The function's values (None as NaN) and which of them were None, each ``[N]``."""
         texts = [self.tokenizer.decode(e.prompt_ids, skip_special_tokens=True) for e in examples]
         prompts = list(prompts) if prompts is not None else texts
         if len(prompts) != len(examples):
@@ -214,8 +228,13 @@ class FunctionScorer:
         completions = [self.tokenizer.decode(e.response_ids, skip_special_tokens=True) for e in examples]
         names = list(dict.fromkeys(k for p in prompts for k in getattr(p, "columns", {})))
         columns = {k: [getattr(p, "columns", {}).get(k) for p in prompts] for k in names}
+        if prompts and all(getattr(p, "messages", None) is not None for p in prompts):  # TRL's conversational call
+            given_prompts: list[Any] = [copy.deepcopy(p.messages) for p in prompts]
+            given_completions: list[Any] = [[{"role": "assistant", "content": c}] for c in completions]
+        else:
+            given_prompts, given_completions = [str(p) for p in prompts], completions
         try:
-            values = self.function(prompts=[str(p) for p in prompts], completions=completions, **columns)
+            values = self.function(prompts=given_prompts, completions=given_completions, **columns)
         except Exception as err:  # the user's code: named, and its traceback kept under LIT_P3O_DEBUG=1
             raise RewardFunctionError(self.name, f"raised {_one_line(err)}") from err
         if isinstance(values, Tensor):
@@ -228,26 +247,94 @@ class FunctionScorer:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise RewardFunctionError(self.name, f"value {i} is {v!r}; expected a float or None")
             out.append(math.nan if v is None else float(v))
-        return torch.tensor(out, dtype=torch.float32)
+        return torch.tensor(out, dtype=torch.float32), torch.tensor([v is None for v in values], dtype=torch.bool)
 
 
 class WeightedScorer:
-    """``Σ_i w_i · score_i``: several rewards mixed (a NaN in any term makes the sum NaN)."""
+    """``Σ_i w_i · score_i`` over the terms that apply to each response: a reward function's
+    None (it does not apply, as in TRL) leaves its term out of that response's sum, and a
+    response no term applies to gets NaN (a non-finite reward: the guard skips the update). A
+    NaN from a reward model or a function is not None: it makes the sum NaN."""
 
     def __init__(self, terms: list[tuple[Any, float]]) -> None:
         if not terms:
             raise ValueError("WeightedScorer: needs at least one reward")
         self.terms = terms
+        self.names = _unique([term_name(s) for s, _ in terms])
         models = [s.model for s, _ in terms if isinstance(getattr(s, "model", None), nn.Module)]
         self.model = nn.ModuleList(models) if models else None  # so the stage moves them with itself
 
     def score_examples(
         self, examples: list[Encoded], ended: list[bool] | None = None, prompts: Sequence[str] | None = None
     ) -> Tensor:
-        total = torch.zeros(len(examples))
-        for scorer, weight in self.terms:
-            total = total + weight * scorer.score_examples(examples, ended, prompts=prompts).float()
-        return total
+        return self.weighted_sum(self.score_terms(examples, ended, prompts))
+
+    def score_terms(
+        self, examples: list[Encoded], ended: list[bool] | None = None, prompts: Sequence[str] | None = None
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Each term's own values, unweighted, and which of them are None, by :attr:`names`."""
+        out = {}
+        for name, (scorer, _) in zip(self.names, self.terms):
+            if isinstance(scorer, FunctionScorer):
+                out[name] = scorer.values(examples, ended, prompts)
+            else:
+                values = scorer.score_examples(examples, ended, prompts=prompts).float()
+                out[name] = (values, torch.zeros(len(values), dtype=torch.bool))
+        return out
+
+    def weighted_sum(self, terms: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+        """``Σ w_i · value_i`` over the terms that are not None; NaN where every term is None."""
+        total, applied = torch.zeros(()), torch.zeros((), dtype=torch.bool)
+        for name, (_, weight) in zip(self.names, self.terms):
+            values, none = terms[name]
+            total = total + torch.where(none, 0.0, weight * values)
+            applied = applied | ~none
+        return torch.where(applied, total, math.nan)
+
+
+def term_name(scorer: Any) -> str:
+    """A reward's short name in metrics (``rollout/reward/<name>/mean``): a function's name, an
+    embedded task's name, a reward model's directory name."""
+    if isinstance(scorer, FunctionScorer):
+        return getattr(scorer.function, "__name__", scorer.name.rpartition(":")[2])
+    if isinstance(scorer, GoldScorer):
+        return scorer.task.name
+    if isinstance(scorer, RewardScorer):
+        return Path(_hf_model(scorer.model).config.name_or_path or "reward_model").name
+    return type(scorer).__name__
+
+
+def _unique(names: list[str]) -> list[str]:
+    """``names`` with repeats numbered (``length``, ``length_2``), so each term keeps its metrics."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return out
+
+
+def score_terms(
+    scorer: Scorer, examples: list[Encoded], ended: list[bool], prompts: Sequence[str]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The reward of each response and, by :func:`term_name`, each term's own values (None as
+    NaN): a :class:`WeightedScorer`'s terms, or the one scorer's values under its name."""
+    if isinstance(scorer, WeightedScorer):
+        terms = scorer.score_terms(examples, ended, prompts)
+        return scorer.weighted_sum(terms), {name: values for name, (values, _) in terms.items()}
+    scores = scorer.score_examples(examples, ended, prompts=prompts).float()
+    return scores, {term_name(scorer): scores}
+
+
+def term_stats(terms: dict[str, Tensor]) -> dict[str, float]:
+    """Per term: mean and std of the values given, and the fraction that were None (or NaN)."""
+    stats = {}
+    for name, values in terms.items():
+        given = values[~values.isnan()]
+        stats[f"reward/{name}/mean"] = given.mean().item() if given.numel() else math.nan
+        stats[f"reward/{name}/std"] = given.std().item() if given.numel() > 1 else 0.0
+        stats[f"reward/{name}/none_fraction"] = values.isnan().float().mean().item()
+    return stats
 
 
 @dataclass
@@ -263,9 +350,10 @@ class RewardSpec:
             raise ValueError(f"RewardSpec.weight: must be finite, got {self.weight}")
 
 
-RewardSource = Union[str, list[RewardSpec], RewardFunction]
+RewardSource = Union[str, list[RewardSpec], RewardFunction, RewardScorer]
 """What ``reward_model`` of an RL stage accepts: one source, a list of weighted ones, or (from
-Python) a reward function itself."""
+Python) a reward function itself or a :class:`RewardScorer` (a reward model object and its
+tokenizer)."""
 
 
 def load_function(source: str) -> RewardFunction:
@@ -299,13 +387,22 @@ def is_function_source(source: str) -> bool:
 
 def build_scorer(source: RewardSource | RewardSpec, policy_tokenizer: PreTrainedTokenizerBase):
     """``"embedded:<task>"`` → that task's gold reward; ``"package.module:function"`` → a
-    :class:`FunctionScorer`, as is a Python callable itself; a list of :class:`RewardSpec` →
+    :class:`FunctionScorer`, as is a Python callable itself; a :class:`RewardScorer` as it is
+    (a bare model is refused: it needs its tokenizer); a list of :class:`RewardSpec` →
     their :class:`WeightedScorer`; otherwise a saved reward model's path."""
     if isinstance(source, (list, tuple)):
         specs = [s if isinstance(s, RewardSpec) else RewardSpec(**s) for s in source]
         return WeightedScorer([(build_scorer(s.source, policy_tokenizer), s.weight) for s in specs])
     if isinstance(source, RewardSpec):
         return build_scorer([source], policy_tokenizer)
+    if isinstance(source, RewardScorer):
+        source.accept_ids_from(policy_tokenizer)
+        return source
+    if isinstance(source, nn.Module):
+        raise TypeError(
+            f"reward_model: a {type(source).__name__} needs its tokenizer; "
+            "pass RewardScorer(model, tokenizer) (lit_p3o.RewardScorer)"
+        )
     if callable(source):
         return FunctionScorer(source, policy_tokenizer, name=getattr(source, "__qualname__", repr(source)))
     task = resolve_embedded(source)

@@ -1,6 +1,7 @@
 """Reward models agree with transformers (issue 10, part 1): a reward model saved by lit-p3o
 scores the same under plain ``AutoModelForSequenceClassification``, and one saved by
-transformers/TRL scores in lit-p3o as under its own forward, for tokenizers without a pad
+transformers/TRL scores in lit-p3o as under its own forward (without a pad token: as TRL
+scores it, with the config's pad id set to EOS), for tokenizers without a pad
 token, with pad = EOS and with a separate pad, under left and right padding, with prompts that
 contain the EOS / end-of-turn token."""
 
@@ -58,6 +59,9 @@ def test_reward_model_trained_elsewhere_scores_as_under_its_own_forward(setup, t
     directory = save_model_dir(tmp_path / "rm", tokenizer, family, head="reward", head_scale=3.0)
     hf = AutoModelForSequenceClassification.from_pretrained(directory).eval()
     assert hf.config.pad_token_id == tokenizer.pad_token_id  # None, EOS, or the separate pad
+    had_pad = hf.config.pad_token_id is not None
+    if not had_pad:  # no pad token: scored as TRL scores it, with the config's pad id set to EOS
+        hf.config.pad_token_id = tokenizer.eos_token_id
     rows = examples(tokenizer)
     expected = transformers_scores(hf, rows)
     assert expected.unique().numel() == len(rows)
@@ -72,7 +76,7 @@ def test_reward_model_trained_elsewhere_scores_as_under_its_own_forward(setup, t
         torch.testing.assert_close(
             scorer.score_examples([rows[i] for i in order]), expected[order], atol=1e-5, rtol=1e-5
         )
-    if hf.config.pad_token_id is not None:  # transformers' own padded batch (right padding) agrees too
+    if had_pad:  # transformers' own padded batch (right padding) agrees too
         padded = AutoTokenizer.from_pretrained(directory).pad(
             {"input_ids": [e.prompt_ids + e.response_ids for e in rows]}, return_tensors="pt"
         )

@@ -197,8 +197,9 @@ def fit(stage, tmp_path, epochs=1):
 
 
 def test_none_rewards_skip_the_update_through_the_guard(tmp_path):
+    """No term applies (every function returned None): the reward is NaN, the update skipped."""
     stage = p3o(
-        [RewardSpec(f"{HERE}:always_none"), RewardSpec("embedded:reviews", 0.5)],
+        [RewardSpec(f"{HERE}:always_none"), RewardSpec(f"{HERE}:always_none", 0.5)],
         guards=GuardSpec(max_skipped_fraction=1.0),
     )
     before = {k: v.clone() for k, v in stage.policy.state_dict().items()}

@@ -34,11 +34,16 @@ def constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
     return params
 
 
+_OBJECT_ARGUMENTS = {"model", "policy", "reward_model"}
+"""Required stage arguments that a Python object may have filled (then not in the hyperparameters)."""
+
+
 def stage_class(hparams: Mapping[str, Any], class_path: str | None = None) -> type:
     """The stage a checkpoint was written by: ``class_path`` when given, else the one that
     LightningCLI recorded (``_class_path``), else the one of the library's stages whose
     constructor takes exactly the saved hyperparameters (or, for a checkpoint older than an
-    added argument, the fewest others)."""
+    added argument, the fewest others). The model arguments may be missing: given as Python
+    objects, they were left out (:mod:`lit_p3o.stages.objects`)."""
     class_path = class_path or hparams.get("_class_path")
     if class_path is not None:
         module, _, name = class_path.rpartition(".")
@@ -63,7 +68,7 @@ def stage_class(hparams: Mapping[str, Any], class_path: str | None = None) -> ty
         lit_p3o.GRPOModule,
     ):
         params = constructor_parameters(cls)
-        required = {n for n, p in params.items() if p.default is inspect.Parameter.empty}
+        required = {n for n, p in params.items() if p.default is inspect.Parameter.empty} - _OBJECT_ARGUMENTS
         if required <= keys <= set(params):
             fits.append((len(set(params) - keys), cls))
     fits.sort(key=lambda fit: fit[0])
@@ -76,7 +81,9 @@ def stage_class(hparams: Mapping[str, Any], class_path: str | None = None) -> ty
     return fits[0][1]
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, merge: bool = False, class_path: str | None = None) -> Path:
+def export_checkpoint(
+    ckpt: str | Path, out: str | Path, merge: bool = False, class_path: str | None = None, **objects: Any
+) -> Path:
     """Write the trained network of a Lightning checkpoint (``policy`` of SFT and RL stages,
     ``reward_model`` of the reward stage) and its tokenizer to ``out`` with
     :func:`lit_p3o.models.save_pretrained`; LoRA adapters are saved alone unless ``merge``.
@@ -91,6 +98,11 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, merge: bool = False, cl
     run and the checkpoint it was made from) and replaces ``out`` whole, so a failure leaves
     the previous export as it was. Errors are :class:`~lit_p3o.errors.ConfigError` lines naming
     ``--ckpt`` or ``--out``.
+
+    A stage built from Python objects (a ready ``policy``/``model`` and its ``tokenizer``, a
+    ``critic``) has them left out of its checkpoint (:mod:`lit_p3o.stages.objects`): pass the
+    same ``objects`` again, e.g. ``export_checkpoint(ckpt, out, policy=model, tokenizer=tok)``;
+    from the command line such a checkpoint is refused, naming them.
     """
     import lit_p3o  # noqa: F401  (registers the checkpoint's classes as safe to unpickle)
     from lit_p3o.stages.base import RLStage
@@ -104,13 +116,22 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, merge: bool = False, cl
     writer = f"this export of {ckpt} (run {run_id or 'without an id'})"
     with OutputLock(out, "--out", f"lit-p3o export of {ckpt}"):
         check_export_dir(out, run_id, "--out", writer, checkpoint=source)
-        hparams = dict(checkpoint["hyper_parameters"])
+        hparams = dict(checkpoint["hyper_parameters"], **objects)
         try:
             cls = stage_class(hparams, class_path)
         except ValueError as err:
             raise ConfigError(f"{'--stage' if class_path else f'--ckpt {ckpt}'}: {err}") from err
         if issubclass(cls, RLStage):
             hparams["reward_model"] = "embedded:reviews"  # the scorer is frozen, not in the checkpoint, not exported
+        params = constructor_parameters(cls)
+        left_out = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in hparams]
+        if left_out:
+            given = ", ".join(f"{n}=..." for n in left_out)
+            raise ConfigError(
+                f"--ckpt {ckpt}: {cls.__name__} was built from Python objects ({', '.join(left_out)}), which "
+                f"checkpoints do not hold; export it from Python with them: "
+                f"lit_p3o.commands.export_checkpoint(ckpt, out, {given}, tokenizer=...)"
+            )
         try:
             if hparams.pop("_instantiator", None) is not None:  # written by LightningCLI: the parsed config
                 hparams.pop("_class_path", None)

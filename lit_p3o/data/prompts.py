@@ -14,17 +14,23 @@ from lit_p3o.tasks import resolve_embedded
 
 class Prompt(str):
     """A prompt's text carrying its dataset row's other ``columns`` (e.g. a reference
-    ``answer``), which Python reward functions receive as keyword arguments."""
+    ``answer``), which Python reward functions receive as keyword arguments, and, for a
+    conversational row, its ``messages`` (the list the text was rendered from), which they
+    receive as the prompt, as TRL passes it."""
 
     columns: dict[str, Any]
+    messages: list[dict[str, Any]] | None
 
-    def __new__(cls, text: str, columns: Mapping[str, Any] | None = None) -> Prompt:
+    def __new__(
+        cls, text: str, columns: Mapping[str, Any] | None = None, messages: list[dict[str, Any]] | None = None
+    ) -> Prompt:
         prompt = super().__new__(cls, text)
         prompt.columns = dict(columns or {})
+        prompt.messages = messages
         return prompt
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Prompt, (str(self), self.columns))
+        return (Prompt, (str(self), self.columns, self.messages))
 
 
 def load_prompts(
@@ -44,7 +50,8 @@ def load_prompts(
     used as written: they are often formatted already, as HH's transcripts).
 
     Prompts are :class:`Prompt` strings: from a ``prompt`` column they carry the row's other
-    columns; an embedded task may give columns through its ``prompt_columns(prompt)``."""
+    columns (and, conversational, the row's messages); an embedded task may give columns
+    through its ``prompt_columns(prompt)``."""
     if isinstance(source, (list, tuple)):
         return _listed_prompts(source, limit, tokenizer, chat_template_kwargs)
     task = resolve_embedded(source)
@@ -57,7 +64,12 @@ def load_prompts(
     if rows and "prompt" in rows[0]:
         parsed = parse_prompts(rows, origin, tokenizer, chat_template_kwargs=chat_template_kwargs)
         prompts = [
-            Prompt(p, {k: v for k, v in rows[n].items() if k != "prompt"}) for n, p in zip(parsed.row_numbers, parsed)
+            Prompt(
+                p,
+                {k: v for k, v in rows[n].items() if k != "prompt"},
+                rows[n]["prompt"] if isinstance(rows[n]["prompt"], list) else None,
+            )
+            for n, p in zip(parsed.row_numbers, parsed)
         ]
         if {"chosen", "rejected"} <= rows[0].keys():  # preference pairs: one prompt, many pairs
             prompts = list(dict.fromkeys(prompts))

@@ -57,9 +57,14 @@ def as_spec(spec: ModelSource | dict[str, Any]) -> ModelSpec | nn.Module:
 
 def python_objects(**arguments: Any) -> list[str]:
     """The names of constructor arguments given as Python objects (models, tokenizers, datasets,
-    functions): ``save_hyperparameters`` leaves them out, as they are neither config nor small."""
-    plain = (str, int, float, bool, type(None), ModelSpec, dict, list, tuple)
-    return [name for name, value in arguments.items() if not isinstance(value, plain)]
+    functions): ``save_hyperparameters`` leaves them out, as they are neither config nor small.
+    Containers count by exact type: a ``DatasetDict`` is a ``dict`` subclass, not config."""
+    plain = (str, int, float, bool, type(None), ModelSpec)
+    return [
+        name
+        for name, value in arguments.items()
+        if not (isinstance(value, plain) or type(value) in (dict, list, tuple))
+    ]
 
 
 def load_tokenizer(
@@ -118,9 +123,13 @@ def build_reward_model(
     """A scalar-head model (``AutoModelForSequenceClassification`` with one label).
 
     Initialising from a causal LM (e.g. the SFT policy) keeps its backbone and adds a new
-    head, which is how reward models are usually started. The config's ``pad_token_id`` is
-    left as loaded: it decides where the score is read (:func:`lit_p3o.scoring.pooling_positions`),
-    as in transformers.
+    head, which is how reward models are usually started. The config's ``pad_token_id`` decides
+    where the score is read (:func:`lit_p3o.scoring.pooling_positions`), as in transformers; a
+    config without one gets the tokenizer's (EOS when it has none), as TRL sets it and as a
+    ready model gets it. So training, scoring here, a ready model and a loaded one read the
+    same token, and the model is saved with the pad id its tokenizer is saved with: plain
+    transformers can batch-score it and TRL, which sets the config's pad id to the
+    tokenizer's, reads the same token.
 
     ``new_head_expected`` (the reward stage, which trains the head): transformers' load report
     is not shown when all it says is that the score head is new and the LM head unused. A
@@ -130,6 +139,8 @@ def build_reward_model(
         return _ready(spec, tokenizer)
     with _new_head_report_hidden(new_head_expected):
         model = _load_or_build(spec, tokenizer, AutoModelForSequenceClassification, num_labels=1)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     return _finish(spec, model, task_type="SEQ_CLS")
 
 

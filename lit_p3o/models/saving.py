@@ -40,8 +40,8 @@ def save_pretrained(
     A causal LM's tokenizer is saved padding on the left, as batched ``generate()`` needs (with
     right padding HF warns and continues after the pad tokens). A reward model's keeps its
     side: HF's sequence-classification heads read the last token that is not
-    ``pad_token_id``, on either side (so when pad = EOS a final EOS is not the token read;
-    :class:`lit_p3o.RewardScorer` reads the last attended token instead).
+    ``pad_token_id``, on either side (so when pad = EOS a final EOS is not the token read), as
+    :class:`lit_p3o.RewardScorer` does (:func:`lit_p3o.scoring.pooling_positions`).
 
     ``extra_files`` (name → text) are written beside them. The directory is written beside
     ``directory`` and then renamed into its place (:func:`lit_p3o.runs.replaced_directory`):

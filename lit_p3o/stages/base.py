@@ -52,6 +52,7 @@ from lit_p3o.rollout import (
     this_ranks,
 )
 from lit_p3o.scoring import RewardSource, build_scorer
+from lit_p3o.stages.objects import keep_config_only
 from lit_p3o.stages.sharding import ShardableModule
 from lit_p3o.tasks import resolve_embedded
 
@@ -142,6 +143,7 @@ class RLStage(ShardableModule):
         for arguments in collect_init_args(inspect.currentframe(), [], classes=(RLStage,)):
             given.update({name: value for name, value in arguments.items() if not is_dataclass(value)})
         self.save_hyperparameters(ignore=python_objects(**given))
+        keep_config_only(self)  # e.g. a Dataset as rollout.prompts: noted, not pickled into checkpoints
         self.evaluation_spec = evaluation or EvaluationSpec()
         self.validate_during_fit = evaluation is not None
         self.rollout_spec = rollout or RolloutSpec()
