@@ -184,10 +184,20 @@ class ReplayBuffer:
 
     def schedule(self) -> list[list[int]]:
         """Group indices of every minibatch of this rollout, ``update_epochs`` shuffled passes."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rollouts)
+        return self._schedule(self.rollouts, len(self.groups), self.update_epochs)
+
+    def next_first_pass(self, num_groups: int) -> list[list[int]]:
+        """The first pass of the schedule that the next :meth:`fill` with ``num_groups`` groups
+        gets: the rollout computes ``logp_old`` in these minibatches, so that under bf16 (where a
+        row's log-probs depend on the batch it is computed in) the first update's ratio is
+        exactly 1."""
+        return self._schedule(self.rollouts + 1, num_groups, 1)
+
+    def _schedule(self, rollouts: int, num_groups: int, passes: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rollouts)
         minibatches = []
-        for _ in range(self.update_epochs):
-            order = torch.randperm(len(self.groups), generator=generator).tolist()
+        for _ in range(passes):
+            order = torch.randperm(num_groups, generator=generator).tolist()
             minibatches += [order[i : i + self.minibatch_groups] for i in range(0, len(order), self.minibatch_groups)]
         return minibatches
 

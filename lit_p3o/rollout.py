@@ -7,9 +7,9 @@ One iteration of an RL stage is one Lightning epoch; its events, in order, and w
    (:class:`PromptSampler`) and :func:`rollout` samples K responses per prompt with
    ``generate()`` (KV cache on, noise seeded by :func:`sampling_seed`);
 2. score — :func:`rollout` scores them (the stage's ``scorer`` minus the missing-EOS penalty) and
-   takes per-token ``logp_ref`` and ``logp_old`` (:func:`lit_p3o.generation.response_logprobs`),
-   the KL and ``r̃ = score − β·KL`` (:func:`lit_p3o.losses.sequence_kl_rewards`) and the stage's
-   per-token extras (PPO's values). On-policy (``RolloutSpec.defer_logp_old`` and
+   takes per-token ``logp_ref``, ``logp_old`` (:mod:`lit_p3o.forwards`: ``logp_old`` in the
+   update's first-pass minibatches), the KL and ``r̃ = score − β·KL``
+   (:func:`lit_p3o.losses.sequence_kl_rewards`) and the stage's per-token extras (PPO's values). On-policy (``RolloutSpec.defer_logp_old`` and
    :attr:`RolloutSpec.on_policy`) ``logp_old``, the KL and ``r̃`` are left to the update;
 3. fill — the callback refills the stage's :class:`~lit_p3o.buffer.ReplayBuffer` and logs the
    rollout's statistics (:func:`rollout_stats`) at the step it was drawn;
@@ -44,9 +44,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.buffer import Group, ReplayBuffer
-from lit_p3o.data.encoding import Encoded, TruncationStats, collate, encode_prompt, fit_prompt
+from lit_p3o.data.encoding import TruncationStats, encode_prompt, fit_prompt
 from lit_p3o.data.prompts import load_prompts
-from lit_p3o.generation import SamplingSpec, decode, response_logprobs, sample_responses, seeded
+from lit_p3o.forwards import logp_old_in_update_layout, reference_passes
+from lit_p3o.generation import SamplingSpec, decode, sample_responses, seeded
 from lit_p3o.losses import adaptive_kl_beta, sequence_kl_rewards
 from lit_p3o.monitoring import log_samples, phase, shows_progress
 from lit_p3o.scoring import Scorer
@@ -419,9 +420,12 @@ def rollout(
             raise RuntimeError("rollout: an empty response was sampled")
 
     deferred = spec.update_gives_logp_old
-    logp_old, logp_ref, extras = _forward_passes(
-        stage, examples, spec.forward_batch_size, spec.sampling.temperature, show_progress, with_old=not deferred
-    )
+    temperature = spec.sampling.temperature
+    logp_old = None
+    if not deferred:  # in the update's first-pass minibatches: ρ = 1 exactly at its first step
+        first_pass = stage.buffer.next_first_pass(len(prompts))
+        logp_old = logp_old_in_update_layout(stage, examples, k, first_pass, temperature, show_progress)
+    logp_ref, extras = reference_passes(stage, examples, spec.forward_batch_size, temperature, show_progress)
     n = spec.forward_batch_size
     chunks = tqdm(range(0, len(examples), n), desc="rollout: score", leave=False, disable=not show_progress)
     prompt_of = [p for p in prompts for _ in range(k)]  # the prompt set's row (its columns) for each response
@@ -457,42 +461,6 @@ def rollout(
         )
         for g in range(len(prompts))
     ]
-
-
-@torch.no_grad()
-def _forward_passes(
-    stage: RolloutStage,
-    examples: list[Encoded],
-    batch_size: int,
-    temperature: float,
-    show_progress: bool = False,
-    with_old: bool = True,
-) -> tuple[list[Tensor], list[Tensor], dict[str, list[Tensor]]]:
-    """Per-token ``logp_old`` (empty unless ``with_old``), ``logp_ref`` (both at the sampling
-    temperature) and the stage's
-    extras, trimmed to each response."""
-    device = next(stage.policy.parameters()).device
-    logp_old: list[Tensor] = []
-    logp_ref: list[Tensor] = []
-    extras: dict[str, list[Tensor]] = {}
-    starts = tqdm(
-        range(0, len(examples), batch_size), desc="rollout: log-probs", leave=False, disable=not show_progress
-    )
-    for start in starts:
-        chunk = examples[start : start + batch_size]
-        batch = collate(chunk, stage.tokenizer.pad_token_id).to(device)
-        old = response_logprobs(stage.policy, batch, temperature).cpu() if with_old else None
-        with stage.reference.active() as reference:
-            ref = response_logprobs(reference, batch, temperature).cpu()
-        more = {name: t.float().cpu() for name, t in stage.rollout_extras(batch).items()}
-        for i, e in enumerate(chunk):
-            n = len(e.response_ids)
-            if old is not None:
-                logp_old.append(old[i, :n].clone())
-            logp_ref.append(ref[i, :n].clone())
-            for name, t in more.items():
-                extras.setdefault(name, []).append(t[i, :n].clone())
-    return logp_old, logp_ref, extras
 
 
 def group_tensors(groups: list[Group]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
