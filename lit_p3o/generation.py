@@ -187,10 +187,15 @@ def response_end(
 
 @dataclass
 class Sampled:
-    """Sampled responses: ids (EOS included when generated) and whether EOS was generated."""
+    """Sampled responses: ids (EOS included when generated) and whether EOS was generated.
+
+    ``logprobs``: per response, the sampler's log-prob of each emitted token (1-D float32, as
+    long as its ``response_ids``), from engines that report them; None from ``generate()``.
+    """
 
     examples: list[Encoded]
     ended: list[bool]
+    logprobs: list[Tensor] | None = None
 
 
 @contextmanager

@@ -48,7 +48,7 @@ from lit_p3o.data.encoding import TruncationStats, encode_prompt, fit_prompt
 from lit_p3o.data.prompts import load_prompts
 from lit_p3o.forwards import logp_old_in_update_layout, reference_passes
 from lit_p3o.generation import SamplingSpec, decode, sample_responses, seeded
-from lit_p3o.losses import adaptive_kl_beta, sequence_kl_rewards
+from lit_p3o.losses import adaptive_kl_beta, sampler_logp_gap, sequence_kl_rewards
 from lit_p3o.monitoring import log_samples, phase, shows_progress
 from lit_p3o.scoring import Scorer
 
@@ -73,6 +73,9 @@ class RolloutSpec:
     ``defer_logp_old``: when the rollout is :attr:`on_policy` (replayed once, in one
     minibatch), skip the rollout's ``logp_old`` forward and take ``logp_old`` from the
     update's own forward, detached (the ratio is then exactly 1); false keeps the pass.
+    ``importance_sampling_cap``: C of the truncated importance-sampling correction for the gap
+    between the sampler and the trainer (:func:`lit_p3o.losses.truncated_importance_weights`);
+    it needs a sampler that reports its log-probs. Null (default) applies none.
     """
 
     prompts: str | list[str] = "embedded:reviews"
@@ -90,6 +93,7 @@ class RolloutSpec:
     log_samples: int = 2
     chat_template_kwargs: dict[str, Any] | None = None
     defer_logp_old: bool = True
+    importance_sampling_cap: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_responses < 2:
@@ -106,6 +110,16 @@ class RolloutSpec:
                 raise ValueError(f"RolloutSpec.{name}: must be >= 1, got {getattr(self, name)}")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise ValueError("RolloutSpec.missing_eos_penalty: it is subtracted, give a value >= 0")
+        if self.importance_sampling_cap is not None and not self.importance_sampling_cap > 0:
+            raise ValueError(f"RolloutSpec.importance_sampling_cap: must be > 0, got {self.importance_sampling_cap}")
+
+    def require_sampler_logprobs(self, present: bool) -> None:
+        """The importance-sampling correction needs the sampler's log-probs (``present``)."""
+        if self.importance_sampling_cap is not None and not present:
+            raise ValueError(
+                f"RolloutSpec.importance_sampling_cap: got {self.importance_sampling_cap}, but the sampler gives no "
+                "log-probs to correct for (generate(), rollout.sampling.backend: hf); leave it null"
+            )
 
     @property
     def on_policy(self) -> bool:
@@ -260,7 +274,10 @@ class RolloutCallback(L.Callback):
             groups = rollout(pl_module, prompts, self.kl.beta, self.spec, show_progress=shows_progress(trainer))
         buffer.fill(groups)
         if groups[0].kl is not None:  # else the update gives the KL (on-policy, step 4)
-            self._report(trainer, pl_module, rollout_stats(*group_tensors(groups), self.kl.beta))
+            stats = rollout_stats(*group_tensors(groups), self.kl.beta)
+            if groups[0].sampler_logp is not None:
+                stats["sampler_logp_gap"] = group_sampler_gap(groups)
+            self._report(trainer, pl_module, stats)
         if self.spec.log_samples and trainer.is_global_zero:
             self._log_samples(trainer, pl_module, groups[: self.spec.log_samples])
 
@@ -415,6 +432,7 @@ def rollout(
         progress="rollout: generate" if show_progress else None,
     )
     examples, ended = sampled.examples, sampled.ended
+    spec.require_sampler_logprobs(sampled.logprobs is not None)
     for e in examples:
         if not e.response_ids:  # generate() always emits at least one token; guard anyway
             raise RuntimeError("rollout: an empty response was sampled")
@@ -458,6 +476,7 @@ def rollout(
             rewards=rows(rewards, g),
             ended=ended_t[g * k : (g + 1) * k],
             extras={name: values[g * k : (g + 1) * k] for name, values in extras.items()},
+            sampler_logp=None if sampled.logprobs is None else sampled.logprobs[g * k : (g + 1) * k],
         )
         for g in range(len(prompts))
     ]
@@ -472,6 +491,12 @@ def group_tensors(groups: list[Group]) -> tuple[Tensor, Tensor, Tensor, Tensor, 
 
     lengths = torch.tensor([float(len(r)) for g in groups for r in g.responses])
     return flat("scores"), flat("kl"), flat("rewards"), lengths, flat("ended")
+
+
+def group_sampler_gap(groups: list[Group]) -> float:
+    """:func:`lit_p3o.losses.sampler_logp_gap` over every response token of ``groups``."""
+    sampler, old = (torch.cat([t for g in groups for t in getattr(g, name)]) for name in ("sampler_logp", "logp_old"))
+    return sampler_logp_gap(sampler, old, torch.ones_like(old)).item()
 
 
 def rollout_stats(
