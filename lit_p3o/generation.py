@@ -187,11 +187,9 @@ def response_end(
 
 @dataclass
 class Sampled:
-    """Sampled responses: ids (EOS included when generated) and whether EOS was generated.
-
-    ``logprobs``: per response, the sampler's log-prob of each emitted token (1-D float32, as
-    long as its ``response_ids``), from engines that report them; None from ``generate()``.
-    """
+    """Sampled responses: ids (EOS included when generated) and whether EOS was generated;
+    ``logprobs``, from samplers that report them (vLLM), the sampler's float32 log-prob of each
+    kept response token (one 1-D tensor per response), None from ``generate()``."""
 
     examples: list[Encoded]
     ended: list[bool]

@@ -9,8 +9,9 @@ One iteration of an RL stage is one Lightning epoch; its events, in order, and w
 2. score — :func:`rollout` scores them (the stage's ``scorer`` minus the missing-EOS penalty) and
    takes per-token ``logp_ref``, ``logp_old`` (:mod:`lit_p3o.forwards`: ``logp_old`` in the
    update's first-pass minibatches), the KL and ``r̃ = score − β·KL``
-   (:func:`lit_p3o.losses.sequence_kl_rewards`) and the stage's per-token extras (PPO's values). On-policy (``RolloutSpec.defer_logp_old`` and
-   :attr:`RolloutSpec.on_policy`) ``logp_old``, the KL and ``r̃`` are left to the update;
+   (:func:`lit_p3o.losses.sequence_kl_rewards`) and the stage's per-token extras (PPO's
+   values). On-policy (``RolloutSpec.defer_logp_old`` and :attr:`RolloutSpec.on_policy`)
+   ``logp_old``, the KL and ``r̃`` are left to the update;
 3. fill — the callback refills the stage's :class:`~lit_p3o.buffer.ReplayBuffer` and logs the
    rollout's statistics (:func:`rollout_stats`) at the step it was drawn;
 4. replay passes — Lightning iterates the stage's ``train_dataloader`` (a
