@@ -39,7 +39,7 @@ def logp_old_in_update_layout(
     computed minibatch by minibatch of ``minibatches`` (group indices, covering every group once)."""
     device = next(stage.policy.parameters()).device
     out: list[Tensor] = [torch.empty(0)] * len(examples)
-    for groups in tqdm(minibatches, desc="rollout: log-probs", leave=False, disable=not show_progress):
+    for groups in tqdm(minibatches, desc="rollout: log-probs (policy)", leave=False, disable=not show_progress):
         rows = [g * k + j for g in groups for j in range(k)]
         batch = collate([examples[r] for r in rows], stage.tokenizer.pad_token_id).to(device)
         old = response_logprobs(stage.policy, batch, temperature).cpu()
@@ -58,7 +58,10 @@ def reference_passes(
     logp_ref: list[Tensor] = []
     extras: dict[str, list[Tensor]] = {}
     starts = tqdm(
-        range(0, len(examples), batch_size), desc="rollout: reference", leave=False, disable=not show_progress
+        range(0, len(examples), batch_size),
+        desc="rollout: log-probs (reference)",
+        leave=False,
+        disable=not show_progress,
     )
     for start in starts:
         chunk = examples[start : start + batch_size]
