@@ -37,6 +37,9 @@ class Group:
     ``reward_terms`` each reward term's own values (None as NaN), logged with the rollout.
     ``logp_old``, ``kl`` and ``rewards`` are ``None`` when the rollout left them to the update
     (on-policy, ``RolloutSpec.defer_logp_old``): its own forward gives them, for its minibatch only.
+    ``sampler_logp``: the sampling engine's per-token log-probs of each response, when it reports
+    them (:attr:`lit_p3o.generation.Sampled.logprobs`), for the sampler–trainer gap and the
+    truncated importance-sampling correction; None with ``generate()``.
     """
 
     prompt_ids: list[int]
@@ -49,18 +52,23 @@ class Group:
     ended: Tensor
     extras: dict[str, list[Tensor]] = field(default_factory=dict)
     reward_terms: dict[str, Tensor] = field(default_factory=dict)
+    sampler_logp: list[Tensor] | None = None
 
     def __post_init__(self) -> None:
         k = len(self.responses)
         if (self.logp_old is None) != (self.kl is None) or (self.kl is None) != (self.rewards is None):
             raise ValueError("Group: logp_old, kl and rewards are all given or all left to the update (None)")
         present = [
-            x for x in (self.logp_old, self.logp_ref, self.scores, self.kl, self.rewards, self.ended) if x is not None
+            x
+            for x in (self.logp_old, self.logp_ref, self.scores, self.kl, self.rewards, self.ended, self.sampler_logp)
+            if x is not None
         ]
         if {len(x) for x in present} != {k} or any(
             len(v) != k for v in (*self.extras.values(), *self.reward_terms.values())
         ):
             raise ValueError(f"Group: inconsistent sizes for {k} responses")
+        if self.sampler_logp is not None and [len(t) for t in self.sampler_logp] != [len(r) for r in self.responses]:
+            raise ValueError("Group: sampler_logp needs one log-prob per response token")
 
 
 class RolloutBatch:
@@ -69,7 +77,8 @@ class RolloutBatch:
     Per-token tensors are ``[G·K, R]`` (R = response width), aligned with
     ``batch.input_ids[:, batch.prompt_width:]``; per-response tensors are ``[G, K]``.
     ``logp_old``, ``kl`` and ``rewards`` are ``None`` when the rollout left them to the update
-    (on-policy), which makes them with :meth:`with_logp_old`.
+    (on-policy), which makes them with :meth:`with_logp_old`; ``sampler_logp`` ``[G·K, R]`` is
+    None when the sampler gave no log-probs.
 
     Not a dataclass on purpose: Lightning's ``bf16-true``/``16-true`` precision casts every
     floating tensor it finds inside a batch's dataclasses, lists and dicts to half precision
@@ -87,9 +96,11 @@ class RolloutBatch:
         rewards: Tensor | None,
         ended: Tensor,
         extras: dict[str, Tensor],
+        sampler_logp: Tensor | None = None,
     ) -> None:
         self.batch, self.logp_old, self.logp_ref = batch, logp_old, logp_ref
         self.scores, self.kl, self.rewards, self.ended, self.extras = scores, kl, rewards, ended, extras
+        self.sampler_logp = sampler_logp
 
     @property
     def response_mask(self) -> Tensor:
@@ -107,6 +118,7 @@ class RolloutBatch:
                 for t in (self.logp_old, self.logp_ref, self.scores, self.kl, self.rewards, self.ended)
             ),
             {k: v.to(device) for k, v in self.extras.items()},
+            None if self.sampler_logp is None else self.sampler_logp.to(device),
         )
 
     def with_logp_old(self, logp_old: Tensor, beta: float) -> RolloutBatch:
@@ -117,7 +129,9 @@ class RolloutBatch:
         mask = self.response_mask
         logp_old = logp_old.float() * mask
         kl, rewards = sequence_kl_rewards(self.scores, logp_old, self.logp_ref, mask, beta)
-        return RolloutBatch(self.batch, logp_old, self.logp_ref, self.scores, kl, rewards, self.ended, self.extras)
+        return RolloutBatch(
+            self.batch, logp_old, self.logp_ref, self.scores, kl, rewards, self.ended, self.extras, self.sampler_logp
+        )
 
 
 def _pad_rows(rows: list[Tensor], width: int) -> Tensor:
@@ -141,6 +155,9 @@ def collate_groups(groups: list[Group], pad_token_id: int) -> RolloutBatch:
     deferred = groups[0].logp_old is None  # on-policy: the update makes logp_old, kl and r̃
     if any((g.logp_old is None) != deferred for g in groups):
         raise ValueError("a minibatch mixes groups with and without logp_old")
+    sampled_logp = groups[0].sampler_logp is not None
+    if any((g.sampler_logp is not None) != sampled_logp for g in groups):
+        raise ValueError("a minibatch mixes groups with and without the sampler's log-probs")
 
     def per_token(get: Any) -> Tensor:
         return _pad_rows([t for g in groups for t in get(g)], width)
@@ -157,6 +174,7 @@ def collate_groups(groups: list[Group], pad_token_id: int) -> RolloutBatch:
         rewards=per_response(lambda g: g.rewards),
         ended=torch.stack([g.ended for g in groups]),
         extras={name: per_token(lambda g, n=name: g.extras[n]) for name in groups[0].extras},
+        sampler_logp=per_token(lambda g: g.sampler_logp) if sampled_logp else None,
     )
 
 
@@ -188,10 +206,20 @@ class ReplayBuffer:
 
     def schedule(self) -> list[list[int]]:
         """Group indices of every minibatch of this rollout, ``update_epochs`` shuffled passes."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rollouts)
+        return self._schedule(self.rollouts, len(self.groups), self.update_epochs)
+
+    def next_first_pass(self, num_groups: int) -> list[list[int]]:
+        """The first pass of the schedule that the next :meth:`fill` with ``num_groups`` groups
+        gets: the rollout computes ``logp_old`` in these minibatches, so that under bf16 (where a
+        row's log-probs depend on the batch it is computed in) the first update's ratio is
+        exactly 1."""
+        return self._schedule(self.rollouts + 1, num_groups, 1)
+
+    def _schedule(self, rollouts: int, num_groups: int, passes: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rollouts)
         minibatches = []
-        for _ in range(self.update_epochs):
-            order = torch.randperm(len(self.groups), generator=generator).tolist()
+        for _ in range(passes):
+            order = torch.randperm(num_groups, generator=generator).tolist()
             minibatches += [order[i : i + self.minibatch_groups] for i in range(0, len(order), self.minibatch_groups)]
         return minibatches
 

@@ -230,10 +230,13 @@ def response_end(
 
 @dataclass
 class Sampled:
-    """Sampled responses: ids (EOS included when generated) and whether EOS was generated."""
+    """Sampled responses: ids (EOS included when generated) and whether EOS was generated;
+    ``logprobs``, from samplers that report them (vLLM), the sampler's float32 log-prob of each
+    kept response token (one 1-D tensor per response), None from ``generate()``."""
 
     examples: list[Encoded]
     ended: list[bool]
+    logprobs: list[Tensor] | None = None
 
 
 @contextmanager

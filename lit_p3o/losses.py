@@ -8,6 +8,8 @@ stages call these functions.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -100,7 +102,7 @@ def _clipped_surrogate(
 
 
 def p3o_loss(
-    logratio: Tensor, rewards: Tensor, clip_epsilon: float = 0.2, variant: str = "v1"
+    logratio: Tensor, rewards: Tensor, clip_epsilon: float = 0.2, variant: str = "v1", weights: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Pairwise Proximal Policy Optimization over all pairs ``i < j`` of every group.
 
@@ -115,7 +117,9 @@ def p3o_loss(
     Only δ enters, so any per-prompt reward offset cancels (no value baseline is needed), and
     at ``θ = θ_old`` both variants have the gradient of ``−½ δ (ℓ_i − ℓ_j)``. Returns the mean
     of ``L_ij`` over all pairs and the (detached) share of the two min-terms per pair whose
-    clipped branch is active.
+    clipped branch is active. ``weights`` ``[G, K]`` (sequence-level truncated importance
+    weights, :func:`truncated_importance_weights`) multiply each pair's min-term of ``y_i`` by
+    ``w_i`` and that of ``y_j`` by ``w_j``.
     """
     _check_groups(logratio, rewards)
     if variant not in ("v1", "v2"):
@@ -123,15 +127,16 @@ def p3o_loss(
     _check_epsilon(clip_epsilon)
     i, j = pair_indices(logratio.shape[1], logratio.device)
     delta = (rewards[:, i] - rewards[:, j]).detach()
+    w_i, w_j = (1.0, 1.0) if weights is None else (weights[:, i].detach(), weights[:, j].detach())
     if variant == "v1":
         term_i, clip_i = _clipped_surrogate(logratio[:, i].exp(), delta, clip_epsilon)
         term_j, clip_j = _clipped_surrogate(logratio[:, j].exp(), -delta, clip_epsilon)
-        loss = -0.5 * (term_i + term_j)
+        loss = -0.5 * (w_i * term_i + w_j * term_j)
     else:
         pair_logratio = logratio[:, i] - logratio[:, j]
         term_i, clip_i = _clipped_surrogate(pair_logratio.exp(), delta, clip_epsilon)
         term_j, clip_j = _clipped_surrogate((-pair_logratio).exp(), -delta, clip_epsilon)
-        loss = -0.25 * (term_i + term_j)
+        loss = -0.25 * (w_i * term_i + w_j * term_j)
     clip_fraction = torch.cat([clip_i, clip_j]).float().mean()
     return loss.mean(), clip_fraction
 
@@ -164,16 +169,20 @@ def clip_fraction(ratio: Tensor, advantage: Tensor, eps: float) -> Tensor:
     return _clipped_surrogate(ratio.detach(), advantage.detach(), eps)[1].float().mean()
 
 
-def rloo_loss(logratio: Tensor, advantages: Tensor, clip_epsilon: float | None = None) -> Tensor:
+def rloo_loss(
+    logratio: Tensor, advantages: Tensor, clip_epsilon: float | None = None, weights: Tensor | None = None
+) -> Tensor:
     """REINFORCE with leave-one-out baseline on trajectory ratios ``ρ = exp ℓ``, ``[G, K]``:
     ``−mean(ρA)``, or the PPO-style ``−mean(min(ρA, clip(ρ, 1−ε, 1+ε)A))`` when
-    ``clip_epsilon`` is given. At ``ρ = 1`` the gradient is ``−mean(A ∇ℓ)``."""
+    ``clip_epsilon`` is given. At ``ρ = 1`` the gradient is ``−mean(A ∇ℓ)``. ``weights``
+    ``[G, K]`` (sequence-level truncated importance weights) multiply each response's term."""
     _check_groups(logratio, advantages)
     ratio, advantages = logratio.exp(), advantages.detach()
+    weights = 1.0 if weights is None else weights.detach()
     if clip_epsilon is None:
-        return -(ratio * advantages).mean()
+        return -(weights * ratio * advantages).mean()
     _check_epsilon(clip_epsilon)
-    return -_clipped_surrogate(ratio, advantages, clip_epsilon)[0].mean()
+    return -(weights * _clipped_surrogate(ratio, advantages, clip_epsilon)[0]).mean()
 
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -351,14 +360,22 @@ def ppo_token_rewards(scores: Tensor, logp_old: Tensor, logp_ref: Tensor, mask: 
 
 
 def ppo_policy_loss(
-    logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor, clip_epsilon: float = 0.2
+    logp: Tensor,
+    logp_old: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_epsilon: float = 0.2,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Token-level clipped surrogate ``−min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t)`` with
     ``ρ_t = exp(logp_t − logp_old_t)``, averaged over response tokens. Returns the loss and the
-    (detached) share of response tokens whose clipped branch is active."""
+    (detached) share of response tokens whose clipped branch is active. ``weights`` ``[B, T]``
+    (token-level truncated importance weights) multiply each token's term."""
     _check_epsilon(clip_epsilon)
     ratio = (logp - logp_old.detach()).exp()
     surrogate, clipped = _clipped_surrogate(ratio, advantages.detach(), clip_epsilon)
+    if weights is not None:
+        surrogate = surrogate * weights.detach()
     return -masked_mean(surrogate, mask), masked_mean(clipped.float(), mask)
 
 
@@ -378,12 +395,19 @@ def ppo_value_loss(
 
 
 def dpo_loss(
-    policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float = 0.1
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    beta: float = 0.1,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """``mean(−log σ(β [(log π_w − log π_ref,w) − (log π_l − log π_ref,l)]))`` on sequence
-    log-probs ``[N]``: the Bradley–Terry loss with the implicit reward ``β log(π/π_ref)``."""
+    log-probs ``[N]``: the Bradley–Terry loss with the implicit reward ``β log(π/π_ref)``.
+    ``weights`` ``[N]`` (pair-level truncated importance weights) multiply each pair's term."""
     margin = (policy_chosen - ref_chosen.detach()) - (policy_rejected - ref_rejected.detach())
-    return -F.logsigmoid(beta * margin).mean()
+    terms = -F.logsigmoid(beta * margin)
+    return (terms if weights is None else weights.detach() * terms).mean()
 
 
 def kl_regularized_rewards(scores: Tensor, kl: Tensor, beta: float | Tensor) -> Tensor:
@@ -412,3 +436,29 @@ def adaptive_kl_beta(beta: float, kl: float, target: float, n_samples: int, hori
         raise ValueError(f"adaptive_kl_beta: target and horizon must be > 0, got {target}, {horizon}")
     error = min(max(kl / target - 1.0, -0.2), 0.2)
     return beta * (1.0 + error * n_samples / horizon)
+
+
+def truncated_importance_weights(log_ratio: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling for the sampler–trainer gap (TRL's
+    ``vllm_importance_sampling_correction``): ``w = min(exp(log_ratio), C)``, detached, with
+    ``log_ratio = logp_old − logp_sampler`` and ``C = cap``.
+
+    An inference engine samples from its own π_sampler, which differs from π_old (the trainer's
+    forward, whose ratio the losses clip) by kernels and precision; weighting a loss term by
+    π_old/π_sampler corrects the expectation to π_old, and the cap bounds the variance. The
+    level follows the stage's ratio:
+
+    - token: ``w_t = min(exp(logp_old_t − logp_sampler_t), C)`` per response token (PPO);
+    - sequence: ``w = min(exp(Σ_t (logp_old_t − logp_sampler_t)), C)`` per response (P3O's and
+      RLOO's trajectory ratios);
+    - group: the sum also runs over a group's responses (online DPO's pair).
+    """
+    if not cap > 0:
+        raise ValueError(f"truncated_importance_weights: cap must be > 0, got {cap}")
+    return log_ratio.detach().clamp(max=math.log(cap)).exp()
+
+
+def sampler_logp_gap(logp_sampler: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
+    """``mean_t |logp_sampler_t − logp_t|`` over response tokens: how far the sampling engine's
+    log-probs are from the trainer's for the tokens it emitted."""
+    return masked_mean((logp_sampler - logp).abs(), mask)

@@ -7,10 +7,11 @@ One iteration of an RL stage is one Lightning epoch; its events, in order, and w
    (:class:`PromptSampler`) and :func:`rollout` samples K responses per prompt with
    ``generate()`` (KV cache on, noise seeded by :func:`sampling_seed`);
 2. score — :func:`rollout` scores them (the stage's ``scorer`` minus the missing-EOS penalty) and
-   takes per-token ``logp_ref`` and ``logp_old`` (:func:`lit_p3o.generation.response_logprobs`),
-   the KL and ``r̃ = score − β·KL`` (:func:`lit_p3o.losses.sequence_kl_rewards`) and the stage's
-   per-token extras (PPO's values). On-policy (``RolloutSpec.defer_logp_old`` and
-   :attr:`RolloutSpec.on_policy`) ``logp_old``, the KL and ``r̃`` are left to the update;
+   takes per-token ``logp_ref``, ``logp_old`` (:mod:`lit_p3o.forwards`: ``logp_old`` in the
+   update's first-pass minibatches), the KL and ``r̃ = score − β·KL``
+   (:func:`lit_p3o.losses.sequence_kl_rewards`) and the stage's per-token extras (PPO's
+   values). On-policy (``RolloutSpec.defer_logp_old`` and :attr:`RolloutSpec.on_policy`)
+   ``logp_old``, the KL and ``r̃`` are left to the update;
 3. fill — the callback refills the stage's :class:`~lit_p3o.buffer.ReplayBuffer` and logs the
    rollout's statistics (:func:`rollout_stats`) at the step it was drawn;
 4. replay passes — Lightning iterates the stage's ``train_dataloader`` (a
@@ -44,10 +45,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from lit_p3o.buffer import Group, ReplayBuffer
-from lit_p3o.data.encoding import Encoded, TruncationStats, collate, encode_prompt, fit_prompt
+from lit_p3o.data.encoding import TruncationStats, encode_prompt, fit_prompt
 from lit_p3o.data.prompts import load_prompts
-from lit_p3o.generation import SamplingSpec, decode, response_logprobs, sample_responses, seeded
-from lit_p3o.losses import adaptive_kl_beta, sequence_kl_rewards
+from lit_p3o.forwards import logp_old_in_update_layout, reference_passes
+from lit_p3o.generation import SamplingSpec, decode, sample_responses, seeded
+from lit_p3o.losses import adaptive_kl_beta, sampler_logp_gap, sequence_kl_rewards
 from lit_p3o.monitoring import log_samples, phase, shows_progress
 from lit_p3o.scoring import Scorer, score_terms, term_stats
 
@@ -72,6 +74,9 @@ class RolloutSpec:
     ``defer_logp_old``: when the rollout is :attr:`on_policy` (replayed once, in one
     minibatch), skip the rollout's ``logp_old`` forward and take ``logp_old`` from the
     update's own forward, detached (the ratio is then exactly 1); false keeps the pass.
+    ``importance_sampling_cap``: C of the truncated importance-sampling correction for the gap
+    between the sampler and the trainer (:func:`lit_p3o.losses.truncated_importance_weights`);
+    it needs a sampler that reports its log-probs. Null (default) applies none.
     """
 
     prompts: str | list[str] = "embedded:reviews"
@@ -89,6 +94,7 @@ class RolloutSpec:
     log_samples: int = 2
     chat_template_kwargs: dict[str, Any] | None = None
     defer_logp_old: bool = True
+    importance_sampling_cap: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_responses < 2:
@@ -105,6 +111,16 @@ class RolloutSpec:
                 raise ValueError(f"RolloutSpec.{name}: must be >= 1, got {getattr(self, name)}")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise ValueError("RolloutSpec.missing_eos_penalty: it is subtracted, give a value >= 0")
+        if self.importance_sampling_cap is not None and not self.importance_sampling_cap > 0:
+            raise ValueError(f"RolloutSpec.importance_sampling_cap: must be > 0, got {self.importance_sampling_cap}")
+
+    def require_sampler_logprobs(self, present: bool) -> None:
+        """The importance-sampling correction needs the sampler's log-probs (``present``)."""
+        if self.importance_sampling_cap is not None and not present:
+            raise ValueError(
+                f"RolloutSpec.importance_sampling_cap: got {self.importance_sampling_cap}, but the sampler gives no "
+                "log-probs to correct for (generate(), rollout.sampling.backend: hf); leave it null"
+            )
 
     @property
     def on_policy(self) -> bool:
@@ -262,7 +278,10 @@ class RolloutCallback(L.Callback):
         terms = {name: torch.cat([g.reward_terms[name] for g in groups]) for name in groups[0].reward_terms}
         self._terms = term_stats(terms)  # each reward term, logged with the rollout's statistics
         if groups[0].kl is not None:  # else the update gives the KL (on-policy, step 4)
-            self._report(trainer, pl_module, {**rollout_stats(*group_tensors(groups), self.kl.beta), **self._terms})
+            stats = {**rollout_stats(*group_tensors(groups), self.kl.beta), **self._terms}
+            if groups[0].sampler_logp is not None:
+                stats["sampler_logp_gap"] = group_sampler_gap(groups)
+            self._report(trainer, pl_module, stats)
         if self.spec.log_samples and trainer.is_global_zero:
             self._log_samples(trainer, pl_module, groups[: self.spec.log_samples])
 
@@ -419,14 +438,18 @@ def rollout(
         progress="rollout: generate" if show_progress else None,
     )
     examples, ended = sampled.examples, sampled.ended
+    spec.require_sampler_logprobs(sampled.logprobs is not None)
     for e in examples:
         if not e.response_ids:  # generate() always emits at least one token; guard anyway
             raise RuntimeError("rollout: an empty response was sampled")
 
     deferred = spec.update_gives_logp_old
-    logp_old, logp_ref, extras = _forward_passes(
-        stage, examples, spec.forward_batch_size, spec.sampling.temperature, show_progress, with_old=not deferred
-    )
+    temperature = spec.sampling.temperature
+    logp_old = None
+    if not deferred:  # in the update's first-pass minibatches: ρ = 1 exactly at its first step
+        first_pass = stage.buffer.next_first_pass(len(prompts))
+        logp_old = logp_old_in_update_layout(stage, examples, k, first_pass, temperature, show_progress)
+    logp_ref, extras = reference_passes(stage, examples, spec.forward_batch_size, temperature, show_progress)
     n = spec.forward_batch_size
     chunks = tqdm(range(0, len(examples), n), desc="rollout: score", leave=False, disable=not show_progress)
     prompt_of = [p for p in prompts for _ in range(k)]  # the prompt set's row (its columns) for each response
@@ -457,45 +480,10 @@ def rollout(
             ended=ended_t[g * k : (g + 1) * k],
             extras={name: values[g * k : (g + 1) * k] for name, values in extras.items()},
             reward_terms={name: values[g * k : (g + 1) * k] for name, values in terms.items()},
+            sampler_logp=None if sampled.logprobs is None else sampled.logprobs[g * k : (g + 1) * k],
         )
         for g in range(len(prompts))
     ]
-
-
-@torch.no_grad()
-def _forward_passes(
-    stage: RolloutStage,
-    examples: list[Encoded],
-    batch_size: int,
-    temperature: float,
-    show_progress: bool = False,
-    with_old: bool = True,
-) -> tuple[list[Tensor], list[Tensor], dict[str, list[Tensor]]]:
-    """Per-token ``logp_old`` (empty unless ``with_old``), ``logp_ref`` (both at the sampling
-    temperature) and the stage's
-    extras, trimmed to each response."""
-    device = next(stage.policy.parameters()).device
-    logp_old: list[Tensor] = []
-    logp_ref: list[Tensor] = []
-    extras: dict[str, list[Tensor]] = {}
-    starts = tqdm(
-        range(0, len(examples), batch_size), desc="rollout: log-probs", leave=False, disable=not show_progress
-    )
-    for start in starts:
-        chunk = examples[start : start + batch_size]
-        batch = collate(chunk, stage.tokenizer.pad_token_id).to(device)
-        old = response_logprobs(stage.policy, batch, temperature).cpu() if with_old else None
-        with stage.reference.active() as reference:
-            ref = response_logprobs(reference, batch, temperature).cpu()
-        more = {name: t.float().cpu() for name, t in stage.rollout_extras(batch).items()}
-        for i, e in enumerate(chunk):
-            n = len(e.response_ids)
-            if old is not None:
-                logp_old.append(old[i, :n].clone())
-            logp_ref.append(ref[i, :n].clone())
-            for name, t in more.items():
-                extras.setdefault(name, []).append(t[i, :n].clone())
-    return logp_old, logp_ref, extras
 
 
 def group_tensors(groups: list[Group]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -507,6 +495,12 @@ def group_tensors(groups: list[Group]) -> tuple[Tensor, Tensor, Tensor, Tensor, 
 
     lengths = torch.tensor([float(len(r)) for g in groups for r in g.responses])
     return flat("scores"), flat("kl"), flat("rewards"), lengths, flat("ended")
+
+
+def group_sampler_gap(groups: list[Group]) -> float:
+    """:func:`lit_p3o.losses.sampler_logp_gap` over every response token of ``groups``."""
+    sampler, old = (torch.cat([t for g in groups for t in getattr(g, name)]) for name in ("sampler_logp", "logp_old"))
+    return sampler_logp_gap(sampler, old, torch.ones_like(old)).item()
 
 
 def rollout_stats(

@@ -15,7 +15,7 @@ from collections import Counter
 from contextlib import ExitStack
 from dataclasses import is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -31,6 +31,7 @@ from lit_p3o.data.prompts import load_prompts
 from lit_p3o.evaluation import CompletionWriter, EvaluationSpec, evaluate_examples, sample_completions
 from lit_p3o.generation import check_fits_context, response_logprobs_and_states, seeded
 from lit_p3o.guards import GradientGuard, GuardSpec, TooManySkippedError, UpdateLedger
+from lit_p3o.losses import sampler_logp_gap, truncated_importance_weights
 from lit_p3o.models import (
     FrozenReference,
     ModelSource,
@@ -313,6 +314,23 @@ class RLStage(ShardableModule):
         token_logratio = (logp - batch.logp_old) * batch.response_mask
         return token_logratio, token_logratio.sum(-1).view_as(batch.rewards)
 
+    def importance_weights(self, batch: RolloutBatch, level: Literal["token", "sequence", "group"]) -> Tensor | None:
+        """Truncated importance weights for the sampler–trainer gap at the level of the stage's
+        ratio (:func:`lit_p3o.losses.truncated_importance_weights`): ``[N, R]`` per token,
+        ``[G, K]`` per response, ``[G]`` per group; None unless ``RolloutSpec.importance_sampling_cap``."""
+        spec = self.rollout_spec
+        if spec.importance_sampling_cap is None:
+            return None
+        spec.require_sampler_logprobs(batch.sampler_logp is not None)
+        mask = batch.response_mask
+        log_ratio = (batch.logp_old - batch.sampler_logp) * mask
+        if level == "token":  # zero on padding, as every per-token tensor
+            return truncated_importance_weights(log_ratio, spec.importance_sampling_cap) * mask
+        log_ratio = log_ratio.sum(-1).view_as(batch.scores)
+        if level == "group":
+            log_ratio = log_ratio.sum(-1)
+        return truncated_importance_weights(log_ratio, spec.importance_sampling_cap)
+
     def ratio_stats(self, token_logratio: Tensor, logratio: Tensor, mask: Tensor) -> dict[str, Tensor]:
         """Trajectory ratio mean/max and the k3 estimate of KL(old ‖ θ) per token."""
         ratio = logratio.detach().exp()
@@ -357,7 +375,10 @@ class RLStage(ShardableModule):
         if on_policy:
             per_response = (t.flatten() for t in (batch.scores, batch.kl, batch.rewards))
             lengths, ended, beta = batch.response_mask.sum(-1), batch.ended.flatten(), self.kl_controller.beta
-            return {"loss": loss, "rollout": rollout_stats(*per_response, lengths, ended, beta)}
+            rollout = rollout_stats(*per_response, lengths, ended, beta)
+            if batch.sampler_logp is not None:
+                rollout["sampler_logp_gap"] = sampler_logp_gap(batch.sampler_logp, batch.logp_old, batch.response_mask)
+            return {"loss": loss, "rollout": rollout}
         return loss
 
     def _finite_everywhere(self, value: Tensor) -> bool:

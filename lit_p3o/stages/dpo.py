@@ -55,8 +55,14 @@ class OnlineDPOModule(RLStage):
         def pick(x: Tensor, idx: Tensor) -> Tensor:
             return x.gather(1, idx).squeeze(1)[decided]
 
+        weights = self.importance_weights(batch, "group")
         loss = dpo_loss(
-            pick(logp, winner), pick(logp, loser), pick(logp_ref, winner), pick(logp_ref, loser), self.beta_dpo
+            pick(logp, winner),
+            pick(logp, loser),
+            pick(logp_ref, winner),
+            pick(logp_ref, loser),
+            self.beta_dpo,
+            None if weights is None else weights[decided],
         )
         margin = (pick(logp, winner) - pick(logp_ref, winner)) - (pick(logp, loser) - pick(logp_ref, loser))
         return loss, {"decided_fraction": decided.float().mean(), "implicit_margin": margin.detach().mean()}

@@ -42,6 +42,7 @@ class P3OModule(RLStage):
         self, batch: RolloutBatch, logp: Tensor, states: Tensor | None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         token_logratio, logratio = self.trajectory_logratio(batch, logp)
-        loss, clip_fraction = p3o_loss(logratio, batch.rewards, self.clip_epsilon, self.variant)
+        weights = self.importance_weights(batch, "sequence")
+        loss, clip_fraction = p3o_loss(logratio, batch.rewards, self.clip_epsilon, self.variant, weights)
         stats = self.ratio_stats(token_logratio, logratio, batch.response_mask)
         return loss, {"clip_fraction": clip_fraction, **stats}

@@ -107,7 +107,8 @@ class PPOModule(RLStage):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         mask = batch.response_mask
         advantages, returns = self.advantages(batch)
-        policy_loss, clip_fraction = ppo_policy_loss(logp, batch.logp_old, advantages, mask, self.clip_epsilon)
+        weights = self.importance_weights(batch, "token")
+        policy_loss, clip_fraction = ppo_policy_loss(logp, batch.logp_old, advantages, mask, self.clip_epsilon, weights)
         values = self._values(batch.batch, states)
         value_loss = ppo_value_loss(values, batch.extras["values"], returns, mask, self.value_clip_epsilon)
         token_logratio = (logp - batch.logp_old) * mask

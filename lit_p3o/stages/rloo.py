@@ -38,7 +38,7 @@ class RLOOModule(RLStage):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         token_logratio, logratio = self.trajectory_logratio(batch, logp)
         advantages = rloo_advantages(batch.rewards)
-        loss = rloo_loss(logratio, advantages, self.clip_epsilon)
+        loss = rloo_loss(logratio, advantages, self.clip_epsilon, self.importance_weights(batch, "sequence"))
         stats = self.ratio_stats(token_logratio, logratio, batch.response_mask)
         if self.clip_epsilon is not None:  # every term clipped: a flat loss, not a fault (GradientGuard)
             stats["clip_fraction"] = clip_fraction(logratio.exp(), advantages, self.clip_epsilon)
