@@ -275,19 +275,22 @@ def grpo_loss(
     beta: float = 0.0,
     logp_ref: Tensor | None = None,
     token_normalizer: float | Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """GRPO's token-level clipped surrogate on per-token log-probs ``[N, T]`` and one advantage
     per response ``[N]``: ``l_t = −min(ρ_t A, clip(ρ_t, 1−ε, 1+ε_high) A) + β · k3_t`` with
     ``ρ_t = exp(logp_t − logp_old_t)`` and :func:`k3_kl` to ``logp_ref`` (only when ``β > 0``),
     reduced by :func:`aggregate_token_loss`. ``ε_high > ε`` (DAPO's clip-higher, 0.28) lets a
-    token with a positive advantage grow further before it is clipped. Returns the loss and the
-    (detached) share of the mask's tokens on the clipped branch."""
+    token with a positive advantage grow further before it is clipped. ``weights`` ``[N, T]``
+    (token-level truncated importance weights) multiply each token's surrogate, not the KL term,
+    as TRL applies them. Returns the loss and the (detached) share of the mask's tokens on the
+    clipped branch."""
     _check_epsilon(epsilon)
     if epsilon_high is not None and epsilon_high <= 0:
         raise ValueError(f"grpo_loss: epsilon_high must be > 0, got {epsilon_high}")
     ratio = (logp - logp_old.detach()).exp()
     surrogate, clipped = _clipped_surrogate(ratio, advantages.detach()[:, None], epsilon, epsilon_high)
-    per_token = -surrogate
+    per_token = -surrogate if weights is None else -surrogate * weights.detach()
     if beta:
         if logp_ref is None:
             raise ValueError("grpo_loss: beta > 0 needs logp_ref")

@@ -10,12 +10,22 @@ import torch
 from micro import MICRO_ARCH
 
 import lit_p3o.rollout as rollout_module
-from lit_p3o import ModelSpec, OnlineDPOModule, P3OModule, PPOModule, RLOOModule, RolloutSpec, SamplingSpec
+from lit_p3o import (
+    GRPOModule,
+    ModelSpec,
+    OnlineDPOModule,
+    P3OModule,
+    PPOModule,
+    RLOOModule,
+    RolloutSpec,
+    SamplingSpec,
+)
 from lit_p3o.buffer import Group, collate_groups
 from lit_p3o.errors import locate
 from lit_p3o.generation import Sampled
 from lit_p3o.losses import (
     dpo_loss,
+    grpo_loss,
     p3o_loss,
     ppo_policy_loss,
     rloo_loss,
@@ -61,6 +71,7 @@ def test_loss_functions_scale_each_terms_gradient_by_its_weight(clip):
         (lambda x, w: rloo_loss(x, advantages, clip, w), logratio),
         (lambda x, w: p3o_loss(x, rewards, 0.2, "v1", w)[0], logratio),
         (lambda x, w: ppo_policy_loss(x, torch.zeros_like(x), advantages, torch.ones_like(x), 0.2, w)[0], logratio),
+        (lambda x, w: grpo_loss(x, torch.zeros_like(x), advantages, torch.ones_like(x), weights=w)[0], logratio),
     ]
     pairs = torch.randn(5, 4)
     pair_weights = truncated_importance_weights(torch.randn(5), CAP)
@@ -130,6 +141,7 @@ STAGES = {  # stage, the level of its weights
     "rloo": (lambda: stage_of(RLOOModule), "sequence"),
     "ppo": (lambda: stage_of(PPOModule), "token"),
     "dpo": (lambda: stage_of(OnlineDPOModule), "group"),
+    "grpo": (lambda: stage_of(GRPOModule), "token"),
 }
 
 

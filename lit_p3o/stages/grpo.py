@@ -177,6 +177,7 @@ class GRPOModule(RLStage):
             self.beta,
             batch.logp_ref,
             self.dapo_normalizer() if self.loss_type == "dapo" else None,
+            self.importance_weights(batch, "token"),
         )
         self._nothing_left = not bool(mask.any())
         token_logratio, logratio = self.trajectory_logratio(batch, logp)
