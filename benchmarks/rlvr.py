@@ -235,13 +235,30 @@ def run(work: Path, name: str, lr: float, seed: int, rollouts: int, split: str) 
     config.write_text(text)
     print(f"[rlvr] {log_dir.name}: started", flush=True)
     start = time.time()
+    result: dict[str, Any] = {}
     try:
         lit_p3o("fit", "--config", str(config), log=log_dir / "output.log")
     except RunFailed as err:
-        raise RunFailed(f"run {log_dir.name}: {err}") from None
-    done.write_text(json.dumps({"seconds": time.time() - start}))
-    print(f"[rlvr] {log_dir.name}: done in {time.time() - start:.0f} s", flush=True)
+        last = (log_dir / "output.log").read_text().strip().splitlines()[-1:]
+        if not (last and last[0].startswith("lit-p3o fit: error:") and (log_dir / "frontier.csv").exists()):
+            raise RunFailed(f"run {log_dir.name}: {err}") from None
+        # lit-p3o stopped it on purpose (a guard: e.g. the policy collapsed to one answer and the
+        # gradients vanished): an outcome of this method at this rate, kept with what it reached
+        result["stopped"] = last[0].removeprefix("lit-p3o fit: error: ")
+    done.write_text(json.dumps({"seconds": time.time() - start, **result}))
+    how = "stopped by lit-p3o" if result else "done"
+    print(f"[rlvr] {log_dir.name}: {how} in {time.time() - start:.0f} s", flush=True)
     return log_dir
+
+
+def stopped_runs(work: Path) -> list[str]:
+    """One line per run lit-p3o stopped early (tuning runs included), with its reason."""
+    lines = []
+    for done in sorted((work / "runs").glob("*/done.json")):
+        reason = json.loads(done.read_text()).get("stopped")
+        if reason:
+            lines.append(f"- `{done.parent.name}`: {reason.split('. ')[0]}.")
+    return lines
 
 
 def at_time(trace: Trace, seconds: float) -> float:
@@ -347,6 +364,14 @@ def write_report(args, tuned, traces: dict[str, list[Trace]], wall: float, run_s
         lines.append(f"| {name} | {tuned[name][0]:g} | " + " | ".join(cells) + " |")
     lines += ["", *reading(by_rollouts, by_seconds, f"{columns[-1]} rollouts", f"{matched[1]:.0f} s", sft), ""]
     lines += budget_section(args, tuned)
+    stopped = stopped_runs(args.work)
+    if stopped:
+        lines += [
+            "",
+            "Runs that lit-p3o stopped before their budget (a guard; they count with the evaluations they "
+            "reached, the last one carried to later columns):",
+            *stopped,
+        ]
     (args.out / "rlvr.md").write_text("\n".join(lines) + "\n")
     write_runs(traces, args.out / "rlvr_runs.csv")
     print((args.out / "rlvr.md").read_text())
