@@ -48,6 +48,11 @@ def vllm_sample(
 ) -> Sampled:
     """:func:`~lit_p3o.generation.sample_responses` through this process's engine."""
     global _engine
+    if any(_quantized(p) for p in model.parameters()):
+        raise UserError(
+            "SamplingSpec.backend: 'vllm' cannot take the weights of a quantized policy (ModelSpec.quantization); "
+            "use backend: hf for QLoRA"
+        )
     key = _engine_key(model, tokenizer, spec.vllm)
     if _engine is None or _engine.key != key:
         if _engine is not None:
@@ -256,11 +261,6 @@ def _merged_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     for name, p in base.named_parameters():
         if ".lora_" in name or ".original_module." in name:
             continue
-        if _quantized(p):
-            raise UserError(
-                "SamplingSpec.backend: 'vllm' cannot take the weights of a quantized policy (ModelSpec.quantization); "
-                "use backend: hf for QLoRA"
-            )
         owner, _, leaf = name.rpartition(".")
         layer_name = owner.removesuffix(".base_layer")
         w = _whole(p).detach()

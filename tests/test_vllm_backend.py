@@ -11,7 +11,7 @@ from micro import MICRO_ARCH
 from test_bad_inputs import lit_p3o, p3o_config, write_yaml
 from test_user_errors import fails_in_one_line
 
-from lit_p3o import ModelSpec, SamplingSpec
+from lit_p3o import LoraSpec, ModelSpec, QuantizationSpec, SamplingSpec
 from lit_p3o.errors import UserError
 from lit_p3o.generation import VLLMSpec, sample_responses
 from lit_p3o.models import build_causal_lm
@@ -31,6 +31,17 @@ def test_vllm_backend_in_a_multi_process_run_is_refused_in_one_line(monkeypatch,
     with pytest.raises(
         UserError, match=r"^SamplingSpec.backend: 'vllm' samples in one-process runs only .* 2 processes"
     ):
+        sample_responses(model, micro_tokenizer, [[1, 2, 3]], SamplingSpec(backend="vllm"))
+
+
+def test_vllm_backend_on_a_4bit_policy_is_refused_in_one_line(micro_model_dir, micro_tokenizer):
+    spec = ModelSpec(
+        name_or_path=str(micro_model_dir),
+        lora=LoraSpec(r=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+        quantization=QuantizationSpec(bits=4, quant_type="nf4"),
+    )
+    model = build_causal_lm(spec, micro_tokenizer)
+    with pytest.raises(UserError, match=r"^SamplingSpec.backend: 'vllm' cannot take the weights of a quantized policy"):
         sample_responses(model, micro_tokenizer, [[1, 2, 3]], SamplingSpec(backend="vllm"))
 
 
