@@ -8,13 +8,15 @@ import dataclasses
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from test_bad_inputs import lit_p3o, p3o_config, write_yaml
 from test_p3o_stage import make_stage, trainer, varied_scores
 from test_vllm import ARCH, GREEDY
 
 pytest.importorskip("vllm", reason="the vLLM environment (.venv-vllm) runs these")
 
 import lit_p3o.vllm_engine as vllm_engine  # noqa: E402
-from lit_p3o import ModelSpec  # noqa: E402
+from lit_p3o import ModelSpec, P3OModule  # noqa: E402
 from lit_p3o.data.encoding import collate  # noqa: E402
 from lit_p3o.generation import response_logprobs  # noqa: E402
 
@@ -44,3 +46,36 @@ def test_every_rollout_samples_from_the_updated_policy(tmp_path, monkeypatch):
     assert len(gaps) == 3
     assert not torch.equal(weights[0], weights[-1])  # the updates moved the policy ...
     assert max(gaps) < 1e-4  # ... and every rollout sampled from the weights it had then
+
+
+def run(tmp_path, epochs: int, resume_from: str | None = None, stop_after: int | None = None) -> P3OModule:
+    L.seed_everything(0)
+    sampling = dataclasses.replace(GREEDY, backend="vllm", top_k=0, max_new_tokens=6)
+    stage = make_stage(ModelSpec(architecture=dict(ARCH), tokenizer="embedded:reviews"), sampling=sampling)
+    stage.scorer.score_examples = varied_scores
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, every_n_epochs=1)
+    t = trainer(tmp_path, max_epochs=stop_after or epochs, callbacks=[checkpoint], enable_checkpointing=True)
+    t.fit(stage, ckpt_path=resume_from)
+    return stage
+
+
+def test_resumed_run_samples_and_ends_as_the_uninterrupted_one(tmp_path):
+    """The engine samples from the restored weights with the rollout's restored seeds."""
+    full = run(tmp_path / "full", epochs=3)
+    run(tmp_path / "cut", epochs=3, stop_after=1)
+    resumed = run(tmp_path / "resumed", epochs=3, resume_from=str(tmp_path / "cut" / "ckpt" / "last.ckpt"))
+    assert [g.responses for g in resumed.buffer.groups] == [g.responses for g in full.buffer.groups]
+    for name, value in full.policy.state_dict().items():
+        torch.testing.assert_close(resumed.policy.state_dict()[name], value, rtol=0, atol=1e-6)
+
+
+def test_cli_p3o_run_with_the_vllm_backend(tmp_path):
+    config = p3o_config()
+    config["model"]["init_args"]["policy"]["architecture"] = dict(ARCH)
+    config["model"]["init_args"]["rollout"]["sampling"].update(
+        backend="vllm", vllm={"kv_cache_gib": 0.25, "enforce_eager": True}
+    )
+    config["trainer"]["max_epochs"] = 2
+    result = lit_p3o("fit", "--config", str(write_yaml(tmp_path / "p3o.yaml", config)), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "export" / "config.json").is_file()
