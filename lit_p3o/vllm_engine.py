@@ -115,7 +115,10 @@ class VLLMEngine:
             )
             for seed in seeds
         ]
-        with self._awake(), _engine_threads():
+        # no autocast: the rollout runs in the trainer's precision context, and the LoRA merge
+        # and the engine compute in the weights' dtype
+        device = "cuda" if self.on_gpu else "cpu"
+        with self._awake(), _engine_threads(), torch.autocast(device, enabled=False):
             with torch.no_grad():
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model)})
             outputs = self.llm.generate(

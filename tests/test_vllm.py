@@ -112,6 +112,22 @@ def test_the_sampler_logprobs_are_the_policys(micro_tokenizer):
         torch.testing.assert_close(row[: len(lp)], lp, atol=1e-4, rtol=0)
 
 
+def test_the_engine_ignores_the_trainers_autocast(micro_tokenizer):
+    """The rollout samples inside the trainer's precision context (bf16 autocast under
+    ``bf16-mixed``); the engine and the LoRA merge compute in the weights' dtype all the same."""
+    from lit_p3o.data.encoding import collate
+    from lit_p3o.generation import response_logprobs
+
+    model = micro_policy(micro_tokenizer, lora=LoraSpec(r=4, lora_alpha=32, lora_dropout=0.0))
+    train_a_little(model)
+    spec = dataclasses.replace(VLLM_GREEDY, top_k=0)
+    with seeded(0), torch.autocast("cpu", dtype=torch.bfloat16):
+        sampled = sample_responses(model, micro_tokenizer, prompts(micro_tokenizer), spec)
+    trainer = response_logprobs(model, collate(sampled.examples, micro_tokenizer.pad_token_id))
+    for row, lp in zip(trainer, sampled.logprobs):
+        torch.testing.assert_close(row[: len(lp)], lp, atol=1e-4, rtol=0)
+
+
 def test_engine_follows_a_full_finetuning_update(micro_tokenizer):
     model = micro_policy(micro_tokenizer, seed=1)
     before = responses(both(model, micro_tokenizer, GREEDY)[1])
