@@ -62,17 +62,31 @@ def vllm_sample(
     return _engine.sample(model, prompts, spec, stop_ids, progress)
 
 
+def release_engine() -> None:
+    """Shut this process's engine down, if it has one (before its process group is closed)."""
+    global _engine
+    if _engine is not None:
+        _engine.close()
+        _engine = None
+
+
 class VLLMEngine:
     """An in-process ``vllm.LLM`` that follows one policy's weights."""
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: VLLMSpec, key: str) -> None:
-        _check_one_process()
         vllm = _import_vllm()
         self.key, self.spec, self.tokenizer = key, spec, tokenizer
         self.on_gpu = torch.cuda.is_available()
         self._files = tempfile.TemporaryDirectory(prefix="lit-p3o-vllm-")
         _write_model_files(model, tokenizer, self._files.name)
         memory = {} if self.on_gpu else {"kv_cache_memory_bytes": int(spec.kv_cache_gib * 2**30)}
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # several processes (DDP): each rank's own engine, inside the job's process group
+            # (vLLM's "external launcher", which reads torchrun's variables)
+            rank = torch.distributed.get_rank()
+            os.environ.setdefault("RANK", str(rank))
+            os.environ.setdefault("LOCAL_RANK", str(rank))
+            memory["distributed_executor_backend"] = "external_launcher"
         with _engine_threads(), _rng_kept():
             self.llm = vllm.LLM(
                 model=self._files.name,
@@ -149,28 +163,14 @@ class VLLMEngine:
             self._asleep = True
 
     def close(self) -> None:
-        """Release the engine and its process-wide state so another can be created."""
-        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
+        """Shut the engine down now: vLLM's teardown destroys its process groups and the default
+        one, which must happen while they exist (not in a finalizer at interpreter exit)."""
+        self.llm.llm_engine.engine_core.shutdown()
         del self.llm
-        destroy_model_parallel()
-        destroy_distributed_environment()
         self._files.cleanup()
 
 
 _engine: VLLMEngine | None = None
-
-
-def _check_one_process() -> None:
-    """Engines of several processes in one torch.distributed job wait on each other inside
-    vLLM (it takes the job's ranks for its own data-parallel ranks): not supported yet."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        if world > 1:
-            raise UserError(
-                f"SamplingSpec.backend: 'vllm' samples in one-process runs only for now, this run has {world} "
-                "processes; use backend: hf (docs/vllm.md)"
-            )
 
 
 @contextlib.contextmanager

@@ -24,16 +24,6 @@ def test_vllm_backend_without_vllm_names_the_field_and_the_install(monkeypatch, 
         sample_responses(model, micro_tokenizer, [[1, 2, 3]], SamplingSpec(backend="vllm"))
 
 
-def test_vllm_backend_in_a_multi_process_run_is_refused_in_one_line(monkeypatch, micro_tokenizer):
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
-    model = build_causal_lm(ModelSpec(architecture=dict(MICRO_ARCH), tokenizer="embedded:reviews"), micro_tokenizer)
-    with pytest.raises(
-        UserError, match=r"^SamplingSpec.backend: 'vllm' samples in one-process runs only .* 2 processes"
-    ):
-        sample_responses(model, micro_tokenizer, [[1, 2, 3]], SamplingSpec(backend="vllm"))
-
-
 def test_vllm_backend_on_a_4bit_policy_is_refused_in_one_line(micro_model_dir, micro_tokenizer):
     spec = ModelSpec(
         name_or_path=str(micro_model_dir),

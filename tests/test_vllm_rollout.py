@@ -4,6 +4,9 @@ the engine from the policy's current weights (vLLM environment)."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -79,3 +82,16 @@ def test_cli_p3o_run_with_the_vllm_backend(tmp_path):
     result = lit_p3o("fit", "--config", str(write_yaml(tmp_path / "p3o.yaml", config)), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "export" / "config.json").is_file()
+
+
+@pytest.mark.timeout(600)
+def test_ddp_every_ranks_engine_follows_its_policy(tmp_path):
+    """Two processes (gloo), each with its own engine (vLLM's external launcher over the job's
+    process group): every rollout on every rank samples from the weights the update left."""
+    script = Path(__file__).parent / "scripts" / "vllm_ddp.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], timeout=540, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for rank in ranks:
+        assert len(rank["gaps"]) == 3 and max(rank["gaps"]) < 1e-4 and rank["moved"]
+    assert ranks[0]["responses"] != ranks[1]["responses"]  # each rank its own prompts and noise
