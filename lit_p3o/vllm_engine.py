@@ -232,7 +232,8 @@ def _write_model_files(model: nn.Module, tokenizer: PreTrainedTokenizerBase, dir
     """The config, generation config and tokenizer vLLM builds the engine from."""
     hf = _hf_model(model)
     config = hf.config.__class__.from_dict(hf.config.to_dict())
-    config.architectures = [type(hf).__name__]
+    # the transformers class (FSDP2 subclasses it as FSDP<name>)
+    config.architectures = [next(c.__name__ for c in type(hf).__mro__ if c.__module__.startswith("transformers."))]
     config.save_pretrained(directory)
     if getattr(hf, "generation_config", None) is not None:
         hf.generation_config.save_pretrained(directory)

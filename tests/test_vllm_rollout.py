@@ -85,11 +85,15 @@ def test_cli_p3o_run_with_the_vllm_backend(tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_ddp_every_ranks_engine_follows_its_policy(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_every_ranks_engine_follows_its_policy(strategy, tmp_path):
     """Two processes (gloo), each with its own engine (vLLM's external launcher over the job's
-    process group): every rollout on every rank samples from the weights the update left."""
+    process group): every rollout on every rank samples from the weights the update left
+    (under FSDP2 gathered whole for the push)."""
     script = Path(__file__).parent / "scripts" / "vllm_ddp.py"
-    done = subprocess.run([sys.executable, str(script), str(tmp_path)], timeout=540, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), strategy], timeout=540, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     for rank in ranks:

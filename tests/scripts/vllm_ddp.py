@@ -1,4 +1,4 @@
-"""Three P3O rollouts under DDP on 2 CPU processes with ``rollout.sampling.backend: vllm`` (run
+"""Three P3O rollouts under DDP or FSDP2 (argument 2: ddp | fsdp) on 2 CPU processes with ``rollout.sampling.backend: vllm`` (run
 by tests/test_vllm_rollout.py). Each rank writes OUT/rank<r>.pt: per rollout, the largest gap
 between its engine's log-probs and its live policy's, and its responses."""
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared test helpers
 
@@ -31,7 +32,11 @@ def spy(model, tokenizer, prompts, spec, stop_ids, progress=None):
     return sampled
 
 
-def main(out: str) -> None:
+def whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def main(out: str, strategy: str) -> None:
     vllm_engine.vllm_sample = spy
     L.seed_everything(0)
     stage = P3OModule(
@@ -50,11 +55,13 @@ def main(out: str) -> None:
         optimizer=OptimizerSpec(learning_rate=1e-2),
     )
     stage.scorer.score_examples = lambda examples, ended, prompts=None: torch.arange(len(examples)).float()
-    initial = stage.policy.lm_head.weight.detach().clone()
+    initial = whole(stage.policy.lm_head.weight.detach()).clone()
+    if strategy == "fsdp":
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp",
+        strategy=strategy,
         max_epochs=3,
         logger=False,
         enable_checkpointing=False,
@@ -65,7 +72,7 @@ def main(out: str) -> None:
     torch.save(
         {
             "gaps": gaps,
-            "moved": not torch.equal(initial, stage.policy.lm_head.weight),
+            "moved": not torch.equal(initial, whole(stage.policy.lm_head.weight.detach())),
             "responses": [g.responses for g in stage.buffer.groups],
         },
         Path(out) / f"rank{trainer.global_rank}.pt",
@@ -74,6 +81,6 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     try:
-        main(sys.argv[1])
+        main(sys.argv[1], sys.argv[2])
     finally:
         close_process_group()
