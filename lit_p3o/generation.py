@@ -50,6 +50,8 @@ class VLLMSpec:
     (vLLM's sleep mode) so the update gets that memory back. ``dtype``: the engine's weights,
     ``auto`` = the policy's parameter dtype (float32 under ``*-mixed`` precision).
     ``enforce_eager``: no CUDA graphs / compilation (faster start-up, slower decoding).
+    ``max_model_len``: the longest prompt + response the engine serves (None: the model's
+    context); a long-context model needs it below its context when the KV cache cannot hold one.
     """
 
     kv_cache_gib: float = 1.0
@@ -57,8 +59,11 @@ class VLLMSpec:
     sleep: bool = True
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     enforce_eager: bool = False
+    max_model_len: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"VLLMSpec.max_model_len: must be >= 1 when set, got {self.max_model_len}")
         if self.kv_cache_gib <= 0:
             raise ValueError(f"VLLMSpec.kv_cache_gib: must be > 0, got {self.kv_cache_gib}")
         if not 0 < self.gpu_memory_utilization <= 1:

