@@ -79,14 +79,14 @@ class VLLMEngine:
         self.on_gpu = torch.cuda.is_available()
         self._files = tempfile.TemporaryDirectory(prefix="lit-p3o-vllm-")
         _write_model_files(model, tokenizer, self._files.name)
-        memory = {} if self.on_gpu else {"kv_cache_memory_bytes": int(spec.kv_cache_gib * 2**30)}
+        options: dict[str, Any] = {} if self.on_gpu else {"kv_cache_memory_bytes": int(spec.kv_cache_gib * 2**30)}
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             # several processes (DDP): each rank's own engine, inside the job's process group
             # (vLLM's "external launcher", which reads torchrun's variables)
             rank = torch.distributed.get_rank()
             os.environ.setdefault("RANK", str(rank))
             os.environ.setdefault("LOCAL_RANK", str(rank))
-            memory["distributed_executor_backend"] = "external_launcher"
+            options["distributed_executor_backend"] = "external_launcher"
         with _engine_threads(), _rng_kept():
             self.llm = vllm.LLM(
                 model=self._files.name,
@@ -98,7 +98,7 @@ class VLLMEngine:
                 gpu_memory_utilization=spec.gpu_memory_utilization,
                 enable_sleep_mode=self.on_gpu and spec.sleep,
                 logprobs_mode="processed_logprobs",  # after temperature, as the trainer's log softmax(z/T)
-                **memory,
+                **options,
             )
         self._asleep = False
 
