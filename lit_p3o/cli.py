@@ -386,6 +386,9 @@ def close_process_group() -> None:
     still joinable and the process aborts ("terminate called without an active exception",
     exit -6) after a run that succeeded.
     """
+    from lit_p3o.vllm_engine import release_engine  # vLLM's engine holds groups of it (backend: vllm)
+
+    release_engine()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

