@@ -8,13 +8,11 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
-if TYPE_CHECKING:  # imported where used: ``datasets`` (with pandas, pyarrow) adds ~1 s to every CLI start
-    from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict
 
 from lit_p3o.data.issues import DataFormatError
 
@@ -22,7 +20,7 @@ _JSON_FILES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 _FILE_SUFFIXES = (*_JSON_FILES, ".parquet")
 _SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes at the top
 
-DataSource = Union[str, "Dataset", "DatasetDict"]
+DataSource = Union[str, Dataset, DatasetDict]
 """A data module's ``train``/``val``: a path or dataset name, or (from Python) a ``datasets``
 object, whose ``split`` is picked when it is a ``DatasetDict``."""
 
@@ -30,22 +28,11 @@ object, whose ``split`` is picked when it is a ``DatasetDict``."""
 _GIVEN_DATASET, _GIVEN_DATASET_DICT = "the Dataset given", "the DatasetDict given"
 
 
-def _given_dataset(source: object) -> str | None:
-    """How errors name a ``datasets`` object given from Python; None for anything else. Such an
-    object exists only once ``datasets`` was imported, so a path never imports it."""
-    datasets = sys.modules.get("datasets")
-    if datasets is None:
-        return None
-    if isinstance(source, datasets.Dataset):
-        return _GIVEN_DATASET
-    return _GIVEN_DATASET_DICT if isinstance(source, datasets.DatasetDict) else None
-
-
 def source_label(source: DataSource, split: str) -> str:
     """How errors name a source: its path or name, or the kind of Python object given."""
-    if (given := _given_dataset(source)) == _GIVEN_DATASET:
-        return given
-    return f"{given or source} [{split}]"
+    if isinstance(source, Dataset):
+        return _GIVEN_DATASET
+    return f"{_GIVEN_DATASET_DICT if isinstance(source, DatasetDict) else source} [{split}]"
 
 
 def load_rows(source: DataSource, split: str = "train") -> tuple[list[dict[str, Any]], str]:
@@ -57,8 +44,8 @@ def load_rows(source: DataSource, split: str = "train") -> tuple[list[dict[str, 
     missing source that is clearly a path raises :class:`FileNotFoundError` instead of being
     looked up on the hub.
     """
-    if given := _given_dataset(source):
-        return _dataset_rows(source, split, given)
+    if isinstance(source, (Dataset, DatasetDict)):
+        return _dataset_rows(source, split, _GIVEN_DATASET_DICT if isinstance(source, DatasetDict) else _GIVEN_DATASET)
     if not isinstance(source, (str, Path)):
         raise TypeError(
             f"data source: expected a path, a dataset name, a datasets.Dataset or a DatasetDict, "
@@ -158,8 +145,6 @@ def _read_saved(path: Path, split: str) -> tuple[list[dict[str, Any]], str]:
 
 
 def _dataset_rows(dataset: Dataset | DatasetDict, split: str, label: str) -> tuple[list[dict[str, Any]], str]:
-    from datasets import DatasetDict
-
     if not isinstance(dataset, DatasetDict):
         return dataset.to_list(), label
     if split not in dataset:
