@@ -3,7 +3,15 @@ with and without a chat template."""
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# One intra-op thread per process, set before torch is imported and inherited by every subprocess
+# the tests start: the micro models gain nothing from a second thread, whose OpenMP waiting cost
+# 10-30x the CPU of the work itself on a busy 2-core machine (an SFT step of the 64-wide model:
+# 0.4-0.9 CPU-s on 2 threads, 0.03 on 1). A value already in the environment is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 from micro import MICRO_ARCH, WIDE_ARCH
 
 

@@ -394,27 +394,33 @@ def test_resume_mid_rollout_matches_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(resumed.policy.state_dict()[name], value, rtol=0, atol=1e-6)
 
 
+def run_fixed_buffer(out: Path, devices: int, strategy: str) -> dict:
+    """tests/scripts/grpo_fixed_buffer.py's two updates on ``devices`` processes."""
+    script = ROOT / "tests" / "scripts" / "grpo_fixed_buffer.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(out), str(devices), strategy],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=ENV,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict:
+    """The one-process run both strategies are compared with (run once)."""
+    return run_fixed_buffer(tmp_path_factory.mktemp("single") / "single.pt", 1, "ddp")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one_process(tmp_path, strategy):
+def test_two_processes_match_one_process(single, tmp_path, strategy):
     """DAPO's token mean over the step spans both ranks' tokens (their counts differ), so 2
     processes with 4 groups each update as 1 process with all 8 groups."""
-
-    def run(out: Path, devices: int, strategy: str) -> dict:
-        script = ROOT / "tests" / "scripts" / "grpo_fixed_buffer.py"
-        result = subprocess.run(
-            [sys.executable, str(script), str(out), str(devices), strategy],
-            capture_output=True,
-            text=True,
-            timeout=400,
-            env=ENV,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        return torch.load(out, weights_only=False)
-
-    single = run(tmp_path / "single.pt", 1, "ddp")
-    sharded = run(tmp_path / f"{strategy}.pt", 2, strategy)
+    sharded = run_fixed_buffer(tmp_path / f"{strategy}.pt", 2, strategy)
     assert sum(sharded["tokens_by_rank"]) == sum(single["tokens_by_rank"]) and len(set(sharded["tokens_by_rank"])) == 2
     assert sharded["loss"] == pytest.approx(single["loss"], abs=1e-6) and single["loss"] != 0.0
     # AdamW's first steps are ~lr · g/|g|: for a weight whose gradient is nearly 0, the summation
