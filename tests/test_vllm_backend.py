@@ -58,6 +58,23 @@ def test_engine_settings_are_checked(kwargs, message):
         VLLMSpec(**kwargs)
 
 
+def test_the_engine_samples_with_the_threads_asked_and_training_gets_its_own_back():
+    from lit_p3o.vllm_engine import _engine_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the tests' processes run on one thread (conftest)
+    try:
+        with _engine_threads(None):
+            assert torch.get_num_threads() == 2  # the training's count
+        with _engine_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="VLLMSpec.cpu_threads: must be >= 1"):
+        VLLMSpec(cpu_threads=0)
+
+
 def test_generation_kwargs_are_refused_with_the_vllm_backend():
     with pytest.raises(ValueError, match="SamplingSpec.generation_kwargs: transformers GenerationConfig fields"):
         SamplingSpec(backend="vllm", generation_kwargs={"no_repeat_ngram_size": 2})
