@@ -44,7 +44,7 @@ def child(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(HERE))
     from p3o_iteration import NEW_TOKENS, PROMPTS, SIZES, K, sixteen_word_prompts
 
-    import lit_p3o.rollout as rollout_module
+    import lit_p3o.forwards as forwards_module
     from lit_p3o import LoraSpec, ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
     from lit_p3o.models import build_reward_model, load_tokenizer, save_pretrained
 
@@ -63,7 +63,7 @@ def child(args: argparse.Namespace) -> None:
     lora = LoraSpec(r=8, lora_dropout=0.0, target_modules="all-linear") if args.lora else None
     reference = args.reference
     if not reference:  # policy only: no deep copy is ever made, the reference pass returns zeros
-        rollout_module_ref = rollout_module.response_logprobs
+        reference_logprobs = forwards_module.response_logprobs
         import lit_p3o.stages.base as base
 
         class NoReference(torch.nn.Module):
@@ -76,9 +76,9 @@ def child(args: argparse.Namespace) -> None:
         def logprobs(model, batch, temperature=1.0):
             if isinstance(model, NoReference):
                 return torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - batch.prompt_width)
-            return rollout_module_ref(model, batch, temperature)
+            return reference_logprobs(model, batch, temperature)
 
-        rollout_module.response_logprobs = logprobs
+        forwards_module.response_logprobs = logprobs
     stage = P3OModule(
         ModelSpec(architecture=arch, tokenizer="embedded:reviews", lora=lora),
         str(workdir / "reward"),

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import lightning as L
 import torch
 
+import lit_p3o.forwards as forwards_module
 import lit_p3o.rollout as rollout_module
 from lit_p3o import ModelSpec, OptimizerSpec, P3OModule, RolloutSpec, SamplingSpec
 from lit_p3o.data.encoding import collate
@@ -205,8 +206,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         stage = build_stage(args, workdir)
         rollout_module.sample_responses = timer.wrap("generation", rollout_module.sample_responses)
-        rollout_module.response_logprobs = timer.wrap(
-            "logprob passes (ref; old if replayed)", rollout_module.response_logprobs
+        forwards_module.response_logprobs = timer.wrap(
+            "logprob passes (ref; old if replayed)", forwards_module.response_logprobs
         )
         score_examples = stage.scorer.score_examples
         stage.scorer.score_examples = timer.wrap("reward scoring", score_examples)
