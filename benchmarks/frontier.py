@@ -63,6 +63,7 @@ K4 = (
     "--model.init_args.rollout.minibatch_groups",
     "8",
 )
+GRPO_KL_IN_REWARD = ("--model.init_args.kl_in_reward", "true", "--model.init_args.beta", "0")
 METHODS = {
     "p3o-v1": Method("p3o", P3O_KNOB, PPO_SWEEP, ("--model.init_args.variant", "v1")),
     "p3o-v2": Method("p3o", P3O_KNOB, PPO_SWEEP, ("--model.init_args.variant", "v2")),
@@ -74,6 +75,15 @@ METHODS = {
     "p3o-v1-k4": Method("p3o", P3O_KNOB, PPO_SWEEP, ("--model.init_args.variant", "v1", *K4)),
     "ppo": Method("ppo", P3O_KNOB, PPO_SWEEP),
     "dpo": Method("dpo", "--model.init_args.beta_dpo", (0.05, 0.1, 0.2)),
+    # GRPO (K = 4, the demo's grpo.yaml) with the KL in the reward and the same fixed-β sweep as
+    # P3O and PPO, so the rows differ in the objective only
+    "grpo": Method("grpo", P3O_KNOB, PPO_SWEEP, GRPO_KL_IN_REWARD + ("--model.init_args.loss_type", "grpo")),
+    "dr-grpo": Method(
+        "grpo",
+        P3O_KNOB,
+        PPO_SWEEP,
+        GRPO_KL_IN_REWARD + ("--model.init_args.loss_type", "dr_grpo", "--model.init_args.scale_rewards", "none"),
+    ),
 }
 LR_GRID = (1e-4, 2e-4, 4e-4)
 MATCHED_KL = (1.0, 2.0, 4.0, 8.0)
