@@ -395,10 +395,10 @@ def test_resume_mid_rollout_matches_an_uninterrupted_run(tmp_path):
 
 
 def run_fixed_buffer(out: Path, devices: int, strategy: str) -> dict:
-    """tests/scripts/grpo_fixed_buffer.py's two updates on ``devices`` processes."""
-    script = ROOT / "tests" / "scripts" / "grpo_fixed_buffer.py"
+    """tests/scripts/fixed_buffer_step.py's two GRPO updates on ``devices`` processes."""
+    script = ROOT / "tests" / "scripts" / "fixed_buffer_step.py"
     result = subprocess.run(
-        [sys.executable, str(script), str(out), str(devices), strategy],
+        [sys.executable, str(script), str(out), str(devices), strategy, "grpo"],
         capture_output=True,
         text=True,
         timeout=400,
