@@ -7,6 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from helpers import cpu_trainer
 from micro import MICRO_ARCH
 
 import lit_p3o.rollout as rollout_module
@@ -261,16 +262,6 @@ def test_sampler_logp_gap_is_logged_each_rollout(tmp_path, monkeypatch, update_e
                 expected.append(float((old.abs() * batch.response_mask).sum() / batch.response_mask.sum()))
                 assert batch.sampler_logp is not None
 
-    L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[Expected()],
-    ).fit(stage)
+    cpu_trainer(tmp_path, max_epochs=2, callbacks=[Expected()]).fit(stage)
     assert [s["sampler_logp_gap"] for s in logged] == pytest.approx(expected, rel=1e-5)
     assert len(logged) == 2

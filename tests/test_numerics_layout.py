@@ -4,6 +4,7 @@ log-probs depend on its batch) the first update's trajectory ratio is exactly 1.
 import lightning as L
 import pytest
 import torch
+from helpers import cpu_trainer
 from micro import MICRO_ARCH
 
 from lit_p3o import ModelSpec, P3OModule, RolloutSpec, SamplingSpec
@@ -48,17 +49,7 @@ def test_first_update_ratio_is_exactly_one(tmp_path, precision):
         return token_logratio, logratio
 
     stage.trajectory_logratio = spy
-    L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=2,
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    ).fit(stage)
+    cpu_trainer(tmp_path, max_epochs=2, precision=precision).fit(stage)
     assert len(first_logratios) == 2
     for logratio in first_logratios:
         assert torch.equal(logratio.exp(), torch.ones_like(logratio))
