@@ -21,12 +21,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sweep import train_base
 
 from lit_p3o.commands import report
-
-
-def lit_p3o(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "lit_p3o", *args], check=True)
 
 
 def p3o_command(base: Path, work: Path, seed: int, extra: list[str]) -> list[str]:
@@ -86,32 +83,6 @@ def run_p3o(base: Path, work: Path, seeds: list[int], extra: list[str], jobs: in
                 del running[seed]
         time.sleep(1)
     return seconds
-
-
-def train_base(work: Path) -> None:
-    """The demo's SFT and reward stages, written under ``work``."""
-    lit_p3o(
-        "fit",
-        "--config",
-        "configs/demo/sft.yaml",
-        "--model.init_args.save_dir",
-        str(work / "sft"),
-        "--trainer.default_root_dir",
-        str(work / "logs/sft"),
-    )
-    lit_p3o(
-        "fit",
-        "--config",
-        "configs/demo/reward.yaml",
-        "--model.init_args.model.name_or_path",
-        str(work / "sft"),
-        "--data.init_args.embedded.policy",
-        str(work / "sft"),
-        "--model.init_args.save_dir",
-        str(work / "reward"),
-        "--trainer.default_root_dir",
-        str(work / "logs/reward"),
-    )
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sweep import TUNING_SEED, lit_p3o, run_all, tune_learning_rates, use_jobs
+from sweep import TUNING_SEED, lit_p3o, run_all, train_base, tune_learning_rates, use_jobs
 
 from lit_p3o.commands import judge_policies, plot_frontier
 from lit_p3o.evaluation import read_frontier
@@ -87,36 +87,6 @@ METHODS = {
 }
 LR_GRID = (1e-4, 2e-4, 4e-4)
 MATCHED_KL = (1.0, 2.0, 4.0, 8.0)
-
-
-def train_base(work: Path) -> None:
-    """SFT and reward model once, shared by every run."""
-    lit_p3o(
-        "fit",
-        "--config",
-        "configs/demo/sft.yaml",
-        "--model.init_args.save_dir",
-        str(work / "sft"),
-        "--trainer.default_root_dir",
-        str(work / "logs/sft"),
-        "--trainer.logger.init_args.save_dir",
-        str(work / "logs"),
-    )
-    lit_p3o(
-        "fit",
-        "--config",
-        "configs/demo/reward.yaml",
-        "--model.init_args.model.name_or_path",
-        str(work / "sft"),
-        "--data.init_args.embedded.policy",
-        str(work / "sft"),
-        "--model.init_args.save_dir",
-        str(work / "reward"),
-        "--trainer.default_root_dir",
-        str(work / "logs/reward"),
-        "--trainer.logger.init_args.save_dir",
-        str(work / "logs"),
-    )
 
 
 def run(work: Path, name: str, knob: float, lr: float, seed: int, rollouts: int) -> tuple[Path, Path]:

@@ -79,3 +79,34 @@ def tune_learning_rates(
         by_lr = {lr: peaks[name, lr] for lr in grid}
         tuned[name] = (max(by_lr, key=by_lr.get), by_lr)
     return tuned
+
+
+def train_base(work: Path) -> None:
+    """The demo's SFT policy and reward model under ``work`` (``sft``, ``reward``; logs in
+    ``logs``), trained once and shared by every run of a benchmark."""
+    lit_p3o(
+        "fit",
+        "--config",
+        "configs/demo/sft.yaml",
+        "--model.init_args.save_dir",
+        str(work / "sft"),
+        "--trainer.default_root_dir",
+        str(work / "logs/sft"),
+        "--trainer.logger.init_args.save_dir",
+        str(work / "logs"),
+    )
+    lit_p3o(
+        "fit",
+        "--config",
+        "configs/demo/reward.yaml",
+        "--model.init_args.model.name_or_path",
+        str(work / "sft"),
+        "--data.init_args.embedded.policy",
+        str(work / "sft"),
+        "--model.init_args.save_dir",
+        str(work / "reward"),
+        "--trainer.default_root_dir",
+        str(work / "logs/reward"),
+        "--trainer.logger.init_args.save_dir",
+        str(work / "logs"),
+    )
