@@ -287,6 +287,10 @@ def test_bad_settings_are_refused(kwargs, message):
         build(**kwargs)
 
 
+def test_the_overlong_buffer_may_span_the_whole_response():
+    assert build(overlong_buffer=6).overlong_buffer == 6  # = rollout.sampling.max_new_tokens, the bound
+
+
 def trainer(root: Path, **kwargs) -> L.Trainer:
     kwargs.setdefault("max_epochs", 1)
     kwargs.setdefault("enable_checkpointing", False)
