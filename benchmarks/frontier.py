@@ -16,11 +16,15 @@ Figures (``docs/results/frontier.md``):
 * gold reward at matched KL: a least-squares fit of gold on (√KL, KL) over all evaluation rows
   of a method (Gao et al.'s over-optimisation shape), read at :data:`MATCHED_KL` (only inside
   the KL range the method reached), with a bootstrap 95% interval over runs;
-* win rates on 200 held-out prompts pooled over every seed's policy at the middle KL knob
-  (each policy of A against each policy of B), with a bootstrap 95% interval that resamples
-  A's seeds, B's seeds and the prompts; judged by the gold reward and by the reward model.
+* win rates on every held-out prompt, each sampled ``--samples-per-prompt`` times, pooled over
+  every seed's policy at the middle KL knob (each policy of A against each policy of B), with
+  a bootstrap 95% interval that resamples A's seeds, B's seeds and the prompts; judged by the
+  gold reward and by the reward model. P3O-V1 and PPO, the paper's head-to-head, get
+  ``--head-to-head-seeds`` seeds at the middle knob (the first ``--seeds`` of them are the
+  frontier's runs): seed-to-seed variation, not the prompts, is what limits that interval.
 
-    python benchmarks/frontier.py [--seeds 5] [--rollouts 20] [--skip-base] [--methods ...] [--jobs N]
+    python benchmarks/frontier.py [--seeds 5] [--head-to-head-seeds 20] [--rollouts 20] [--skip-base]
+        [--methods ...] [--jobs N]
 
 ``--jobs N`` runs N runs at a time, each on (cores / N) threads: results do not depend on it
 beyond float rounding, wall time does.
@@ -31,17 +35,22 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from sweep import TUNING_SEED, lit_p3o, run_all, train_base, tune_learning_rates, use_jobs
+from sweep import TUNING_SEED, commit, lit_p3o, machine, run_all, train_base, tune_learning_rates, use_jobs
 
 from lit_p3o.commands import judge_policies, plot_frontier
 from lit_p3o.evaluation import read_frontier
 from lit_p3o.statistics import Estimate, fitted_value_at, pooled_win_rate
+from lit_p3o.tasks import get_task
 
 
 @dataclass(frozen=True)
@@ -87,12 +96,19 @@ METHODS = {
 }
 LR_GRID = (1e-4, 2e-4, 4e-4)
 MATCHED_KL = (1.0, 2.0, 4.0, 8.0)
+HEAD_TO_HEAD = ("p3o-v1", "ppo")
+
+
+def held_out_prompts() -> int:
+    """How many distinct held-out prompts the reviews task has (asking for more repeats them
+    from the first, so ``R`` times this many is R passes over every one)."""
+    return len(set(get_task("reviews").prompts("test", 10_000)))
 
 
 def run(work: Path, name: str, knob: float, lr: float, seed: int, rollouts: int) -> tuple[Path, Path]:
     """One RL run; returns its frontier CSV and its saved policy."""
     method = METHODS[name]
-    tag = f"{name}_b{knob}_lr{lr:g}_s{seed}"
+    tag = f"{name}_b{knob}_lr{lr:g}_r{rollouts}_s{seed}"
     csv_path = work / "logs" / tag / "demo" / "frontier.csv"
     policy = work / "policies" / tag
     if csv_path.exists() and (policy / "config.json").exists():
@@ -166,6 +182,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rollouts", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument(
+        "--head-to-head-seeds", type=int, default=20, help="seeds of P3O-V1 and PPO at the middle KL knob"
+    )
+    parser.add_argument("--samples-per-prompt", type=int, default=4, help="win rates: passes over the held-out prompts")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--work", type=Path, default=Path("outputs/frontier"))
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
@@ -175,7 +195,7 @@ def main() -> None:
     use_jobs(args.jobs)
     if "ppo" not in args.methods:
         parser.error("--methods: ppo is the reference of the win-rate table; keep it")
-    start = time.time()
+    start, load = time.time(), os.getloadavg()[0]
     if not args.skip_base:
         train_base(args.work)
     tuned = tune_learning_rates(tuning_peak(args.work, args.rollouts), args.methods, LR_GRID, args.jobs)
@@ -186,7 +206,11 @@ def main() -> None:
         (args.work, name, knob, tuned[name][0], seed, args.rollouts)
         for name in args.methods
         for knob in METHODS[name].sweep
-        for seed in range(args.seeds)
+        for seed in range(
+            max(args.seeds, args.head_to_head_seeds)
+            if knob == METHODS[name].sweep[1] and name in HEAD_TO_HEAD
+            else args.seeds
+        )
     ]
     for (_, name, knob, _, seed, _), (path, policy) in zip(specs, run_all(run, specs, args.jobs)):
         csvs.setdefault(name, []).append(path)
@@ -196,17 +220,26 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     plot_frontier(labelled, args.out / "frontier.png")
     flat = {"sft": args.work / "sft"} | {f"{n} {i}": p for n, ps in middle_policies.items() for i, p in enumerate(ps)}
-    scores = judge_policies(flat, judge=str(args.work / "reward"), prompts="embedded:reviews", num_prompts=200)
-    win_rates = {judge: pooled_table(by_policy, ["sft", *args.methods]) for judge, by_policy in scores.items()}
-    write_report(args, tuned, csvs, win_rates, time.time() - start)
+    passes = args.samples_per_prompt
+    scores = judge_policies(
+        flat, judge=str(args.work / "reward"), prompts="embedded:reviews", num_prompts=passes * held_out_prompts()
+    )
+    win_rates = {judge: pooled_table(by_policy, ["sft", *args.methods], passes) for judge, by_policy in scores.items()}
+    policies = {name: len(paths) for name, paths in middle_policies.items()}
+    write_report(args, tuned, csvs, win_rates, policies, time.time() - start, load)
 
 
-def pooled_table(by_policy: dict, methods: list[str]) -> dict[tuple[str, str], Estimate]:
+def pooled_table(by_policy: dict, methods: list[str], passes: int) -> dict[tuple[str, str], Estimate]:
     """Pooled win rate of each method over SFT and over PPO, from per-policy prompt scores."""
     stacked = {
         m: np.stack([s.numpy() for n, s in by_policy.items() if n == m or n.rsplit(" ", 1)[0] == m]) for m in methods
     }
-    return {(a, b): pooled_win_rate(stacked[a], stacked[b]) for a in methods for b in ("sft", "ppo") if a != b}
+    return {
+        (a, b): pooled_win_rate(stacked[a], stacked[b], samples_per_prompt=passes)
+        for a in methods
+        for b in ("sft", "ppo")
+        if a != b
+    }
 
 
 def _win_cell(estimate: Estimate | None) -> str:
@@ -215,20 +248,24 @@ def _win_cell(estimate: Estimate | None) -> str:
     return f"{estimate}{' *' if estimate.excludes(0.5) else ''}"
 
 
-def write_report(args, tuned, csvs, win_rates, wall: float) -> None:
-    command = f"python benchmarks/frontier.py --rollouts {args.rollouts} --seeds {args.seeds} --jobs {args.jobs}"
-    command += " --skip-base" * args.skip_base
-    if args.methods != list(METHODS):
-        command += " --methods " + " ".join(args.methods)
+def write_report(args, tuned, csvs, win_rates, policies: dict[str, int], wall: float, load: float) -> None:
+    """``frontier.md``: the run's identity first, then the budget, the frontier fits and the
+    win-rate tables; every evaluation of every run goes to ``frontier_runs.csv``."""
+    command = "python benchmarks/frontier.py " + shlex.join(sys.argv[1:])
+    prompts = held_out_prompts()
     lines = [
-        "# Frontier benchmark on the embedded task",
+        "# The KL–reward frontier on the embedded task",
         "",
-        f"Command: `{command}` — wall time {wall / 60:.1f} min.",
+        "| date | commit | machine | command | wall time |",
+        "|---|---|---|---|---|",
+        f"| {datetime.now(timezone.utc):%Y-%m-%d} | `{commit()}` | {machine(load)} | `{command}` | {wall / 60:.1f} min "
+        "(runs finished by an earlier invocation are reused) |",
         "",
         f"Budget, identical for every method: {args.rollouts} rollouts of 128 samples, 2 replay passes, 8 "
         f"optimizer steps per rollout; learning rate picked from {', '.join(f'{lr:g}' for lr in LR_GRID)} by one "
         f"tuning run each (seed {TUNING_SEED}, middle KL knob, highest gold reward reached); 3 KL-knob values × "
-        f"{args.seeds} seeds. Evaluation: 100 held-out prompts every 8 steps.",
+        f"{args.seeds} seeds, and {', '.join(HEAD_TO_HEAD)} at the middle knob × {args.head_to_head_seeds} seeds. "
+        "Evaluation during training: 100 held-out prompts every 8 steps.",
         "",
         "| method | learning rate | peak gold of the tuning runs per lr |",
         "|---|---|---|",
@@ -248,8 +285,10 @@ def write_report(args, tuned, csvs, win_rates, wall: float) -> None:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {reached:.2f} |")
     lines += [
         "",
-        f"## Win rates (200 held-out prompts; all {args.seeds} seeds' policies at the middle KL knob, "
-        "pooled; bootstrap 95% CI over seeds and prompts)",
+        f"## Win rates ({prompts} held-out prompts × {args.samples_per_prompt} samples; every seed's policy at "
+        "the middle KL knob, pooled; bootstrap 95% CI over both methods' seeds and the prompts)",
+        "",
+        "Policies per method: " + ", ".join(f"{name} {count}" for name, count in policies.items()) + ".",
         "",
     ]
     for judge, table in win_rates.items():

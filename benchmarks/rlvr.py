@@ -40,9 +40,7 @@ import importlib
 import inspect
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -53,7 +51,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from sweep import TUNING_SEED, RunFailed, lit_p3o, run_all, tune_learning_rates, use_jobs
+from sweep import TUNING_SEED, RunFailed, commit, lit_p3o, machine, run_all, tune_learning_rates, use_jobs
 
 from lit_p3o.evaluation import FrontierCallback, read_frontier
 from lit_p3o.stages.base import RLStage
@@ -314,16 +312,6 @@ def at_rollout(trace: Trace, rollouts: float) -> float:
     return float(trace.accuracy[np.argmin(abs(trace.rollouts - rollouts))])
 
 
-def machine(load: float) -> str:
-    """The CPU model and core count, and how busy the machine was when the sweep began."""
-    cpuinfo = Path("/proc/cpuinfo")
-    models = [
-        line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
-    ]
-    model = models[0] if models else platform.processor() or platform.machine()
-    return f"{os.cpu_count()} cores, {model}; load average {load:.1f} when it began"
-
-
 def write_report(args, tuned, traces: dict[str, list[Trace]], wall: float, run_seconds: float, load: float) -> None:
     """``rlvr.md``: the run's identity, the results table and its mechanical reading, then the
     budget and tuning; every evaluation of every run goes to ``rlvr_runs.csv``."""
@@ -335,14 +323,13 @@ def write_report(args, tuned, traces: dict[str, list[Trace]], wall: float, run_s
     sft = bootstrap_mean([1.0] * hits + [0.0] * (EVAL_SAMPLES - hits))
     by_rollouts = {n: [bootstrap_mean([at_rollout(t, r) for t in ts]) for r in columns] for n, ts in traces.items()}
     by_seconds = {n: [bootstrap_mean([at_time(t, s) for t in ts]) for s in matched] for n, ts in traces.items()}
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     command = "python benchmarks/rlvr.py " + shlex.join(sys.argv[1:])
     lines = [
         "# RLVR on the arithmetic task: every method from one SFT policy, the same budget",
         "",
         "| date | commit | machine | command | wall time |",
         "|---|---|---|---|---|",
-        f"| {datetime.now(timezone.utc):%Y-%m-%d} | `{commit}` | {machine(load)} | `{command}` | {wall / 60:.1f} min "
+        f"| {datetime.now(timezone.utc):%Y-%m-%d} | `{commit()}` | {machine(load)} | `{command}` | {wall / 60:.1f} min "
         f"(its runs took {run_seconds / 60:.1f} min together, counting any reused from an earlier invocation) |",
         "",
         f"Exact match on the {EVAL_SAMPLES // EVAL_REPEATS} held-out prompts (each sampled {EVAL_REPEATS} times at "

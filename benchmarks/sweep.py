@@ -11,6 +11,7 @@ caller's choice.
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -110,3 +111,18 @@ def train_base(work: Path) -> None:
         "--trainer.logger.init_args.save_dir",
         str(work / "logs"),
     )
+
+
+def machine(load: float) -> str:
+    """The CPU model and core count, and how busy the machine was when the sweep began."""
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [
+        line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+    ]
+    model = models[0] if models else platform.processor() or platform.machine()
+    return f"{os.cpu_count()} cores, {model}; load average {load:.1f} when it began"
+
+
+def commit() -> str:
+    """The checkout's commit, ``-dirty`` when it has uncommitted changes."""
+    return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()

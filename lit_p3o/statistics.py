@@ -88,7 +88,12 @@ def pairwise_wins(a: ArrayLike, b: ArrayLike) -> np.ndarray:
 
 
 def pooled_win_rate(
-    a: ArrayLike, b: ArrayLike, n_resamples: int = 2000, level: float = 0.95, seed: int = 0
+    a: ArrayLike,
+    b: ArrayLike,
+    n_resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+    samples_per_prompt: int = 1,
 ) -> Estimate:
     """Win rate of method A over method B pooled over every pair of their runs and every prompt.
 
@@ -96,11 +101,21 @@ def pooled_win_rate(
     resamples A's runs, B's runs and the prompts independently, so it reflects seed-to-seed
     variation as well as the finite prompt set (comparing a method with itself uses the same
     array twice: pass it as both ``a`` and ``b``; the diagonal then holds ½ ties).
+
+    ``samples_per_prompt = R`` says the columns are R passes over the same P prompts (column
+    ``r * P + p`` is pass r of prompt p): a prompt's R wins are averaged before the prompts are
+    resampled, because samples of one prompt are not independent of each other.
     """
     _check(n_resamples, level)
     wins = pairwise_wins(a, b)
+    n_a, n_b, columns = wins.shape
+    if samples_per_prompt < 1 or columns % samples_per_prompt:
+        raise ValueError(
+            f"pooled_win_rate: {columns} scored columns are not {samples_per_prompt} passes over the same prompts"
+        )
+    wins = wins.reshape(n_a, n_b, samples_per_prompt, -1).mean(axis=2)
+    n_p = wins.shape[2]
     rng = np.random.default_rng(seed)
-    n_a, n_b, n_p = wins.shape
     resampled = np.empty(n_resamples)
     for r in range(n_resamples):
         ia, ib, ip = rng.integers(0, n_a, n_a), rng.integers(0, n_b, n_b), rng.integers(0, n_p, n_p)

@@ -109,3 +109,25 @@ def test_fitted_value_at_fits_a_quadratic_exactly():
     assert (got.value, got.low, got.high) == pytest.approx((truth, truth, truth))
     with pytest.raises(ValueError, match="degree 2"):
         fitted_value_at([([0.0, 1.0], [0.0, 1.0])], at=[1.0], degree=2)
+
+
+def test_pooled_win_rate_resamples_prompts_not_the_samples_of_one_prompt():
+    # two passes over three prompts: column r * 3 + p is pass r of prompt p
+    a = np.array([[1.0, 0.0, 2.0, 0.0, 0.0, 3.0]])
+    b = np.array([[0.0, 0.0, 1.0, 1.0, 1.0, 1.0]])
+    per_prompt = np.array([0.5, 0.25, 1.0])  # mean over the two passes of 1 / ½ / 0 wins
+    rng = np.random.default_rng(3)
+    resampled = []
+    for _ in range(200):
+        rng.integers(0, 1, 1), rng.integers(0, 1, 1)  # the one run of each method
+        resampled.append(per_prompt[rng.integers(0, 3, 3)].mean())
+    got = pooled_win_rate(a, b, n_resamples=200, seed=3, samples_per_prompt=2)
+    assert got.value == pytest.approx(per_prompt.mean())
+    assert got.low == pytest.approx(np.percentile(resampled, 2.5))
+    assert got.high == pytest.approx(np.percentile(resampled, 97.5))
+    # read as six independent prompts, the same scores give a narrower interval
+    naive = pooled_win_rate(a, b, n_resamples=200, seed=3)
+    assert naive.value == pytest.approx(got.value)
+    assert naive.high - naive.low < got.high - got.low
+    with pytest.raises(ValueError, match="4 passes"):
+        pooled_win_rate(a, b, samples_per_prompt=4)
