@@ -202,6 +202,7 @@ def main() -> None:
     csvs: dict[str, list[Path]] = {}
     labelled: dict[str, Path] = {}
     middle_policies: dict[str, list[Path]] = {}
+    middle_csvs: dict[str, list[Path]] = {}
     specs = [
         (args.work, name, knob, tuned[name][0], seed, args.rollouts)
         for name in args.methods
@@ -217,6 +218,7 @@ def main() -> None:
         labelled[f"{name} knob={knob} seed={seed}"] = path
         if knob == METHODS[name].sweep[1]:
             middle_policies.setdefault(name, []).append(policy)
+            middle_csvs.setdefault(name, []).append(path)
     args.out.mkdir(parents=True, exist_ok=True)
     plot_frontier(labelled, args.out / "frontier.png")
     flat = {"sft": args.work / "sft"} | {f"{n} {i}": p for n, ps in middle_policies.items() for i, p in enumerate(ps)}
@@ -225,8 +227,7 @@ def main() -> None:
         flat, judge=str(args.work / "reward"), prompts="embedded:reviews", num_prompts=passes * held_out_prompts()
     )
     win_rates = {judge: pooled_table(by_policy, ["sft", *args.methods], passes) for judge, by_policy in scores.items()}
-    policies = {name: len(paths) for name, paths in middle_policies.items()}
-    write_report(args, tuned, csvs, win_rates, policies, time.time() - start, load)
+    write_report(args, tuned, csvs, win_rates, middle_csvs, time.time() - start, load)
 
 
 def pooled_table(by_policy: dict, methods: list[str], passes: int) -> dict[tuple[str, str], Estimate]:
@@ -248,7 +249,12 @@ def _win_cell(estimate: Estimate | None) -> str:
     return f"{estimate}{' *' if estimate.excludes(0.5) else ''}"
 
 
-def write_report(args, tuned, csvs, win_rates, policies: dict[str, int], wall: float, load: float) -> None:
+def final_kl(csvs: list[Path]) -> np.ndarray:
+    """Each run's KL to SFT at its last evaluation: where its saved policy stands."""
+    return np.array([read_frontier(path)["kl"][-1] for path in csvs])
+
+
+def write_report(args, tuned, csvs, win_rates, middle_csvs: dict[str, list[Path]], wall: float, load: float) -> None:
     """``frontier.md``: the run's identity first, then the budget, the frontier fits and the
     win-rate tables; every evaluation of every run goes to ``frontier_runs.csv``."""
     command = "python benchmarks/frontier.py " + shlex.join(sys.argv[1:])
@@ -288,9 +294,13 @@ def write_report(args, tuned, csvs, win_rates, policies: dict[str, int], wall: f
         f"## Win rates ({prompts} held-out prompts × {args.samples_per_prompt} samples; every seed's policy at "
         "the middle KL knob, pooled; bootstrap 95% CI over both methods' seeds and the prompts)",
         "",
-        "Policies per method: " + ", ".join(f"{name} {count}" for name, count in policies.items()) + ".",
-        "",
+        "| method | policies | their KL to SFT at the end: mean (min–max) |",
+        "|---|---|---|",
     ]
+    for name, paths in middle_csvs.items():
+        kl = final_kl(paths)
+        lines.append(f"| {name} | {len(kl)} | {kl.mean():.2f} ({kl.min():.2f}–{kl.max():.2f}) |")
+    lines.append("")
     for judge, table in win_rates.items():
         lines += [f"Judge: {judge}", "", "| method | vs sft | vs ppo |", "|---|---|---|"]
         for name in dict.fromkeys(a for a, _ in table):
