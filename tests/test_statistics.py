@@ -129,5 +129,6 @@ def test_pooled_win_rate_resamples_prompts_not_the_samples_of_one_prompt():
     naive = pooled_win_rate(a, b, n_resamples=200, seed=3)
     assert naive.value == pytest.approx(got.value)
     assert naive.high - naive.low < got.high - got.low
-    with pytest.raises(ValueError, match="4 passes"):
-        pooled_win_rate(a, b, samples_per_prompt=4)
+    for passes in (4, 0):
+        with pytest.raises(ValueError, match=f"not {passes} passes"):
+            pooled_win_rate(a, b, samples_per_prompt=passes)
