@@ -35,17 +35,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import shlex
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from sweep import TUNING_SEED, commit, lit_p3o, machine, run_all, train_base, tune_learning_rates, use_jobs
+from sweep import TUNING_SEED, Provenance, lit_p3o, run_all, train_base, tune_learning_rates, use_jobs
 
 from lit_p3o.commands import judge_policies, plot_frontier
 from lit_p3o.evaluation import read_frontier
@@ -195,7 +190,7 @@ def main() -> None:
     use_jobs(args.jobs)
     if "ppo" not in args.methods:
         parser.error("--methods: ppo is the reference of the win-rate table; keep it")
-    start, load = time.time(), os.getloadavg()[0]
+    provenance = Provenance.now()
     if not args.skip_base:
         train_base(args.work)
     tuned = tune_learning_rates(tuning_peak(args.work, args.rollouts), args.methods, LR_GRID, args.jobs)
@@ -227,7 +222,7 @@ def main() -> None:
         flat, judge=str(args.work / "reward"), prompts="embedded:reviews", num_prompts=passes * held_out_prompts()
     )
     win_rates = {judge: pooled_table(by_policy, ["sft", *args.methods], passes) for judge, by_policy in scores.items()}
-    write_report(args, tuned, csvs, win_rates, middle_csvs, time.time() - start, load)
+    write_report(args, tuned, csvs, win_rates, middle_csvs, provenance)
 
 
 def pooled_table(by_policy: dict, methods: list[str], passes: int) -> dict[tuple[str, str], Estimate]:
@@ -254,18 +249,14 @@ def final_kl(csvs: list[Path]) -> np.ndarray:
     return np.array([read_frontier(path)["kl"][-1] for path in csvs])
 
 
-def write_report(args, tuned, csvs, win_rates, middle_csvs: dict[str, list[Path]], wall: float, load: float) -> None:
+def write_report(args, tuned, csvs, win_rates, middle_csvs: dict[str, list[Path]], provenance: Provenance) -> None:
     """``frontier.md``: the run's identity first, then the budget, the frontier fits and the
     win-rate tables; every evaluation of every run goes to ``frontier_runs.csv``."""
-    command = "python benchmarks/frontier.py " + shlex.join(sys.argv[1:])
     prompts = held_out_prompts()
     lines = [
         "# The KL–reward frontier on the embedded task",
         "",
-        "| date | commit | machine | command | wall time |",
-        "|---|---|---|---|---|",
-        f"| {datetime.now(timezone.utc):%Y-%m-%d} | `{commit()}` | {machine(load)} | `{command}` | {wall / 60:.1f} min "
-        "(runs finished by an earlier invocation are reused) |",
+        *provenance.table("frontier.py", "runs finished by an earlier invocation are reused"),
         "",
         f"Budget, identical for every method: {args.rollouts} rollouts of 128 samples, 2 replay passes, 8 "
         f"optimizer steps per rollout; learning rate picked from {', '.join(f'{lr:g}' for lr in LR_GRID)} by one "

@@ -39,19 +39,16 @@ import csv
 import importlib
 import inspect
 import json
-import os
-import shlex
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
-from sweep import TUNING_SEED, RunFailed, commit, lit_p3o, machine, run_all, tune_learning_rates, use_jobs
+from sweep import TUNING_SEED, Provenance, RunFailed, lit_p3o, run_all, tune_learning_rates, use_jobs
 
 from lit_p3o.evaluation import FrontierCallback, read_frontier
 from lit_p3o.stages.base import RLStage
@@ -279,7 +276,7 @@ def main() -> None:
         sys.exit(f"rlvr.py: needs --rollouts >= {EVAL_EVERY_ROLLOUTS}, --seeds >= 1 and --jobs >= 1")
     check_methods(args.methods)
     use_jobs(args.jobs)
-    start, load = time.time(), os.getloadavg()[0]
+    provenance = Provenance.now()
     try:
         train_sft(args.work)
 
@@ -298,7 +295,7 @@ def main() -> None:
     run_seconds = sum(json.loads((d / "done.json").read_text())["seconds"] for d in log_dirs)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(traces, args.out / "rlvr.png")
-    write_report(args, tuned, traces, time.time() - start, run_seconds, load)
+    write_report(args, tuned, traces, run_seconds, provenance)
 
 
 def rollout_columns(rollouts: int) -> list[int]:
@@ -312,7 +309,7 @@ def at_rollout(trace: Trace, rollouts: float) -> float:
     return float(trace.accuracy[np.argmin(abs(trace.rollouts - rollouts))])
 
 
-def write_report(args, tuned, traces: dict[str, list[Trace]], wall: float, run_seconds: float, load: float) -> None:
+def write_report(args, tuned, traces: dict[str, list[Trace]], run_seconds: float, provenance: Provenance) -> None:
     """``rlvr.md``: the run's identity, the results table and its mechanical reading, then the
     budget and tuning; every evaluation of every run goes to ``rlvr_runs.csv``."""
     columns = rollout_columns(args.rollouts)
@@ -323,14 +320,13 @@ def write_report(args, tuned, traces: dict[str, list[Trace]], wall: float, run_s
     sft = bootstrap_mean([1.0] * hits + [0.0] * (EVAL_SAMPLES - hits))
     by_rollouts = {n: [bootstrap_mean([at_rollout(t, r) for t in ts]) for r in columns] for n, ts in traces.items()}
     by_seconds = {n: [bootstrap_mean([at_time(t, s) for t in ts]) for s in matched] for n, ts in traces.items()}
-    command = "python benchmarks/rlvr.py " + shlex.join(sys.argv[1:])
     lines = [
         "# RLVR on the arithmetic task: every method from one SFT policy, the same budget",
         "",
-        "| date | commit | machine | command | wall time |",
-        "|---|---|---|---|---|",
-        f"| {datetime.now(timezone.utc):%Y-%m-%d} | `{commit()}` | {machine(load)} | `{command}` | {wall / 60:.1f} min "
-        f"(its runs took {run_seconds / 60:.1f} min together, counting any reused from an earlier invocation) |",
+        *provenance.table(
+            "rlvr.py",
+            f"its runs took {run_seconds / 60:.1f} min together, counting any reused from an earlier invocation",
+        ),
         "",
         f"Exact match on the {EVAL_SAMPLES // EVAL_REPEATS} held-out prompts (each sampled {EVAL_REPEATS} times at "
         f"temperature 1: {EVAL_SAMPLES} samples per evaluation), mean over {args.seeds} seeds with a bootstrap 95% "

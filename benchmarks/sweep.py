@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
@@ -123,6 +127,28 @@ def machine(load: float) -> str:
     return f"{os.cpu_count()} cores, {model}; load average {load:.1f} when it began"
 
 
-def commit() -> str:
-    """The checkout's commit, ``-dirty`` when it has uncommitted changes."""
-    return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+@dataclass(frozen=True)
+class Provenance:
+    """What a result report's first table says about its run. Taken when the sweep begins: by
+    the time the report is written, the sweep's own outputs (tracked result files) would mark
+    the checkout dirty."""
+
+    commit: str  # ``git describe``, ``-dirty`` when the checkout had uncommitted changes
+    load: float
+    start: float
+
+    @classmethod
+    def now(cls) -> Provenance:
+        described = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True)
+        return cls(described.stdout.strip(), os.getloadavg()[0], time.time())
+
+    def table(self, script: str, wall_note: str) -> list[str]:
+        """date | commit | machine | command | wall time, the command as it was typed."""
+        command = f"python benchmarks/{script} " + shlex.join(sys.argv[1:])
+        minutes = (time.time() - self.start) / 60
+        return [
+            "| date | commit | machine | command | wall time |",
+            "|---|---|---|---|---|",
+            f"| {datetime.now(timezone.utc):%Y-%m-%d} | `{self.commit}` | {machine(self.load)} | `{command}` | "
+            f"{minutes:.1f} min ({wall_note}) |",
+        ]
