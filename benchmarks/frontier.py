@@ -20,10 +20,11 @@ Figures (``docs/results/frontier.md``):
   every seed's policy at the middle KL knob (each policy of A against each policy of B), with
   a bootstrap 95% interval that resamples A's seeds, B's seeds and the prompts; judged by the
   gold reward and by the reward model. P3O-V1 and PPO, the paper's head-to-head, get
-  ``--head-to-head-seeds`` seeds at the middle knob (the first ``--seeds`` of them are the
+  ``--head-to-head-seeds`` seeds at the middle knob (64 by default: what a 95% interval of ±3
+  points took on 2026-12-07; the first ``--seeds`` of them are the
   frontier's runs): seed-to-seed variation, not the prompts, is what limits that interval.
 
-    python benchmarks/frontier.py [--seeds 5] [--head-to-head-seeds 20] [--rollouts 20] [--skip-base]
+    python benchmarks/frontier.py [--seeds 5] [--head-to-head-seeds 64] [--rollouts 20] [--skip-base]
         [--methods ...] [--jobs N]
 
 ``--jobs N`` runs N runs at a time, each on (cores / N) threads: results do not depend on it
@@ -178,7 +179,7 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument(
-        "--head-to-head-seeds", type=int, default=20, help="seeds of P3O-V1 and PPO at the middle KL knob"
+        "--head-to-head-seeds", type=int, default=64, help="seeds of P3O-V1 and PPO at the middle KL knob"
     )
     parser.add_argument("--samples-per-prompt", type=int, default=4, help="win rates: passes over the held-out prompts")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
