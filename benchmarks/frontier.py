@@ -41,9 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 from sweep import TUNING_SEED, Provenance, lit_p3o, run_all, train_base, tune_learning_rates, use_jobs
 
-from lit_p3o.commands import judge_policies, plot_frontier
+from lit_p3o.commands import judge_policies
 from lit_p3o.evaluation import read_frontier
 from lit_p3o.statistics import Estimate, fitted_value_at, pooled_win_rate
 from lit_p3o.tasks import get_task
@@ -160,18 +161,45 @@ def tuning_peak(work: Path, rollouts: int) -> Callable[[str, float], float]:
     return peak
 
 
-def frontier_fit(csvs: list[Path]) -> tuple[list[Estimate | None], float]:
-    """Gold at :data:`MATCHED_KL` from the fit over a method's runs (None beyond the KL it
-    reached), and the largest KL it reached."""
+def method_runs(csvs: list[Path], column: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(√KL, ``column``) of each of a method's runs: a run's evaluations are correlated, so runs
+    are the units the fits resample."""
     runs = []
     for path in csvs:
         rows = read_frontier(path)
-        root = np.sqrt(np.maximum(rows["kl"], 0.0))
-        runs.append((root, np.asarray(rows["gold"])))
+        runs.append((np.sqrt(np.maximum(rows["kl"], 0.0)), np.asarray(rows[column])))
+    return runs
+
+
+def frontier_fit(csvs: list[Path]) -> tuple[list[Estimate | None], float]:
+    """Gold at :data:`MATCHED_KL` from the fit over a method's runs (None beyond the KL it
+    reached), and the largest KL it reached."""
+    runs = method_runs(csvs, "gold")
     reached = max(float(r.max()) ** 2 for r, _ in runs)
     inside = [k for k in MATCHED_KL if k <= reached]
     estimates = fitted_value_at(runs, [np.sqrt(k) for k in inside], degree=2) if inside else []
     return estimates + [None] * (len(MATCHED_KL) - len(inside)), reached
+
+
+def plot_fits(csvs: dict[str, list[Path]], out: Path, kl_max: float = 16.0) -> None:
+    """Proxy and gold reward against KL, a curve per method: the fit the matched-KL table reads,
+    with its bootstrap 95% band, over the KL the method reached (up to ``kl_max``); the runs'
+    evaluations are the faint points. One line per run would bury hundreds of runs' result."""
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, (column, title) in zip(axes, (("score", "proxy reward (reward model)"), ("gold", "gold reward"))):
+        for i, (name, paths) in enumerate(csvs.items()):
+            runs, colour = method_runs(paths, column), f"C{i % 10}"
+            kl, y = np.concatenate([r for r, _ in runs]) ** 2, np.concatenate([v for _, v in runs])
+            ax.scatter(kl[kl <= kl_max], y[kl <= kl_max], s=4, alpha=0.12, color=colour)
+            grid = np.linspace(0.0, min(kl_max, float(kl.max())), 25)
+            fit = fitted_value_at(runs, np.sqrt(grid), degree=2, n_resamples=500)
+            ax.plot(grid, [e.value for e in fit], color=colour, linewidth=2, label=name)
+            ax.fill_between(grid, [e.low for e in fit], [e.high for e in fit], color=colour, alpha=0.2)
+        ax.set(xlabel="KL(π_θ ‖ π_ref)", ylabel=title, title=f"{title}: fit over each method's runs", xlim=(0, kl_max))
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.savefig(out, dpi=120)
 
 
 def main() -> None:
@@ -196,7 +224,6 @@ def main() -> None:
         train_base(args.work)
     tuned = tune_learning_rates(tuning_peak(args.work, args.rollouts), args.methods, LR_GRID, args.jobs)
     csvs: dict[str, list[Path]] = {}
-    labelled: dict[str, Path] = {}
     middle_policies: dict[str, list[Path]] = {}
     middle_csvs: dict[str, list[Path]] = {}
     specs = [
@@ -209,14 +236,13 @@ def main() -> None:
             else args.seeds
         )
     ]
-    for (_, name, knob, _, seed, _), (path, policy) in zip(specs, run_all(run, specs, args.jobs)):
+    for (_, name, knob, *_), (path, policy) in zip(specs, run_all(run, specs, args.jobs)):
         csvs.setdefault(name, []).append(path)
-        labelled[f"{name} knob={knob} seed={seed}"] = path
         if knob == METHODS[name].sweep[1]:
             middle_policies.setdefault(name, []).append(policy)
             middle_csvs.setdefault(name, []).append(path)
     args.out.mkdir(parents=True, exist_ok=True)
-    plot_frontier(labelled, args.out / "frontier.png")
+    plot_fits(csvs, args.out / "frontier.png")
     flat = {"sft": args.work / "sft"} | {f"{n} {i}": p for n, ps in middle_policies.items() for i, p in enumerate(ps)}
     passes = args.samples_per_prompt
     scores = judge_policies(
@@ -301,7 +327,9 @@ def write_report(args, tuned, csvs, win_rates, middle_csvs: dict[str, list[Path]
         lines.append("")
     lines.append("\\* the interval excludes 0.5: the difference is significant at the 5% level.")
     lines.append("")
-    lines.append("Frontier plot: `frontier.png`; every evaluation of every run: `frontier_runs.csv`.")
+    lines.append(
+        "Frontier plot (the fits above, with 95% bands): `frontier.png`; every evaluation of every run: `frontier_runs.csv`."
+    )
     (args.out / "frontier.md").write_text("\n".join(lines) + "\n")
     write_runs(csvs, args.out / "frontier_runs.csv")
     print((args.out / "frontier.md").read_text())
