@@ -14,14 +14,13 @@ a table: SFT gold, P3O gold, gain, KL to SFT and proxy reward per seed, and thei
 from __future__ import annotations
 
 import argparse
-import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from sweep import train_base
+from sweep import Provenance, train_base
 
 from lit_p3o.commands import report
 
@@ -93,7 +92,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="markdown file for the table")
     parser.add_argument("--jobs", type=int, default=1, help="P3O runs at a time (default: %(default)s)")
     args, args.override = parser.parse_known_args()  # the rest goes to the P3O runs' `lit-p3o fit`
-    start = time.time()
+    provenance = Provenance.now()
     base = args.base or args.work
     if args.base is None:
         train_base(args.work)
@@ -116,23 +115,17 @@ def main() -> None:
                 seconds[seed],
             )
         )
-    text = table(rows, args, time.time() - start)
+    text = table(rows, provenance)
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
 
 
-def table(rows: list[tuple], args: argparse.Namespace, wall: float) -> str:
-    command = "python benchmarks/demo_seeds.py --seeds " + " ".join(map(str, args.seeds))
-    if args.base is not None:
-        command += f" --base {args.base}"
-    if args.jobs > 1:
-        command += f" --jobs {args.jobs}"
-    if args.override:
-        command += " " + " ".join(shlex.quote(o) for o in args.override)
+def table(rows: list[tuple], provenance: Provenance) -> str:
+    """The run's identity (date, commit, machine, command, wall time), then a row per seed and their mean."""
     lines = [
-        f"Command: `{command}`; wall time {wall / 60:.1f} min.",
+        *provenance.table("demo_seeds.py", "SFT and reward model included unless --base"),
         "",
         "| seed | SFT gold | P3O gold [95% CI] | gain | KL to SFT | proxy SFT → P3O | P3O stage (s) |",
         "|---|---|---|---|---|---|---|",
